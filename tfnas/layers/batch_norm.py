@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
+
+_SYNC_DEFAULT = [False]
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+  """Makes ``BatchNorm`` layers created inside synchronise across replicas.
+
+  Networks are built from op factories that do not take BN options; this
+  build-time default is captured by each layer (and saved in its config).
+  """
+  _SYNC_DEFAULT.append(bool(enabled))
+  try:
+    yield
+  finally:
+    _SYNC_DEFAULT.pop()
 
 
 @keras.saving.register_keras_serializable(package="tfnas")
@@ -24,13 +42,20 @@ class BatchNorm(keras.layers.Layer):
     affine: Whether to learn a per-channel scale ``gamma`` and shift ``beta``.
     momentum: Weight of the current batch in the moving statistics.
     epsilon: Added to the variance for numerical stability.
+    synchronized: Compute batch statistics over all replicas of a
+      ``tf.distribute`` strategy (two all-reduces per call), so a
+      multi-replica step equals the single-device step on the global batch.
+      ``None`` takes the default set by :func:`synchronized_batch_norm`.
     **kwargs: Forwarded to ``keras.layers.Layer``.
   """
 
   def __init__(self, affine: bool = True, momentum: float = 0.1,
-               epsilon: float = 1e-5, **kwargs):
+               epsilon: float = 1e-5, synchronized: bool | None = None,
+               **kwargs):
     super().__init__(**kwargs)
     self.affine = affine
+    self.synchronized = (_SYNC_DEFAULT[-1] if synchronized is None
+                         else bool(synchronized))
     self.momentum = momentum
     self.epsilon = epsilon
 
@@ -48,10 +73,10 @@ class BatchNorm(keras.layers.Layer):
                                   autocast=False, name="beta")
     self.moving_mean = self.add_weight(
         shape=(channels,), initializer="zeros", trainable=False,
-        autocast=False, name="moving_mean")
+        autocast=False, aggregation="mean", name="moving_mean")
     self.moving_variance = self.add_weight(
         shape=(channels,), initializer="ones", trainable=False,
-        autocast=False, name="moving_variance")
+        autocast=False, aggregation="mean", name="moving_variance")
     self.built = True
 
   def call(self, inputs, training=None):
@@ -59,10 +84,9 @@ class BatchNorm(keras.layers.Layer):
     x = tf.cast(inputs, self.variable_dtype)
     axes = list(range(x.shape.rank - 1))
     if training:
-      mean = tf.reduce_mean(x, axis=axes)
+      mean, variance, count = self._batch_statistics(x, axes)
       centered = x - mean
-      variance = tf.reduce_mean(tf.square(centered), axis=axes)
-      self._update_moving_stats(x, mean, variance)
+      self._update_moving_stats(count, mean, variance)
     else:
       mean = tf.convert_to_tensor(self.moving_mean)
       variance = tf.convert_to_tensor(self.moving_variance)
@@ -72,9 +96,24 @@ class BatchNorm(keras.layers.Layer):
       outputs = outputs * self.gamma + self.beta
     return tf.cast(outputs, self.compute_dtype)
 
-  def _update_moving_stats(self, x, mean, variance):
-    # PyTorch stores the unbiased variance; guard n == 1 against division by 0.
+  def _batch_statistics(self, x, axes):
+    """Mean, biased variance and element count per channel (two-pass)."""
     count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+    ctx = tf.distribute.get_replica_context()
+    if (self.synchronized and ctx is not None and
+        ctx.num_replicas_in_sync > 1):
+      total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                    [tf.reduce_sum(x, axis=axes), count])
+      mean = total / count
+      squares = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                               tf.reduce_sum(tf.square(x - mean), axis=axes))
+      return mean, squares / count, count
+    mean = tf.reduce_mean(x, axis=axes)
+    variance = tf.reduce_mean(tf.square(x - mean), axis=axes)
+    return mean, variance, count
+
+  def _update_moving_stats(self, count, mean, variance):
+    # PyTorch stores the unbiased variance; guard n == 1 against division by 0.
     unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
     mean = tf.stop_gradient(mean)
     unbiased = tf.stop_gradient(unbiased)
@@ -89,5 +128,5 @@ class BatchNorm(keras.layers.Layer):
   def get_config(self):
     config = super().get_config()
     config.update(affine=self.affine, momentum=self.momentum,
-                  epsilon=self.epsilon)
+                  epsilon=self.epsilon, synchronized=self.synchronized)
     return config

@@ -1,0 +1,43 @@
+"""Small shared builders for tests: tiny spaces, networks and contexts."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfnas.arch import ArchParams, SoftmaxDistribution
+from tfnas.spaces import darts as darts_space
+from tfnas.train import optim
+from tfnas.train.step import StepContext
+
+TINY_OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+
+
+def tiny_space(**overrides):
+  kwargs = dict(candidates=TINY_OPS, num_nodes=2, num_cells=3, channels=4,
+                num_classes=3)
+  kwargs.update(overrides)
+  return darts_space.DartsSpaceConfig(**kwargs)
+
+
+def batch(n=4, size=8, channels=3, classes=3, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((n, size, size, channels)).astype(dtype)
+  labels = rng.integers(0, classes, n).astype(np.int32)
+  return tf.constant(images), tf.constant(labels)
+
+
+def tiny_context(space=None, global_batch=4, input_shape=(8, 8, 3),
+                 dtype=tf.float32, w_lr=0.05, arch_lr=3e-3, seed=0,
+                 arch_init_scale=0.5, sync_batch_norm=False):
+  """Network, α, optimizers and a StepContext, built in the current scope."""
+  space = space or tiny_space(sync_batch_norm=sync_batch_norm)
+  net = darts_space.build_search_network(space, input_shape)
+  arch = ArchParams(space.decision_groups(), init_scale=arch_init_scale,
+                    seed=seed, dtype=dtype)
+  w_opt = optim.SGD(w_lr, momentum=0.9, weight_decay=3e-4, clip_norm=5.0)
+  w_opt.build(net.trainable_variables)
+  a_opt = optim.Adam(arch_lr, beta_1=0.5, beta_2=0.999, weight_decay=1e-3)
+  a_opt.build(arch.variables_list)
+  return StepContext(net, arch, SoftmaxDistribution(), w_opt, a_opt,
+                     global_batch)

@@ -1,0 +1,123 @@
+"""tfnas-search end to end on digits, and its bad-input errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from tfnas.genotype import Genotype
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset=digits", "--num_cells=3", "--num_nodes=2", "--channels=4",
+        "--batch_size=32", "--max_steps_per_epoch=2", "--steps_per_loop=2",
+        "--noprogress"]
+
+
+def search(*args, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  return subprocess.run(
+      [sys.executable, "-m", "tfnas.apps.search", *args], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc):
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_events_checkpoint_genotype(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = search(f"--flagfile={ROOT}/flags/darts_digits.cfg", *TINY,
+                "--epochs=2", f"--run_dir={run_dir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  genotype = Genotype.load(run_dir / "genotype.json")
+  assert genotype.normal.num_nodes == 2
+  assert (run_dir / "config.json").exists()
+  assert any(f.startswith("ckpt-") for f in os.listdir(run_dir / "ckpt"))
+  events = event_accumulator.EventAccumulator(
+      str(run_dir / "tb"), size_guidance={"tensors": 0})
+  events.Reload()
+  tags = set(events.Tags()["tensors"])
+  for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "train/lr",
+              "arch/entropy", "arch/normal/edge_0/sep_conv_3x3",
+              "arch/genotype"):
+    assert tag in tags, (tag, sorted(tags)[:20])
+  assert len(events.Tensors("train/loss")) == 2  # One per epoch.
+  assert "node 2" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_finishes(tmp_path):
+  run_dir = tmp_path / "run"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  args = [sys.executable, "-m", "tfnas.apps.search", *TINY, "--epochs=50",
+          "--max_steps_per_epoch=4", "--steps_per_loop=1",
+          f"--run_dir={run_dir}"]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (run_dir / "history.jsonl").exists():
+    time.sleep(0.5)
+  assert (run_dir / "history.jsonl").exists(), "no epoch finished"
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert "--resume" in err
+  epochs_done = len((run_dir / "history.jsonl").read_text().splitlines())
+  assert epochs_done < 50
+  resumed = search(*TINY, "--epochs=50", "--max_steps_per_epoch=4",
+                   f"--run_dir={run_dir}", "--resume", "--epochs=" +
+                   str(epochs_done + 1))
+  # --epochs may change on resume; the run continues to the new end.
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert len((run_dir / "history.jsonl").read_text().splitlines()) == (
+      epochs_done + 1)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--dataset=imagenet7"], "--dataset"),
+    (["--method=random_walk"], "--method"),
+    (["--flagfile=/nonexistent/x.cfg"], "x.cfg"),
+    (["--train_portion=1.5"], "train_portion"),
+    (["--channels=5"], "channels"),
+])
+def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
+  proc = search(*TINY, f"--run_dir={tmp_path}/r", *args)
+  assert proc.returncode != 0
+  assert fragment in error_line(proc), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "r" / "ckpt").exists()
+
+
+def test_unprepared_tfds_dataset_fails_fast(tmp_path):
+  start = time.time()
+  proc = search(*TINY, "--dataset=cifar10", f"--data_dir={tmp_path}/tfds",
+                f"--run_dir={tmp_path}/r")
+  assert time.time() - start < 60
+  assert proc.returncode == 2
+  assert "--data_dir" in error_line(proc)
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+  run_dir = tmp_path / "run"
+  first = search(*TINY, "--epochs=1", f"--run_dir={run_dir}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  again = search(*TINY, "--epochs=1", "--channels=6", f"--run_dir={run_dir}")
+  assert again.returncode == 2
+  assert "already holds a run" in error_line(again)
+  other = search(*TINY, "--epochs=1", "--channels=6", "--resume",
+                 f"--run_dir={run_dir}")
+  assert other.returncode == 2
+  assert "different config" in error_line(other)
+  (run_dir / "genotype.json").write_text("{not json")
+  snapshot[run_dir / "genotype.json"] = b"{not json"
+  assert {p: p.read_bytes() for p in run_dir.rglob("*")
+          if p.is_file()} == snapshot

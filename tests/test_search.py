@@ -1,0 +1,119 @@
+"""The search loop: learning, resume, distribution, run-directory safety."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfnas.config import SearchConfig
+from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
+from tfnas.genotype import Genotype
+from tfnas.train import rundir
+from tfnas.train.search import Search
+from tests import helpers
+
+
+def tiny_config(run_dir, **overrides):
+  kwargs = dict(run_dir=str(run_dir), dataset="digits", method="darts_1st",
+                num_cells=3, num_nodes=2, channels=4, batch_size=32,
+                epochs=2, max_steps_per_epoch=3, steps_per_loop=2,
+                w_lr=0.05, arch_lr=3e-3, seed=3)
+  kwargs.update(overrides)
+  return SearchConfig(**kwargs)
+
+
+class SearchLoopTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.config.experimental.enable_op_determinism()
+
+  def test_resume_matches_uninterrupted_run(self):
+    base = self.get_temp_dir()
+    straight = Search(tiny_config(os.path.join(base, "a")),
+                      show_progress=False).run()
+    config = tiny_config(os.path.join(base, "b"))
+    first = Search(config, show_progress=False).run(stop_after_epochs=1)
+    self.assertLen(first.history, 1)
+    resumed = Search(config, resume=True, show_progress=False).run()
+    self.assertLen(resumed.history, 1)
+    self.assertEqual(resumed.history[0]["epoch"], 2)
+    for group in straight.alphas:
+      self.assertAllClose(straight.alphas[group], resumed.alphas[group],
+                          atol=1e-6)
+      # α really moved, so equality is not trivial.
+      self.assertGreater(np.abs(straight.alphas[group] -
+                                first.alphas[group]).max(), 1e-5)
+    self.assertEqual(straight.genotype, resumed.genotype)
+    saved = Genotype.load(os.path.join(base, "b", "genotype.json"))
+    self.assertEqual(saved, resumed.genotype)
+
+  def test_run_dir_refuses_other_run_and_keeps_files(self):
+    run_dir = os.path.join(self.get_temp_dir(), "r")
+    Search(tiny_config(run_dir, epochs=1), show_progress=False).run()
+    before = {f: os.path.getmtime(os.path.join(run_dir, f))
+              for f in os.listdir(run_dir)}
+    with self.assertRaisesRegex(rundir.RunDirError, "already holds a run"):
+      Search(tiny_config(run_dir, epochs=1), show_progress=False)
+    with self.assertRaisesRegex(rundir.RunDirError, "different config"):
+      Search(tiny_config(run_dir, channels=6), resume=True, show_progress=False)
+    after = {f: os.path.getmtime(os.path.join(run_dir, f))
+             for f in os.listdir(run_dir)}
+    self.assertEqual(before, after)
+
+  def test_loss_goes_down_second_order(self):
+    run_dir = os.path.join(self.get_temp_dir(), "second")
+    result = Search(tiny_config(run_dir, method="darts_2nd", epochs=3,
+                                max_steps_per_epoch=6, channels=8),
+                    show_progress=False).run()
+    losses = [h["train/loss"] for h in result.history]
+    self.assertLess(losses[-1], losses[0])
+    with open(os.path.join(run_dir, "arch.json")) as f:
+      record = json.load(f)
+    self.assertEqual(record["groups"]["normal"]["candidates"][0], "none")
+
+
+class MirroredStepTest(tf.test.TestCase):
+  """One step under MirroredStrategy (2 CPUs) equals the default strategy."""
+
+  def _step(self, strategy, estimator, init=None):
+    with strategy.scope():
+      ctx = helpers.tiny_context(global_batch=4, sync_batch_norm=True)
+    if init is not None:
+      for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
+        v.assign(value)
+    train, val = helpers.batch(seed=1), helpers.batch(seed=2)
+    dataset = tf.data.Dataset.from_tensors((train, val))
+    dist = strategy.experimental_distribute_dataset(dataset)
+
+    @tf.function
+    def step(batches):
+      return strategy.run(estimator.step, args=(ctx, batches[0], batches[1],
+                                                tf.constant(0, tf.int64)))
+    for batches in dist:
+      step(batches)
+    return [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
+
+  def _compare(self, estimator):
+    default = tf.distribute.get_strategy()
+    with default.scope():
+      init = [v.numpy() for v in (lambda c: c.weight_variables +
+                                  c.arch_variables)(helpers.tiny_context())]
+    single = self._step(default, estimator, init)
+    mirrored = self._step(
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), estimator, init)
+    moved = max(np.abs(a - b).max() for a, b in zip(single, init))
+    self.assertGreater(moved, 1e-4)
+    for a, b in zip(single, mirrored):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+
+  def test_first_order(self):
+    self._compare(DartsFirstOrder())
+
+  def test_second_order(self):
+    self._compare(DartsSecondOrder())
+
+
+if __name__ == "__main__":
+  tf.test.main()

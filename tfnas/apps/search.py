@@ -1,0 +1,51 @@
+"""tfnas-search: architecture search from the command line.
+
+    tfnas-search --flagfile=flags/darts_digits.cfg
+
+Writes config.json, checkpoints, TensorBoard events (tb/), genotype.json
+and arch.json into --run_dir.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import logging
+
+from tfnas import flags as tfnas_flags
+from tfnas.apps import common
+
+tfnas_flags.define_run_flags()
+tfnas_flags.define_data_flags()
+tfnas_flags.define_search_flags()
+FLAGS = tfnas_flags.FLAGS
+
+
+@common.clean_errors("tfnas-search")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = tfnas_flags.search_config()
+  import tensorflow as tf
+  from tfnas.train.search import Search
+  if config.deterministic:
+    tf.keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+  strategy = common.make_strategy(FLAGS.strategy)
+  search = Search(config, strategy, resume=FLAGS.resume,
+                  show_progress=FLAGS.progress)
+  result = search.run()
+  logging.info("final genotype:\n%s", result.genotype)
+  print(result.genotype)
+  if result.history:
+    last = result.history[-1]
+    print(f"final: val/acc={last['val/acc']:.4f} train/acc="
+          f"{last['train/acc']:.4f}; run directory: {config.run_dir}")
+
+
+def run():
+  common.quiet_tensorflow()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

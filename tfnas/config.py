@@ -1,0 +1,94 @@
+"""Frozen, validated configuration of the search app.
+
+Apps turn absl FLAGS into these dataclasses once; nothing below the app
+layer reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """Everything a search run depends on (saved as ``config.json``)."""
+  # Run.
+  run_dir: str = "runs/search"
+  method: str = "darts_1st"
+  seed: int = 0
+  epochs: int = 50
+  max_steps_per_epoch: int = 0  # 0: the whole split.
+  steps_per_loop: int = 10
+  checkpoint_every_steps: int = 0  # 0: once per epoch.
+  deterministic: bool = True
+  # Data.
+  dataset: str = "cifar10"
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  train_portion: float = 0.5
+  batch_size: int = 64
+  pad_crop: int = 0
+  flip: bool = False
+  cutout: int = 0
+  # Space.
+  space: str = "darts"
+  num_cells: int = 8
+  num_nodes: int = 4
+  channels: int = 16
+  recompute: bool = False
+  # Weight optimiser.
+  w_lr: float = 0.025
+  w_lr_min: float = 0.001
+  w_momentum: float = 0.9
+  w_weight_decay: float = 3e-4
+  grad_clip: float = 5.0
+  # Architecture optimiser.
+  arch_lr: float = 3e-4
+  arch_beta1: float = 0.5
+  arch_beta2: float = 0.999
+  arch_weight_decay: float = 1e-3
+  arch_init_scale: float = 1e-3
+
+  def __post_init__(self):
+    checks = [
+        ("epochs", self.epochs >= 1),
+        ("batch_size", self.batch_size >= 1),
+        ("steps_per_loop", self.steps_per_loop >= 1),
+        ("max_steps_per_epoch", self.max_steps_per_epoch >= 0),
+        ("train_portion", 0.0 < self.train_portion < 1.0),
+        ("num_cells", self.num_cells >= 1),
+        ("num_nodes", self.num_nodes >= 1),
+        ("channels", self.channels >= 2 and self.channels % 2 == 0),
+        ("w_lr", self.w_lr > 0),
+        ("arch_lr", self.arch_lr >= 0),
+    ]
+    for name, ok in checks:
+      if not ok:
+        raise ConfigError(f"invalid --{name}={getattr(self, name)!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown config keys {unknown}")
+    return cls(**d)
+
+  def replace(self, **changes) -> "SearchConfig":
+    return dataclasses.replace(self, **changes)
+
+  #: Fields that may differ between a run and its resumption.
+  RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
+                       "data_dir", "manual_dir")

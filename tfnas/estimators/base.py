@@ -1,0 +1,37 @@
+"""The estimator interface: how one search step forms and applies gradients."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfnas.train.step import StepContext
+
+
+class Estimator:
+  """One search step of a method.
+
+  ``step`` runs per replica inside ``strategy.run``. It draws the
+  architecture sample from ``ctx.distribution``, computes the weight and
+  architecture gradients, all-reduces them and applies them through
+  ``ctx.apply_weights`` / ``ctx.apply_arch`` (the order is the method's:
+  DARTS updates α before w). It returns per-replica metric sums from
+  ``ctx.metrics``.
+  """
+
+  #: Whether the step consumes a validation batch (bilevel methods).
+  uses_val_batch = True
+
+  def step(self, ctx: StepContext, train_batch, val_batch,
+           step: tf.Tensor) -> dict[str, tf.Tensor]:
+    raise NotImplementedError
+
+  def weight_step(self, ctx: StepContext, batch, prefix: str = "train"):
+    """The ordinary w update on one batch under the current α sample."""
+    images, labels = batch
+    with tf.GradientTape() as tape:
+      weights = ctx.distribution.sample(ctx.arch)
+      logits = ctx.forward(images, weights, training=True)
+      loss = ctx.loss(logits, labels)
+    grads = ctx.all_reduce(ctx.gradients(tape, loss, ctx.weight_variables))
+    ctx.apply_weights(grads)
+    return ctx.metrics(prefix, loss, logits, labels)

@@ -1,0 +1,97 @@
+"""All absl flags of the apps, grouped; read once by each app's ``main``.
+
+Library code never imports this module: apps convert FLAGS into frozen
+configs (``tfnas.config``) and pass those down.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tfnas.config import SearchConfig
+
+FLAGS = flags.FLAGS
+
+_DEFAULTS = SearchConfig()
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped")
+SPACES = ("darts", "s2", "s3", "s4")
+
+
+def define_run_flags():
+  flags.DEFINE_string("run_dir", _DEFAULTS.run_dir,
+                      "Directory for config.json, checkpoints, TensorBoard "
+                      "events and genotype.json.")
+  flags.DEFINE_boolean("resume", False,
+                       "Continue the run in --run_dir from its last checkpoint.")
+  flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed.")
+  flags.DEFINE_boolean("deterministic", _DEFAULTS.deterministic,
+                       "Enable TensorFlow op determinism (same seed, flags and "
+                       "device give the same genotype).")
+  flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored",
+                                         "multi_worker"],
+                    "tf.distribute strategy: auto = mirrored when several "
+                    "GPUs are visible, else the default strategy.")
+  flags.DEFINE_boolean("progress", True, "Show a progress bar per epoch.")
+
+
+def define_data_flags():
+  flags.DEFINE_enum("dataset", _DEFAULTS.dataset, DATASETS,
+                    "Dataset (digits is embedded, no download; tfds datasets "
+                    "need --data_dir with the prepared data).")
+  flags.DEFINE_string("data_dir", None, "tensorflow_datasets data directory.")
+  flags.DEFINE_string("manual_dir", None,
+                      "Directory holding the dataset archive for an offline "
+                      "tfds preparation.")
+  flags.DEFINE_float("train_portion", _DEFAULTS.train_portion,
+                     "Fraction of the training set used to train weights "
+                     "during search; the rest is the search validation split.")
+  flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
+                       "Global batch size (over all replicas).")
+  flags.DEFINE_integer("pad_crop", _DEFAULTS.pad_crop,
+                       "Zero padding before random crop (0: off; CIFAR: 4).")
+  flags.DEFINE_boolean("flip", _DEFAULTS.flip, "Random horizontal flips.")
+  flags.DEFINE_integer("cutout", _DEFAULTS.cutout, "Cutout square side (0: off).")
+
+
+def define_search_flags():
+  flags.DEFINE_enum("method", _DEFAULTS.method, ["darts_1st", "darts_2nd"],
+                    "Search method (distribution + estimator + selector).")
+  flags.DEFINE_enum("space", _DEFAULTS.space, SPACES, "Search space.")
+  flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Search epochs.")
+  flags.DEFINE_integer("max_steps_per_epoch", _DEFAULTS.max_steps_per_epoch,
+                       "Cap on steps per epoch (0: whole split).")
+  flags.DEFINE_integer("steps_per_loop", _DEFAULTS.steps_per_loop,
+                       "Steps per compiled loop call (metrics are fetched "
+                       "between loops).")
+  flags.DEFINE_integer("checkpoint_every_steps",
+                       _DEFAULTS.checkpoint_every_steps,
+                       "Also checkpoint every N steps inside an epoch (0: "
+                       "only at epoch ends).")
+  flags.DEFINE_integer("num_cells", _DEFAULTS.num_cells, "Cells.")
+  flags.DEFINE_integer("num_nodes", _DEFAULTS.num_nodes,
+                       "Intermediate nodes per cell.")
+  flags.DEFINE_integer("channels", _DEFAULTS.channels, "Initial channels.")
+  flags.DEFINE_boolean("recompute", _DEFAULTS.recompute,
+                       "Recompute cell activations in the backward pass "
+                       "(less memory, more time).")
+  flags.DEFINE_float("w_lr", _DEFAULTS.w_lr, "Weight SGD learning rate.")
+  flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
+                     "Final learning rate of the cosine schedule.")
+  flags.DEFINE_float("w_momentum", _DEFAULTS.w_momentum, "SGD momentum.")
+  flags.DEFINE_float("w_weight_decay", _DEFAULTS.w_weight_decay,
+                     "Weight decay (L2) of the weights.")
+  flags.DEFINE_float("grad_clip", _DEFAULTS.grad_clip,
+                     "Global-norm gradient clip of the weights (0: off).")
+  flags.DEFINE_float("arch_lr", _DEFAULTS.arch_lr, "α Adam learning rate.")
+  flags.DEFINE_float("arch_beta1", _DEFAULTS.arch_beta1, "α Adam beta1.")
+  flags.DEFINE_float("arch_beta2", _DEFAULTS.arch_beta2, "α Adam beta2.")
+  flags.DEFINE_float("arch_weight_decay", _DEFAULTS.arch_weight_decay,
+                     "α weight decay (L2).")
+  flags.DEFINE_float("arch_init_scale", _DEFAULTS.arch_init_scale,
+                     "α initialised as scale * N(0, 1).")
+
+
+def search_config() -> SearchConfig:
+  """Reads the search flags once into a frozen config."""
+  names = [f for f in SearchConfig.__dataclass_fields__]
+  return SearchConfig(**{name: FLAGS[name].value for name in names})

@@ -1,0 +1,112 @@
+"""Cell: the DARTS-space search cell (2 inputs, N nodes, every edge mixed)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from tfnas import ops
+from tfnas.layers.mixed_op import MixedOp
+
+
+def cell_edges(num_nodes: int) -> list[tuple[int, int]]:
+  """(node, input) pairs in edge order: node i+2 takes inputs 0..i+1."""
+  return [(i + 2, j) for i in range(num_nodes) for j in range(i + 2)]
+
+
+@keras.saving.register_keras_serializable(package="tfnas")
+class Cell(keras.layers.Layer):
+  """A search cell of the DARTS space (DARTS section 2.1, SNAS Fig. 1).
+
+  Inputs are the outputs of the two previous cells ``(s0, s1)``; each is
+  preprocessed to ``channels`` (FactorizedReduce on ``s0`` when the previous
+  cell reduced). Node ``i`` sums its incoming edges; the output concatenates
+  the ``num_nodes`` intermediate nodes, so it has ``num_nodes * channels``
+  channels. In a reduction cell the edges leaving the two inputs have stride 2.
+
+  Args:
+    num_nodes: intermediate nodes N (DARTS: 4, giving 14 edges).
+    prev_prev_channels, prev_channels: channels of s0 and s1.
+    channels: channels C of every node.
+    reduction: whether this cell halves the resolution.
+    reduction_prev: whether the previous cell did.
+    candidates: the space's candidate op names (columns of α).
+    edge_ops: optional per-edge op lists (``len == num_edges``).
+    affine: BN affine flag of the ops (False in the supernet).
+  """
+
+  def __init__(self, num_nodes: int, prev_prev_channels: int,
+               prev_channels: int, channels: int, reduction: bool,
+               reduction_prev: bool, candidates: Sequence[str],
+               edge_ops: Sequence[Sequence[str]] | None = None,
+               affine: bool = False, **kwargs):
+    super().__init__(**kwargs)
+    self.num_nodes = num_nodes
+    self.prev_prev_channels = prev_prev_channels
+    self.prev_channels = prev_channels
+    self.channels = channels
+    self.reduction = reduction
+    self.reduction_prev = reduction_prev
+    self.candidates = tuple(candidates)
+    self.edges = cell_edges(num_nodes)
+    if edge_ops is None:
+      edge_ops = [self.candidates] * len(self.edges)
+    if len(edge_ops) != len(self.edges):
+      raise ValueError(f"edge_ops has {len(edge_ops)} entries; a cell with "
+                       f"{num_nodes} nodes has {len(self.edges)} edges")
+    self.edge_ops = tuple(tuple(e) for e in edge_ops)
+    self.affine = affine
+    if reduction_prev:
+      self.preprocess0 = ops.FactorizedReduce(
+          prev_prev_channels, channels, affine=affine, name="preprocess0")
+    else:
+      self.preprocess0 = ops.ReLUConvBN(
+          prev_prev_channels, channels, 1, 1, affine=affine, name="preprocess0")
+    self.preprocess1 = ops.ReLUConvBN(
+        prev_channels, channels, 1, 1, affine=affine, name="preprocess1")
+    self.mixed_ops = [
+        MixedOp(channels, 2 if reduction and j < 2 else 1, self.candidates,
+                self.edge_ops[e], affine=affine, name=f"edge_{e}_{j}to{n}")
+        for e, (n, j) in enumerate(self.edges)]
+
+  def build(self, input_shape):
+    self.built = True
+
+  def call(self, s0, s1, weights=None, indices=None, training=None):
+    """Runs the cell.
+
+    Args:
+      s0, s1: ``[B, H, W, C_pp]`` and ``[B, H, W, C_p]`` inputs.
+      weights: ``[num_edges, num_candidates]`` mixing weights, or the gates
+        in single-path mode.
+      indices: optional per-edge Python ints (single path: only these ops
+        run); ``None`` entries fall back to mixed mode for that edge.
+      training: passed to every op.
+    """
+    states = [self.preprocess0(s0, training=training),
+              self.preprocess1(s1, training=training)]
+    for i in range(self.num_nodes):
+      node = None
+      for e, (n, j) in enumerate(self.edges):
+        if n != i + 2:
+          continue
+        index = None if indices is None else indices[e]
+        w = None if weights is None else weights[e]
+        out = self.mixed_ops[e](states[j], weights=w, index=index,
+                                training=training)
+        node = out if node is None else node + out
+      states.append(node)
+    return tf.concat(states[2:], axis=-1)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(num_nodes=self.num_nodes,
+                  prev_prev_channels=self.prev_prev_channels,
+                  prev_channels=self.prev_channels, channels=self.channels,
+                  reduction=self.reduction, reduction_prev=self.reduction_prev,
+                  candidates=list(self.candidates),
+                  edge_ops=[list(e) for e in self.edge_ops],
+                  affine=self.affine)
+    return config

@@ -1,0 +1,36 @@
+"""Progress bars for long loops (tqdm; silent when disabled or not a tty)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from tqdm import tqdm
+
+
+class _Bar:
+  def __init__(self, bar):
+    self._bar = bar
+
+  def update(self, n: int, **postfix) -> None:
+    if self._bar is None:
+      return
+    if postfix:
+      self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()},
+                            refresh=False)
+    self._bar.update(n)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int = 0, desc: str = "",
+                 enabled: bool = True):
+  """A progress bar over ``total`` steps; a no-op when ``enabled`` is False."""
+  if not enabled:
+    yield _Bar(None)
+    return
+  bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+             file=sys.stderr, dynamic_ncols=True, leave=True)
+  try:
+    yield _Bar(bar)
+  finally:
+    bar.close()

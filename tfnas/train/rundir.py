@@ -1,0 +1,78 @@
+"""Run directories: config fingerprint, safe writes, resume checks.
+
+A run directory holds ``config.json`` (the effective config), checkpoints in
+``ckpt/``, TensorBoard events in ``tb/`` and the current ``genotype.json``.
+Nothing already in a run directory is overwritten by a different run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterable
+
+
+class RunDirError(RuntimeError):
+  """The run directory cannot be used as asked; the message says why."""
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` via a temp file and rename (no torn files)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def prepare(run_dir: str, config: dict[str, Any], resume: bool,
+            allowed_changes: Iterable[str] = ()) -> bool:
+  """Checks ``run_dir`` against ``config``; returns True when resuming.
+
+  * fresh or empty directory: writes ``config.json``;
+  * directory of an earlier run without ``resume``: refuses;
+  * ``resume`` with a different config (other than ``allowed_changes``):
+    refuses, naming the differing keys;
+  * ``resume`` on a directory without a run: refuses.
+  """
+  config_path = os.path.join(run_dir, "config.json")
+  has_run = os.path.exists(config_path) or os.path.isdir(
+      os.path.join(run_dir, "ckpt"))
+  if not has_run:
+    if resume:
+      raise RunDirError(f"--resume given but {run_dir} holds no run to "
+                        "resume; drop --resume to start a new search")
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+      raise RunDirError(f"run directory {run_dir} is not empty and holds no "
+                        "tfnas run; choose another --run_dir")
+    atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True))
+    return False
+  if not resume:
+    raise RunDirError(f"run directory {run_dir} already holds a run; pass "
+                      "--resume to continue it or choose another --run_dir")
+  try:
+    with open(config_path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise RunDirError(f"cannot read {config_path} ({e}); this directory "
+                      "cannot be resumed, choose another --run_dir") from None
+  allowed = set(allowed_changes) | {"resume"}
+  differing = sorted(k for k in set(saved) | set(config)
+                     if k not in allowed and saved.get(k) != config.get(k))
+  if differing:
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
+                        for k in differing)
+    raise RunDirError(f"run directory {run_dir} holds a run with a different "
+                      f"config ({details}); resume with the same flags or "
+                      "choose another --run_dir")
+  merged = dict(saved)
+  merged.update({k: config[k] for k in allowed if k in config})
+  atomic_write(config_path, json.dumps(merged, indent=2, sort_keys=True))
+  return True

@@ -1,0 +1,335 @@
+"""The one search loop shared by every method.
+
+    for epoch:                                    (eager, between loops)
+      for chunk of steps_per_loop steps:          (one tf.function call)
+        strategy.run(estimator.step, train batch, val batch)
+      evaluate, TensorBoard, checkpoint, genotype.json
+
+The method (distribution + estimator + selector) comes from
+``tfnas.methods``; everything else is here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+from absl import logging as log
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfnas import data as data_lib
+from tfnas import genotype as genotype_lib
+from tfnas import methods as methods_lib
+from tfnas.arch import ArchParams
+from tfnas.config import SearchConfig
+from tfnas.spaces import darts as darts_space
+from tfnas.train import optim, rundir, summaries
+from tfnas.train.progress import progress_bar
+from tfnas.train.step import StepContext
+
+_METRIC_KEYS = ("loss_sum", "correct", "count")
+
+
+@dataclasses.dataclass
+class SearchResult:
+  genotype: genotype_lib.Genotype
+  alphas: dict
+  history: list  # One dict of epoch metrics per epoch.
+
+
+class SearchData:
+  """The search-train and search-val splits of the training set."""
+
+  def __init__(self, config: SearchConfig):
+    self.info = data_lib.dataset_info(config.dataset)
+    (self.train_x, self.train_y), (self.val_x, self.val_y) = (
+        data_lib.search_splits(config.dataset, config.train_portion,
+                               data_dir=config.data_dir,
+                               manual_dir=config.manual_dir))
+    self.augment = data_lib.AugmentConfig(
+        pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
+    self.batch_size = config.batch_size
+    self.seed = config.seed
+    steps = min(len(self.train_y), len(self.val_y)) // config.batch_size
+    if steps < 1:
+      raise data_lib.DataError(
+          f"--batch_size={config.batch_size} is larger than the search "
+          f"splits ({len(self.train_y)} train / {len(self.val_y)} val)")
+    if config.max_steps_per_epoch:
+      steps = min(steps, config.max_steps_per_epoch)
+    self.steps_per_epoch = steps
+
+  def _stream(self, strategy, images, labels, epoch, seed, skip, training):
+    def fn(input_context):
+      return data_lib.make_dataset(
+          images, labels, self.info, batch_size=self.batch_size,
+          training=training, epoch=epoch, seed=seed, augment=self.augment,
+          skip_batches=skip, input_context=input_context,
+          drop_remainder=training)
+    return strategy.distribute_datasets_from_function(fn)
+
+  def train_streams(self, strategy, epoch: int, skip: int):
+    # Both halves are augmented like training data (they are both drawn
+    # from the training set, as in the DARTS search code).
+    return (self._stream(strategy, self.train_x, self.train_y, epoch,
+                         self.seed, skip, True),
+            self._stream(strategy, self.val_x, self.val_y, epoch,
+                         self.seed + 7919, skip, True))
+
+  def eval_stream(self, strategy):
+    return self._stream(strategy, self.val_x, self.val_y, 0, self.seed, 0,
+                        False)
+
+
+class Search:
+  """A search run: builds everything under a strategy and runs the loop.
+
+  Args:
+    config: the frozen search config.
+    strategy: a ``tf.distribute`` strategy (default strategy if None).
+    resume: continue from the last checkpoint of ``config.run_dir``.
+    show_progress: draw a progress bar per epoch.
+  """
+
+  def __init__(self, config: SearchConfig, strategy=None, resume=False,
+               show_progress=True):
+    self.config = config
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.method = methods_lib.get_method(config.method)
+    self.show_progress = show_progress
+    self.data = SearchData(config)
+    self.space = darts_space.search_space(
+        config.space, num_cells=config.num_cells, num_nodes=config.num_nodes,
+        channels=config.channels, num_classes=self.data.info.num_classes,
+        recompute=config.recompute)
+    self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
+                                   SearchConfig.RESUMABLE_CHANGES)
+    self._build()
+
+  # ------------------------------------------------------------------ build
+  def _build(self):
+    config, info = self.config, self.data.info
+    steps = self.data.steps_per_epoch
+    # Weight initialisers draw from Keras' global seed: same seed, same w.
+    keras.utils.set_random_seed(config.seed)
+    with self.strategy.scope():
+      self.network = darts_space.build_search_network(
+          self.space, (info.image_size, info.image_size, info.channels))
+      self.arch = ArchParams(self.space.decision_groups(),
+                             init_scale=config.arch_init_scale,
+                             seed=config.seed)
+      self.w_opt = optim.SGD(
+          optim.cosine_schedule(config.w_lr, config.w_lr_min, config.epochs,
+                                steps),
+          momentum=config.w_momentum, weight_decay=config.w_weight_decay,
+          clip_norm=config.grad_clip, name="weight_sgd")
+      self.w_opt.build(self.network.trainable_variables)
+      self.a_opt = optim.Adam(
+          config.arch_lr, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
+          weight_decay=config.arch_weight_decay, name="arch_adam")
+      self.a_opt.build(self.arch.variables_list)
+      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self.ctx = StepContext(self.network, self.arch, self.method.distribution(),
+                           self.w_opt, self.a_opt, config.batch_size)
+    self.estimator = self.method.estimator()
+    self.checkpoint = tf.train.Checkpoint(
+        network=self.network, arch=self.arch, weight_optimizer=self.w_opt,
+        arch_optimizer=self.a_opt, epoch=self.epoch,
+        step_in_epoch=self.step_in_epoch)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(config.run_dir, "ckpt"), max_to_keep=3)
+    if self.resuming:
+      if self.manager.latest_checkpoint is None:
+        log.warning("no checkpoint in %s yet; starting from scratch",
+                    config.run_dir)
+      else:
+        self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        log.info("resumed from %s (epoch %d, step %d)",
+                 self.manager.latest_checkpoint, int(self.epoch.numpy()),
+                 int(self.step_in_epoch.numpy()))
+    self._train_loop = self._make_train_loop()
+    self._eval_step = self._make_eval_step()
+    self.writer = tf.summary.create_file_writer(
+        os.path.join(config.run_dir, "tb"))
+
+  def _make_train_loop(self):
+    estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
+    prefixes = ("train", "val") if estimator.uses_val_batch else ("train",)
+    keys = [f"{p}/{k}" for p in prefixes for k in _METRIC_KEYS]
+
+    @tf.function
+    def train_loop(train_iter, val_iter, num_steps):
+      totals = tuple(tf.constant(0.0) for _ in keys)
+      for _ in tf.range(num_steps):
+        train_batch = next(train_iter)
+        val_batch = next(val_iter)
+        per_replica = strategy.run(
+            estimator.step,
+            args=(ctx, train_batch, val_batch, self.w_opt.iterations))
+        totals = tuple(
+            t + strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
+                                axis=None)
+            for t, k in zip(totals, keys))
+      return dict(zip(keys, totals))
+    return train_loop
+
+  def _make_eval_step(self):
+    ctx, strategy = self.ctx, self.strategy
+
+    @tf.function
+    def eval_step(batch):
+      def replica(images, labels):
+        weights = ctx.distribution.sample(ctx.arch)
+        logits = ctx.forward(images, weights, training=False)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.cast(labels, tf.int32), logits))
+        m = ctx.metrics("eval", loss / float(ctx.global_batch_size), logits,
+                        labels)
+        return m
+      per_replica = strategy.run(replica, args=batch)
+      return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+              for k, v in per_replica.items()}
+    return eval_step
+
+  # --------------------------------------------------------------- helpers
+  def alphas(self) -> dict[str, np.ndarray]:
+    return self.arch.numpy()
+
+  def genotype(self) -> genotype_lib.Genotype:
+    masks = {g.name: g.mask_array() for g in self.arch.groups
+             if g.mask is not None}
+    return self.method.selector(self.alphas(), self.space.candidates,
+                                self.space.num_nodes, masks)
+
+  def evaluate(self) -> dict[str, float]:
+    totals = {}
+    for batch in self.data.eval_stream(self.strategy):
+      for k, v in self._eval_step(batch).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("eval/count", 0.0), 1.0)
+    return {"val/loss": totals["eval/loss_sum"] / count,
+            "val/acc": totals["eval/correct"] / count}
+
+  def _save(self, epoch_done: bool):
+    self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
+    run_dir = self.config.run_dir
+    genotype = self.genotype()
+    genotype.save(os.path.join(run_dir, "genotype.json"))
+    arch_record = {
+        "epoch": int(self.epoch.numpy()),
+        "step": int(self.w_opt.iterations.numpy()),
+        "groups": {g.name: {"candidates": list(g.candidates),
+                            "logits": self.arch.logits[g.name].numpy().tolist()}
+                   for g in self.arch.groups}}
+    rundir.atomic_write(os.path.join(run_dir, "arch.json"),
+                        json.dumps(arch_record, indent=1))
+    return genotype
+
+  # ------------------------------------------------------------------- run
+  def run(self, stop_after_epochs: int | None = None) -> SearchResult:
+    """Runs the remaining epochs (or only ``stop_after_epochs`` of them).
+
+    Stopping early is what a preemption at an epoch boundary does: the
+    checkpoint is written and a later ``Search(..., resume=True).run()``
+    continues as if never stopped (same schedule, data order and α).
+    """
+    config, steps = self.config, self.data.steps_per_epoch
+    epochs_run = 0
+    history = []
+    interrupted = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # Save before a scheduler kills us.
+      interrupted.append(signum)
+    try:
+      signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # Not the main thread.
+      previous = None
+    try:
+      while int(self.epoch.numpy()) < config.epochs:
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+          break
+        epochs_run += 1
+        epoch = int(self.epoch.numpy())
+        start = int(self.step_in_epoch.numpy())
+        train_ds, val_ds = self.data.train_streams(self.strategy, epoch, start)
+        train_iter, val_iter = iter(train_ds), iter(val_ds)
+        totals = {}
+        t0 = time.time()
+        with progress_bar(steps, initial=start, desc=f"epoch {epoch + 1}/"
+                          f"{config.epochs}", enabled=self.show_progress) as bar:
+          done = start
+          while done < steps:
+            n = min(config.steps_per_loop, steps - done)
+            if config.checkpoint_every_steps:
+              n = min(n, config.checkpoint_every_steps -
+                      done % config.checkpoint_every_steps)
+            lr = float(self.w_opt.current_lr())
+            out = self._train_loop(train_iter, val_iter, tf.constant(n))
+            for k, v in out.items():
+              totals[k] = totals.get(k, 0.0) + float(v)
+            done += n
+            self.step_in_epoch.assign(done)
+            bar.update(n, loss=totals["train/loss_sum"] /
+                       max(totals["train/count"], 1.0))
+            summaries.write_scalars(self.writer, {
+                "train/lr": lr,
+                "train/step_loss": float(out["train/loss_sum"]) /
+                                   max(float(out["train/count"]), 1.0)},
+                int(self.w_opt.iterations.numpy()))
+            if interrupted or (config.checkpoint_every_steps and
+                               done % config.checkpoint_every_steps == 0 and
+                               done < steps):
+              self._save(epoch_done=False)
+            if interrupted:
+              raise KeyboardInterrupt
+        metrics = self._epoch_metrics(totals)
+        metrics.update(self.evaluate())
+        metrics["epoch_seconds"] = time.time() - t0
+        self.epoch.assign(epoch + 1)
+        self.step_in_epoch.assign(0)
+        genotype = self._save(epoch_done=True)
+        step = int(self.w_opt.iterations.numpy())
+        summaries.write_scalars(
+            self.writer, {k: v for k, v in metrics.items()
+                          if k.startswith(("train/", "val/", "search/"))}, step)
+        summaries.write_arch(self.writer, self.arch, step, genotype)
+        self.writer.flush()
+        metrics["epoch"] = epoch + 1
+        history.append(metrics)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(
+            f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        self._append_history(metrics)
+    except KeyboardInterrupt:
+      self._save(epoch_done=False)
+      self.writer.flush()
+      log.warning("interrupted: state saved in %s; rerun with --resume to "
+                  "continue", config.run_dir)
+      raise
+    finally:
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    return SearchResult(self.genotype(), self.alphas(), history)
+
+  @staticmethod
+  def _epoch_metrics(totals):
+    metrics = {}
+    for prefix, tag in (("train", "train"), ("val", "search/val")):
+      count = totals.get(f"{prefix}/count", 0.0)
+      if count:
+        metrics[f"{tag}_loss" if tag != "train" else "train/loss"] = (
+            totals[f"{prefix}/loss_sum"] / count)
+        metrics[f"{tag}_acc" if tag != "train" else "train/acc"] = (
+            totals[f"{prefix}/correct"] / count)
+    return metrics
+
+  def _append_history(self, metrics):
+    path = os.path.join(self.config.run_dir, "history.jsonl")
+    with open(path, "a") as f:
+      f.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,41 @@
+"""TensorBoard summaries of a search: metrics and the architecture state."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from tfnas.arch import ArchParams
+
+
+def write_scalars(writer, values: Mapping[str, float], step: int) -> None:
+  with writer.as_default(step=step):
+    for tag, value in values.items():
+      tf.summary.scalar(tag, value)
+
+
+def write_arch(writer, arch: ArchParams, step: int, genotype=None) -> None:
+  """softmax(α) per edge per op, entropies, and the genotype as text.
+
+  Tags: ``arch/<group>/edge_<e>/<op>``, ``arch/<group>/entropy`` and
+  ``arch/entropy`` (mean over groups), ``arch/genotype``.
+  """
+  with writer.as_default(step=step):
+    entropies = []
+    for group in arch.groups:
+      probs = arch.probabilities(group.name).numpy()
+      mask = group.mask_array()
+      for e in range(group.num_decisions):
+        for k, op in enumerate(group.candidates):
+          if mask[e, k]:
+            tf.summary.scalar(f"arch/{group.name}/edge_{e}/{op}", probs[e, k])
+      entropy = float(arch.entropy(group.name).numpy())
+      entropies.append(entropy)
+      tf.summary.scalar(f"arch/{group.name}/entropy", entropy)
+    tf.summary.scalar("arch/entropy", float(np.mean(entropies)))
+    if genotype is not None:
+      # Markdown code block keeps the alignment in TensorBoard's text tab.
+      text = "\n".join("    " + line for line in str(genotype).splitlines())
+      tf.summary.text("arch/genotype", text)
