@@ -25,8 +25,10 @@ def search(*args, timeout=300):
 
 
 def error_line(proc):
+  """The error message: stderr must be at most a line plus absl's hint."""
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-  return lines[-1] if lines else ""
+  assert 1 <= len(lines) <= 2, proc.stderr[-3000:]
+  return lines[0]
 
 
 @pytest.mark.slow

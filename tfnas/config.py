@@ -6,12 +6,15 @@ layer reads flags.
 
 from __future__ import annotations
 
+
 import dataclasses
 import json
 from typing import Any
 
+from tfnas.errors import TfnasError
 
-class ConfigError(ValueError):
+
+class ConfigError(TfnasError):
   """A configuration value is invalid; the message names it."""
 
 

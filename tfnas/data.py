@@ -22,6 +22,8 @@ small frozen dataclasses.
 
 from __future__ import annotations
 
+
+import contextlib
 import dataclasses
 import functools
 import os
@@ -29,6 +31,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from tfnas.errors import TfnasError
 
 __all__ = [
     "AugmentConfig",
@@ -68,7 +72,7 @@ _FLIP_TAG = 2
 _CUTOUT_TAG = 3
 
 
-class DataError(ValueError):
+class DataError(TfnasError):
     """A dataset or pipeline was requested with an invalid configuration."""
 
 
@@ -396,7 +400,25 @@ register_synthetic("synthetic")
 # tensorflow_datasets
 
 
-def _load_tfds(split: str, *, tfds_name: str, archives: Sequence[str],
+@contextlib.contextmanager
+def _tfds_quiet():
+    """tfds logs its probing of a missing dataset at WARNING/INFO; our own
+    error message replaces that chatter."""
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
+def _load_tfds(split: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    with _tfds_quiet():
+        return _load_tfds_quietly(split, **kwargs)
+
+
+def _load_tfds_quietly(split: str, *, tfds_name: str, archives: Sequence[str],
                data_dir: Optional[str], manual_dir: Optional[str],
                allow_download: bool) -> tuple[np.ndarray, np.ndarray]:
     """Loads a prepared tfds split into numpy, never downloading implicitly.

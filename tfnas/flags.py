@@ -94,4 +94,10 @@ def define_search_flags():
 def search_config() -> SearchConfig:
   """Reads the search flags once into a frozen config."""
   names = [f for f in SearchConfig.__dataclass_fields__]
-  return SearchConfig(**{name: FLAGS[name].value for name in names})
+  config = SearchConfig(**{name: FLAGS[name].value for name in names})
+  _check_flagfile_paths()
+  return config
+
+
+def _check_flagfile_paths():
+  """Nothing to check at the moment; flagfiles are read by absl itself."""

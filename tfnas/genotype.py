@@ -27,6 +27,7 @@ JSON format (``Genotype.FORMAT_VERSION == 1``)::
 
 from __future__ import annotations
 
+
 import dataclasses
 import json
 import os
@@ -34,6 +35,8 @@ import tempfile
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from tfnas.errors import TfnasError
 
 __all__ = [
     "Edge",
@@ -62,7 +65,7 @@ _NUM_INPUTS = 2
 _CELL_NAMES = ("normal", "reduce")
 
 
-class GenotypeError(ValueError):
+class GenotypeError(TfnasError):
   """A genotype (or the data it was parsed from) is malformed."""
 
 

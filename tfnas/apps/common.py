@@ -1,27 +1,52 @@
-"""Shared app plumbing: strategies, device setup and clean error exits."""
+"""Shared app plumbing: quiet TensorFlow start-up, strategies, clean errors."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
 
-from absl import logging
-
-# Errors that describe bad input; they end the app with one line, no trace.
-_USER_ERRORS = ()
+from tfnas.errors import TfnasError
 
 
-def user_errors():
-  """The exception types that mean bad input (imported lazily)."""
-  global _USER_ERRORS
-  if not _USER_ERRORS:
-    from tfnas.config import ConfigError
-    from tfnas.data import DataError
-    from tfnas.genotype import GenotypeError
-    from tfnas.train.rundir import RunDirError
-    _USER_ERRORS = (ConfigError, DataError, GenotypeError, RunDirError)
-  return _USER_ERRORS
+@contextlib.contextmanager
+def _native_stderr_silenced(enabled: bool):
+  """Hides native (C++) log lines written to fd 2 while TF starts.
+
+  TensorFlow's start-up notices (oneDNN, CUDA probing) bypass
+  TF_CPP_MIN_LOG_LEVEL in this release; Python exceptions still propagate.
+  """
+  if not enabled:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def import_tensorflow():
+  """Imports TensorFlow and initialises its devices without log noise.
+
+  Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's native start-up logs.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1")
+  with _native_stderr_silenced(quiet):
+    import tensorflow as tf
+    tf.config.list_logical_devices()
+  if quiet:
+    # e.g. the checkpoint saver's per-save "Sharding callback" INFO lines.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+  return tf
 
 
 def clean_errors(prog: str):
@@ -31,31 +56,28 @@ def clean_errors(prog: str):
     def wrapped(argv):
       try:
         return main(argv)
-      except user_errors() as e:
+      except TfnasError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
       except KeyboardInterrupt:
-        print(f"{prog}: interrupted; state was saved, rerun with --resume",
-              file=sys.stderr)
+        print(f"{prog}: interrupted; state was saved, rerun with --resume "
+              "to continue", file=sys.stderr)
         sys.exit(130)
     return wrapped
   return wrap
 
 
 def make_strategy(name: str):
-  import tensorflow as tf
+  """The tf.distribute strategy named by --strategy."""
+  tf = import_tensorflow()
   if name == "auto":
-    name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+    gpus = tf.config.list_logical_devices("GPU")
+    name = "mirrored" if len(gpus) > 1 else "default"
   if name == "default":
     return tf.distribute.get_strategy()
   if name == "mirrored":
     return tf.distribute.MirroredStrategy()
   if name == "multi_worker":
-    # Cluster from TF_CONFIG, as with any TF multi-worker job.
+    # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
     return tf.distribute.MultiWorkerMirroredStrategy()
-  raise ValueError(f"unknown strategy {name!r}")
-
-
-def quiet_tensorflow():
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.set_verbosity(logging.INFO)
+  raise TfnasError(f"unknown strategy {name!r}")

@@ -9,7 +9,6 @@ and arch.json into --run_dir.
 from __future__ import annotations
 
 from absl import app
-from absl import logging
 
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
@@ -24,17 +23,17 @@ FLAGS = tfnas_flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = tfnas_flags.search_config()
-  import tensorflow as tf
+  config = tfnas_flags.search_config()  # Validated before TF loads.
+  tf = common.import_tensorflow()
+  import keras
   from tfnas.train.search import Search
   if config.deterministic:
-    tf.keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
   strategy = common.make_strategy(FLAGS.strategy)
   search = Search(config, strategy, resume=FLAGS.resume,
                   show_progress=FLAGS.progress)
   result = search.run()
-  logging.info("final genotype:\n%s", result.genotype)
   print(result.genotype)
   if result.history:
     last = result.history[-1]
@@ -43,7 +42,6 @@ def main(argv):
 
 
 def run():
-  common.quiet_tensorflow()
   app.run(main)
 
 

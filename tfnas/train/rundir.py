@@ -7,13 +7,16 @@ Nothing already in a run directory is overwritten by a different run.
 
 from __future__ import annotations
 
+
 import json
 import os
 import tempfile
 from typing import Any, Iterable
 
+from tfnas.errors import TfnasError
 
-class RunDirError(RuntimeError):
+
+class RunDirError(TfnasError):
   """The run directory cannot be used as asked; the message says why."""
 
 
