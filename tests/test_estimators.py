@@ -12,9 +12,11 @@ class DartsSecondOrderTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
+    # Hessian terms are compared in float64. Keras 3 needs both the floatx
+    # and the dtype policy set (the policy is derived from floatx once).
     self._floatx = keras.config.floatx()
-    keras.config.set_floatx("float64")  # Hessian terms compared in float64.
     self._policy = keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
 
   def tearDown(self):

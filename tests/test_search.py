@@ -74,6 +74,11 @@ class SearchLoopTest(tf.test.TestCase):
     self.assertEqual(record["groups"]["normal"]["candidates"][0], "none")
 
 
+def mirrored_cpu_strategy():
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+
 class MirroredStepTest(tf.test.TestCase):
   """One step under MirroredStrategy (2 CPUs) equals the default strategy."""
 
@@ -101,8 +106,7 @@ class MirroredStepTest(tf.test.TestCase):
       init = [v.numpy() for v in (lambda c: c.weight_variables +
                                   c.arch_variables)(helpers.tiny_context())]
     single = self._step(default, estimator, init)
-    mirrored = self._step(
-        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), estimator, init)
+    mirrored = self._step(mirrored_cpu_strategy(), estimator, init)
     moved = max(np.abs(a - b).max() for a, b in zip(single, init))
     self.assertGreater(moved, 1e-4)
     for a, b in zip(single, mirrored):

@@ -7,6 +7,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from tfnas.distribute import ordered_all_reduce
+
 _SYNC_DEFAULT = [False]
 
 
@@ -102,11 +104,12 @@ class BatchNorm(keras.layers.Layer):
     ctx = tf.distribute.get_replica_context()
     if (self.synchronized and ctx is not None and
         ctx.num_replicas_in_sync > 1):
-      total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                    [tf.reduce_sum(x, axis=axes), count])
+      total, count = ordered_all_reduce([tf.reduce_sum(x, axis=axes),
+                                         tf.reshape(count, [1])])
+      count = count[0]
       mean = total / count
-      squares = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                               tf.reduce_sum(tf.square(x - mean), axis=axes))
+      (squares,) = ordered_all_reduce(
+          [tf.reduce_sum(tf.square(x - mean), axis=axes)])
       return mean, squares / count, count
     mean = tf.reduce_mean(x, axis=axes)
     variance = tf.reduce_mean(tf.square(x - mean), axis=axes)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import tensorflow as tf
 
 from tfnas.arch import ArchDistribution, ArchParams
+from tfnas.distribute import ordered_all_reduce
 from tfnas.train.optim import _Optimizer
 
 
@@ -84,12 +85,8 @@ class StepContext:
 
   @staticmethod
   def all_reduce(values: Sequence):
-    """Sum over replicas (identity with one replica)."""
-    ctx = tf.distribute.get_replica_context()
-    values = list(values)
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-      return values
-    return list(ctx.all_reduce(tf.distribute.ReduceOp.SUM, values))
+    """Sum over replicas (identity with one replica), in a fixed order."""
+    return ordered_all_reduce(values)
 
   def apply_weights(self, grads) -> None:
     self.weight_optimizer.apply(grads, self.weight_variables)

@@ -1,0 +1,69 @@
+"""Cross-replica sums that every replica issues in the same order.
+
+Independent collectives in one replica function (e.g. the batch statistics
+of parallel MixedOp branches, or the two finite-difference passes of the
+unrolled DARTS step) may be scheduled in a different order on each replica;
+CPU collectives then fail with "Shape mismatch in the collective instance".
+``ordered_all_reduce`` chains every collective of a traced replica function
+— forward and backward — with control dependencies in creation order, which
+is the same on every replica because the same Python code traces them.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import tensorflow as tf
+
+# (graph, replica thread) → last collective output; graphs are held weakly.
+_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _chain_key():
+  return tf.compat.v1.get_default_graph(), threading.get_ident()
+
+
+def _ordered_sum(ctx, value: tf.Tensor) -> tf.Tensor:
+  graph, thread = _chain_key()
+  with _LOCK:
+    chains = _CHAINS.setdefault(graph, {})
+    last = chains.get(thread)
+  with tf.control_dependencies([last] if last is not None else []):
+    value = tf.identity(value)
+  total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(value))
+  with _LOCK:
+    chains[thread] = total
+  return total
+
+
+def ordered_all_reduce(values):
+  """Sums a list of tensors over replicas as ONE ordered collective.
+
+  Differentiable: the gradient is the ordered sum of the upstream
+  gradients (the adjoint of an all-sum is an all-sum). Identity when there
+  is a single replica or no replica context.
+  """
+  ctx = tf.distribute.get_replica_context()
+  values = list(values)
+  if ctx is None or ctx.num_replicas_in_sync == 1 or not values:
+    return values
+  shapes = [tf.shape(v) for v in values]
+  sizes = [v.shape.num_elements() for v in values]
+  dtype = values[0].dtype
+
+  @tf.custom_gradient
+  def packed_sum(flat):
+    def grad(upstream):
+      return _ordered_sum(ctx, upstream)
+    return _ordered_sum(ctx, flat), grad
+
+  flat = tf.concat([tf.reshape(tf.cast(v, dtype), [-1]) for v in values], 0)
+  total = packed_sum(flat)
+  out, offset = [], 0
+  for v, shape, size in zip(values, shapes, sizes):
+    out.append(tf.cast(tf.reshape(total[offset:offset + size], shape),
+                       v.dtype))
+    offset += size
+  return out
