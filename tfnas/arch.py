@@ -121,3 +121,109 @@ class SoftmaxDistribution(ArchDistribution):
 
   def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
     return {name: arch.probabilities(name) for name in arch.group_names}
+
+
+def linear_temperature(start: float, end: float, total_steps: int):
+  """λ(step): straight line from ``start`` (step 0) to ``end`` (last step)."""
+  def schedule(step):
+    frac = tf.cast(step, tf.float32) / float(max(total_steps - 1, 1))
+    return start + (end - start) * tf.minimum(frac, 1.0)
+  return schedule
+
+
+def exponential_temperature(start: float, end: float, total_steps: int):
+  """λ(step) = start · (end/start)^(step/(total-1)): geometric annealing."""
+  def schedule(step):
+    frac = tf.cast(step, tf.float32) / float(max(total_steps - 1, 1))
+    return start * tf.pow(end / start, tf.minimum(frac, 1.0))
+  return schedule
+
+
+TEMPERATURE_SCHEDULES = {"linear": linear_temperature,
+                         "exponential": exponential_temperature}
+
+
+def stateless_seed(seed: int, step, salt: int = 0) -> tf.Tensor:
+  """A [2] int32 seed from (run seed, step): the same on every replica and
+  reproducible after resume (the step counter is checkpointed)."""
+  step = tf.cast(step if step is not None else 0, tf.int64)
+  return tf.cast(tf.stack([tf.constant(seed * 1000003 + salt, tf.int64),
+                           step]) % (2**31 - 1), tf.int32)
+
+
+class RelaxedOneHotDistribution(ArchDistribution):
+  """SNAS: Gumbel-softmax samples (TFP ``RelaxedOneHotCategorical``).
+
+  One sample per step per decision group (cell type): an independent draw
+  per edge, shared by every cell of that type and the whole batch; with
+  ``per_cell`` each cell gets its own draw (shape ``[cells, E, K]``). The
+  sample is soft (no straight-through), reparameterised, and drawn with a
+  stateless seed from (seed, step), so all replicas draw the same Z.
+
+  Args:
+    temperature: callable step → λ (see ``TEMPERATURE_SCHEDULES``).
+    seed: run seed.
+    cells_per_group: mapping group → number of cells, used with per_cell.
+  """
+
+  def __init__(self, temperature, seed: int = 0, per_cell: bool = False,
+               cells_per_group=None):
+    self.temperature = temperature
+    self.seed = seed
+    self.per_cell = per_cell
+    self.cells_per_group = dict(cells_per_group or {})
+
+  def distribution(self, arch: ArchParams, name: str, step):
+    """TFP's relaxed one-hot categorical of one group at step's λ."""
+    import tensorflow_probability as tfp  # Heavy import; only when used.
+    logits = arch.masked_logits(name)
+    temperature = tf.cast(self.temperature(step), logits.dtype)
+    return tfp.distributions.RelaxedOneHotCategorical(temperature,
+                                                      logits=logits)
+
+  def _log_space(self, arch: ArchParams, name: str, step):
+    # Y = log Z follows TFP's ExpRelaxedOneHotCategorical. Sampling and
+    # scoring in log space stays finite at low λ, where entries of Z
+    # underflow to 0; log p_Z and log p_Y differ by a Jacobian that does not
+    # depend on α, so their α-gradients (the score function) are equal.
+    import tensorflow_probability as tfp
+    logits = arch.masked_logits(name)
+    temperature = tf.cast(self.temperature(step), logits.dtype)
+    return tfp.distributions.ExpRelaxedOneHotCategorical(temperature,
+                                                         logits=logits)
+
+  def log_prob(self, arch: ArchParams, name: str, log_sample, step):
+    """log-density of a log-space sample (per edge, or per cell and edge)."""
+    return self._log_space(arch, name, step).log_prob(log_sample)
+
+  def sample_with_log(self, arch: ArchParams, step=None):
+    """(Z, log Z) per group; Z is reparameterised (carries α-gradients)."""
+    samples, logs = {}, {}
+    for i, name in enumerate(arch.group_names):
+      dist = self._log_space(arch, name, step)
+      seed = stateless_seed(self.seed, step, salt=i)
+      if self.per_cell:
+        y = dist.sample(self.cells_per_group.get(name, 1), seed=seed)
+      else:
+        y = dist.sample(seed=seed)
+      logs[name] = y
+      samples[name] = tf.exp(y)
+    return samples, logs
+
+  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
+    return self.sample_with_log(arch, step)[0]
+
+
+class ArgmaxDistribution(ArchDistribution):
+  """The one-hot argmax architecture (child network of SNAS Table 1).
+
+  Includes ``none``: an edge whose argmax is ``none`` contributes nothing.
+  """
+
+  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
+    out = {}
+    for name in arch.group_names:
+      logits = arch.masked_logits(name)
+      out[name] = tf.one_hot(tf.argmax(logits, axis=-1), logits.shape[-1],
+                             dtype=logits.dtype)
+    return out

@@ -57,6 +57,15 @@ class SearchConfig:
   arch_beta2: float = 0.999
   arch_weight_decay: float = 1e-3
   arch_init_scale: float = 1e-3
+  # Relaxed (Gumbel-softmax) sampling: SNAS.
+  temperature_start: float = 1.0
+  temperature_end: float = 0.03
+  temperature_schedule: str = "linear"
+  resample_per_cell: bool = False
+  # Resource constraint (SNAS section 2.4): η, metric, α-gradient estimator.
+  resource_weight: float = 0.0
+  resource_metric: str = "all"
+  resource_gradient: str = "policy"
 
   def __post_init__(self):
     checks = [
@@ -70,6 +79,9 @@ class SearchConfig:
         ("channels", self.channels >= 2 and self.channels % 2 == 0),
         ("w_lr", self.w_lr > 0),
         ("arch_lr", self.arch_lr >= 0),
+        ("temperature_start", self.temperature_start > 0),
+        ("temperature_end", self.temperature_end > 0),
+        ("resource_weight", self.resource_weight >= 0),
     ]
     for name, ok in checks:
       if not ok:

@@ -54,7 +54,8 @@ def define_data_flags():
 
 
 def define_search_flags():
-  flags.DEFINE_enum("method", _DEFAULTS.method, ["darts_1st", "darts_2nd"],
+  flags.DEFINE_enum("method", _DEFAULTS.method,
+                    ["darts_1st", "darts_2nd", "snas"],
                     "Search method (distribution + estimator + selector).")
   flags.DEFINE_enum("space", _DEFAULTS.space, SPACES, "Search space.")
   flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Search epochs.")
@@ -88,7 +89,27 @@ def define_search_flags():
   flags.DEFINE_float("arch_weight_decay", _DEFAULTS.arch_weight_decay,
                      "α weight decay (L2).")
   flags.DEFINE_float("arch_init_scale", _DEFAULTS.arch_init_scale,
-                     "α initialised as scale * N(0, 1).")
+                     "α (logits) initialised as scale * N(0, 1); 0 gives "
+                     "uniform logits.")
+  flags.DEFINE_float("temperature_start", _DEFAULTS.temperature_start,
+                     "Gumbel-softmax temperature λ at the first step (SNAS).")
+  flags.DEFINE_float("temperature_end", _DEFAULTS.temperature_end,
+                     "λ at the last step of the search.")
+  flags.DEFINE_enum("temperature_schedule", _DEFAULTS.temperature_schedule,
+                    ["linear", "exponential"], "How λ is annealed.")
+  flags.DEFINE_boolean("resample_per_cell", _DEFAULTS.resample_per_cell,
+                       "Draw a separate architecture sample for every cell "
+                       "(default: one per cell type, shared).")
+  flags.DEFINE_float("resource_weight", _DEFAULTS.resource_weight,
+                     "η of the resource constraint η·C(Z) (0: off).")
+  flags.DEFINE_enum("resource_metric", _DEFAULTS.resource_metric,
+                    ["params", "flops", "mac", "all"],
+                    "Local cost per op (all: mean of the three, normalised).")
+  flags.DEFINE_enum("resource_gradient", _DEFAULTS.resource_gradient,
+                    ["policy", "reparam", "exact"],
+                    "α-gradient of the resource term: score function (SNAS "
+                    "eq. 11), through the relaxed sample, or exact "
+                    "expectation under the discrete distribution.")
 
 
 def search_config() -> SearchConfig:

@@ -1,35 +1,104 @@
 """Methods as named combinations of distribution, estimator and selector.
 
 Adding a method means adding one entry here, never a new training script.
+Factories receive a :class:`SearchSetup` (the frozen config plus what the
+loop derived from it) so nothing below reads flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 from tfnas import genotype as genotype_lib
-from tfnas.arch import ArchDistribution, SoftmaxDistribution
+from tfnas.arch import (TEMPERATURE_SCHEDULES, ArchDistribution,
+                        RelaxedOneHotDistribution, SoftmaxDistribution)
+from tfnas.errors import TfnasError
 from tfnas.estimators.base import Estimator
 from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchSetup:
+  """What method factories may use.
+
+  Attributes:
+    config: the frozen ``SearchConfig``.
+    space: the ``DartsSpaceConfig`` being searched.
+    steps_per_epoch: search steps per epoch.
+    image_size: input height/width (for analytic costs).
+  """
+  config: Any
+  space: Any
+  steps_per_epoch: int
+  image_size: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.epochs * self.steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-  """How a search draws samples, forms gradients and picks the child."""
+  """How a search draws samples, forms gradients and picks the child.
+
+  Attributes:
+    single_level: α and w learn from the same training batch; the search
+      then trains on the whole training set and the test split is used only
+      for reporting.
+    child_eval: also evaluate the argmax child (one-hot α) every epoch.
+  """
   name: str
   description: str
-  distribution: Callable[[], ArchDistribution]
-  estimator: Callable[[], Estimator]
-  #: (alphas: dict group → [E, K] array, candidates, num_nodes, masks) → Genotype
+  distribution: Callable[[SearchSetup], ArchDistribution]
+  estimator: Callable[[SearchSetup], Estimator]
+  #: (alphas: group → [E, K] array, candidates, num_nodes, masks) → Genotype
   selector: Callable[..., genotype_lib.Genotype]
+  single_level: bool = False
+  child_eval: bool = False
 
 
-def _magnitude_selector(alphas, candidates, num_nodes, masks=None):
+def magnitude_selector(alphas, candidates, num_nodes, masks=None):
+  """DARTS: best non-``none`` op per edge, 2 strongest edges per node."""
   masks = masks or {}
   return genotype_lib.derive_darts(
       alphas["normal"], alphas["reduce"], candidates, num_nodes=num_nodes,
       candidate_mask=masks.get("normal"), reduce_mask=masks.get("reduce"))
+
+
+def argmax_selector(alphas, candidates, num_nodes, masks=None):
+  """SNAS: argmax per edge including ``none`` (dropped edges), no pruning."""
+  masks = masks or {}
+  return genotype_lib.derive_argmax(
+      alphas["normal"], alphas["reduce"], candidates, num_nodes=num_nodes,
+      candidate_mask=masks.get("normal"), reduce_mask=masks.get("reduce"))
+
+
+def _relaxed_distribution(setup: SearchSetup) -> RelaxedOneHotDistribution:
+  c = setup.config
+  if c.temperature_schedule not in TEMPERATURE_SCHEDULES:
+    raise TfnasError(f"unknown --temperature_schedule="
+                     f"{c.temperature_schedule!r}; choose from "
+                     f"{sorted(TEMPERATURE_SCHEDULES)}")
+  schedule = TEMPERATURE_SCHEDULES[c.temperature_schedule](
+      c.temperature_start, c.temperature_end, setup.total_steps)
+  cells = setup.space.cell_types()
+  return RelaxedOneHotDistribution(
+      schedule, seed=c.seed, per_cell=c.resample_per_cell,
+      cells_per_group={t: cells.count(t) for t in set(cells)})
+
+
+def _snas_estimator(setup: SearchSetup):
+  from tfnas import objectives  # Imports the cost tables only when needed.
+  from tfnas.estimators.snas import SnasEstimator
+  c = setup.config
+  resource = None
+  if c.resource_weight:
+    tables = objectives.edge_cost_tables(setup.space, setup.image_size)
+    resource = objectives.ResourceConstraint(
+        objectives.combine_metric(tables, c.resource_metric),
+        c.resource_weight, c.resource_gradient)
+  return SnasEstimator(resource)
 
 
 METHODS: dict[str, Method] = {}
@@ -44,15 +113,22 @@ def register_method(method: Method) -> Method:
 
 register_method(Method(
     "darts_1st", "DARTS, first-order α gradient on the validation batch",
-    SoftmaxDistribution, DartsFirstOrder, _magnitude_selector))
+    lambda setup: SoftmaxDistribution(), lambda setup: DartsFirstOrder(),
+    magnitude_selector))
 register_method(Method(
     "darts_2nd", "DARTS, unrolled second-order α gradient (finite-difference "
     "Hessian-vector product)",
-    SoftmaxDistribution, DartsSecondOrder, _magnitude_selector))
+    lambda setup: SoftmaxDistribution(), lambda setup: DartsSecondOrder(),
+    magnitude_selector))
+register_method(Method(
+    "snas", "SNAS, single-level Gumbel-softmax search with an optional "
+    "locally decomposable resource constraint",
+    _relaxed_distribution, _snas_estimator, argmax_selector,
+    single_level=True, child_eval=True))
 
 
 def get_method(name: str) -> Method:
   if name not in METHODS:
-    raise ValueError(f"unknown method {name!r}; known methods: "
+    raise TfnasError(f"unknown method {name!r}; known methods: "
                      f"{sorted(METHODS)}")
   return METHODS[name]

@@ -20,6 +20,16 @@ class Estimator:
 
   #: Whether the step consumes a validation batch (bilevel methods).
   uses_val_batch = True
+  #: Extra per-step metrics (averaged over steps by the loop); each replica
+  #: returns its share (value / replicas) so the cross-replica sum is exact.
+  extra_metrics: tuple[str, ...] = ()
+
+  def metric_keys(self) -> list[str]:
+    """Keys of the dict ``step`` returns."""
+    prefixes = ("train", "val") if self.uses_val_batch else ("train",)
+    keys = [f"{p}/{k}" for p in prefixes
+            for k in ("loss_sum", "correct", "count")]
+    return keys + list(self.extra_metrics)
 
   def step(self, ctx: StepContext, train_batch, val_batch,
            step: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -25,7 +25,7 @@ import tensorflow as tf
 from tfnas import data as data_lib
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
-from tfnas.arch import ArchParams
+from tfnas.arch import ArchParams, ArgmaxDistribution
 from tfnas.config import SearchConfig
 from tfnas.spaces import darts as darts_space
 from tfnas.train import optim, rundir, summaries
@@ -45,17 +45,30 @@ class SearchResult:
 class SearchData:
   """The search-train and search-val splits of the training set."""
 
-  def __init__(self, config: SearchConfig):
+  def __init__(self, config: SearchConfig, single_level: bool = False):
     self.info = data_lib.dataset_info(config.dataset)
-    (self.train_x, self.train_y), (self.val_x, self.val_y) = (
-        data_lib.search_splits(config.dataset, config.train_portion,
-                               data_dir=config.data_dir,
-                               manual_dir=config.manual_dir))
+    if single_level:
+      # Single-level methods learn w and α on the whole training set; the
+      # held-out test split only reports accuracy (it steers nothing).
+      self.train_x, self.train_y = data_lib.load_split(
+          config.dataset, "train", data_dir=config.data_dir,
+          manual_dir=config.manual_dir)
+      self.val_x, self.val_y = data_lib.load_split(
+          config.dataset, "test", data_dir=config.data_dir,
+          manual_dir=config.manual_dir)
+    else:
+      (self.train_x, self.train_y), (self.val_x, self.val_y) = (
+          data_lib.search_splits(config.dataset, config.train_portion,
+                                 data_dir=config.data_dir,
+                                 manual_dir=config.manual_dir))
+    self.single_level = single_level
     self.augment = data_lib.AugmentConfig(
         pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
     self.batch_size = config.batch_size
     self.seed = config.seed
-    steps = min(len(self.train_y), len(self.val_y)) // config.batch_size
+    steps = len(self.train_y) // config.batch_size
+    if not single_level:
+      steps = min(steps, len(self.val_y) // config.batch_size)
     if steps < 1:
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the search "
@@ -76,10 +89,12 @@ class SearchData:
   def train_streams(self, strategy, epoch: int, skip: int):
     # Both halves are augmented like training data (they are both drawn
     # from the training set, as in the DARTS search code).
-    return (self._stream(strategy, self.train_x, self.train_y, epoch,
-                         self.seed, skip, True),
-            self._stream(strategy, self.val_x, self.val_y, epoch,
-                         self.seed + 7919, skip, True))
+    train = self._stream(strategy, self.train_x, self.train_y, epoch,
+                         self.seed, skip, True)
+    if self.single_level:
+      return train, None
+    return train, self._stream(strategy, self.val_x, self.val_y, epoch,
+                               self.seed + 7919, skip, True)
 
   def eval_stream(self, strategy):
     return self._stream(strategy, self.val_x, self.val_y, 0, self.seed, 0,
@@ -102,7 +117,7 @@ class Search:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.method = methods_lib.get_method(config.method)
     self.show_progress = show_progress
-    self.data = SearchData(config)
+    self.data = SearchData(config, single_level=self.method.single_level)
     self.space = darts_space.search_space(
         config.space, num_cells=config.num_cells, num_nodes=config.num_nodes,
         channels=config.channels, num_classes=self.data.info.num_classes,
@@ -135,9 +150,11 @@ class Search:
       self.a_opt.build(self.arch.variables_list)
       self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    self.ctx = StepContext(self.network, self.arch, self.method.distribution(),
-                           self.w_opt, self.a_opt, config.batch_size)
-    self.estimator = self.method.estimator()
+    setup = methods_lib.SearchSetup(config, self.space, steps, info.image_size)
+    self.ctx = StepContext(self.network, self.arch,
+                           self.method.distribution(setup), self.w_opt,
+                           self.a_opt, config.batch_size)
+    self.estimator = self.method.estimator(setup)
     self.checkpoint = tf.train.Checkpoint(
         network=self.network, arch=self.arch, weight_optimizer=self.w_opt,
         arch_optimizer=self.a_opt, epoch=self.epoch,
@@ -160,15 +177,14 @@ class Search:
 
   def _make_train_loop(self):
     estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
-    prefixes = ("train", "val") if estimator.uses_val_batch else ("train",)
-    keys = [f"{p}/{k}" for p in prefixes for k in _METRIC_KEYS]
+    keys = estimator.metric_keys()
 
     @tf.function
     def train_loop(train_iter, val_iter, num_steps):
       totals = tuple(tf.constant(0.0) for _ in keys)
       for _ in tf.range(num_steps):
         train_batch = next(train_iter)
-        val_batch = next(val_iter)
+        val_batch = next(val_iter) if val_iter is not None else None
         per_replica = strategy.run(
             estimator.step,
             args=(ctx, train_batch, val_batch, self.w_opt.iterations))
@@ -183,9 +199,12 @@ class Search:
     ctx, strategy = self.ctx, self.strategy
 
     @tf.function
-    def eval_step(batch):
+    def eval_step(batch, child):
       def replica(images, labels):
-        weights = ctx.distribution.sample(ctx.arch)
+        if child:  # The one-hot argmax child (SNAS Table 1).
+          weights = ArgmaxDistribution().sample(ctx.arch)
+        else:  # The search distribution at the current step.
+          weights = ctx.distribution.sample(ctx.arch, self.w_opt.iterations)
         logits = ctx.forward(images, weights, training=False)
         loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
             tf.cast(labels, tf.int32), logits))
@@ -207,14 +226,21 @@ class Search:
     return self.method.selector(self.alphas(), self.space.candidates,
                                 self.space.num_nodes, masks)
 
-  def evaluate(self) -> dict[str, float]:
+  def evaluate(self, child: bool = False) -> dict[str, float]:
+    """Supernet accuracy on the validation split (inference-mode BN).
+
+    ``child=False`` uses the search distribution's sample (softmax α for
+    DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
+    one-hot argmax architecture, without fine-tuning.
+    """
     totals = {}
     for batch in self.data.eval_stream(self.strategy):
-      for k, v in self._eval_step(batch).items():
+      for k, v in self._eval_step(batch, child).items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.get("eval/count", 0.0), 1.0)
-    return {"val/loss": totals["eval/loss_sum"] / count,
-            "val/acc": totals["eval/correct"] / count}
+    prefix = "val/child_" if child else "val/"
+    return {prefix + "loss": totals["eval/loss_sum"] / count,
+            prefix + "acc": totals["eval/correct"] / count}
 
   def _save(self, epoch_done: bool):
     self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
@@ -259,7 +285,8 @@ class Search:
         epoch = int(self.epoch.numpy())
         start = int(self.step_in_epoch.numpy())
         train_ds, val_ds = self.data.train_streams(self.strategy, epoch, start)
-        train_iter, val_iter = iter(train_ds), iter(val_ds)
+        train_iter = iter(train_ds)
+        val_iter = iter(val_ds) if val_ds is not None else None
         totals = {}
         t0 = time.time()
         with progress_bar(steps, initial=start, desc=f"epoch {epoch + 1}/"
@@ -289,8 +316,14 @@ class Search:
               self._save(epoch_done=False)
             if interrupted:
               raise KeyboardInterrupt
-        metrics = self._epoch_metrics(totals)
+        metrics = self._epoch_metrics(totals, steps - start)
         metrics.update(self.evaluate())
+        if self.method.child_eval:
+          metrics.update(self.evaluate(child=True))
+        temperature = getattr(self.ctx.distribution, "temperature", None)
+        if temperature is not None:
+          metrics["arch/temperature"] = float(
+              temperature(self.w_opt.iterations))
         metrics["epoch_seconds"] = time.time() - t0
         self.epoch.assign(epoch + 1)
         self.step_in_epoch.assign(0)
@@ -298,7 +331,8 @@ class Search:
         step = int(self.w_opt.iterations.numpy())
         summaries.write_scalars(
             self.writer, {k: v for k, v in metrics.items()
-                          if k.startswith(("train/", "val/", "search/"))}, step)
+                          if k.startswith(("train/", "val/", "search/",
+                                           "arch/"))}, step)
         summaries.write_arch(self.writer, self.arch, step, genotype)
         self.writer.flush()
         metrics["epoch"] = epoch + 1
@@ -318,8 +352,11 @@ class Search:
     return SearchResult(self.genotype(), self.alphas(), history)
 
   @staticmethod
-  def _epoch_metrics(totals):
+  def _epoch_metrics(totals, num_steps):
     metrics = {}
+    for key, value in totals.items():  # Per-step quantities: mean.
+      if not key.endswith(_METRIC_KEYS):
+        metrics[key] = value / max(num_steps, 1)
     for prefix, tag in (("train", "train"), ("val", "search/val")):
       count = totals.get(f"{prefix}/count", 0.0)
       if count:

@@ -1,0 +1,74 @@
+"""SNAS through the one search loop on digits: resource effect, child eval."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfnas import objectives
+from tfnas.config import SearchConfig
+from tfnas.spaces import darts as darts_space
+from tfnas.train.search import Search
+
+
+def snas_config(run_dir, **overrides):
+  kwargs = dict(run_dir=str(run_dir), dataset="digits", method="snas",
+                num_cells=3, num_nodes=2, channels=4, batch_size=32,
+                epochs=2, max_steps_per_epoch=8, steps_per_loop=4,
+                w_lr=0.05, arch_lr=0.05, seed=5)
+  kwargs.update(overrides)
+  return SearchConfig(**kwargs)
+
+
+def child_params(result, space, image_size=8):
+  """Analytic parameter count of the argmax child inside the supernet."""
+  tables = objectives.edge_cost_tables(space, image_size)
+  total = 0.0
+  for name, table in tables.items():
+    choice = np.argmax(result.alphas[name], axis=-1)  # Includes `none`.
+    total += sum(table[:, e, k, 0].sum() for e, k in enumerate(choice))
+  return total
+
+
+def test_edge_cost_tables_shape_and_reduction_edges():
+  space = darts_space.search_space("darts", num_cells=3, num_nodes=2,
+                                   channels=4, num_classes=10)
+  tables = objectives.edge_cost_tables(space, 8)
+  assert tables["normal"].shape == (1, 5, 8, 3)
+  assert tables["reduce"].shape == (2, 5, 8, 3)
+  skip = space.candidates.index("skip_connect")
+  # Input edges of a reduction cell: FactorizedReduce has parameters.
+  assert tables["reduce"][0, 0, skip, 0] > 0
+  assert tables["reduce"][0, 4, skip, 0] == 0  # node 3 <- node 2: identity
+  combined = objectives.combine_metric(tables, "all")
+  assert combined["normal"].shape == (1, 5, 8)
+  assert 0 < sum(c.max(axis=-1).sum() for c in combined.values()) <= 1 + 1e-9
+
+
+@pytest.mark.slow
+def test_strong_resource_weight_gives_a_cheaper_child(tmp_path):
+  tf.config.experimental.enable_op_determinism()
+  free = Search(snas_config(tmp_path / "free"), show_progress=False).run()
+  costly = Search(snas_config(tmp_path / "costly", resource_weight=20.0),
+                  show_progress=False).run()
+  space = darts_space.search_space("darts", num_cells=3, num_nodes=2,
+                                   channels=4, num_classes=10)
+  assert child_params(costly, space) < child_params(free, space)
+  assert "train/resource_cost" in costly.history[-1]
+  assert costly.history[-1]["train/resource_cost"] < 1.0
+
+
+@pytest.mark.slow
+def test_child_accuracy_close_to_search_accuracy(tmp_path):
+  tf.config.experimental.enable_op_determinism()
+  result = Search(snas_config(tmp_path / "run", channels=8, epochs=5,
+                              max_steps_per_epoch=20, arch_lr=0.01,
+                              temperature_end=0.03),
+                  show_progress=False).run()
+  last = result.history[-1]
+  assert last["arch/temperature"] == pytest.approx(0.03, abs=1e-6)
+  assert last["val/acc"] > 0.5
+  # Measured (WORKSPACE_NOTES.md): both ~0.8-0.9, gap of a few points.
+  assert abs(last["val/child_acc"] - last["val/acc"]) < 0.1
+  assert os.path.exists(tmp_path / "run" / "genotype.json")

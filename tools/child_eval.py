@@ -1,0 +1,46 @@
+"""Child-network validation of a finished search, without fine-tuning.
+
+Loads a search run directory (config.json + latest checkpoint) and evaluates
+the supernet on the validation split twice: with the search distribution's
+sample (softmax α / relaxed sample at the final temperature) and with the
+one-hot argmax child (SNAS Table 1: the child as derived, no fine-tuning).
+
+    python tools/child_eval.py --run_dir=runs/snas_digits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tfnas.apps import common  # noqa: E402
+
+flags.DEFINE_string("run_dir", None, "A search run directory.", required=True)
+FLAGS = flags.FLAGS
+
+
+@common.clean_errors("child_eval")
+def main(argv):
+  del argv
+  from tfnas.config import SearchConfig
+  from tfnas.train.rundir import RunDirError
+  path = os.path.join(FLAGS.run_dir, "config.json")
+  if not os.path.exists(path):
+    raise RunDirError(f"{FLAGS.run_dir} holds no search run (no config.json)")
+  with open(path) as f:
+    config = SearchConfig.from_dict(json.load(f))
+  common.import_tensorflow()
+  from tfnas.train.search import Search
+  search = Search(config, resume=True, show_progress=False)
+  result = {**search.evaluate(), **search.evaluate(child=True)}
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
