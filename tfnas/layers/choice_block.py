@@ -1,0 +1,334 @@
+"""ChoiceBlock: one searchable ShuffleNetV2 block of the SPOS/DSNAS space.
+
+DSNAS section 4.2 searches the single-path space of SPOS (Guo et al. 2019):
+20 ShuffleNetV2 blocks, each choosing one of four candidates, ``choice_3``,
+``choice_5``, ``choice_7`` (ShuffleNetV2 units with a k×k depthwise conv) and
+``choice_x`` (an Xception-like unit of three depthwise-separable convs).
+
+Layouts follow the official DSNAS/SPOS code (``SNAS-Series/DSNAS/blocks.py``,
+``network.py``):
+
+* middle channels ``mid = out_channels // 2`` (``base_mid_channels = outp //
+  2`` there), for every choice and both strides;
+* each choice of a stride-2 block owns its projection branch, whose depthwise
+  kernel is the choice's kernel (k for ``choice_k``, 3 for ``choice_x``).
+  The per-block FLOPs table in that ``network.py`` confirms both: block 0,
+  ``choice_3`` = 13 396 992 multiply-adds only with a 3×3 projection and
+  ``choice_5`` = 15 805 440 only with a 5×5 one.
+
+The channel shuffle follows the ShuffleNetV2 paper's form (split into halves,
+concat, shuffle with 2 groups at the end of every block) rather than the
+official code's shuffle-then-split at the start; the two differ only by a
+fixed channel permutation that the following 1×1 convs absorb.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from tfnas.layers.batch_norm import BatchNorm
+
+#: Candidate names of the SPOS/DSNAS space and their depthwise kernel size.
+CHOICE_KERNELS = {"choice_3": 3, "choice_5": 5, "choice_7": 7, "choice_x": 3}
+SHUFFLENET_CHOICES = tuple(CHOICE_KERNELS)
+
+
+def channel_shuffle(x, groups: int):
+  """ShuffleNet channel shuffle (ShuffleNetV1 section 3.1).
+
+  Views the channels as a ``[groups, C // groups]`` matrix and transposes it,
+  so channel ``g * (C // groups) + i`` moves to position ``i * groups + g``:
+  with 8 channels and 2 groups, ``[0..7]`` becomes ``[0, 4, 1, 5, 2, 6, 3, 7]``.
+
+  Args:
+    x: ``[B, H, W, C]`` tensor (any rank; the last axis is shuffled).
+    groups: number of groups; must divide ``C``.
+
+  Returns:
+    A tensor shaped like ``x`` with permuted channels.
+
+  Raises:
+    ValueError: if ``groups`` does not divide the channel count.
+  """
+  channels = x.shape[-1]
+  if groups < 1 or channels is None or channels % groups:
+    raise ValueError(f"channel_shuffle needs groups >= 1 dividing the "
+                     f"channel count, got groups={groups} for {channels} "
+                     f"channels")
+  # Leading dims may be dynamic (batch); only the channel axis is static.
+  lead = tf.shape(x)[:-1]
+  y = tf.reshape(x, tf.concat([lead, [groups, channels // groups]], 0))
+  rank = y.shape.rank
+  y = tf.transpose(y, list(range(rank - 2)) + [rank - 1, rank - 2])
+  return tf.reshape(y, tf.shape(x))
+
+
+def _pad(x, pad):
+  return tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+
+
+@keras.saving.register_keras_serializable(package="tfnas")
+class _ConvBNStack(keras.layers.Layer):
+  """A chain of depthwise / pointwise convs, each followed by BN.
+
+  Every unit of the ShuffleNetV2 branches follows one rule: a depthwise conv
+  is followed by BN only, a pointwise (1×1) conv by BN and ReLU. ``spec``
+  lists the convs in order: ``("dw", kernel, stride)`` or ``("pw",
+  channels)``. Strided depthwise convs pad ``kernel // 2`` symmetrically
+  (as PyTorch does) instead of TF's asymmetric 'SAME'.
+
+  Input ``[B, H, W, C]``; output ``[B, ceil(H/s), ceil(W/s), C']`` with ``s``
+  the product of strides and ``C'`` the last pointwise width (or ``C``).
+
+  Args:
+    spec: sequence of conv specs as above.
+    **kwargs: forwarded to ``keras.layers.Layer``.
+  """
+
+  def __init__(self, spec: Sequence[Sequence], **kwargs):
+    super().__init__(**kwargs)
+    self.spec = tuple(tuple(s) for s in spec)
+    self.convs = []
+    self.bns = []
+    for i, unit in enumerate(self.spec):
+      if unit[0] == "dw":
+        _, kernel, stride = unit
+        if kernel % 2 != 1 or stride not in (1, 2):
+          raise ValueError(f"depthwise unit {i} needs an odd kernel and "
+                           f"stride 1 or 2, got {unit}")
+        conv = keras.layers.DepthwiseConv2D(
+            kernel, strides=stride, padding="same" if stride == 1 else "valid",
+            use_bias=False, dtype=self.dtype_policy, name=f"dw{i}")
+      elif unit[0] == "pw":
+        conv = keras.layers.Conv2D(unit[1], 1, use_bias=False,
+                                   dtype=self.dtype_policy, name=f"pw{i}")
+      else:
+        raise ValueError(f"unit {i} of spec must be ('dw', kernel, stride) or "
+                         f"('pw', channels), got {unit}")
+      self.convs.append(conv)
+      self.bns.append(BatchNorm(dtype=self.dtype_policy, name=f"bn{i}"))
+
+  def build(self, input_shape):
+    self.built = True  # Sublayers build on first call (fast Keras 3 build).
+
+  def call(self, inputs, training=None):
+    x = inputs
+    for unit, conv, bn in zip(self.spec, self.convs, self.bns):
+      if unit[0] == "dw" and unit[2] != 1:
+        x = _pad(x, unit[1] // 2)
+      x = bn(conv(x), training=training)
+      if unit[0] == "pw":
+        x = tf.nn.relu(x)
+    return x
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(spec=[list(s) for s in self.spec])
+    return config
+
+
+def choice_branch_spec(choice: str, in_channels: int, mid_channels: int,
+                       out_channels: int, stride: int) -> tuple:
+  """The main-branch spec of one candidate (SPOS ``branch_main``).
+
+  ``choice_k``: 1×1 (in → mid) → depthwise k×k (stride) → 1×1 (mid → out).
+  ``choice_x``: three units depthwise 3×3 → 1×1; the first depthwise carries
+  the stride, the 1×1 convs map in → mid → mid → out.
+  """
+  if choice not in CHOICE_KERNELS:
+    raise ValueError(f"unknown choice {choice!r}; known choices: "
+                     f"{SHUFFLENET_CHOICES}")
+  if choice == "choice_x":
+    return (("dw", 3, stride), ("pw", mid_channels),
+            ("dw", 3, 1), ("pw", mid_channels),
+            ("dw", 3, 1), ("pw", out_channels))
+  del in_channels  # The first 1×1 conv infers it.
+  return (("pw", mid_channels), ("dw", CHOICE_KERNELS[choice], stride),
+          ("pw", out_channels))
+
+
+@keras.saving.register_keras_serializable(package="tfnas")
+class _Candidate(keras.layers.Layer):
+  """One candidate of a ChoiceBlock: its main branch and, at stride 2, its
+  own projection branch (depthwise k×k stride 2 → BN → 1×1 → BN-ReLU).
+
+  ``call`` returns a list of the candidate's own outputs: ``[branch]`` at
+  stride 1 (input: the branch half), ``[projection, branch]`` at stride 2
+  (input: the whole block input).
+
+  Args:
+    choice: candidate name, a key of ``CHOICE_KERNELS``.
+    in_channels: channels the candidate sees (half the block input at
+      stride 1, all of it at stride 2).
+    mid_channels: middle width of the main branch.
+    out_channels: main-branch output channels.
+    stride: 1 or 2.
+    **kwargs: forwarded to ``keras.layers.Layer``.
+  """
+
+  def __init__(self, choice: str, in_channels: int, mid_channels: int,
+               out_channels: int, stride: int, **kwargs):
+    super().__init__(**kwargs)
+    self.choice = choice
+    self.in_channels = in_channels
+    self.mid_channels = mid_channels
+    self.out_channels = out_channels
+    self.stride = stride
+    self.branch = _ConvBNStack(
+        choice_branch_spec(choice, in_channels, mid_channels, out_channels,
+                           stride), dtype=self.dtype_policy, name="branch")
+    self.projection = None
+    if stride == 2:
+      self.projection = _ConvBNStack(
+          (("dw", CHOICE_KERNELS[choice], 2), ("pw", in_channels)),
+          dtype=self.dtype_policy, name="projection")
+
+  def build(self, input_shape):
+    self.built = True
+
+  def call(self, inputs, training=None):
+    branch = self.branch(inputs, training=training)
+    if self.projection is None:
+      return [branch]
+    return [self.projection(inputs, training=training), branch]
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(choice=self.choice, in_channels=self.in_channels,
+                  mid_channels=self.mid_channels,
+                  out_channels=self.out_channels, stride=self.stride)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="tfnas")
+class ChoiceBlock(keras.layers.Layer):
+  """A searchable ShuffleNetV2 block (DSNAS section 4.2, SPOS section 3.3).
+
+  Stride 1 (``out_channels`` must equal ``in_channels``): the input is split
+  into halves; the first half passes unchanged, the chosen candidate maps the
+  second half ``in/2 → out - in/2``; concat, channel shuffle (2 groups).
+  Stride 2: the chosen candidate's projection maps the whole input
+  ``in → in`` and its main branch ``in → out - in``, both at stride 2;
+  concat, channel shuffle.
+
+  Input ``[B, H, W, in_channels]``; output
+  ``[B, ceil(H/s), ceil(W/s), out_channels]``.
+
+  ``call(inputs, index=None, gate=None, weights=None, training=None)``:
+    * single path: ``index`` (Python int into ``choices``) selects one
+      candidate; only its layers run, are traced and get built. ``gate``
+      (optional scalar tensor, value 1) multiplies that candidate's own
+      outputs (the main branch; at stride 2 also its projection) before the
+      concat: DSNAS's "dummy 1" (section 3.3, eq. 6), whose gradient
+      ``∂L/∂gate = <∂L/∂o, o>`` is the search signal.
+    * mixed: ``weights`` (``[len(choices)]``) gives ``Σ_k w_k o_k`` over every
+      candidate's own outputs (SNAS-style). The identity half is shared and
+      left unweighted, which equals weighting whole blocks when Σ w = 1.
+
+  Args:
+    in_channels: input channels (even at stride 1).
+    out_channels: output channels.
+    stride: 1 or 2.
+    choices: candidate names, the order ``index`` and ``weights`` refer to.
+    mid_channels: main-branch middle width; ``None`` gives the SPOS value
+      ``out_channels // 2``.
+    **kwargs: forwarded to ``keras.layers.Layer``.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int,
+               choices: Sequence[str] = SHUFFLENET_CHOICES,
+               mid_channels: int | None = None, **kwargs):
+    super().__init__(**kwargs)
+    if stride not in (1, 2):
+      raise ValueError(f"stride must be 1 or 2, got {stride}")
+    if stride == 1:
+      if in_channels % 2:
+        raise ValueError(f"a stride-1 ChoiceBlock splits its input in halves "
+                         f"and needs even in_channels, got {in_channels}")
+      if out_channels != in_channels:
+        raise ValueError(f"a stride-1 ChoiceBlock keeps its width: "
+                         f"out_channels={out_channels} != "
+                         f"in_channels={in_channels}")
+    elif out_channels <= in_channels:
+      raise ValueError(f"a stride-2 ChoiceBlock must widen: out_channels="
+                       f"{out_channels} <= in_channels={in_channels}")
+    if out_channels % 2:
+      raise ValueError(f"channel shuffle with 2 groups needs even "
+                       f"out_channels, got {out_channels}")
+    choices = tuple(choices)
+    unknown = [c for c in choices if c not in CHOICE_KERNELS]
+    if unknown or not choices or len(set(choices)) != len(choices):
+      raise ValueError(f"choices must be distinct names from "
+                       f"{SHUFFLENET_CHOICES}, got {choices}")
+    if mid_channels is None:
+      mid_channels = out_channels // 2
+    if mid_channels < 1:
+      raise ValueError(f"mid_channels must be >= 1, got {mid_channels}")
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.stride = stride
+    self.choices = choices
+    self.mid_channels = mid_channels
+    self.candidates = {
+        name: _Candidate(name, self.branch_in_channels, mid_channels,
+                            self.branch_out_channels, stride,
+                            dtype=self.dtype_policy, name=name)
+        for name in choices}
+
+  @property
+  def branch_in_channels(self) -> int:
+    """Channels the candidates see: half the input at stride 1, else all."""
+    return self.in_channels // 2 if self.stride == 1 else self.in_channels
+
+  @property
+  def branch_out_channels(self) -> int:
+    """Main-branch output channels: ``out - in/2`` (s=1), ``out - in`` (s=2)."""
+    return self.out_channels - self.branch_in_channels
+
+  def build(self, input_shape):
+    self.built = True  # Candidates build on first use, so unused ones never do.
+
+  def call(self, inputs, index=None, gate=None, weights=None, training=None):
+    if inputs.shape[-1] != self.in_channels:
+      raise ValueError(f"ChoiceBlock {self.name!r} expects {self.in_channels} "
+                       f"input channels, got shape {inputs.shape}")
+    if self.stride == 1:
+      half = self.in_channels // 2
+      shortcut, x = inputs[..., :half], inputs[..., half:]
+    else:
+      shortcut, x = None, inputs
+    if index is not None:
+      index = int(index)
+      if not 0 <= index < len(self.choices):
+        raise ValueError(f"index {index} out of range for "
+                         f"{len(self.choices)} choices {self.choices}")
+      outs = self.candidates[self.choices[index]](x, training=training)
+      if gate is not None:
+        outs = [o * tf.cast(gate, o.dtype) for o in outs]
+    elif weights is not None:
+      outs = None
+      for k, name in enumerate(self.choices):
+        terms = self.candidates[name](x, training=training)
+        terms = [tf.cast(weights[k], t.dtype) * t for t in terms]
+        outs = terms if outs is None else [a + b for a, b in zip(outs, terms)]
+    else:
+      raise ValueError(f"ChoiceBlock {self.name!r} needs an index (single "
+                       f"path) or weights (mixed mode), got neither")
+    left = shortcut if self.stride == 1 else outs[0]
+    return channel_shuffle(tf.concat([left, outs[-1]], axis=-1), 2)
+
+  def compute_output_shape(self, input_shape):
+    def down(n):
+      return None if n is None else -(-n // self.stride)
+    return (input_shape[0], down(input_shape[1]), down(input_shape[2]),
+            self.out_channels)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(in_channels=self.in_channels,
+                  out_channels=self.out_channels, stride=self.stride,
+                  choices=list(self.choices), mid_channels=self.mid_channels)
+    return config
