@@ -47,6 +47,10 @@ class Method:
       then trains on the whole training set and the test split is used only
       for reporting.
     child_eval: also evaluate the argmax child (one-hot α) every epoch.
+    eval_batch_stats: evaluate the supernet with batch statistics in BN
+      (moving statistics untouched). For methods that sample a different
+      architecture every step, moving averages mix many architectures and
+      fit none; batch statistics evaluate the architecture at hand.
   """
   name: str
   description: str
@@ -56,6 +60,7 @@ class Method:
   selector: Callable[..., genotype_lib.Genotype]
   single_level: bool = False
   child_eval: bool = False
+  eval_batch_stats: bool = False
 
 
 def magnitude_selector(alphas, candidates, num_nodes, masks=None):
@@ -124,7 +129,7 @@ register_method(Method(
     "snas", "SNAS, single-level Gumbel-softmax search with an optional "
     "locally decomposable resource constraint",
     _relaxed_distribution, _snas_estimator, argmax_selector,
-    single_level=True, child_eval=True))
+    single_level=True, child_eval=True, eval_batch_stats=True))
 
 
 def get_method(name: str) -> Method:

@@ -197,6 +197,7 @@ class Search:
 
   def _make_eval_step(self):
     ctx, strategy = self.ctx, self.strategy
+    batch_stats = self.method.eval_batch_stats
 
     @tf.function
     def eval_step(batch, child):
@@ -205,7 +206,12 @@ class Search:
           weights = ArgmaxDistribution().sample(ctx.arch)
         else:  # The search distribution at the current step.
           weights = ctx.distribution.sample(ctx.arch, self.w_opt.iterations)
-        logits = ctx.forward(images, weights, training=False)
+        if batch_stats:
+          # Batch statistics; the scope swallows moving-statistic updates.
+          with keras.StatelessScope():
+            logits = ctx.forward(images, weights, training=True)
+        else:
+          logits = ctx.forward(images, weights, training=False)
         loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
             tf.cast(labels, tf.int32), logits))
         m = ctx.metrics("eval", loss / float(ctx.global_batch_size), logits,
@@ -227,7 +233,7 @@ class Search:
                                 self.space.num_nodes, masks)
 
   def evaluate(self, child: bool = False) -> dict[str, float]:
-    """Supernet accuracy on the validation split (inference-mode BN).
+    """Supernet accuracy on the validation split (BN per Method.eval_batch_stats).
 
     ``child=False`` uses the search distribution's sample (softmax α for
     DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
