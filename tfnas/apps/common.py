@@ -44,9 +44,15 @@ def import_tensorflow():
     import tensorflow as tf
     tf.config.list_logical_devices()
   if quiet:
-    # e.g. the checkpoint saver's per-save "Sharding callback" INFO lines.
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # TensorFlow's own INFO chatter (e.g. the checkpoint saver's per-save
+    # "Sharding callback duration") goes through absl's logger like ours.
+    logging.getLogger("absl").addFilter(_drop_tensorflow_info)
   return tf
+
+
+def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
+  return not (record.levelno <= logging.INFO and
+              f"{os.sep}tensorflow{os.sep}" in record.pathname)
 
 
 def clean_errors(prog: str):
