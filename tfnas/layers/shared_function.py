@@ -119,6 +119,10 @@ def _make_function(template, body: Body, select: Selector, static: tuple,
 
   # autograph=False: bodies are plain Python over static structure; skipping
   # the AST conversion keeps tracing cheap.
+  # The function stays inlinable: measured on the DARTS supernet, calls kept
+  # as real function calls (``_noinline``) trace alike but step 2.6x slower
+  # and need more memory (every intermediate the backward pass uses becomes
+  # a function output).
   return tf.function(run, autograph=False)
 
 
