@@ -55,6 +55,7 @@ class SharedFunctionTest(tf.test.TestCase):
   def test_edges_of_one_structure_share_one_function(self):
     space, net = _network()
     images, _ = helpers.batch()
+    shared_function.clear()  # Earlier tests may have traced these shapes.
     before = shared_function.num_shared_functions()
     tf.function(lambda x: net(x, _arch_weights(space), training=True))(images)
     created = shared_function.num_shared_functions() - before

@@ -166,6 +166,12 @@ def num_shared_functions() -> int:
   return len(_FUNCTIONS)
 
 
+def clear() -> None:
+  """Forgets every shared function (later calls trace anew)."""
+  with _LOCK:
+    _FUNCTIONS.clear()
+
+
 def recompute(fn: Callable[..., Any], tensors: Sequence[tf.Tensor],
               variables: Sequence[keras.Variable]):
   """Runs ``fn(*tensors)`` keeping only its inputs for backprop.
