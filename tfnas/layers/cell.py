@@ -35,14 +35,17 @@ class Cell(keras.layers.Layer):
     candidates: the space's candidate op names (columns of α).
     edge_ops: optional per-edge op lists (``len == num_edges``).
     affine: BN affine flag of the ops (False in the supernet).
+    shared_functions: run edges through shared traced functions (see
+      `MixedOp`); False traces every edge inline.
   """
 
   def __init__(self, num_nodes: int, prev_prev_channels: int,
                prev_channels: int, channels: int, reduction: bool,
                reduction_prev: bool, candidates: Sequence[str],
                edge_ops: Sequence[Sequence[str]] | None = None,
-               affine: bool = False, **kwargs):
+               affine: bool = False, shared_functions: bool = True, **kwargs):
     super().__init__(**kwargs)
+    self.shared_functions = shared_functions
     self.num_nodes = num_nodes
     self.prev_prev_channels = prev_prev_channels
     self.prev_channels = prev_channels
@@ -68,7 +71,8 @@ class Cell(keras.layers.Layer):
         prev_channels, channels, 1, 1, affine=affine, name="preprocess1")
     self.mixed_ops = [
         MixedOp(channels, 2 if reduction and j < 2 else 1, self.candidates,
-                self.edge_ops[e], affine=affine, name=f"edge_{e}_{j}to{n}")
+                self.edge_ops[e], affine=affine,
+                shared_functions=shared_functions, name=f"edge_{e}_{j}to{n}")
         for e, (n, j) in enumerate(self.edges)]
 
   def build(self, input_shape):
@@ -108,5 +112,5 @@ class Cell(keras.layers.Layer):
                   reduction=self.reduction, reduction_prev=self.reduction_prev,
                   candidates=list(self.candidates),
                   edge_ops=[list(e) for e in self.edge_ops],
-                  affine=self.affine)
+                  affine=self.affine, shared_functions=self.shared_functions)
     return config

@@ -8,7 +8,22 @@ import keras
 import tensorflow as tf
 
 from tfnas import ops
+from tfnas.layers import shared_function
 from tfnas.layers.batch_norm import BatchNorm
+
+
+def _mixed_op_body(layer, static, inputs, weights):
+  """The shared-function body: the inline forward of a MixedOp."""
+  index, training = static
+  return layer._forward(inputs, weights, index, training)
+
+
+def _mixed_op_variables(layer, static):
+  """Variables read by `_mixed_op_body`: the chosen op's, or all."""
+  index, _ = static
+  if index is None:
+    return layer.variables
+  return layer.ops[layer.candidates[index]].variables
 
 
 @keras.saving.register_keras_serializable(package="tfnas")
@@ -29,14 +44,30 @@ class MixedOp(keras.layers.Layer):
 
   Pooling ops are followed by a non-affine BN, as in the DARTS search code.
 
+  Once built, a call runs as a ``tf.function`` shared by every MixedOp of the
+  same structure and input shape (`shared_function.call_shared`): traced once,
+  with the variable values passed in, so tracing a supernet costs one edge
+  per distinct edge structure instead of one per edge. Results, gradients
+  (of any order) and BN statistic updates equal the inline computation.
+
   Input shape ``[B, H, W, C]``; output ``[B, H/s, W/s, C]``.
+
+  Args:
+    channels: input and output channels.
+    stride: 1, or 2 on reduction edges.
+    candidates: the space's candidate op names (columns of the weights).
+    edge_ops: the ops this edge offers (default: all candidates).
+    affine: BN affine flag of the ops.
+    shared_functions: run through shared traced functions (else inline).
+    **kwargs: forwarded to ``keras.layers.Layer``.
   """
 
   def __init__(self, channels: int, stride: int, candidates: Sequence[str],
                edge_ops: Sequence[str] | None = None, affine: bool = False,
-               **kwargs):
+               shared_functions: bool = True, **kwargs):
     super().__init__(**kwargs)
     self.channels = channels
+    self.shared_functions = shared_functions
     self.stride = stride
     self.candidates = tuple(candidates)
     self.edge_ops = tuple(edge_ops) if edge_ops is not None else self.candidates
@@ -58,16 +89,47 @@ class MixedOp(keras.layers.Layer):
 
   def call(self, inputs, weights=None, index=None, training=None):
     if index is not None:
-      name = self.candidates[int(index)]
+      index = int(index)
+      name = self.candidates[index]
       if name not in self.ops:
         raise ValueError(f"op {name!r} is not offered on this edge "
                          f"(has {self.edge_ops})")
+    elif weights is None:
+      raise ValueError("MixedOp needs weights (mixed mode) or an index")
+    if self._can_share(index, training):
+      return shared_function.call_shared(
+          self, _mixed_op_body, _mixed_op_variables, (inputs, weights),
+          (index, bool(training)))
+    return self._forward(inputs, weights, index, training)
+
+  def _can_share(self, index, training) -> bool:
+    """Whether this call may go through a shared function."""
+    if not self.shared_functions or isinstance(training, tf.Tensor):
+      return False
+    if index is not None:
+      used = [self.ops[self.candidates[index]]]
+    else:  # Mixed mode skips `none` (see _forward).
+      used = [op for name, op in self.ops.items() if name != "none"]
+    # Variables are created by the first (inline) call; a shared function
+    # must never create them (it would create them on the template).
+    if not all(sub.built for op in used for sub in op._flatten_layers()):
+      return False
+    # A synchronized BN all-reduces through merge_call, which cannot reach
+    # into a function traced separately per replica: stay inline there.
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      return not any(isinstance(sub, BatchNorm) and sub.synchronized
+                     for op in used for sub in op._flatten_layers())
+    return True
+
+  def _forward(self, inputs, weights, index, training):
+    """The inline computation (also the body of the shared function)."""
+    if index is not None:
+      name = self.candidates[index]
       out = self.ops[name](inputs, training=training)
       if weights is not None:
-        out = out * tf.cast(weights[int(index)], out.dtype)
+        out = out * tf.cast(weights[index], out.dtype)
       return out
-    if weights is None:
-      raise ValueError("MixedOp needs weights (mixed mode) or an index")
     total = None
     for name, op in self.ops.items():
       if name == "none":
@@ -83,5 +145,6 @@ class MixedOp(keras.layers.Layer):
     config = super().get_config()
     config.update(channels=self.channels, stride=self.stride,
                   candidates=list(self.candidates),
-                  edge_ops=list(self.edge_ops), affine=self.affine)
+                  edge_ops=list(self.edge_ops), affine=self.affine,
+                  shared_functions=self.shared_functions)
     return config

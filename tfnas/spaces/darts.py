@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tfnas import ops
 from tfnas.arch import DecisionGroup
+from tfnas.layers import shared_function
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
 from tfnas.layers.cell import Cell, cell_edges
 
@@ -45,9 +46,12 @@ class DartsSpaceConfig:
     edge_ops: optional per-cell-type, per-edge op lists (S1-style spaces);
       maps ``"normal"``/``"reduce"`` to a list of ``num_edges`` op lists.
     recompute: recompute each cell's activations in the backward pass
-      (``tf.recompute_grad``): less peak memory, more compute.
+      (`shared_function.recompute`): less peak memory, more compute.
     sync_batch_norm: batch statistics over all replicas (a multi-replica
       step then equals the single-device step on the global batch).
+    shared_functions: trace each distinct edge structure once as a shared
+      ``tf.function`` (see `MixedOp`); False traces every edge inline (much
+      slower to trace, same results).
   """
   candidates: tuple[str, ...] = ops.DARTS_OPS
   num_nodes: int = 4
@@ -58,6 +62,7 @@ class DartsSpaceConfig:
   edge_ops: Mapping[str, tuple[tuple[str, ...], ...]] | None = None
   recompute: bool = False
   sync_batch_norm: bool = False
+  shared_functions: bool = True
 
   def __post_init__(self):
     unknown = [op for op in self.candidates if op not in ops.OPS]
@@ -150,6 +155,7 @@ class SearchNetwork(keras.Model):
         c_cur *= 2
       cell = Cell(space.num_nodes, c_pp, c_p, c_cur, reduction, reduction_prev,
                   space.candidates, space.ops_of(cell_type), affine=False,
+                  shared_functions=space.shared_functions,
                   name=f"cell_{i}_{cell_type}")
       self.cells.append(cell)
       reduction_prev = reduction
@@ -181,17 +187,16 @@ class SearchNetwork(keras.Model):
     return self.classifier(self.pool(s1))
 
   def _run_cell(self, cell, s0, s1, weights, indices, training):
-    if not self.space.recompute or not training:
+    if not self.space.recompute or not training or weights is None:
       return cell(s0, s1, weights=weights, indices=indices, training=training)
-
     # Recompute the cell's activations during backprop instead of storing
-    # them: peak memory drops to roughly one cell's worth.
-    @tf.recompute_grad
-    def run(a, b, w):
-      return cell(a, b, weights=w, indices=indices, training=training)
-    if weights is None:
-      return cell(s0, s1, weights=None, indices=indices, training=training)
-    return run(s0, s1, weights)
+    # them: peak memory drops to roughly the cell boundaries plus one cell.
+    # The variable values go in explicitly so that gradients also reach
+    # values substituted by a StatelessScope (2nd-order DARTS).
+    return shared_function.recompute(
+        lambda a, b, w: cell(a, b, weights=w, indices=indices,
+                             training=training),
+        [s0, s1, weights], cell.variables)
 
   def get_config(self):
     config = super().get_config()

@@ -1,0 +1,183 @@
+"""Shared traced functions per edge structure, and cell recomputation."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfnas.layers import shared_function
+from tfnas.spaces import darts as darts_space
+from tests import helpers
+
+
+def _network(**overrides):
+  space = helpers.tiny_space(**overrides)
+  return space, darts_space.build_search_network(space, (8, 8, 3))
+
+
+def _copy_weights(src, dst):
+  for a, b in zip(src.variables, dst.variables):
+    b.assign(a)
+
+
+def _arch_weights(space, seed=0):
+  rng = np.random.default_rng(seed)
+  return {g.name: tf.constant(rng.dirichlet(np.ones(len(g.candidates)),
+                                            g.num_decisions), tf.float32)
+          for g in space.decision_groups()}
+
+
+def _loss_and_grads(net, images, weights, indices=None, scope_values=None):
+  """Loss, ∇ of (w, α) and new non-trainable values of one training pass."""
+  with tf.GradientTape() as tape:
+    tape.watch(list(weights.values()))
+    if scope_values is None:
+      logits = net(images, arch_weights=weights, arch_indices=indices,
+                   training=True)
+    else:
+      tape.watch(scope_values)
+      mapping = list(zip(net.trainable_variables, scope_values))
+      with keras.StatelessScope(mapping):
+        logits = net(images, arch_weights=weights, arch_indices=indices,
+                   training=True)
+    loss = tf.reduce_sum(logits ** 2)
+  # The tf.Variables behind the Keras ones: zero-filling unconnected Keras
+  # variables fails in TF 2.21 (their dtype is a string).
+  sources = ([v.value for v in net.trainable_variables] if scope_values is None
+             else list(scope_values)) + list(weights.values())
+  grads = tape.gradient(loss, sources,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return loss, grads, [tf.convert_to_tensor(v)
+                       for v in net.non_trainable_variables]
+
+
+class SharedFunctionTest(tf.test.TestCase):
+
+  def test_edges_of_one_structure_share_one_function(self):
+    space, net = _network()
+    images, _ = helpers.batch()
+    shared_function.clear()  # Earlier tests may have traced these shapes.
+    before = shared_function.num_shared_functions()
+    tf.function(lambda x: net(x, _arch_weights(space), training=True))(images)
+    created = shared_function.num_shared_functions() - before
+    num_edges = space.num_cells * space.num_edges
+    # 3 cells x 5 edges; per cell the stride-1 edges share a structure, and
+    # in the reduction cell the stride-2 ones do too.
+    self.assertGreater(created, 0)
+    self.assertLessEqual(created, 5)
+    self.assertLess(created, num_edges)
+    a, b = net.cells[0].mixed_ops[:2]
+    self.assertEqual(shared_function.structure_key(a),
+                     shared_function.structure_key(b))
+
+  def test_shared_function_captures_no_variables(self):
+    # The template's variables must come in as arguments, never captured:
+    # a capture would make every edge compute with the template's weights.
+    space, net = _network()
+    images, _ = helpers.batch()
+    net(images, _arch_weights(space), training=True)
+    for entry in shared_function._FUNCTIONS.values():
+      for concrete in entry.function._list_all_concrete_functions():
+        self.assertEmpty(concrete.variables)
+
+  def _compare(self, indices=None, gates=True, call=lambda f: f):
+    images, _ = helpers.batch(seed=3)
+    space, shared = _network()
+    _, inline = _network(shared_functions=False)
+    _copy_weights(shared, inline)
+    weights = _arch_weights(space, seed=1)
+    results = []
+    for net in (shared, inline):
+      if gates:
+        run = call(lambda: _loss_and_grads(net, images, weights, indices))
+      else:
+        run = call(lambda: self._loss_no_weights(net, images, indices))
+      results.append(run())
+    (l1, g1, s1), (l2, g2, s2) = results
+    self.assertAllClose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+      self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(s1, s2):  # BN moving statistics were updated alike.
+      self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
+    self.assertNotAllClose(s1[0], np.zeros_like(s1[0]))
+
+  @staticmethod
+  def _loss_no_weights(net, images, indices):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(net(images, arch_indices=indices, training=True) ** 2)
+    grads = tape.gradient(loss, [v.value for v in net.trainable_variables],
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, grads, [tf.convert_to_tensor(v)
+                         for v in net.non_trainable_variables]
+
+  def test_mixed_mode_equals_inline_eager(self):
+    self._compare()
+
+  def test_mixed_mode_equals_inline_in_function(self):
+    self._compare(call=tf.function)
+
+  def test_single_path_equals_inline(self):
+    indices = {"normal": (3, 1, 2, 3, 0), "reduce": (2, 3, 1, 3, 3)}
+    self._compare(indices=indices, call=tf.function)
+    self._compare(indices=indices, gates=False, call=tf.function)
+
+  def test_stateless_scope_values_get_gradients(self):
+    # DARTS 2nd order evaluates the network at substituted weights; the
+    # gradient must reach the substituted tensors, not the variables.
+    images, _ = helpers.batch(seed=4)
+    space, shared = _network()
+    _, inline = _network(shared_functions=False)
+    _copy_weights(shared, inline)
+    weights = _arch_weights(space)
+    values = [tf.convert_to_tensor(v) * 1.1 for v in shared.trainable_variables]
+    stats = [v.numpy() for v in shared.non_trainable_variables]
+    l1, g1, s1 = _loss_and_grads(shared, images, weights, scope_values=values)
+    l2, g2, _ = _loss_and_grads(inline, images, weights, scope_values=values)
+    self.assertAllClose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+      self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(s1, stats):  # Updates stay inside the scope.
+      self.assertAllEqual(a, b)
+
+  def test_variables_tracked_once(self):
+    _, shared = _network()
+    _, inline = _network(shared_functions=False)
+    ids = [id(v) for v in shared.trainable_variables]
+    self.assertLen(set(ids), len(ids))
+    self.assertEqual([v.path for v in shared.variables],
+                     [v.path for v in inline.variables])
+
+
+class RecomputeTest(tf.test.TestCase):
+
+  def test_recompute_matches_stored_activations(self):
+    images, _ = helpers.batch(seed=5)
+    space, plain = _network()
+    _, recomputed = _network(recompute=True)
+    _copy_weights(plain, recomputed)
+    weights = _arch_weights(space, seed=2)
+    step = tf.function(_loss_and_grads)
+    l1, g1, s1 = step(plain, images, weights)
+    l2, g2, s2 = step(recomputed, images, weights)
+    self.assertAllClose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+      self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(s1, s2):
+      self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
+
+  def test_recompute_gradients_reach_substituted_values(self):
+    images, _ = helpers.batch(seed=6)
+    space, plain = _network()
+    _, recomputed = _network(recompute=True)
+    _copy_weights(plain, recomputed)
+    weights = _arch_weights(space)
+    values = [tf.convert_to_tensor(v) * 0.9 for v in plain.trainable_variables]
+    _, g1, _ = _loss_and_grads(plain, images, weights, scope_values=values)
+    _, g2, _ = _loss_and_grads(recomputed, images, weights,
+                               scope_values=values)
+    for a, b in zip(g1, g2):
+      self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
+    self.assertGreater(max(float(tf.reduce_max(tf.abs(g))) for g in g2), 0.0)
+
+
+if __name__ == "__main__":
+  tf.test.main()

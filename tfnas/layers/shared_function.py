@@ -1,0 +1,236 @@
+"""Trace-once execution of structurally identical layers, and recomputation.
+
+Tracing a supernet is slow because Python builds every graph op of every
+edge: the DARTS supernet has 112 edges but only a handful of distinct edge
+*structures* (op list, channels, stride, input shape). `call_shared` runs a
+layer as a ``tf.function`` shared by all layers of the same structure: the
+function is traced once (with a "template" layer: the first one seen) and
+takes the variable values as explicit arguments, so the calling graph holds
+one call op per use, and TF derives one backward function per structure
+(reused by every call site, also for higher-order gradients).
+
+Variable values are substituted into the template with
+``keras.StatelessScope``. Assignments made inside (the BatchNorm moving
+statistics) are recorded by that scope instead of applied; the function
+returns the new values and `call_shared` assigns them to the caller's
+variables. Outside any scope that is a plain assign; inside an enclosing
+``StatelessScope`` (DARTS 2nd order evaluates unrolled weights this way) it is
+recorded there, exactly as the inline layer would behave.
+
+`recompute` is the memory counterpart: it drops a block's activations after
+the forward pass and recomputes them during backprop, with the variable
+values again passed explicitly so that gradients also reach substituted
+values (``tf.recompute_grad`` would silently miss tensors captured from an
+enclosing ``StatelessScope``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import keras
+import tensorflow as tf
+# The public API has no tape-wide "stop recording"; tf.recompute_grad uses
+# this same internal.
+from tensorflow.python.eager import record
+
+# fn(layer, static, *tensors) -> nest of tensors; select(layer, static) ->
+# the variables fn reads. Both must be module-level (their identity is part of
+# the cache key) and depend on the layer only through its structure.
+Body = Callable[..., Any]
+Selector = Callable[[keras.layers.Layer, tuple], Sequence[keras.Variable]]
+
+_STRUCTURE_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass
+class _Entry:
+  """One shared function: its template layer and traced ``tf.function``."""
+  template: "weakref.ref"
+  function: Any
+  # Indices (into the selected variables) whose new values the function
+  # returns; set when the function is traced.
+  updated: tuple[int, ...] | None = None
+
+
+_FUNCTIONS: dict[tuple, _Entry] = {}
+
+
+def structure_key(layer: keras.layers.Layer) -> tuple:
+  """A hashable key equal for layers that compute the same function.
+
+  Built from the class and config (minus the name) of the layer and all its
+  sublayers, and the shape, dtype and trainability of its variables (in
+  ``layer.variables`` order, which the shared function relies on).
+  Computed once per layer: configs do not change after construction.
+  """
+  key = _STRUCTURE_KEYS.get(layer)
+  if key is None:
+    parts = []
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+      # A model's config repeats its layers' configs with their (unique,
+      # hence differing) names; the layers themselves come next in the walk.
+      config = {} if isinstance(sub, keras.Model) else dict(sub.get_config())
+      config.pop("name", None)
+      parts.append((type(sub).__module__, type(sub).__qualname__,
+                    json.dumps(config, sort_keys=True, default=repr)))
+    variables = tuple((tuple(v.shape), str(v.dtype), bool(v.trainable))
+                      for v in layer.variables)
+    key = (tuple(parts), variables)
+    _STRUCTURE_KEYS[layer] = key
+  return key
+
+
+def current_value(variable) -> tf.Tensor:
+  """The variable's value as a tensor, honouring an enclosing StatelessScope.
+
+  ``Variable.value`` returns the substituted value inside a StatelessScope;
+  it may also autocast (when called inside a mixed-precision layer), which is
+  undone so the shared function sees values in the variable dtype.
+  """
+  value = tf.convert_to_tensor(variable.value)
+  if value.dtype != variable.dtype:
+    value = tf.cast(value, variable.dtype)
+  return value
+
+
+def _make_function(template, body: Body, select: Selector, static: tuple,
+                   present: tuple[bool, ...], entry: _Entry):
+  template_ref = weakref.ref(template)  # The cache must not keep nets alive.
+
+  def run(tensors, values):
+    layer = template_ref()
+    variables = list(select(layer, static))
+    it = iter(tensors)
+    tensors = [next(it) if p else None for p in present]
+    with keras.StatelessScope(list(zip(variables, values))) as scope:
+      before = [scope.get_current_value(v) for v in variables]
+      outputs = body(layer, static, *tensors)
+      after = [scope.get_current_value(v) for v in variables]
+    updated = tuple(i for i, (b, a) in enumerate(zip(before, after))
+                    if a is not b)
+    entry.updated = updated
+    return outputs, [after[i] for i in updated]
+
+  # autograph=False: bodies are plain Python over static structure; skipping
+  # the AST conversion keeps tracing cheap.
+  # The function stays inlinable: measured on the DARTS supernet, calls kept
+  # as real function calls (``_noinline``) trace alike but step 2.6x slower
+  # and need more memory (every intermediate the backward pass uses becomes
+  # a function output).
+  return tf.function(run, autograph=False)
+
+
+def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
+                tensors: Sequence[tf.Tensor | None], static: tuple = ()):
+  """Runs ``body(layer, static, *tensors)`` as a function shared by structure.
+
+  Args:
+    layer: a built layer (all variables created).
+    body: module-level function ``(layer, static, *tensors) -> outputs``;
+      may assign variables of ``select(layer, static)`` (BN statistics).
+    select: module-level function giving the variables ``body`` reads, in an
+      order that is the same for every layer of one structure.
+    tensors: tensor arguments; ``None`` entries are passed through as None.
+    static: hashable Python values ``body`` depends on (index, training).
+
+  Returns:
+    ``body``'s outputs. Variables it assigned are assigned on ``layer``.
+  """
+  present = tuple(t is not None for t in tensors)
+  args = [tf.convert_to_tensor(t) for t in tensors if t is not None]
+  variables = list(select(layer, static))
+  key = (structure_key(layer), body, select, static, present,
+         tuple((tuple(a.shape), a.dtype) for a in args))
+  with _LOCK:
+    entry = _FUNCTIONS.get(key)
+    if entry is None or entry.template() is None:
+      entry = _Entry(weakref.ref(layer), None)
+      entry.function = _make_function(layer, body, select, static, present,
+                                      entry)
+      _FUNCTIONS[key] = entry
+  values = [current_value(v) for v in variables]
+  outputs, new_values = entry.function(args, values)
+  for i, value in zip(entry.updated, new_values):
+    variables[i].assign(value)
+  return outputs
+
+
+def num_shared_functions() -> int:
+  """How many shared functions exist (for tests and benchmarks)."""
+  return len(_FUNCTIONS)
+
+
+def clear() -> None:
+  """Forgets every shared function (later calls trace anew)."""
+  with _LOCK:
+    _FUNCTIONS.clear()
+
+
+def recompute(fn: Callable[..., Any], tensors: Sequence[tf.Tensor],
+              variables: Sequence[keras.Variable]):
+  """Runs ``fn(*tensors)`` keeping only its inputs for backprop.
+
+  The activations inside ``fn`` are not stored; the gradient recomputes them
+  (a second forward pass) and backpropagates through the recomputation.
+  ``variables`` must cover every variable ``fn`` reads: their values are
+  passed as explicit inputs, so their gradients come out as input gradients
+  (to the variables, or to the tensors an enclosing ``StatelessScope``
+  substitutes). Variables ``fn`` assigns (BN statistics) are assigned once,
+  from the forward pass; the recomputation's assignments are dropped.
+
+  Args:
+    fn: ``(*tensors) -> tensor``.
+    tensors: float tensor inputs of ``fn``.
+    variables: the variables ``fn`` reads or assigns.
+
+  Returns:
+    ``fn``'s output.
+  """
+  variables = list(variables)
+  tensors = [tf.convert_to_tensor(t) for t in tensors]
+  values = [current_value(v) for v in variables]
+  num = len(tensors)
+  updated = []
+
+  def forward(flat):
+    with keras.StatelessScope(list(zip(variables, flat[num:]))) as scope:
+      before = [scope.get_current_value(v) for v in variables]
+      output = fn(*flat[:num])
+      after = [scope.get_current_value(v) for v in variables]
+    changed = [i for i, (b, a) in enumerate(zip(before, after)) if a is not b]
+    return output, changed, [after[i] for i in changed]
+
+  @tf.custom_gradient
+  def run(*flat):
+    # Not recorded on any tape: the custom gradient below replaces it, and
+    # recording would only keep references to the activations.
+    with record.stop_recording():
+      output, changed, new_values = forward(list(flat))
+    updated.extend(changed)
+
+    def grad(d_output, *d_new_values):
+      del d_new_values  # Statistics are stop-gradient'ed in BatchNorm.
+      # Make the recomputation depend on the incoming gradient so it runs
+      # in the backward pass, not eagerly next to the forward one (a data
+      # dependency: XLA ignores control dependencies).
+      dep = tf.reduce_sum(tf.reshape(d_output, [-1])[:1]) * 0.0
+      inputs = [t + tf.cast(dep, t.dtype) for t in flat[:num]]
+      inputs += [tf.identity(v) for v in flat[num:]]
+      with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        recomputed, _, _ = forward(inputs)
+      return tape.gradient(recomputed, inputs, output_gradients=d_output,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    return (output, *new_values), grad
+
+  output, *new_values = run(*tensors, *values)
+  for i, value in zip(updated, new_values):
+    variables[i].assign(value)
+  return output

@@ -1,0 +1,186 @@
+r"""Benchmarks trace time, step time and peak memory of the DARTS supernet.
+
+Each measurement runs in its own subprocess so that its peak resident memory
+(``VmHWM``) is its own, not the maximum over everything measured before it.
+
+Measurements:
+  fwd_bwd: one forward + backward of the supernet (∇w and ∇α, no update).
+  first_order: one full DARTS 1st-order step (α step on the val batch, then
+    the w step on the train batch): ``DartsFirstOrder().step``.
+  second_order: one full DARTS 2nd-order (unrolled) step.
+
+For each: ``trace s`` is building the tf.function graph in Python
+(``get_concrete_function``), ``first s`` the first execution (graph
+optimisation + first run), ``s/step`` the median of ``--steps`` steps after
+one more warm-up step.
+
+Examples (run from the repository root; CPU only):
+  # The DARTS setting (C=16, 8 cells, batch 64, 32x32): several minutes each.
+  python tools/bench_search_step.py
+  python tools/bench_search_step.py --recompute --only=first_order
+  # A smoke run on a tiny network (seconds).
+  python tools/bench_search_step.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MEASUREMENTS = ("fwd_bwd", "first_order", "second_order")
+
+
+def _parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--channels", type=int, default=16)
+  p.add_argument("--cells", type=int, default=8)
+  p.add_argument("--nodes", type=int, default=4)
+  p.add_argument("--image_size", type=int, default=32)
+  p.add_argument("--num_classes", type=int, default=10)
+  p.add_argument("--steps", type=int, default=3,
+                 help="timed steps after warm-up (median reported)")
+  p.add_argument("--jit", action="store_true",
+                 help="XLA-compile the step (jit_compile=True)")
+  p.add_argument("--recompute", action="store_true",
+                 help="recompute cell activations in backprop (less memory)")
+  p.add_argument("--no_shared_functions", action="store_true",
+                 help="trace every edge inline (the pre-sharing behaviour)")
+  p.add_argument("--only", default=",".join(MEASUREMENTS),
+                 help=f"comma-separated subset of {MEASUREMENTS}")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny config for a smoke run (overrides sizes)")
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batch_size, args.channels, args.cells = 4, 4, 3
+    args.nodes, args.image_size, args.steps = 2, 8, 2
+  only = [m for m in args.only.split(",") if m]
+  bad = [m for m in only if m not in MEASUREMENTS]
+  if bad:
+    p.error(f"--only: unknown measurement(s) {bad}; choose from {MEASUREMENTS}")
+  args.only = only
+  return args
+
+
+def _peak_rss_gib() -> float:
+  """Peak resident set size of this process (VmHWM) in GiB."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20
+  import resource  # Fallback where /proc is missing; kB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _measure(args, which: str) -> dict:
+  """Runs one measurement in this process and returns its numbers."""
+  import numpy as np
+  import tensorflow as tf
+
+  from tfnas.arch import ArchParams, SoftmaxDistribution
+  from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
+  from tfnas.spaces import darts as darts_space
+  from tfnas.train import optim
+  from tfnas.train.step import StepContext
+
+  options = dict(num_nodes=args.nodes, num_cells=args.cells,
+                 channels=args.channels, num_classes=args.num_classes,
+                 recompute=args.recompute)
+  # Older trees (the baseline) have no shared_functions field.
+  if args.no_shared_functions:
+    options["shared_functions"] = False
+  space = darts_space.DartsSpaceConfig(**options)
+  shape = (args.image_size, args.image_size, 3)
+  net = darts_space.build_search_network(space, shape)
+  arch = ArchParams(space.decision_groups(), init_scale=1e-3, seed=0)
+  w_opt = optim.SGD(0.025, momentum=0.9, weight_decay=3e-4, clip_norm=5.0)
+  w_opt.build(net.trainable_variables)
+  a_opt = optim.Adam(3e-4, beta_1=0.5, beta_2=0.999, weight_decay=1e-3)
+  a_opt.build(arch.variables_list)
+  ctx = StepContext(net, arch, SoftmaxDistribution(), w_opt, a_opt,
+                    args.batch_size)
+
+  rng = np.random.default_rng(0)
+  def batch():
+    images = rng.standard_normal((args.batch_size, *shape)).astype(np.float32)
+    labels = rng.integers(0, args.num_classes, args.batch_size)
+    return tf.constant(images), tf.constant(labels.astype(np.int32))
+  train, val = batch(), batch()
+  step = tf.constant(0, tf.int64)
+
+  if which == "fwd_bwd":
+    def fn(train, val, step):
+      del val, step
+      images, labels = train
+      with tf.GradientTape() as tape:
+        weights = ctx.distribution.sample(ctx.arch)
+        loss = ctx.loss(ctx.forward(images, weights, training=True), labels)
+      grads = ctx.gradients(tape, loss,
+                            ctx.weight_variables + ctx.arch_variables)
+      return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+  else:
+    estimator = (DartsFirstOrder() if which == "first_order"
+                 else DartsSecondOrder())
+    def fn(train, val, step):
+      return estimator.step(ctx, train, val, step)
+
+  fn = tf.function(fn, jit_compile=args.jit or None)
+  start = time.perf_counter()
+  concrete = fn.get_concrete_function(train, val, step)
+  trace_s = time.perf_counter() - start
+  num_ops = len(concrete.graph.get_operations())
+  start = time.perf_counter()
+  tf.nest.map_structure(lambda t: t.numpy(), fn(train, val, step))
+  first_s = time.perf_counter() - start
+  fn(train, val, step)  # One more warm-up (allocator, thread pools).
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy(), fn(train, val, step))
+    times.append(time.perf_counter() - start)
+  return {"measurement": which, "trace_s": trace_s, "first_s": first_s,
+          "step_s": statistics.median(times), "peak_gib": _peak_rss_gib(),
+          "graph_ops": num_ops}
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  if args.child:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print("RESULT " + json.dumps(_measure(args, args.only[0])), flush=True)
+    return
+  config = (f"batch {args.batch_size}, C={args.channels}, {args.cells} cells, "
+            f"{args.nodes} nodes, {args.image_size}x{args.image_size}, "
+            f"jit={args.jit}, recompute={args.recompute}, "
+            f"shared_functions={not args.no_shared_functions}")
+  print(f"# {config}\n")
+  print("| measurement | trace s | first s | s/step | peak GiB | graph ops |")
+  print("|---|---|---|---|---|---|")
+  failed = False
+  for which in args.only:
+    # Re-run this script for one measurement: a fresh process per row.
+    cmd = [sys.executable, os.path.abspath(__file__), "--child",
+           f"--only={which}"] + [a for a in (argv or sys.argv[1:])
+                                 if not a.startswith("--only")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+      failed = True
+      print(f"| {which} | failed (rc {proc.returncode}) | | | | |")
+      sys.stderr.write(proc.stderr[-4000:])
+      continue
+    r = json.loads(lines[-1][len("RESULT "):])
+    print(f"| {which} | {r['trace_s']:.1f} | {r['first_s']:.1f} | "
+          f"{r['step_s']:.2f} | {r['peak_gib']:.2f} | {r['graph_ops']} |",
+          flush=True)
+  sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+  main()
