@@ -49,6 +49,20 @@ class SearchLoopTest(tf.test.TestCase):
     saved = Genotype.load(os.path.join(base, "b", "genotype.json"))
     self.assertEqual(saved, resumed.genotype)
 
+  def test_resume_after_the_last_step_of_an_epoch(self):
+    # A SIGTERM right after an epoch's last step saves step == steps; the
+    # resumed run must still finish that epoch (eval, checkpoint, genotype).
+    run_dir = os.path.join(self.get_temp_dir(), "edge")
+    config = tiny_config(run_dir, epochs=1)
+    search = Search(config, show_progress=False)
+    search.step_in_epoch.assign(search.data.steps_per_epoch)
+    search._save(epoch_done=False)
+    result = Search(config, resume=True, show_progress=False).run()
+    self.assertLen(result.history, 1)
+    self.assertIn("val/acc", result.history[0])
+    self.assertNotIn("train/acc", result.history[0])
+    self.assertTrue(os.path.exists(os.path.join(run_dir, "genotype.json")))
+
   def test_run_dir_refuses_other_run_and_keeps_files(self):
     run_dir = os.path.join(self.get_temp_dir(), "r")
     Search(tiny_config(run_dir, epochs=1), show_progress=False).run()

@@ -36,9 +36,12 @@ def main(argv):
   result = search.run()
   print(result.genotype)
   if result.history:
+    # A run resumed right after an epoch's last step has no train metrics
+    # for that epoch (they were accumulated by the interrupted process).
     last = result.history[-1]
-    print(f"final: val/acc={last['val/acc']:.4f} train/acc="
-          f"{last['train/acc']:.4f}; run directory: {config.run_dir}")
+    shown = ", ".join(f"{k}={last[k]:.4f}" for k in
+                      ("val/acc", "val/child_acc", "train/acc") if k in last)
+    print(f"final: {shown}; run directory: {config.run_dir}")
 
 
 def run():
