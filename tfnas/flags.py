@@ -115,10 +115,4 @@ def define_search_flags():
 def search_config() -> SearchConfig:
   """Reads the search flags once into a frozen config."""
   names = [f for f in SearchConfig.__dataclass_fields__]
-  config = SearchConfig(**{name: FLAGS[name].value for name in names})
-  _check_flagfile_paths()
-  return config
-
-
-def _check_flagfile_paths():
-  """Nothing to check at the moment; flagfiles are read by absl itself."""
+  return SearchConfig(**{name: FLAGS[name].value for name in names})
