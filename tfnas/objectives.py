@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.errors import TfnasError
+from tfnas.layers.cell import cell_edges
 
 METRICS = ("params", "flops", "mac", "all")
 RESOURCE_GRADIENTS = ("policy", "reparam", "exact")
@@ -39,7 +40,7 @@ def edge_cost_tables(space, image_size: int) -> dict[str, np.ndarray]:
     edge_ops = space.ops_of(cell_type)
     out_size = (size + 1) // 2 if reduction else size
     table = np.zeros((space.num_edges, len(space.candidates), 3))
-    for e, (node, j) in enumerate(_edges(space.num_nodes)):
+    for e, (node, j) in enumerate(cell_edges(space.num_nodes)):
       stride = 2 if reduction and j < 2 else 1
       in_size = size if stride == 2 else out_size
       for k, op in enumerate(space.candidates):
@@ -50,10 +51,6 @@ def edge_cost_tables(space, image_size: int) -> dict[str, np.ndarray]:
     tables[cell_type].append(table)
     size = out_size
   return {k: np.stack(v) for k, v in tables.items() if v}
-
-
-def _edges(num_nodes):
-  return [(i + 2, j) for i in range(num_nodes) for j in range(i + 2)]
 
 
 def combine_metric(tables: Mapping[str, np.ndarray], metric: str

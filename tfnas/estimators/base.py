@@ -7,6 +7,10 @@ import tensorflow as tf
 from tfnas.train.step import StepContext
 
 
+#: Per-replica sums every step returns per prefix (see StepContext.metrics).
+METRIC_SUMS = ("loss_sum", "correct", "count")
+
+
 class Estimator:
   """One search step of a method.
 
@@ -27,8 +31,7 @@ class Estimator:
   def metric_keys(self) -> list[str]:
     """Keys of the dict ``step`` returns."""
     prefixes = ("train", "val") if self.uses_val_batch else ("train",)
-    keys = [f"{p}/{k}" for p in prefixes
-            for k in ("loss_sum", "correct", "count")]
+    keys = [f"{p}/{k}" for p in prefixes for k in METRIC_SUMS]
     return keys + list(self.extra_metrics)
 
   def step(self, ctx: StepContext, train_batch, val_batch,

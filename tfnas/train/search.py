@@ -26,13 +26,13 @@ from tfnas import data as data_lib
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
 from tfnas.arch import ArchParams, ArgmaxDistribution
+from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
 from tfnas.spaces import darts as darts_space
 from tfnas.train import optim, rundir, summaries
 from tfnas.train.progress import progress_bar
 from tfnas.train.step import StepContext
 
-_METRIC_KEYS = ("loss_sum", "correct", "count")
 
 
 @dataclasses.dataclass
@@ -361,7 +361,7 @@ class Search:
   def _epoch_metrics(totals, num_steps):
     metrics = {}
     for key, value in totals.items():  # Per-step quantities: mean.
-      if not key.endswith(_METRIC_KEYS):
+      if not key.endswith(METRIC_SUMS):
         metrics[key] = value / max(num_steps, 1)
     for prefix, tag in (("train", "train"), ("val", "search/val")):
       count = totals.get(f"{prefix}/count", 0.0)
