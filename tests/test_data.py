@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfnas import data
+from tfnas.distribute import mirrored_strategy
 
 
 def _batches(ds):
@@ -223,7 +224,7 @@ def test_mirrored_replica_batches_concatenate_to_global_batch():
                   augment=data.AugmentConfig(pad_crop=1, flip=True, cutout=2))
     expected = _batches(data.make_dataset(x, y, info, skip_batches=1,
                                           **kwargs))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     dist = data.distributed_dataset(
         strategy, lambda ctx: data.make_dataset(

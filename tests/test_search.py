@@ -3,11 +3,13 @@
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tfnas.config import SearchConfig
-from tfnas.estimators.darts import DartsFirstOrder
+from tfnas.distribute import mirrored_strategy
+from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
 from tfnas.genotype import Genotype
 from tfnas.train import rundir
 from tfnas.train.search import Search
@@ -89,20 +91,22 @@ class SearchLoopTest(tf.test.TestCase):
 
 
 def mirrored_cpu_strategy():
-  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  return mirrored_strategy(["/cpu:0", "/cpu:1"])
 
 
 
 class MirroredStepTest(tf.test.TestCase):
   """One step under MirroredStrategy (2 CPUs) equals the default strategy."""
 
-  def _step(self, strategy, estimator, init=None):
+  def _step(self, strategy, estimator, init, dtype):
     with strategy.scope():
-      ctx = helpers.tiny_context(global_batch=4, sync_batch_norm=True)
-    if init is not None:
-      for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
-        v.assign(value)
-    train, val = helpers.batch(seed=1), helpers.batch(seed=2)
+      ctx = helpers.tiny_context(global_batch=4, sync_batch_norm=True,
+                                 dtype=dtype)
+    for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
+      v.assign(value)
+    np_dtype = dtype.as_numpy_dtype
+    train = helpers.batch(seed=1, dtype=np_dtype)
+    val = helpers.batch(seed=2, dtype=np_dtype)
     dataset = tf.data.Dataset.from_tensors((train, val))
     dist = strategy.experimental_distribute_dataset(dataset)
 
@@ -114,21 +118,34 @@ class MirroredStepTest(tf.test.TestCase):
       step(batches)
     return [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
 
-  def _compare(self, estimator):
+  def _compare(self, estimator, dtype=tf.float32, atol=2e-5, rtol=1e-4):
     default = tf.distribute.get_strategy()
     with default.scope():
-      init = [v.numpy() for v in (lambda c: c.weight_variables +
-                                  c.arch_variables)(helpers.tiny_context())]
-    single = self._step(default, estimator, init)
-    mirrored = self._step(mirrored_cpu_strategy(), estimator, init)
+      ctx = helpers.tiny_context(dtype=dtype)
+      init = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
+    single = self._step(default, estimator, init, dtype)
+    mirrored = self._step(mirrored_cpu_strategy(), estimator, init, dtype)
     moved = max(np.abs(a - b).max() for a, b in zip(single, init))
     self.assertGreater(moved, 1e-4)
     for a, b in zip(single, mirrored):
-      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+      self.assertAllClose(a, b, atol=atol, rtol=rtol)
 
   def test_first_order(self):
     self._compare(DartsFirstOrder())
 
+  def test_second_order(self):
+    # float64: the finite-difference Hessian term divides float32 round-off
+    # (which differs with the summation order of two replicas) by 2ε, and
+    # Adam's first step is ±lr per α entry, so a near-zero entry could flip
+    # sign in float32.
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+      self._compare(DartsSecondOrder(), tf.float64, atol=1e-9, rtol=1e-7)
+    finally:
+      keras.config.set_floatx(floatx)
+      keras.config.set_dtype_policy(policy)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,31 @@ def ordered_all_reduce(values):
                        v.dtype))
     offset += size
   return out
+
+
+_KEY_BASE_STRIDE = 100_000
+_strategies_made = 0
+
+
+def mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:
+  """A MirroredStrategy whose collectives cannot collide with earlier ones.
+
+  Every ``MirroredStrategy`` numbers its collective groups from the same
+  start, and the process-wide collective executor remembers each group's
+  instances. A second strategy in one process (a notebook running two
+  searches, a test file) then reuses the first one's keys and aborts with
+  "Collective instance … expected type … but got …" or "Shape mismatch".
+  TensorFlow's own tests avoid this by moving the class's key base for every
+  new strategy; this does the same.
+  """
+  global _strategies_made
+  with _LOCK:
+    base = _strategies_made * _KEY_BASE_STRIDE
+    _strategies_made += 1
+    cls = tf.distribute.MirroredStrategy
+    saved = cls._collective_key_base  # pylint: disable=protected-access
+    cls._collective_key_base = base  # pylint: disable=protected-access
+    try:
+      return cls(devices)
+    finally:
+      cls._collective_key_base = saved  # pylint: disable=protected-access

@@ -82,7 +82,8 @@ def make_strategy(name: str):
   if name == "default":
     return tf.distribute.get_strategy()
   if name == "mirrored":
-    return tf.distribute.MirroredStrategy()
+    from tfnas.distribute import mirrored_strategy
+    return mirrored_strategy()
   if name == "multi_worker":
     # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
     return tf.distribute.MultiWorkerMirroredStrategy()
