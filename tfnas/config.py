@@ -45,6 +45,7 @@ class SearchConfig:
   num_nodes: int = 4
   channels: int = 16
   recompute: bool = False
+  recompute_unit: str = "edge"
   # Weight optimiser.
   w_lr: float = 0.025
   w_lr_min: float = 0.001
@@ -82,6 +83,7 @@ class SearchConfig:
         ("temperature_start", self.temperature_start > 0),
         ("temperature_end", self.temperature_end > 0),
         ("resource_weight", self.resource_weight >= 0),
+        ("recompute_unit", self.recompute_unit in ("edge", "cell")),
     ]
     for name, ok in checks:
       if not ok:
@@ -105,5 +107,6 @@ class SearchConfig:
     return dataclasses.replace(self, **changes)
 
   #: Fields that may differ between a run and its resumption.
+  #: Recomputation changes memory and time, not the maths.
   RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
-                       "data_dir", "manual_dir")
+                       "data_dir", "manual_dir", "recompute", "recompute_unit")

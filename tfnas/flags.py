@@ -73,8 +73,12 @@ def define_search_flags():
                        "Intermediate nodes per cell.")
   flags.DEFINE_integer("channels", _DEFAULTS.channels, "Initial channels.")
   flags.DEFINE_boolean("recompute", _DEFAULTS.recompute,
-                       "Recompute cell activations in the backward pass "
-                       "(less memory, more time).")
+                       "Recompute activations in the backward pass instead "
+                       "of storing them (less memory, more time).")
+  flags.DEFINE_enum("recompute_unit", _DEFAULTS.recompute_unit,
+                    ["edge", "cell"],
+                    "With --recompute: recompute per mixed edge (least "
+                    "memory) or per cell.")
   flags.DEFINE_float("w_lr", _DEFAULTS.w_lr, "Weight SGD learning rate.")
   flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
                      "Final learning rate of the cosine schedule.")

@@ -5,6 +5,7 @@ Each measurement runs in its own subprocess so that its peak resident memory
 
 Measurements:
   fwd_bwd: one forward + backward of the supernet (∇w and ∇α, no update).
+  arch_pass: the α half of a 1st-order step (forward + ∇α only, no update).
   first_order: one full DARTS 1st-order step (α step on the val batch, then
     the w step on the train batch): ``DartsFirstOrder().step``.
   second_order: one full DARTS 2nd-order (unrolled) step.
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 
-MEASUREMENTS = ("fwd_bwd", "first_order", "second_order")
+MEASUREMENTS = ("fwd_bwd", "arch_pass", "first_order", "second_order")
 
 
 def _parse_args(argv=None):
@@ -49,8 +50,14 @@ def _parse_args(argv=None):
                  help="XLA-compile the step (jit_compile=True)")
   p.add_argument("--recompute", action="store_true",
                  help="recompute cell activations in backprop (less memory)")
+  p.add_argument("--recompute_unit", default="edge", choices=("edge", "cell"),
+                 help="with --recompute: per mixed edge or per cell")
   p.add_argument("--no_shared_functions", action="store_true",
                  help="trace every edge inline (the pre-sharing behaviour)")
+  p.add_argument("--inter_op_threads", type=int, default=0,
+                 help="tf.config inter-op threads (0: TensorFlow's default)")
+  p.add_argument("--intra_op_threads", type=int, default=0,
+                 help="tf.config intra-op threads (0: TensorFlow's default)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -68,6 +75,25 @@ def _parse_args(argv=None):
   return args
 
 
+def _reset_peak_rss() -> bool:
+  """Resets this process's VmHWM to its current RSS (Linux); False if not.
+
+  Free heap pages are first returned to the OS (glibc ``malloc_trim``) so
+  that memory freed after graph optimisation does not count as in use.
+  """
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def _peak_rss_gib() -> float:
   """Peak resident set size of this process (VmHWM) in GiB."""
   with open("/proc/self/status") as f:
@@ -83,6 +109,11 @@ def _measure(args, which: str) -> dict:
   import numpy as np
   import tensorflow as tf
 
+  if args.inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+  if args.intra_op_threads:
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+
   from tfnas.arch import ArchParams, SoftmaxDistribution
   from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
   from tfnas.spaces import darts as darts_space
@@ -92,6 +123,8 @@ def _measure(args, which: str) -> dict:
   options = dict(num_nodes=args.nodes, num_cells=args.cells,
                  channels=args.channels, num_classes=args.num_classes,
                  recompute=args.recompute)
+  if args.recompute:
+    options["recompute_unit"] = args.recompute_unit
   # Older trees (the baseline) have no shared_functions field.
   if args.no_shared_functions:
     options["shared_functions"] = False
@@ -124,6 +157,11 @@ def _measure(args, which: str) -> dict:
       grads = ctx.gradients(tape, loss,
                             ctx.weight_variables + ctx.arch_variables)
       return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+  elif which == "arch_pass":
+    def fn(train, val, step):
+      del train
+      grads, loss, _ = DartsFirstOrder().arch_gradient(ctx, None, val, step)
+      return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
   else:
     estimator = (DartsFirstOrder() if which == "first_order"
                  else DartsSecondOrder())
@@ -139,13 +177,18 @@ def _measure(args, which: str) -> dict:
   tf.nest.map_structure(lambda t: t.numpy(), fn(train, val, step))
   first_s = time.perf_counter() - start
   fn(train, val, step)  # One more warm-up (allocator, thread pools).
+  # The first execution's peak includes TF's one-time graph optimisation;
+  # the steps' own peak is measured from here.
+  build_peak = _peak_rss_gib()
+  reset = _reset_peak_rss()
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
     tf.nest.map_structure(lambda t: t.numpy(), fn(train, val, step))
     times.append(time.perf_counter() - start)
   return {"measurement": which, "trace_s": trace_s, "first_s": first_s,
-          "step_s": statistics.median(times), "peak_gib": _peak_rss_gib(),
+          "step_s": statistics.median(times), "peak_gib": build_peak,
+          "step_peak_gib": _peak_rss_gib() if reset else float("nan"),
           "graph_ops": num_ops}
 
 
@@ -157,11 +200,15 @@ def main(argv=None):
     return
   config = (f"batch {args.batch_size}, C={args.channels}, {args.cells} cells, "
             f"{args.nodes} nodes, {args.image_size}x{args.image_size}, "
-            f"jit={args.jit}, recompute={args.recompute}, "
+            f"jit={args.jit}, recompute={args.recompute}"
+            f"{'/' + args.recompute_unit if args.recompute else ''}, "
+            f"threads inter/intra={args.inter_op_threads}/"
+            f"{args.intra_op_threads} (0: default), "
             f"shared_functions={not args.no_shared_functions}")
   print(f"# {config}\n")
-  print("| measurement | trace s | first s | s/step | peak GiB | graph ops |")
-  print("|---|---|---|---|---|---|")
+  print("| measurement | trace s | first s | s/step | peak GiB | step peak GiB "
+        "| graph ops |")
+  print("|---|---|---|---|---|---|---|")
   failed = False
   for which in args.only:
     # Re-run this script for one measurement: a fresh process per row.
@@ -172,12 +219,13 @@ def main(argv=None):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
       failed = True
-      print(f"| {which} | failed (rc {proc.returncode}) | | | | |")
+      print(f"| {which} | failed (rc {proc.returncode}) | | | | | |")
       sys.stderr.write(proc.stderr[-4000:])
       continue
     r = json.loads(lines[-1][len("RESULT "):])
     print(f"| {which} | {r['trace_s']:.1f} | {r['first_s']:.1f} | "
-          f"{r['step_s']:.2f} | {r['peak_gib']:.2f} | {r['graph_ops']} |",
+          f"{r['step_s']:.2f} | {r['peak_gib']:.2f} | "
+          f"{r['step_peak_gib']:.2f} | {r['graph_ops']} |",
           flush=True)
   sys.exit(1 if failed else 0)
 

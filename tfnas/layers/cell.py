@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfnas import ops
+from tfnas.layers import shared_function
 from tfnas.layers.mixed_op import MixedOp
 
 
@@ -37,14 +38,19 @@ class Cell(keras.layers.Layer):
     affine: BN affine flag of the ops (False in the supernet).
     shared_functions: run edges through shared traced functions (see
       `MixedOp`); False traces every edge inline.
+    recompute_edges: in training with mixing weights, recompute each edge's
+      activations in backprop instead of storing them
+      (`shared_function.recompute`).
   """
 
   def __init__(self, num_nodes: int, prev_prev_channels: int,
                prev_channels: int, channels: int, reduction: bool,
                reduction_prev: bool, candidates: Sequence[str],
                edge_ops: Sequence[Sequence[str]] | None = None,
-               affine: bool = False, shared_functions: bool = True, **kwargs):
+               affine: bool = False, shared_functions: bool = True,
+               recompute_edges: bool = False, **kwargs):
     super().__init__(**kwargs)
+    self.recompute_edges = recompute_edges
     self.shared_functions = shared_functions
     self.num_nodes = num_nodes
     self.prev_prev_channels = prev_prev_channels
@@ -98,11 +104,19 @@ class Cell(keras.layers.Layer):
           continue
         index = None if indices is None else indices[e]
         w = None if weights is None else weights[e]
-        out = self.mixed_ops[e](states[j], weights=w, index=index,
-                                training=training)
+        out = self._run_edge(self.mixed_ops[e], states[j], w, index,
+                             training)
         node = out if node is None else node + out
       states.append(node)
     return tf.concat(states[2:], axis=-1)
+
+  def _run_edge(self, mixed_op, x, w, index, training):
+    if not self.recompute_edges or not training or w is None:
+      return mixed_op(x, weights=w, index=index, training=training)
+    # Keep only the edge input and weights; its ops run again in backprop.
+    return shared_function.recompute(
+        lambda a, b: mixed_op(a, weights=b, index=index, training=training),
+        [x, w], mixed_op.variables)
 
   def get_config(self):
     config = super().get_config()
@@ -112,5 +126,6 @@ class Cell(keras.layers.Layer):
                   reduction=self.reduction, reduction_prev=self.reduction_prev,
                   candidates=list(self.candidates),
                   edge_ops=[list(e) for e in self.edge_ops],
-                  affine=self.affine, shared_functions=self.shared_functions)
+                  affine=self.affine, shared_functions=self.shared_functions,
+                  recompute_edges=self.recompute_edges)
     return config

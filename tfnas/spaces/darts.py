@@ -21,6 +21,7 @@ from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
 from tfnas.layers.cell import Cell, cell_edges
 
 CELL_TYPES = ("normal", "reduce")
+RECOMPUTE_UNITS = ("edge", "cell")
 
 #: Candidate lists of the named spaces. ``darts`` is the DARTS/SNAS space;
 #: s2–s4 are the RobustDARTS variants used by DARTS-PT (appendix A.2).
@@ -45,8 +46,13 @@ class DartsSpaceConfig:
     num_classes: classifier outputs.
     edge_ops: optional per-cell-type, per-edge op lists (S1-style spaces);
       maps ``"normal"``/``"reduce"`` to a list of ``num_edges`` op lists.
-    recompute: recompute each cell's activations in the backward pass
-      (`shared_function.recompute`): less peak memory, more compute.
+    recompute: recompute activations in the backward pass instead of
+      storing them (`shared_function.recompute`): less peak memory, one more
+      forward pass of the recomputed units.
+    recompute_unit: what is recomputed as one unit: ``"edge"`` (each mixed
+      edge; only node states and edge outputs are stored, backprop holds
+      one edge's activations at a time) or ``"cell"`` (only cell inputs are
+      stored, backprop holds a whole cell's activations).
     sync_batch_norm: batch statistics over all replicas (a multi-replica
       step then equals the single-device step on the global batch).
     shared_functions: trace each distinct edge structure once as a shared
@@ -61,10 +67,14 @@ class DartsSpaceConfig:
   num_classes: int = 10
   edge_ops: Mapping[str, tuple[tuple[str, ...], ...]] | None = None
   recompute: bool = False
+  recompute_unit: str = "edge"
   sync_batch_norm: bool = False
   shared_functions: bool = True
 
   def __post_init__(self):
+    if self.recompute_unit not in RECOMPUTE_UNITS:
+      raise ValueError(f"unknown recompute_unit {self.recompute_unit!r}; "
+                       f"choose from {RECOMPUTE_UNITS}")
     unknown = [op for op in self.candidates if op not in ops.OPS]
     if unknown:
       raise ValueError(f"unknown candidate op(s) {unknown}; known ops: "
@@ -156,6 +166,8 @@ class SearchNetwork(keras.Model):
       cell = Cell(space.num_nodes, c_pp, c_p, c_cur, reduction, reduction_prev,
                   space.candidates, space.ops_of(cell_type), affine=False,
                   shared_functions=space.shared_functions,
+                  recompute_edges=(space.recompute and
+                                   space.recompute_unit == "edge"),
                   name=f"cell_{i}_{cell_type}")
       self.cells.append(cell)
       reduction_prev = reduction
@@ -187,7 +199,8 @@ class SearchNetwork(keras.Model):
     return self.classifier(self.pool(s1))
 
   def _run_cell(self, cell, s0, s1, weights, indices, training):
-    if not self.space.recompute or not training or weights is None:
+    if (not self.space.recompute or self.space.recompute_unit != "cell" or
+        not training or weights is None):
       return cell(s0, s1, weights=weights, indices=indices, training=training)
     # Recompute the cell's activations during backprop instead of storing
     # them: peak memory drops to roughly the cell boundaries plus one cell.

@@ -121,7 +121,7 @@ class Search:
     self.space = darts_space.search_space(
         config.space, num_cells=config.num_cells, num_nodes=config.num_nodes,
         channels=config.channels, num_classes=self.data.info.num_classes,
-        recompute=config.recompute)
+        recompute=config.recompute, recompute_unit=config.recompute_unit)
     self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
                                    SearchConfig.RESUMABLE_CHANGES)
     self._build()
