@@ -136,3 +136,25 @@ def test_bad_metadata(tmp_path):
         net, str(tmp_path / "m"),
         metadata=dict(METADATA, mean=[0.5]))
   assert not os.path.exists(tmp_path / "m")
+
+
+def test_readme_rest_body_fits_the_signature(tmp_path):
+  # The README's TF Serving :predict body, fed to the exported signature of
+  # a digits-shaped network (what TF Serving does with "instances").
+  import re
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "README.md")).read()
+  body = json.loads(re.findall(r"```json\n(.*?)\n```", readme, re.S)[0])
+  assert body["signature_name"] == export.SIGNATURE
+  images = np.asarray(body["instances"], np.float32)
+  assert images.shape == (1, 8, 8, 1) and images.max() <= 255
+  net = models.build_network("cifar", GENOTYPE, (8, 8, 1), 10, 2, 4,
+                             auxiliary=False)
+  meta = dict(METADATA, input_shape=[8, 8, 1], mean=[0.3], std=[0.4])
+  path = export.export_saved_model(net, str(tmp_path / "digits"),
+                                   metadata=meta)
+  fn = tf.saved_model.load(path).signatures[body["signature_name"]]
+  out = fn(images=tf.constant(images))
+  assert out["probabilities"].shape == (1, 10)
+  np.testing.assert_allclose(out["probabilities"].numpy().sum(), 1.0,
+                             rtol=1e-5)

@@ -193,3 +193,15 @@ class TestResolve:
   def test_missing_file(self, tmp_path):
     with pytest.raises(GenotypeError, match="not found"):
       genotypes.resolve(os.path.join(str(tmp_path), "nothing.json"))
+
+
+def test_checkpoint_restores_every_weight(tmp_path):
+  net = tiny()
+  for v in net.weights:
+    v.assign(v.numpy() + 1.0)
+  path = tf.train.Checkpoint(network=net).save(str(tmp_path / "ckpt"))
+  fresh = tiny()
+  tf.train.Checkpoint(network=fresh).restore(path).assert_consumed()
+  for a, b in zip(net.weights, fresh.weights):
+    assert a.path == b.path
+    np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -62,6 +62,8 @@ class _EvalNetwork(keras.Model):
                          c_pp, c_p, c_cur, reduction, reduction_prev,
                          name=f"cell_{i}_{'reduce' if reduction else 'normal'}")
       self.cells.append(cell)
+      # A TF checkpoint dependency of its own (see DerivedCell).
+      setattr(self, f"cell_{i}", cell)
       reduction_prev = reduction
       c_pp, c_p = c_p, cell.output_channels
       if i == self.aux_position:

@@ -95,6 +95,9 @@ class DerivedCell(keras.layers.Layer):
       op = ops.get_op(op_name, channels, stride, affine=True,
                       name=f"node{node}_{op_name}_from{source}")
       self.edge_ops.append(op)
+      # Layers held only in a list are not tf.train.Checkpoint dependencies
+      # (Keras' TrackedList is not a TF trackable): name each one.
+      setattr(self, f"edge_{len(self.edge_ops) - 1}", op)
       self.edge_is_identity.append(isinstance(op, ops.Identity))
     # Output of an input-less node: zeros at the cell's output resolution.
     self.empty_node = ops.Zero(2 if reduction else 1, name="empty_node")
