@@ -193,9 +193,17 @@ class Retrain:
     @tf.function
     def eval_step(batch):
       def replica(images, labels):
-        logits = net(images, training=False)
-        ce = tf.reduce_sum(cross_entropy(logits, labels))
-        return self._metrics("eval", ce, logits, labels)
+        def compute():
+          logits = net(images, training=False)
+          ce = tf.reduce_sum(cross_entropy(logits, labels))
+          return self._metrics("eval", ce, logits, labels)
+
+        def empty():
+          return {f"eval/{k}": tf.constant(0.0)
+                  for k in ("loss_sum", "correct", "count")}
+        # The last, partial test batch may leave a replica without examples
+        # (some CPU kernels mis-shape empty batches).
+        return tf.cond(tf.shape(labels)[0] > 0, compute, empty)
       per_replica = strategy.run(replica, args=batch)
       return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
               for k, v in per_replica.items()}
