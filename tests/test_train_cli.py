@@ -135,13 +135,27 @@ def _mutated(fn):
   return d
 
 
+def _unknown_op(d):
+  d["normal"]["nodes"][0][0] = ["conv_9x9", 0]
+
+
+def _missing_node(d):
+  d["reduce"]["concat"] = [2, 3, 6]  # The reduction cell has nodes 2-4.
+
+
+def _edge_from_later_node(d):
+  d["normal"]["nodes"][1][0] = ["skip_connect", 5]
+
+
+def _genotype_flag(name, mutate):
+  return lambda p: [f"--genotype={_write(p, name, _mutated(mutate))}"]
+
+
 @pytest.mark.parametrize("make_args, fragment", [
     (lambda p: ["--genotype=DARTS_V9"], "unknown genotype 'DARTS_V9'"),
-    (lambda p: [f"--genotype={_write(p, 'op.json', _mutated(lambda d: d['normal']['nodes'][0].__setitem__(0, ['conv_9x9', 0])))}"],
-     "unknown op 'conv_9x9'"),
-    (lambda p: [f"--genotype={_write(p, 'node.json', _mutated(lambda d: d['reduce'].__setitem__('concat', [2, 3, 6])))}"],
-     "index 6 is out of range"),
-    (lambda p: [f"--genotype={_write(p, 'edge.json', _mutated(lambda d: d['normal']['nodes'][1].__setitem__(0, ['skip_connect', 5])))}"],
+    (_genotype_flag("op.json", _unknown_op), "unknown op 'conv_9x9'"),
+    (_genotype_flag("node.json", _missing_node), "index 6 is out of range"),
+    (_genotype_flag("edge.json", _edge_from_later_node),
      "input 5 is not an earlier node"),
     (lambda p: [f"--genotype={p / 'missing.json'}"], "not found"),
     (lambda p: ["--channels=5"], "channels"),

@@ -137,7 +137,8 @@ def _preprocess_cost(c_in, c, hw, factorized):
   h, w = hw
   if factorized:  # Two stride-2 1×1 convs to c/2 each, then BN.
     oh, ow = math.ceil(h / 2), math.ceil(w / 2)
-    return _conv(oh, ow, 1, c_in, c // 2) + _conv(oh, ow, 1, c_in, c // 2) + _bn(c)
+    half = _conv(oh, ow, 1, c_in, c // 2)
+    return half + half + _bn(c)
   return _conv(h, w, 1, c_in, c) + _bn(c)
 
 

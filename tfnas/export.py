@@ -171,8 +171,8 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
   module = _ServingModule(model, shape, metadata["mean"], metadata["std"])
   tmp = tempfile.mkdtemp(dir=base_path, prefix=f".tmp-{version}-")
   try:
-    tf.saved_model.save(module, tmp,
-                        signatures={SIGNATURE: module.serve.get_concrete_function()})
+    signature = module.serve.get_concrete_function()
+    tf.saved_model.save(module, tmp, signatures={SIGNATURE: signature})
     texts = {"metadata.json": json.dumps(full_metadata, indent=2,
                                          sort_keys=True) + "\n"}
     if genotype is not None:

@@ -53,7 +53,8 @@ def define_data_flags(defaults=_DEFAULTS):
   flags.DEFINE_integer("pad_crop", defaults.pad_crop,
                        "Zero padding before random crop (0: off; CIFAR: 4).")
   flags.DEFINE_boolean("flip", defaults.flip, "Random horizontal flips.")
-  flags.DEFINE_integer("cutout", defaults.cutout, "Cutout square side (0: off).")
+  flags.DEFINE_integer("cutout", defaults.cutout,
+                       "Cutout square side (0: off).")
 
 
 def _define_loop_flags(defaults):

@@ -94,7 +94,8 @@ class _EvalNetwork(keras.Model):
               tf.random.experimental.stateless_fold_in(drop_seed, i))
       s0, s1 = s1, cell(s0, s1, drop_prob=drop_prob, seed=seed,
                         training=training)
-      if i == self.aux_position and self.auxiliary_head is not None and training:
+      if (training and i == self.aux_position
+          and self.auxiliary_head is not None):
         aux_logits = self.auxiliary_head(s1, training=training)
     logits = self.classifier(tf.reduce_mean(s1, axis=[1, 2]))
     if aux_logits is not None:

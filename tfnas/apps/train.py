@@ -1,7 +1,7 @@
 """tfnas-train: retrain a derived network from scratch.
 
     tfnas-train --flagfile=flags/train_digits.cfg
-    tfnas-train --flagfile=flags/train_cifar10.cfg --genotype=runs/x/genotype.json
+    tfnas-train --flagfile=flags/train_cifar10.cfg --genotype=runs/x
 
 Writes config.json, genotype.json, checkpoints (ckpt/), TensorBoard events
 (tb/) and history.jsonl into --run_dir; ``tfnas-export --run_dir=...`` turns

@@ -61,7 +61,8 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
 def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
               steps: int, start: int, steps_per_loop: int,
               checkpoint_every_steps: int, step_in_epoch: tf.Variable,
-              interrupted: list, save: Callable[[], None], desc: str, show_progress: bool,
+              interrupted: list, save: Callable[[], None], desc: str,
+              show_progress: bool,
               loss_keys=("train/loss_sum", "train/count")) -> dict:
   """Runs the steps ``start..steps`` of one epoch in compiled chunks.
 

@@ -260,7 +260,7 @@ class Search:
     checkpoint is written and a later ``Search(..., resume=True).run()``
     continues as if never stopped (same schedule, data order and α).
     """
-    config, steps = self.config, self.data.steps_per_epoch
+    config = self.config
     epochs_run = 0
     history = []
     with loop.sigterm_flag() as interrupted:
