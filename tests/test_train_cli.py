@@ -180,3 +180,41 @@ def test_bad_export_input(tmp_path):
   assert proc.returncode == 2
   assert "--export_dir is required" in error_line(proc)
   assert not (tmp_path / "serving").exists()
+
+
+PARSE_FLAGFILES = """
+import json, sys
+from tfnas.apps import train
+from tfnas import flags as tfnas_flags
+out = {}
+for path in sys.argv[1:]:
+  train.FLAGS.unparse_flags()
+  train.FLAGS([sys.argv[0], "--flagfile=" + path])
+  out[path] = tfnas_flags.train_config().to_dict()
+print(json.dumps(out))
+"""
+
+
+def test_train_flagfiles_parse_into_the_paper_settings():
+  names = ["train_digits", "train_cifar10", "train_imagenet"]
+  paths = [os.path.join(ROOT, "flags", n + ".cfg") for n in names]
+  proc = subprocess.run([sys.executable, "-c", PARSE_FLAGFILES, *paths],
+                        cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  configs = json.loads(proc.stdout.strip().splitlines()[-1])
+  digits, cifar, imagenet = (configs[p] for p in paths)
+  assert digits["dataset"] == "digits" and digits["genotype"] == "DARTS_V2"
+  # SNAS appendix G.2 (DARTS evaluation recipe).
+  assert (cifar["num_cells"], cifar["channels"], cifar["batch_size"],
+          cifar["epochs"], cifar["lr"], cifar["lr_min"], cifar["momentum"],
+          cifar["weight_decay"], cifar["cutout"], cifar["drop_path_prob"],
+          cifar["auxiliary_weight"], cifar["lr_schedule"]) == (
+              20, 36, 96, 600, 0.025, 0.0, 0.9, 3e-4, 16, 0.2, 0.4, "cosine")
+  # SNAS appendix G.3 (ImageNet mobile setting).
+  assert (imagenet["network"], imagenet["num_cells"], imagenet["channels"],
+          imagenet["batch_size"], imagenet["epochs"], imagenet["lr"],
+          imagenet["lr_schedule"], imagenet["lr_decay"],
+          imagenet["weight_decay"], imagenet["auxiliary_weight"]) == (
+              "imagenet", 14, 48, 128, 250, 0.1, "exponential", 0.97, 3e-5,
+              0.4)
