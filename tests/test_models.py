@@ -205,3 +205,15 @@ def test_checkpoint_restores_every_weight(tmp_path):
   for a, b in zip(net.weights, fresh.weights):
     assert a.path == b.path
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_fixed_edge_genotype():
+  # Amended-DARTS fixed edges: node i reads input 0 (cell k-2) and the node
+  # just before it.
+  def cell(op):
+    return CellGenotype(tuple(((op, 0), (op, i + 1)) for i in range(4)))
+  g = Genotype(cell("sep_conv_3x3"), cell("max_pool_3x3"))
+  net = tiny(g, cells=4, auxiliary=False)
+  assert net(images(), training=False).shape == (4, 5)
+  assert cost.network_cost(g, "cifar", (8, 8, 3), 5, 4, 4).params == (
+      net.count_params_without_auxiliary())
