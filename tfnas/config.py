@@ -110,3 +110,87 @@ class SearchConfig:
   #: Recomputation changes memory and time, not the maths.
   RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
                        "data_dir", "manual_dir", "recompute", "recompute_unit")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a retraining run depends on (saved as ``config.json``).
+
+  Defaults are the DARTS/SNAS CIFAR-10 evaluation recipe (SNAS appendix
+  G.2): 20 cells, C=36, batch 96, SGD 0.025 cosine to 0, momentum 0.9,
+  weight decay 3e-4, cutout 16, drop-path 0.2, auxiliary weight 0.4, 600
+  epochs.
+  """
+  # Run.
+  run_dir: str = "runs/train"
+  seed: int = 0
+  deterministic: bool = True
+  epochs: int = 600
+  max_steps_per_epoch: int = 0  # 0: the whole training split.
+  steps_per_loop: int = 50
+  checkpoint_every_steps: int = 0
+  # Data (the whole training split trains; the test split evaluates).
+  dataset: str = "cifar10"
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  batch_size: int = 96
+  pad_crop: int = 4
+  flip: bool = True
+  cutout: int = 16
+  # Network.
+  genotype: str = "DARTS_V2"
+  network: str = "cifar"
+  num_cells: int = 20
+  channels: int = 36
+  auxiliary_weight: float = 0.4
+  drop_path_prob: float = 0.2
+  # Optimiser.
+  lr: float = 0.025
+  lr_min: float = 0.0
+  lr_schedule: str = "cosine"
+  lr_decay: float = 0.97  # Per epoch, for lr_schedule="exponential".
+  momentum: float = 0.9
+  weight_decay: float = 3e-4
+  grad_clip: float = 5.0
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    checks = [
+        ("epochs", self.epochs >= 1),
+        ("batch_size", self.batch_size >= 1),
+        ("steps_per_loop", self.steps_per_loop >= 1),
+        ("max_steps_per_epoch", self.max_steps_per_epoch >= 0),
+        ("checkpoint_every_steps", self.checkpoint_every_steps >= 0),
+        ("num_cells", self.num_cells >= 1),
+        ("channels", self.channels >= 2 and self.channels % 2 == 0),
+        ("network", self.network in ("cifar", "imagenet")),
+        ("auxiliary_weight", self.auxiliary_weight >= 0),
+        ("drop_path_prob", 0 <= self.drop_path_prob < 1),
+        ("lr", self.lr > 0),
+        ("lr_min", 0 <= self.lr_min <= self.lr),
+        ("lr_schedule", self.lr_schedule in ("cosine", "exponential")),
+        ("lr_decay", 0 < self.lr_decay <= 1),
+        ("label_smoothing", 0 <= self.label_smoothing < 1),
+        ("genotype", bool(self.genotype)),
+    ]
+    for name, ok in checks:
+      if not ok:
+        raise ConfigError(f"invalid --{name}={getattr(self, name)!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown config keys {unknown}")
+    return cls(**d)
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+  #: Fields that may differ between a run and its resumption.
+  RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
+                       "data_dir", "manual_dir")

@@ -83,3 +83,125 @@ def op_cost(op_name: str, channels: int, stride: int,
       k = int(op_name[len(prefix):].split("x")[0])
       return fn(h, w, k, c)
   raise TfnasError(f"no cost model for op {op_name!r}")
+
+
+# ----------------------------------------------------------------------------
+# Whole evaluation networks (tfnas.models): parameters and multiply-adds.
+# ----------------------------------------------------------------------------
+
+#: BatchNorm layers inside each op (2 affine parameters per channel each).
+_OP_BATCH_NORMS = {"sep_conv_": 2, "dil_conv_": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkCost:
+  """Size of an evaluation network, as the papers report it.
+
+  Attributes:
+    params: trainable parameters (conv, dense and affine BN weights), the
+      auxiliary head excluded.
+    madds: multiply-adds of one inference on one image (convolutions and the
+      classifier; BN, ReLU, pooling and additions are not counted, as in the
+      mobile-setting tables), the auxiliary head excluded.
+  """
+  params: int
+  madds: int
+
+  def __add__(self, other: "NetworkCost") -> "NetworkCost":
+    return NetworkCost(self.params + other.params, self.madds + other.madds)
+
+
+def _conv(h, w, k, c_in, c_out, groups=1) -> NetworkCost:
+  weights = k * k * c_in * c_out // groups
+  return NetworkCost(weights, h * w * weights)
+
+
+def _bn(c) -> NetworkCost:
+  return NetworkCost(2 * c, 0)
+
+
+def _edge_cost(op_name: str, c: int, stride: int,
+               input_hw: tuple[int, int]) -> NetworkCost:
+  """Params incl. BN and multiply-adds of one derived-cell edge."""
+  base = op_cost(op_name, c, stride, input_hw)
+  if base.params == 0:  # none, identity, pools: no multiply-adds.
+    return NetworkCost(0, 0)
+  norms = 1  # FactorizedReduce (strided skip_connect).
+  for prefix, n in _OP_BATCH_NORMS.items():
+    if op_name.startswith(prefix):
+      norms = n
+  return NetworkCost(int(base.params) + norms * 2 * c, int(base.flops))
+
+
+def _preprocess_cost(c_in, c, hw, factorized):
+  h, w = hw
+  if factorized:  # Two stride-2 1×1 convs to c/2 each, then BN.
+    oh, ow = math.ceil(h / 2), math.ceil(w / 2)
+    half = _conv(oh, ow, 1, c_in, c // 2)
+    return half + half + _bn(c)
+  return _conv(h, w, 1, c_in, c) + _bn(c)
+
+
+def network_cost(genotype, kind: str, input_shape, num_classes: int,
+                 num_cells: int, channels: int,
+                 stem_multiplier: int = 3) -> NetworkCost:
+  """Analytic parameters and multiply-adds of a ``tfnas.models`` network.
+
+  Walks the same layout as :func:`tfnas.models.build_network` (stems,
+  reduction cells at 1/3 and 2/3 depth, FactorizedReduce after a
+  reduction), without building anything; tested equal to the built
+  network's parameter count.
+
+  Args:
+    genotype: a :class:`tfnas.genotype.Genotype`.
+    kind: ``"cifar"`` or ``"imagenet"``.
+    input_shape: ``(H, W, C)`` of one image.
+    num_classes, num_cells, channels: network shape.
+    stem_multiplier: CIFAR stem width factor.
+
+  Returns:
+    A :class:`NetworkCost`.
+  """
+  h, w, c_img = input_shape
+  total = NetworkCost(0, 0)
+  if kind == "cifar":
+    stem = stem_multiplier * channels
+    total += _conv(h, w, 3, c_img, stem) + _bn(stem)
+    c_pp = c_p = stem
+    hw_pp = hw_p = (h, w)
+    reduction_prev = False
+  elif kind == "imagenet":
+    half = lambda hw: (math.ceil(hw[0] / 2), math.ceil(hw[1] / 2))
+    hw1 = half((h, w))
+    hw2 = half(hw1)
+    hw3 = half(hw2)
+    total += _conv(*hw1, 3, c_img, channels // 2) + _bn(channels // 2)
+    total += _conv(*hw2, 3, channels // 2, channels) + _bn(channels)
+    total += _conv(*hw3, 3, channels, channels) + _bn(channels)
+    c_pp = c_p = channels
+    hw_pp, hw_p = hw2, hw3
+    reduction_prev = True
+  else:
+    raise TfnasError(f"unknown network {kind!r}; known: cifar, imagenet")
+  reductions = {num_cells // 3, 2 * num_cells // 3}
+  c = channels
+  for i in range(num_cells):
+    reduction = i in reductions
+    if reduction:
+      c *= 2
+    cell = genotype.reduce if reduction else genotype.normal
+    total += _preprocess_cost(c_pp, c, hw_pp, reduction_prev)
+    total += _preprocess_cost(c_p, c, hw_p, False)
+    for _, op, source in cell.edges():
+      stride = 2 if reduction and source < 2 else 1
+      in_hw = hw_p if source < 2 else (
+          (math.ceil(hw_p[0] / 2), math.ceil(hw_p[1] / 2)) if reduction
+          else hw_p)
+      total += _edge_cost(op, c, stride, in_hw)
+    out_hw = ((math.ceil(hw_p[0] / 2), math.ceil(hw_p[1] / 2)) if reduction
+              else hw_p)
+    c_pp, c_p = c_p, len(cell.concat) * c
+    hw_pp, hw_p = hw_p, out_hw
+    reduction_prev = reduction
+  total += NetworkCost(c_p * num_classes + num_classes, c_p * num_classes)
+  return total

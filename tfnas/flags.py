@@ -8,23 +8,24 @@ from __future__ import annotations
 
 from absl import flags
 
-from tfnas.config import SearchConfig
+from tfnas.config import SearchConfig, TrainConfig
 
 FLAGS = flags.FLAGS
 
 _DEFAULTS = SearchConfig()
+_TRAIN_DEFAULTS = TrainConfig()
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped")
 SPACES = ("darts", "s2", "s3", "s4")
 
 
-def define_run_flags():
-  flags.DEFINE_string("run_dir", _DEFAULTS.run_dir,
+def define_run_flags(defaults=_DEFAULTS):
+  flags.DEFINE_string("run_dir", defaults.run_dir,
                       "Directory for config.json, checkpoints, TensorBoard "
                       "events and genotype.json.")
   flags.DEFINE_boolean("resume", False,
                        "Continue the run in --run_dir from its last checkpoint.")
-  flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed.")
-  flags.DEFINE_boolean("deterministic", _DEFAULTS.deterministic,
+  flags.DEFINE_integer("seed", defaults.seed, "Random seed.")
+  flags.DEFINE_boolean("deterministic", defaults.deterministic,
                        "Enable TensorFlow op determinism (same seed, flags and "
                        "device give the same genotype).")
   flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored",
@@ -34,23 +35,42 @@ def define_run_flags():
   flags.DEFINE_boolean("progress", True, "Show a progress bar per epoch.")
 
 
-def define_data_flags():
-  flags.DEFINE_enum("dataset", _DEFAULTS.dataset, DATASETS,
+def define_data_flags(defaults=_DEFAULTS):
+  flags.DEFINE_enum("dataset", defaults.dataset, DATASETS,
                     "Dataset (digits is embedded, no download; tfds datasets "
                     "need --data_dir with the prepared data).")
   flags.DEFINE_string("data_dir", None, "tensorflow_datasets data directory.")
   flags.DEFINE_string("manual_dir", None,
                       "Directory holding the dataset archive for an offline "
                       "tfds preparation.")
-  flags.DEFINE_float("train_portion", _DEFAULTS.train_portion,
-                     "Fraction of the training set used to train weights "
-                     "during search; the rest is the search validation split.")
-  flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
+  if hasattr(defaults, "train_portion"):
+    flags.DEFINE_float("train_portion", defaults.train_portion,
+                       "Fraction of the training set used to train weights "
+                       "during search; the rest is the search validation "
+                       "split.")
+  flags.DEFINE_integer("batch_size", defaults.batch_size,
                        "Global batch size (over all replicas).")
-  flags.DEFINE_integer("pad_crop", _DEFAULTS.pad_crop,
+  flags.DEFINE_integer("pad_crop", defaults.pad_crop,
                        "Zero padding before random crop (0: off; CIFAR: 4).")
-  flags.DEFINE_boolean("flip", _DEFAULTS.flip, "Random horizontal flips.")
-  flags.DEFINE_integer("cutout", _DEFAULTS.cutout, "Cutout square side (0: off).")
+  flags.DEFINE_boolean("flip", defaults.flip, "Random horizontal flips.")
+  flags.DEFINE_integer("cutout", defaults.cutout,
+                       "Cutout square side (0: off).")
+
+
+def _define_loop_flags(defaults):
+  """Epoch loop and network size flags shared by search and retraining."""
+  flags.DEFINE_integer("epochs", defaults.epochs, "Training epochs.")
+  flags.DEFINE_integer("max_steps_per_epoch", defaults.max_steps_per_epoch,
+                       "Cap on steps per epoch (0: whole split).")
+  flags.DEFINE_integer("steps_per_loop", defaults.steps_per_loop,
+                       "Steps per compiled loop call (metrics are fetched "
+                       "between loops).")
+  flags.DEFINE_integer("checkpoint_every_steps",
+                       defaults.checkpoint_every_steps,
+                       "Also checkpoint every N steps inside an epoch (0: "
+                       "only at epoch ends).")
+  flags.DEFINE_integer("num_cells", defaults.num_cells, "Cells.")
+  flags.DEFINE_integer("channels", defaults.channels, "Initial channels C.")
 
 
 def define_search_flags():
@@ -58,20 +78,9 @@ def define_search_flags():
                     ["darts_1st", "darts_2nd", "snas"],
                     "Search method (distribution + estimator + selector).")
   flags.DEFINE_enum("space", _DEFAULTS.space, SPACES, "Search space.")
-  flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Search epochs.")
-  flags.DEFINE_integer("max_steps_per_epoch", _DEFAULTS.max_steps_per_epoch,
-                       "Cap on steps per epoch (0: whole split).")
-  flags.DEFINE_integer("steps_per_loop", _DEFAULTS.steps_per_loop,
-                       "Steps per compiled loop call (metrics are fetched "
-                       "between loops).")
-  flags.DEFINE_integer("checkpoint_every_steps",
-                       _DEFAULTS.checkpoint_every_steps,
-                       "Also checkpoint every N steps inside an epoch (0: "
-                       "only at epoch ends).")
-  flags.DEFINE_integer("num_cells", _DEFAULTS.num_cells, "Cells.")
+  _define_loop_flags(_DEFAULTS)
   flags.DEFINE_integer("num_nodes", _DEFAULTS.num_nodes,
                        "Intermediate nodes per cell.")
-  flags.DEFINE_integer("channels", _DEFAULTS.channels, "Initial channels.")
   flags.DEFINE_boolean("recompute", _DEFAULTS.recompute,
                        "Recompute activations in the backward pass instead "
                        "of storing them (less memory, more time).")
@@ -114,6 +123,42 @@ def define_search_flags():
                     "α-gradient of the resource term: score function (SNAS "
                     "eq. 11), through the relaxed sample, or exact "
                     "expectation under the discrete distribution.")
+
+
+def define_train_flags():
+  """Flags of tfnas-train (with define_run_flags/define_data_flags)."""
+  d = _TRAIN_DEFAULTS
+  _define_loop_flags(d)
+  flags.DEFINE_string("genotype", d.genotype,
+                      "Published genotype name (DARTS_V1, DARTS_V2, ...), a "
+                      "genotype.json file or a run directory holding one.")
+  flags.DEFINE_enum("network", d.network, ["cifar", "imagenet"],
+                    "Evaluation network: CIFAR stem or ImageNet mobile stems.")
+  flags.DEFINE_float("auxiliary_weight", d.auxiliary_weight,
+                     "Weight of the auxiliary head's loss (0: no head).")
+  flags.DEFINE_float("drop_path_prob", d.drop_path_prob,
+                     "Final drop-path probability (raised linearly from 0 "
+                     "over the epochs).")
+  flags.DEFINE_float("lr", d.lr, "Initial SGD learning rate.")
+  flags.DEFINE_float("lr_min", d.lr_min,
+                     "Final learning rate of the cosine schedule.")
+  flags.DEFINE_enum("lr_schedule", d.lr_schedule, ["cosine", "exponential"],
+                    "cosine (per epoch, to --lr_min) or exponential "
+                    "(x --lr_decay after every epoch).")
+  flags.DEFINE_float("lr_decay", d.lr_decay,
+                     "Per-epoch factor of the exponential schedule.")
+  flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
+  flags.DEFINE_float("weight_decay", d.weight_decay, "Weight decay (L2).")
+  flags.DEFINE_float("grad_clip", d.grad_clip,
+                     "Global-norm gradient clip (0: off).")
+  flags.DEFINE_float("label_smoothing", d.label_smoothing,
+                     "Cross-entropy label smoothing (ImageNet: 0.1).")
+
+
+def train_config() -> TrainConfig:
+  """Reads the retraining flags once into a frozen config."""
+  names = [f for f in TrainConfig.__dataclass_fields__]
+  return TrainConfig(**{name: FLAGS[name].value for name in names})
 
 
 def search_config() -> SearchConfig:

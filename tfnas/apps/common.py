@@ -47,6 +47,8 @@ def import_tensorflow():
     # TensorFlow's own INFO chatter (e.g. the checkpoint saver's per-save
     # "Sharding callback duration") goes through absl's logger like ours.
     logging.getLogger("absl").addFilter(_drop_tensorflow_info)
+    # SavedModel writing logs "Assets written to ..." on TF's own logger.
+    logging.getLogger("tensorflow").addFilter(_drop_tensorflow_info)
   return tf
 
 

@@ -35,6 +35,15 @@ def cosine_schedule(base_lr: float, min_lr: float, total_epochs: int,
   return lr
 
 
+def exponential_schedule(base_lr: float, decay: float,
+                         steps_per_epoch: int) -> Callable[[tf.Tensor], tf.Tensor]:
+  """``base_lr * decay ** epoch`` (DARTS/SNAS ImageNet: 0.1, 0.97)."""
+  def lr(step):
+    epoch = tf.cast(step // steps_per_epoch, tf.float32)
+    return base_lr * tf.pow(tf.constant(decay, tf.float32), epoch)
+  return lr
+
+
 def constant_schedule(value: float) -> Callable[[tf.Tensor], tf.Tensor]:
   return lambda step: tf.constant(value, tf.float32)
 

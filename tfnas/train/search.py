@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import time
 
 from absl import logging as log
@@ -29,8 +28,7 @@ from tfnas.arch import ArchParams, ArgmaxDistribution
 from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
 from tfnas.spaces import darts as darts_space
-from tfnas.train import optim, rundir, summaries
-from tfnas.train.progress import progress_bar
+from tfnas.train import loop, optim, rundir, summaries
 from tfnas.train.step import StepContext
 
 
@@ -159,17 +157,8 @@ class Search:
         network=self.network, arch=self.arch, weight_optimizer=self.w_opt,
         arch_optimizer=self.a_opt, epoch=self.epoch,
         step_in_epoch=self.step_in_epoch)
-    self.manager = tf.train.CheckpointManager(
-        self.checkpoint, os.path.join(config.run_dir, "ckpt"), max_to_keep=3)
-    if self.resuming:
-      if self.manager.latest_checkpoint is None:
-        log.warning("no checkpoint in %s yet; starting from scratch",
-                    config.run_dir)
-      else:
-        self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
-        log.info("resumed from %s (epoch %d, step %d)",
-                 self.manager.latest_checkpoint, int(self.epoch.numpy()),
-                 int(self.step_in_epoch.numpy()))
+    self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
+                                           self.resuming)
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
     self.writer = tf.summary.create_file_writer(
@@ -271,91 +260,74 @@ class Search:
     checkpoint is written and a later ``Search(..., resume=True).run()``
     continues as if never stopped (same schedule, data order and α).
     """
-    config, steps = self.config, self.data.steps_per_epoch
+    config = self.config
     epochs_run = 0
     history = []
-    interrupted = []
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # Save before a scheduler kills us.
-      interrupted.append(signum)
-    try:
-      signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # Not the main thread.
-      previous = None
-    try:
-      while int(self.epoch.numpy()) < config.epochs:
-        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-          break
-        epochs_run += 1
-        epoch = int(self.epoch.numpy())
-        start = int(self.step_in_epoch.numpy())
-        train_ds, val_ds = self.data.train_streams(self.strategy, epoch, start)
-        train_iter = iter(train_ds)
-        val_iter = iter(val_ds) if val_ds is not None else None
-        totals = {}
-        t0 = time.time()
-        with progress_bar(steps, initial=start, desc=f"epoch {epoch + 1}/"
-                          f"{config.epochs}", enabled=self.show_progress) as bar:
-          done = start
-          while done < steps:
-            n = min(config.steps_per_loop, steps - done)
-            if config.checkpoint_every_steps:
-              n = min(n, config.checkpoint_every_steps -
-                      done % config.checkpoint_every_steps)
-            lr = float(self.w_opt.current_lr())
-            out = self._train_loop(train_iter, val_iter, tf.constant(n))
-            for k, v in out.items():
-              totals[k] = totals.get(k, 0.0) + float(v)
-            done += n
-            self.step_in_epoch.assign(done)
-            bar.update(n, loss=totals["train/loss_sum"] /
-                       max(totals["train/count"], 1.0))
-            summaries.write_scalars(self.writer, {
-                "train/lr": lr,
-                "train/step_loss": float(out["train/loss_sum"]) /
-                                   max(float(out["train/count"]), 1.0)},
-                int(self.w_opt.iterations.numpy()))
-            if interrupted or (config.checkpoint_every_steps and
-                               done % config.checkpoint_every_steps == 0 and
-                               done < steps):
-              self._save(epoch_done=False)
-            if interrupted:
-              raise KeyboardInterrupt
-        metrics = self._epoch_metrics(totals, steps - start)
-        metrics.update(self.evaluate())
-        if self.method.child_eval:
-          metrics.update(self.evaluate(child=True))
-        temperature = getattr(self.ctx.distribution, "temperature", None)
-        if temperature is not None:
-          metrics["arch/temperature"] = float(
-              temperature(self.w_opt.iterations))
-        metrics["epoch_seconds"] = time.time() - t0
-        self.epoch.assign(epoch + 1)
-        self.step_in_epoch.assign(0)
-        genotype = self._save(epoch_done=True)
-        step = int(self.w_opt.iterations.numpy())
-        summaries.write_scalars(
-            self.writer, {k: v for k, v in metrics.items()
-                          if k.startswith(("train/", "val/", "search/",
-                                           "arch/"))}, step)
-        summaries.write_arch(self.writer, self.arch, step, genotype)
+    with loop.sigterm_flag() as interrupted:
+      try:
+        while int(self.epoch.numpy()) < config.epochs:
+          if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            break
+          epochs_run += 1
+          history.append(self._run_epoch(interrupted))
+      except KeyboardInterrupt:
+        self._save(epoch_done=False)
         self.writer.flush()
-        metrics["epoch"] = epoch + 1
-        history.append(metrics)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(
-            f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
-        self._append_history(metrics)
-    except KeyboardInterrupt:
-      self._save(epoch_done=False)
-      self.writer.flush()
-      log.warning("interrupted: state saved in %s; rerun with --resume to "
-                  "continue", config.run_dir)
-      raise
-    finally:
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+        log.warning("interrupted: state saved in %s; rerun with --resume to "
+                    "continue", config.run_dir)
+        raise
     return SearchResult(self.genotype(), self.alphas(), history)
+
+  def _run_epoch(self, interrupted) -> dict:
+    config, steps = self.config, self.data.steps_per_epoch
+    epoch = int(self.epoch.numpy())
+    start = int(self.step_in_epoch.numpy())
+    train_ds, val_ds = self.data.train_streams(self.strategy, epoch, start)
+    train_iter = iter(train_ds)
+    val_iter = iter(val_ds) if val_ds is not None else None
+    t0 = time.time()
+
+    def run_chunk(n):
+      lr = float(self.w_opt.current_lr())
+      out = self._train_loop(train_iter, val_iter, tf.constant(n))
+      summaries.write_scalars(self.writer, {
+          "train/lr": lr,
+          "train/step_loss": float(out["train/loss_sum"]) /
+                             max(float(out["train/count"]), 1.0)},
+          int(self.w_opt.iterations.numpy()))
+      return out
+
+    totals = loop.run_epoch(
+        run_chunk=run_chunk, steps=steps, start=start,
+        steps_per_loop=config.steps_per_loop,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        step_in_epoch=self.step_in_epoch, interrupted=interrupted,
+        save=lambda: self._save(epoch_done=False),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        show_progress=self.show_progress)
+    metrics = self._epoch_metrics(totals, steps - start)
+    metrics.update(self.evaluate())
+    if self.method.child_eval:
+      metrics.update(self.evaluate(child=True))
+    temperature = getattr(self.ctx.distribution, "temperature", None)
+    if temperature is not None:
+      metrics["arch/temperature"] = float(temperature(self.w_opt.iterations))
+    metrics["epoch_seconds"] = time.time() - t0
+    self.epoch.assign(epoch + 1)
+    self.step_in_epoch.assign(0)
+    genotype = self._save(epoch_done=True)
+    step = int(self.w_opt.iterations.numpy())
+    summaries.write_scalars(
+        self.writer, {k: v for k, v in metrics.items()
+                      if k.startswith(("train/", "val/", "search/", "arch/"))},
+        step)
+    summaries.write_arch(self.writer, self.arch, step, genotype)
+    self.writer.flush()
+    metrics["epoch"] = epoch + 1
+    log.info("epoch %d: %s", epoch + 1, ", ".join(
+        f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+    loop.append_history(config.run_dir, metrics)
+    return metrics
 
   @staticmethod
   def _epoch_metrics(totals, num_steps):
@@ -371,8 +343,3 @@ class Search:
         metrics[f"{tag}_acc" if tag != "train" else "train/acc"] = (
             totals[f"{prefix}/correct"] / count)
     return metrics
-
-  def _append_history(self, metrics):
-    path = os.path.join(self.config.run_dir, "history.jsonl")
-    with open(path, "a") as f:
-      f.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,160 @@
+"""SavedModel export: fresh-process reload, signature, no overwrites."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfnas import export, models
+from tfnas.genotype import CellGenotype, Genotype
+
+GENOTYPE = Genotype(
+    CellGenotype(((("sep_conv_3x3", 0), ("skip_connect", 1)), ()),
+                 concat=(2, 3)),
+    CellGenotype(((("max_pool_3x3", 0), ("dil_conv_3x3", 1)),
+                  (("skip_connect", 2),))))
+METADATA = {"dataset": "synthetic", "input_shape": [8, 8, 3],
+            "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+            "num_classes": 4}
+
+# Runs in a fresh interpreter: TensorFlow only, no tfnas.
+RELOAD = """
+import sys, numpy as np, tensorflow as tf
+assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
+loaded = tf.saved_model.load(sys.argv[1])
+fn = loaded.signatures["serving_default"]
+out = fn(images=tf.constant(np.load(sys.argv[2])))
+np.savez(sys.argv[3], logits=out["logits"].numpy(),
+         probabilities=out["probabilities"].numpy())
+assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
+"""
+
+
+def trained_like_network(seed=0):
+  net = models.build_network("cifar", GENOTYPE, (8, 8, 3), 4, 3, 4,
+                             auxiliary=True)
+  # Move BN statistics and weights away from their initial values so that
+  # the comparison covers them.
+  rng = np.random.default_rng(seed)
+  for v in net.weights:
+    if "drop_path" in v.path:
+      continue
+    value = v.numpy()
+    if "moving_variance" in v.path:
+      v.assign(rng.uniform(0.5, 2.0, value.shape).astype(value.dtype))
+    else:
+      v.assign(value + 0.1 * rng.standard_normal(value.shape).astype(
+          value.dtype))
+  return net
+
+
+def pixels(n=5, seed=1):
+  rng = np.random.default_rng(seed)
+  return rng.uniform(0, 255, (n, 8, 8, 3)).astype(np.float32)
+
+
+def in_memory(net, images):
+  x = (images / 255.0 - np.array(METADATA["mean"], np.float32)) / np.array(
+      METADATA["std"], np.float32)
+  return net(tf.constant(x), training=False).numpy()
+
+
+def test_fresh_process_reload_matches_in_memory_model(tmp_path):
+  net = trained_like_network()
+  path = export.export_saved_model(net, str(tmp_path / "serving"),
+                                   metadata=METADATA, genotype=GENOTYPE)
+  assert path == str(tmp_path / "serving" / "1")
+  images = pixels()
+  np.save(tmp_path / "x.npy", images)
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH="")
+  proc = subprocess.run(
+      [sys.executable, "-c", RELOAD, path, str(tmp_path / "x.npy"),
+       str(tmp_path / "out.npz")], cwd=str(tmp_path), env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = np.load(tmp_path / "out.npz")
+  expected = in_memory(net, images)
+  assert np.abs(out["logits"] - expected).max() < 1e-5
+  probs = tf.nn.softmax(expected).numpy()
+  assert np.abs(out["probabilities"] - probs).max() < 1e-5
+  assert np.abs(expected).max() > 1e-3  # Not a trivially zero network.
+  assert Genotype.load(os.path.join(path, "genotype.json")) == GENOTYPE
+  meta = json.loads(open(os.path.join(path, "metadata.json")).read())
+  assert meta["input"]["shape"] == [None, 8, 8, 3]
+  assert meta["dataset"] == "synthetic" and len(meta["fingerprint"]) == 64
+  assert os.path.exists(os.path.join(path, "assets.extra", "metadata.json"))
+
+
+def test_saved_model_cli_lists_the_signature(tmp_path):
+  net = trained_like_network()
+  path = export.export_saved_model(net, str(tmp_path / "m"),
+                                   metadata=METADATA)
+  cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([cli, "show", "--dir", path, "--all"], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout
+  assert "signature_def['serving_default']" in text
+  assert "inputs['images']" in text and "(-1, 8, 8, 3)" in text
+  assert "outputs['logits']" in text and "outputs['probabilities']" in text
+
+
+def test_no_overwrite_of_a_different_model(tmp_path):
+  base = str(tmp_path / "m")
+  net = trained_like_network()
+  first = export.export_saved_model(net, base, metadata=METADATA, version=3)
+  before = {p: open(os.path.join(dp, p), "rb").read()
+            for dp, _, files in os.walk(first) for p in files}
+  # Same model again: the existing version is returned, untouched.
+  assert export.export_saved_model(net, base, metadata=METADATA,
+                                   version=3) == first
+  other = trained_like_network(seed=5)
+  with pytest.raises(export.ExportError, match="already holds a different"):
+    export.export_saved_model(other, base, metadata=METADATA, version=3)
+  after = {p: open(os.path.join(dp, p), "rb").read()
+           for dp, _, files in os.walk(first) for p in files}
+  assert before == after
+  # Without a version the next number is used.
+  assert export.export_saved_model(other, base, metadata=METADATA).endswith(
+      os.sep + "4")
+  assert not [d for d in os.listdir(base) if d.startswith(".tmp")]
+
+
+def test_bad_metadata(tmp_path):
+  net = trained_like_network()
+  with pytest.raises(export.ExportError, match="mean"):
+    export.export_saved_model(net, str(tmp_path / "m"),
+                              metadata={"input_shape": [8, 8, 3]})
+  with pytest.raises(export.ExportError, match="one value per channel"):
+    export.export_saved_model(
+        net, str(tmp_path / "m"),
+        metadata=dict(METADATA, mean=[0.5]))
+  assert not os.path.exists(tmp_path / "m")
+
+
+def test_readme_rest_body_fits_the_signature(tmp_path):
+  # The README's TF Serving :predict body, fed to the exported signature of
+  # a digits-shaped network (what TF Serving does with "instances").
+  import re
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "README.md")).read()
+  body = json.loads(re.findall(r"```json\n(.*?)\n```", readme, re.S)[0])
+  assert body["signature_name"] == export.SIGNATURE
+  images = np.asarray(body["instances"], np.float32)
+  assert images.shape == (1, 8, 8, 1) and images.max() <= 255
+  net = models.build_network("cifar", GENOTYPE, (8, 8, 1), 10, 2, 4,
+                             auxiliary=False)
+  meta = dict(METADATA, input_shape=[8, 8, 1], mean=[0.3], std=[0.4])
+  path = export.export_saved_model(net, str(tmp_path / "digits"),
+                                   metadata=meta)
+  fn = tf.saved_model.load(path).signatures[body["signature_name"]]
+  out = fn(images=tf.constant(images))
+  assert out["probabilities"].shape == (1, 10)
+  np.testing.assert_allclose(out["probabilities"].numpy().sum(), 1.0,
+                             rtol=1e-5)

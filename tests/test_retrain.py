@@ -1,0 +1,116 @@
+"""The retraining loop: exact resume, drop-path schedule, run-dir safety."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from tfnas.config import TrainConfig
+from tfnas.genotype import Genotype
+from tfnas.train import optim, rundir
+from tfnas.train.retrain import Retrain
+
+
+def tiny_config(run_dir, **overrides):
+  kwargs = dict(run_dir=str(run_dir), dataset="digits", genotype="DARTS_V2",
+                num_cells=2, channels=4, batch_size=32, epochs=2,
+                max_steps_per_epoch=3, steps_per_loop=2, pad_crop=1,
+                flip=False, cutout=2, lr=0.05, drop_path_prob=0.3, seed=4)
+  kwargs.update(overrides)
+  return TrainConfig(**kwargs)
+
+
+class RetrainTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.config.experimental.enable_op_determinism()
+
+  def test_resume_matches_uninterrupted_run(self):
+    base = self.get_temp_dir()
+    straight = Retrain(tiny_config(os.path.join(base, "a")),
+                       show_progress=False)
+    straight.run()
+    config = tiny_config(os.path.join(base, "b"))
+    first = Retrain(config, show_progress=False)
+    history = first.run(stop_after_epochs=1).history
+    self.assertLen(history, 1)
+    self.assertEqual(history[0]["train/drop_path_prob"], 0.0)
+    moved = [v.numpy() for v in first.network.trainable_weights]
+    resumed = Retrain(config, resume=True, show_progress=False)
+    result = resumed.run()
+    self.assertLen(result.history, 1)
+    self.assertEqual(result.history[0]["epoch"], 2)
+    # Epoch 2 of 2 uses drop-path 0.3 * 1/2.
+    self.assertAllClose(result.history[0]["train/drop_path_prob"], 0.15)
+    changed = 0.0
+    for a, b in zip(straight.network.weights, resumed.network.weights):
+      self.assertAllClose(a.numpy(), b.numpy(), atol=1e-6, msg=a.path)
+    for a, m in zip(straight.network.trainable_weights, moved):
+      changed = max(changed, float(np.abs(a.numpy() - m).max()))
+    self.assertGreater(changed, 1e-4)  # Epoch 2 really trained.
+    saved = Genotype.load(os.path.join(base, "b", "genotype.json"))
+    self.assertEqual(saved, resumed.genotype)
+    lines = open(os.path.join(base, "b", "history.jsonl")).read().splitlines()
+    self.assertEqual([json.loads(l)["epoch"] for l in lines], [1, 2])
+
+  def test_run_dir_refuses_other_run(self):
+    run_dir = os.path.join(self.get_temp_dir(), "r")
+    Retrain(tiny_config(run_dir, epochs=1, max_steps_per_epoch=1),
+            show_progress=False).run()
+    before = {f: os.path.getmtime(os.path.join(run_dir, f))
+              for f in os.listdir(run_dir)}
+    with self.assertRaisesRegex(rundir.RunDirError, "already holds a run"):
+      Retrain(tiny_config(run_dir, epochs=1), show_progress=False)
+    with self.assertRaisesRegex(rundir.RunDirError, "different config"):
+      Retrain(tiny_config(run_dir, channels=6), resume=True,
+              show_progress=False)
+    after = {f: os.path.getmtime(os.path.join(run_dir, f))
+             for f in os.listdir(run_dir)}
+    self.assertEqual(before, after)
+
+
+def test_exponential_schedule():
+  lr = optim.exponential_schedule(0.1, 0.97, steps_per_epoch=10)
+  np.testing.assert_allclose([float(lr(tf.constant(s, tf.int64)))
+                              for s in (0, 9, 10, 25)],
+                             [0.1, 0.1, 0.097, 0.1 * 0.97 ** 2], rtol=1e-6)
+
+
+# Runs in its own interpreter: collectives of MirroredStrategy objects that
+# earlier tests created in the same process (same devices) can collide.
+MIRRORED = """
+import json, os, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfnas.config import TrainConfig
+from tfnas.train.retrain import Retrain
+devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+strategy = tf.distribute.MirroredStrategy(devices)
+config = TrainConfig(run_dir=sys.argv[1], dataset="digits",
+                     genotype="DARTS_V2", num_cells=2, channels=4,
+                     batch_size=32, epochs=2, max_steps_per_epoch=2,
+                     steps_per_loop=2, pad_crop=1, flip=False,
+                     drop_path_prob=0.3, seed=4)
+run = Retrain(config, strategy=strategy, show_progress=False)
+print(json.dumps([strategy.num_replicas_in_sync, run.run().history]))
+"""
+
+
+def test_two_replicas_train_and_evaluate(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-c", MIRRORED,
+                         str(tmp_path / "m")], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  replicas, history = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert replicas == 2 and len(history) == 2
+  for metrics in history:
+    assert np.isfinite(metrics["train/loss"])
+    assert 0.0 <= metrics["val/acc"] <= 1.0

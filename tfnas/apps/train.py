@@ -1,0 +1,61 @@
+"""tfnas-train: retrain a derived network from scratch.
+
+    tfnas-train --flagfile=flags/train_digits.cfg
+    tfnas-train --flagfile=flags/train_cifar10.cfg --genotype=runs/x
+
+Writes config.json, genotype.json, checkpoints (ckpt/), TensorBoard events
+(tb/) and history.jsonl into --run_dir; ``tfnas-export --run_dir=...`` turns
+the result into a SavedModel for TF Serving.
+"""
+
+from __future__ import annotations
+
+from absl import app
+
+from tfnas import flags as tfnas_flags
+from tfnas.apps import common
+from tfnas.config import TrainConfig
+
+tfnas_flags.define_run_flags(TrainConfig())
+tfnas_flags.define_data_flags(TrainConfig())
+tfnas_flags.define_train_flags()
+FLAGS = tfnas_flags.FLAGS
+
+
+def describe_cost(network_cost) -> str:
+  return (f"{network_cost.params / 1e6:.3f}M parameters (auxiliary head "
+          f"excluded), {network_cost.madds / 1e6:.1f}M multiply-adds per "
+          f"image")
+
+
+@common.clean_errors("tfnas-train")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = tfnas_flags.train_config()  # Validated before TF loads.
+  tf = common.import_tensorflow()
+  import keras
+  from tfnas.train.retrain import Retrain
+  if config.deterministic:
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+  strategy = common.make_strategy(FLAGS.strategy)
+  run = Retrain(config, strategy, resume=FLAGS.resume,
+                show_progress=FLAGS.progress)
+  print(run.genotype)
+  print(f"network: {config.network}, {config.num_cells} cells, "
+        f"C={config.channels}: {describe_cost(run.cost)}")
+  result = run.run()
+  if result.history:
+    last = result.history[-1]
+    shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("val/acc", "train/acc")
+                      if k in last)
+    print(f"final: {shown}; run directory: {config.run_dir}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

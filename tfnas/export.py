@@ -1,0 +1,195 @@
+"""SavedModel export of a derived network for TF Serving.
+
+``export_saved_model(model, base_path, metadata=..., genotype=...)`` writes
+
+    base_path/<version>/saved_model.pb, variables/   (the SavedModel)
+    base_path/<version>/assets.extra/genotype.json   (when a genotype is given)
+    base_path/<version>/assets.extra/metadata.json
+
+so ``model_base_path=base_path`` serves it with TF Serving (which loads the
+highest numeric version). ``genotype.json`` and ``metadata.json`` are also
+written directly into ``base_path/<version>/`` for people and tools.
+
+Serving contract (signature ``serving_default``):
+
+* input ``images``: float32 ``[batch, H, W, C]`` with the dataset's image
+  size and channels (``metadata["input_shape"]``), raw pixel values in
+  ``[0, 255]`` (what ``tfnas.data`` loaders return before normalisation);
+* the exported function normalises inside: ``(images / 255 - mean) / std``
+  with the dataset's per-channel mean and std (``metadata``);
+* outputs ``logits`` and ``probabilities`` (softmax), float32
+  ``[batch, num_classes]``; the model runs in inference mode (moving BN
+  statistics, no drop-path, no auxiliary head).
+
+An existing version directory is never overwritten: exporting the same model
+again (same weights, genotype and metadata: same fingerprint) returns the
+existing path, a different model raises :class:`ExportError`. The version
+is written to a hidden temporary directory and renamed into place, so TF
+Serving never sees a partial version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from tfnas.errors import TfnasError
+
+SIGNATURE = "serving_default"
+REQUIRED_METADATA = ("input_shape", "mean", "std")
+
+
+class ExportError(TfnasError):
+  """The export cannot be written as asked; the message says why."""
+
+
+class _ServingModule(tf.Module):
+  """Wraps the Keras model with the normalisation and a fixed signature."""
+
+  def __init__(self, model, input_shape, mean, std):
+    super().__init__(name="tfnas_serving")
+    self.model = model
+    self._mean = tf.constant(mean, tf.float32)
+    self._std = tf.constant(std, tf.float32)
+    spec = tf.TensorSpec([None, *input_shape], tf.float32, name="images")
+    self.serve = tf.function(self._serve, input_signature=[spec])
+
+  def _serve(self, images):
+    x = (images / 255.0 - self._mean) / self._std
+    logits = tf.cast(self.model(x, training=False), tf.float32)
+    return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+
+def model_fingerprint(model, metadata: Mapping[str, Any],
+                      genotype=None) -> str:
+  """SHA-256 of the weights (names, shapes, values), genotype and metadata."""
+  digest = hashlib.sha256()
+  for v in model.weights:
+    value = np.asarray(v.numpy())
+    digest.update(f"{v.path}:{value.dtype}:{value.shape}".encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  if genotype is not None:
+    digest.update(json.dumps(genotype.to_dict(), sort_keys=True).encode())
+  digest.update(json.dumps(dict(metadata), sort_keys=True).encode())
+  return digest.hexdigest()
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+  missing = [k for k in REQUIRED_METADATA if k not in metadata]
+  if missing:
+    raise ExportError(f"metadata lacks {missing}; the serving function needs "
+                      f"the input shape and the normalisation mean/std")
+  shape = [int(d) for d in metadata["input_shape"]]
+  if len(shape) != 3 or min(shape) < 1:
+    raise ExportError(f"metadata input_shape {metadata['input_shape']!r} "
+                      f"must be [H, W, C]")
+  for key in ("mean", "std"):
+    if len(metadata[key]) != shape[2]:
+      raise ExportError(f"metadata {key} {metadata[key]!r} needs one value "
+                        f"per channel ({shape[2]})")
+  out = dict(metadata)
+  out["input_shape"] = shape
+  return out
+
+
+def _existing_versions(base_path: str) -> list[int]:
+  if not os.path.isdir(base_path):
+    return []
+  return sorted(int(d) for d in os.listdir(base_path) if d.isdigit())
+
+
+def _read_fingerprint(version_dir: str) -> str | None:
+  try:
+    with open(os.path.join(version_dir, "metadata.json")) as f:
+      return json.load(f).get("fingerprint")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
+                       genotype=None, version: int | None = None) -> str:
+  """Writes ``base_path/<version>/`` (SavedModel + genotype + metadata).
+
+  Args:
+    model: a Keras model mapping NORMALISED images ``[B, H, W, C]`` to
+      logits; called as ``model(x, training=False)``.
+    base_path: the TF Serving ``model_base_path``.
+    metadata: JSON-serialisable facts about the model; must contain
+      ``input_shape`` ``[H, W, C]``, ``mean`` and ``std`` (per channel, of
+      images scaled to ``[0, 1]``). Recommended: ``dataset``,
+      ``num_classes``, ``params``. The export adds ``signature``,
+      ``input``, ``outputs``, ``version`` and ``fingerprint``.
+    genotype: optional :class:`tfnas.genotype.Genotype`, saved as
+      genotype.json.
+    version: version directory number (>= 1); default: one above the
+      highest existing version (1 for a new base path).
+
+  Returns:
+    The version directory written (or the existing identical one).
+
+  Raises:
+    ExportError: bad metadata or version, or ``base_path/<version>`` holds a
+      different model (nothing is overwritten).
+  """
+  metadata = _check_metadata(metadata)
+  if version is None:
+    versions = _existing_versions(base_path)
+    version = versions[-1] + 1 if versions else 1
+  if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    raise ExportError(f"version must be an integer >= 1, got {version!r}")
+  fingerprint = model_fingerprint(model, metadata, genotype)
+  target = os.path.join(base_path, str(version))
+  if os.path.exists(target):
+    existing = _read_fingerprint(target)
+    if existing == fingerprint:
+      return target
+    raise ExportError(
+        f"{target} already holds a different model (fingerprint "
+        f"{existing or 'unknown'}, this model {fingerprint[:12]}...); "
+        f"choose another --version or --export_dir, nothing was written")
+  if os.path.exists(base_path) and not os.path.isdir(base_path):
+    raise ExportError(f"export path {base_path} exists and is not a "
+                      f"directory")
+  os.makedirs(base_path, exist_ok=True)
+  shape = metadata["input_shape"]
+  full_metadata = dict(metadata)
+  full_metadata.update(
+      signature=SIGNATURE,
+      input={"name": "images", "dtype": "float32",
+             "shape": [None, *shape], "range": [0, 255],
+             "normalisation": "(images / 255 - mean) / std, inside the model"},
+      outputs={"logits": "float32 [batch, num_classes]",
+               "probabilities": "float32 [batch, num_classes], softmax"},
+      version=version, fingerprint=fingerprint)
+  module = _ServingModule(model, shape, metadata["mean"], metadata["std"])
+  tmp = tempfile.mkdtemp(dir=base_path, prefix=f".tmp-{version}-")
+  try:
+    signature = module.serve.get_concrete_function()
+    tf.saved_model.save(module, tmp, signatures={SIGNATURE: signature})
+    texts = {"metadata.json": json.dumps(full_metadata, indent=2,
+                                         sort_keys=True) + "\n"}
+    if genotype is not None:
+      texts["genotype.json"] = genotype.to_json() + "\n"
+    extra = os.path.join(tmp, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    for name, text in texts.items():
+      for directory in (tmp, extra):
+        with open(os.path.join(directory, name), "w") as f:
+          f.write(text)
+    try:
+      os.rename(tmp, target)  # Fails if target appeared meanwhile.
+    except OSError as e:
+      raise ExportError(f"cannot move the export into {target} ({e}); "
+                        f"nothing was overwritten") from None
+    tmp = None
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return target

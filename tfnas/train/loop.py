@@ -1,0 +1,116 @@
+"""Machinery shared by the search loop and the retraining loop.
+
+Both loops run epochs of compiled chunks (``steps_per_loop`` steps per
+``tf.function`` call), checkpoint with a ``tf.train.CheckpointManager``
+(epoch and step-in-epoch included, so a resumed run continues mid-epoch),
+save on SIGTERM / Ctrl-C before exiting, draw a progress bar and append one
+JSON line of metrics per epoch to ``history.jsonl``. The pieces live here;
+what a step computes stays with each loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from typing import Callable, Mapping
+
+from absl import logging as log
+import tensorflow as tf
+
+from tfnas.train.progress import progress_bar
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+  """Yields a list that gets an entry when SIGTERM arrives.
+
+  The loop checks it between compiled chunks, saves a checkpoint and stops
+  (a scheduler's SIGTERM then loses at most one chunk). The previous handler
+  is restored on exit; outside the main thread nothing is installed.
+  """
+  interrupted = []
+  try:
+    previous = signal.signal(signal.SIGTERM,
+                             lambda signum, frame: interrupted.append(signum))
+  except ValueError:  # Not the main thread.
+    previous = None
+  try:
+    yield interrupted
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
+                       resuming: bool, max_to_keep: int = 3):
+  """The run's CheckpointManager (``run_dir/ckpt``); restores when resuming."""
+  manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
+  if resuming:
+    if manager.latest_checkpoint is None:
+      log.warning("no checkpoint in %s yet; starting from scratch", run_dir)
+    else:
+      checkpoint.restore(
+          manager.latest_checkpoint).assert_existing_objects_matched()
+      log.info("resumed from %s", manager.latest_checkpoint)
+  return manager
+
+
+def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
+              steps: int, start: int, steps_per_loop: int,
+              checkpoint_every_steps: int, step_in_epoch: tf.Variable,
+              interrupted: list, save: Callable[[], None], desc: str,
+              show_progress: bool,
+              loss_keys=("train/loss_sum", "train/count")) -> dict:
+  """Runs the steps ``start..steps`` of one epoch in compiled chunks.
+
+  Args:
+    run_chunk: ``run_chunk(n)`` runs ``n`` steps (and writes its per-chunk
+      summaries), returns the chunk's metric sums.
+    steps: steps in the epoch.
+    start: steps already done (resumed mid-epoch).
+    steps_per_loop: steps per compiled call.
+    checkpoint_every_steps: also save every N steps inside the epoch (0:
+      never inside an epoch).
+    step_in_epoch: variable recording progress (checkpointed).
+    interrupted: the list of :func:`sigterm_flag`.
+    save: writes a checkpoint (and whatever else the loop saves).
+    desc: progress-bar label.
+    show_progress: draw the bar.
+    loss_keys: (sum, count) keys shown as the running loss.
+
+  Returns:
+    The epoch's totals of every key ``run_chunk`` returns.
+
+  Raises:
+    KeyboardInterrupt: after saving, when SIGTERM arrived.
+  """
+  totals = {}
+  with progress_bar(steps, initial=start, desc=desc,
+                    enabled=show_progress) as bar:
+    done = start
+    while done < steps:
+      n = min(steps_per_loop, steps - done)
+      if checkpoint_every_steps:
+        n = min(n, checkpoint_every_steps - done % checkpoint_every_steps)
+      out = run_chunk(n)
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      done += n
+      step_in_epoch.assign(done)
+      loss_sum, count = loss_keys
+      bar.update(n, loss=totals[loss_sum] / max(totals[count], 1.0))
+      if interrupted or (checkpoint_every_steps and
+                         done % checkpoint_every_steps == 0 and done < steps):
+        save()
+      if interrupted:
+        raise KeyboardInterrupt
+  return totals
+
+
+def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
+  """Appends one JSON line of epoch metrics to ``run_dir/history.jsonl``."""
+  with open(os.path.join(run_dir, "history.jsonl"), "a") as f:
+    f.write(json.dumps(dict(metrics)) + "\n")

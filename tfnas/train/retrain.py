@@ -1,0 +1,293 @@
+"""Retraining a derived network from scratch (the evaluation recipe).
+
+    for epoch:                                  (eager, between loops)
+      drop_path_prob = final * epoch / epochs
+      for chunk of steps_per_loop steps:        (one tf.function call)
+        strategy.run(step, batch)               (CE + aux_weight * CE_aux)
+      evaluate on the test split, TensorBoard, checkpoint, history.jsonl
+
+The run directory, checkpointing (epoch and step in epoch), SIGTERM saving,
+progress bars and history come from ``tfnas.train.loop``, shared with the
+search loop. The run directory also receives ``genotype.json`` (the
+architecture being trained) so that ``tfnas-export`` can rebuild the
+network from the directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from absl import logging as log
+import keras
+import tensorflow as tf
+
+from tfnas import cost
+from tfnas import data as data_lib
+from tfnas import genotypes
+from tfnas import models
+from tfnas.config import TrainConfig
+from tfnas.distribute import ordered_all_reduce
+from tfnas.genotype import Genotype
+from tfnas.train import loop, optim, rundir, summaries
+from tfnas.train.step import cross_entropy
+
+
+@dataclasses.dataclass
+class TrainResult:
+  history: list  # One dict of epoch metrics per epoch.
+  cost: cost.NetworkCost
+
+
+def load_genotype(config: TrainConfig, resuming: bool) -> Genotype:
+  """The run's genotype: its saved copy when resuming, else ``--genotype``."""
+  saved = os.path.join(config.run_dir, "genotype.json")
+  if resuming and os.path.exists(saved):
+    return Genotype.load(saved)
+  return genotypes.resolve(config.genotype)
+
+
+def build_network(config: TrainConfig, genotype: Genotype,
+                  info: data_lib.DatasetInfo) -> models._EvalNetwork:
+  """The evaluation network a config describes (also used by export)."""
+  return models.build_network(
+      config.network, genotype, info.input_shape, info.num_classes,
+      config.num_cells, config.channels,
+      auxiliary=config.auxiliary_weight > 0)
+
+
+class Retrain:
+  """A retraining run: builds everything under a strategy and runs the loop.
+
+  Args:
+    config: the frozen train config.
+    strategy: a ``tf.distribute`` strategy (default strategy if None).
+    resume: continue from the last checkpoint of ``config.run_dir``.
+    show_progress: draw a progress bar per epoch.
+  """
+
+  def __init__(self, config: TrainConfig, strategy=None, resume=False,
+               show_progress=True):
+    self.config = config
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.show_progress = show_progress
+    self.info = data_lib.dataset_info(config.dataset)
+    # Bad genotypes and data fail before the run directory is touched.
+    has_saved = resume and os.path.exists(
+        os.path.join(config.run_dir, "genotype.json"))
+    self.genotype = load_genotype(config, has_saved)
+    self.cost = cost.network_cost(
+        self.genotype, config.network, self.info.input_shape,
+        self.info.num_classes, config.num_cells, config.channels)
+    load = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
+    self.train_x, self.train_y = data_lib.load_split(config.dataset, "train",
+                                                     **load)
+    self.test_x, self.test_y = data_lib.load_split(config.dataset, "test",
+                                                   **load)
+    steps = len(self.train_y) // config.batch_size
+    if steps < 1:
+      raise data_lib.DataError(
+          f"--batch_size={config.batch_size} is larger than the training "
+          f"split ({len(self.train_y)} examples)")
+    if config.max_steps_per_epoch:
+      steps = min(steps, config.max_steps_per_epoch)
+    self.steps_per_epoch = steps
+    self.augment = data_lib.AugmentConfig(
+        pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
+    self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
+                                   TrainConfig.RESUMABLE_CHANGES)
+    if not has_saved:
+      self.genotype.save(os.path.join(config.run_dir, "genotype.json"))
+    self._build()
+
+  # ------------------------------------------------------------------ build
+  def _build(self):
+    config, steps = self.config, self.steps_per_epoch
+    keras.utils.set_random_seed(config.seed)
+    if config.lr_schedule == "cosine":
+      schedule = optim.cosine_schedule(config.lr, config.lr_min,
+                                       config.epochs, steps)
+    else:
+      schedule = optim.exponential_schedule(config.lr, config.lr_decay, steps)
+    with self.strategy.scope():
+      self.network = build_network(config, self.genotype, self.info)
+      self.optimizer = optim.SGD(schedule, momentum=config.momentum,
+                                 weight_decay=config.weight_decay,
+                                 clip_norm=config.grad_clip or None,
+                                 name="sgd")
+      self.optimizer.build(self.network.trainable_variables)
+      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self.checkpoint = tf.train.Checkpoint(
+        network=self.network, optimizer=self.optimizer, epoch=self.epoch,
+        step_in_epoch=self.step_in_epoch)
+    self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
+                                           self.resuming)
+    self._train_loop = self._make_train_loop()
+    self._eval_step = self._make_eval_step()
+    self.writer = tf.summary.create_file_writer(
+        os.path.join(config.run_dir, "tb"))
+
+  def _stream(self, images, labels, training, epoch=0, skip=0):
+    config = self.config
+
+    def fn(input_context):
+      return data_lib.make_dataset(
+          images, labels, self.info, batch_size=config.batch_size,
+          training=training, epoch=epoch, seed=config.seed,
+          augment=self.augment, skip_batches=skip,
+          input_context=input_context, drop_remainder=training)
+    return self.strategy.distribute_datasets_from_function(fn)
+
+  def _metrics(self, prefix, loss_sum, logits, labels):
+    correct = tf.reduce_sum(tf.cast(tf.equal(
+        tf.argmax(logits, -1, output_type=tf.int32),
+        tf.cast(labels, tf.int32)), tf.float32))
+    return {f"{prefix}/loss_sum": loss_sum, f"{prefix}/correct": correct,
+            f"{prefix}/count": tf.cast(tf.shape(labels)[0], tf.float32)}
+
+  def _make_train_loop(self):
+    config, strategy, net = self.config, self.strategy, self.network
+    optimizer = self.optimizer
+    aux_weight = config.auxiliary_weight
+    global_batch = float(config.batch_size)
+    keys = ("train/loss_sum", "train/correct", "train/count")
+
+    def step(images, labels):
+      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+      seed = tf.stack([tf.cast(config.seed, tf.int64),
+                       optimizer.iterations * 1024 + tf.cast(replica,
+                                                             tf.int64)])
+      variables = net.trainable_variables
+      with tf.GradientTape() as tape:
+        out = net(images, training=True, drop_seed=seed)
+        logits, aux_logits = out if isinstance(out, tuple) else (out, None)
+        ce = tf.reduce_sum(cross_entropy(logits, labels,
+                                         config.label_smoothing))
+        loss = ce / global_batch
+        if aux_logits is not None:
+          aux = tf.reduce_sum(cross_entropy(aux_logits, labels,
+                                            config.label_smoothing))
+          loss += aux_weight * aux / global_batch
+      grads = tape.gradient(loss, variables,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      optimizer.apply(ordered_all_reduce(grads), variables)
+      return self._metrics("train", ce, logits, labels)
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+      totals = tuple(tf.constant(0.0) for _ in keys)
+      for _ in tf.range(num_steps):
+        per_replica = strategy.run(step, args=next(iterator))
+        totals = tuple(
+            t + strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
+                                axis=None)
+            for t, k in zip(totals, keys))
+      return dict(zip(keys, totals))
+    return train_loop
+
+  def _make_eval_step(self):
+    strategy, net = self.strategy, self.network
+
+    @tf.function
+    def eval_step(batch):
+      def replica(images, labels):
+        def compute():
+          logits = net(images, training=False)
+          ce = tf.reduce_sum(cross_entropy(logits, labels))
+          return self._metrics("eval", ce, logits, labels)
+
+        def empty():
+          return {f"eval/{k}": tf.constant(0.0)
+                  for k in ("loss_sum", "correct", "count")}
+        # The last, partial test batch may leave a replica without examples
+        # (some CPU kernels mis-shape empty batches).
+        return tf.cond(tf.shape(labels)[0] > 0, compute, empty)
+      per_replica = strategy.run(replica, args=batch)
+      return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+              for k, v in per_replica.items()}
+    return eval_step
+
+  # ------------------------------------------------------------------- run
+  def evaluate(self) -> dict[str, float]:
+    """Loss and accuracy on the test split (moving BN statistics)."""
+    totals = {}
+    for batch in self._stream(self.test_x, self.test_y, training=False):
+      for k, v in self._eval_step(batch).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("eval/count", 0.0), 1.0)
+    return {"val/loss": totals["eval/loss_sum"] / count,
+            "val/acc": totals["eval/correct"] / count}
+
+  def _save(self):
+    self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+
+  def run(self, stop_after_epochs: int | None = None) -> TrainResult:
+    """Runs the remaining epochs (or only ``stop_after_epochs`` of them)."""
+    config = self.config
+    history = []
+    epochs_run = 0
+    with loop.sigterm_flag() as interrupted:
+      try:
+        while int(self.epoch.numpy()) < config.epochs:
+          if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            break
+          epochs_run += 1
+          history.append(self._run_epoch(interrupted))
+      except KeyboardInterrupt:
+        self._save()
+        self.writer.flush()
+        log.warning("interrupted: state saved in %s; rerun with --resume to "
+                    "continue", config.run_dir)
+        raise
+    return TrainResult(history, self.cost)
+
+  def _run_epoch(self, interrupted) -> dict:
+    config, steps = self.config, self.steps_per_epoch
+    epoch = int(self.epoch.numpy())
+    start = int(self.step_in_epoch.numpy())
+    drop_prob = config.drop_path_prob * epoch / config.epochs
+    self.network.drop_path_prob.assign(drop_prob)
+    iterator = iter(self._stream(self.train_x, self.train_y, True, epoch,
+                                 start))
+    t0 = time.time()
+
+    def run_chunk(n):
+      lr = float(self.optimizer.current_lr())
+      out = self._train_loop(iterator, tf.constant(n))
+      summaries.write_scalars(self.writer, {
+          "train/lr": lr,
+          "train/step_loss": float(out["train/loss_sum"]) /
+                             max(float(out["train/count"]), 1.0)},
+          int(self.optimizer.iterations.numpy()))
+      return out
+
+    totals = loop.run_epoch(
+        run_chunk=run_chunk, steps=steps, start=start,
+        steps_per_loop=config.steps_per_loop,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        step_in_epoch=self.step_in_epoch, interrupted=interrupted,
+        save=self._save, desc=f"epoch {epoch + 1}/{config.epochs}",
+        show_progress=self.show_progress)
+    metrics = {}
+    count = totals.get("train/count", 0.0)
+    if count:
+      metrics["train/loss"] = totals["train/loss_sum"] / count
+      metrics["train/acc"] = totals["train/correct"] / count
+    metrics.update(self.evaluate())
+    metrics["train/drop_path_prob"] = drop_prob
+    metrics["epoch_seconds"] = time.time() - t0
+    self.epoch.assign(epoch + 1)
+    self.step_in_epoch.assign(0)
+    self._save()
+    summaries.write_scalars(
+        self.writer, {k: v for k, v in metrics.items()
+                      if k.startswith(("train/", "val/"))},
+        int(self.optimizer.iterations.numpy()))
+    self.writer.flush()
+    metrics["epoch"] = epoch + 1
+    log.info("epoch %d: %s", epoch + 1, ", ".join(
+        f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+    loop.append_history(config.run_dir, metrics)
+    return metrics
