@@ -90,6 +90,17 @@ class SearchLoopTest(tf.test.TestCase):
     self.assertEqual(record["groups"]["normal"]["candidates"][0], "none")
 
 
+def test_checkpoint_holds_every_network_variable(tmp_path):
+  """Cells, edges and ops kept in lists/dicts are checkpoint dependencies."""
+  from tfnas.spaces import darts as darts_space
+  net = darts_space.build_search_network(helpers.tiny_space(), (8, 8, 3))
+  path = tf.train.Checkpoint(network=net).write(str(tmp_path / "ckpt"))
+  saved = [n for n, _ in tf.train.list_variables(path)
+           if n.endswith("VARIABLE_VALUE")]
+  assert len(saved) == len(net.variables)
+  assert any("moving_mean" in n and "cell_0" in n for n in saved)
+
+
 def mirrored_cpu_strategy():
   return mirrored_strategy(["/cpu:0", "/cpu:1"])
 

@@ -80,6 +80,8 @@ class Cell(keras.layers.Layer):
                 self.edge_ops[e], affine=affine,
                 shared_functions=shared_functions, name=f"edge_{e}_{j}to{n}")
         for e, (n, j) in enumerate(self.edges)]
+    for e, mixed_op in enumerate(self.mixed_ops):  # Checkpoint dependencies.
+      setattr(self, f"edge_{e}", mixed_op)
 
   def build(self, input_shape):
     self.built = True

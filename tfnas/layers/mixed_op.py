@@ -83,6 +83,7 @@ class MixedOp(keras.layers.Layer):
         op = keras.Sequential([op, BatchNorm(affine=False, name="bn")],
                               name=op_name)
       self.ops[op_name] = op
+      setattr(self, f"op_{op_name}", op)  # A checkpoint dependency.
 
   def build(self, input_shape):
     self.built = True  # Sublayers build on first call (fast Keras 3 build).

@@ -170,6 +170,9 @@ class SearchNetwork(keras.Model):
                                    space.recompute_unit == "edge"),
                   name=f"cell_{i}_{cell_type}")
       self.cells.append(cell)
+      # Keras 3 tracks the list for its own variable collection, but
+      # tf.train.Checkpoint only follows attributes: name each cell.
+      setattr(self, f"cell_{i}", cell)
       reduction_prev = reduction
       c_pp, c_p = c_p, space.num_nodes * c_cur
     self.pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
