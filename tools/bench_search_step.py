@@ -58,6 +58,8 @@ def _parse_args(argv=None):
                  help="tf.config inter-op threads (0: TensorFlow's default)")
   p.add_argument("--intra_op_threads", type=int, default=0,
                  help="tf.config intra-op threads (0: TensorFlow's default)")
+  p.add_argument("--no_grappler", action="store_true",
+                 help="disable TF's graph optimiser (grappler meta-optimizer)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -109,6 +111,9 @@ def _measure(args, which: str) -> dict:
   import numpy as np
   import tensorflow as tf
 
+  if args.no_grappler:
+    tf.config.optimizer.set_experimental_options(
+        {"disable_meta_optimizer": True})
   if args.inter_op_threads:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
   if args.intra_op_threads:
