@@ -40,6 +40,7 @@ from tfnas.errors import TfnasError
 from tfnas.spaces import registry as space_registry
 from tfnas.train import optim, rundir, summaries
 from tfnas.train.progress import progress_bar
+from tfnas.train.checkpointing import ModelVariables
 from tfnas.train.step import StepContext
 
 
@@ -182,7 +183,7 @@ class Search:
     if hasattr(self.estimator, "checkpoint_objects"):
       extra.update(self.estimator.checkpoint_objects())
     self.checkpoint = tf.train.Checkpoint(
-        network=self.network, arch=self.arch, weight_optimizer=self.w_opt,
+        network=ModelVariables(self.network), arch=self.arch, weight_optimizer=self.w_opt,
         arch_optimizer=self.a_opt, epoch=self.epoch,
         step_in_epoch=self.step_in_epoch, **extra)
     self.manager = tf.train.CheckpointManager(
