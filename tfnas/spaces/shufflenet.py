@@ -160,11 +160,24 @@ class ShuffleNetSupernet(keras.Model):
     arch_weights: alone, ``{"blocks": [num_blocks, num_choices]}`` mixes every
       candidate of every block (SNAS-style).
   Returns ``[B, num_classes]`` logits.
+
+  Args:
+    space: the space config.
+    block_choices: optional candidate name per block: block b then holds
+      only that candidate (a derived child, `tfnas.child`); indices refer
+      to the one-element choice lists, i.e. are all 0.
   """
 
-  def __init__(self, space: ShuffleNetSpaceConfig, **kwargs):
+  def __init__(self, space: ShuffleNetSpaceConfig,
+               block_choices: Sequence[str] | None = None, **kwargs):
     super().__init__(**kwargs)
     self.space = space
+    if block_choices is not None:
+      block_choices = tuple(block_choices)
+      if len(block_choices) != space.num_blocks:
+        raise ValueError(f"block_choices has {len(block_choices)} entries, "
+                         f"expected {space.num_blocks}: {block_choices}")
+    self.block_choices = block_choices
     with synchronized_batch_norm(space.sync_batch_norm):
       self._create_layers(space)
 
@@ -177,7 +190,9 @@ class ShuffleNetSupernet(keras.Model):
     self.stem_pool = (ops.Pool("max", 3, 2, name="stem_pool")
                       if space.stem_pool else None)
     self.blocks = [
-        ChoiceBlock(c_in, c_out, stride, space.choices,
+        ChoiceBlock(c_in, c_out, stride,
+                    space.choices if self.block_choices is None
+                    else (self.block_choices[b],),
                     mid_channels=space.mid_channels(c_out),
                     shared_functions=space.shared_functions, name=f"block_{b}")
         for b, (c_in, c_out, stride) in enumerate(space.blocks())]
@@ -196,6 +211,8 @@ class ShuffleNetSupernet(keras.Model):
   def call(self, images, arch_weights=None, arch_indices=None, training=None):
     weights = None if arch_weights is None else arch_weights.get(GROUP)
     indices = None if arch_indices is None else arch_indices.get(GROUP)
+    if indices is None and weights is None and self.block_choices is not None:
+      indices = (0,) * self.space.num_blocks  # A child has one architecture.
     if indices is None and weights is None:
       keys = None if arch_weights is None else list(arch_weights)
       raise ValueError(f"ShuffleNetSupernet needs arch_indices[{GROUP!r}] "
@@ -206,6 +223,9 @@ class ShuffleNetSupernet(keras.Model):
     if indices is not None and len(indices) != n:
       raise ValueError(f"arch_indices[{GROUP!r}] has {len(indices)} entries, "
                        f"expected one per block ({n}): {tuple(indices)}")
+    if weights is not None and self.block_choices is not None:
+      raise ValueError("a ShuffleNetSupernet with block_choices runs single "
+                       "path only (arch_indices of zeros, no arch_weights)")
     if weights is not None and tuple(weights.shape) != (
         n, len(self.space.choices)):
       raise ValueError(f"arch_weights[{GROUP!r}] has shape "
@@ -231,7 +251,9 @@ class ShuffleNetSupernet(keras.Model):
 
   def get_config(self):
     config = super().get_config()
-    config.update(space=dataclasses.asdict(self.space))
+    config.update(space=dataclasses.asdict(self.space),
+                  block_choices=(None if self.block_choices is None
+                                 else list(self.block_choices)))
     return config
 
   @classmethod
@@ -272,6 +294,24 @@ def build_shufflenet_supernet(space: ShuffleNetSpaceConfig,
   net(tf.zeros([1, *input_shape]), arch_weights={GROUP: uniform},
       training=False)
   return net
+
+
+def network_flops(space: ShuffleNetSpaceConfig, choices: Sequence[int],
+                  image_size: int | None = None, in_channels: int = 3) -> int:
+  """Multiply-adds of one image through the child with ``choices`` (indices
+  into ``space.choices``): stem conv, the chosen candidates, head conv and
+  classifier (BN, ReLU, pooling not counted)."""
+  size = image_size or space.input_size
+  stem = -(-size // space.stem_stride)
+  total = stem * stem * 9 * in_channels * space.stem_channels
+  table = block_costs(space, size)
+  total += sum(table[b, int(k), 1] for b, k in enumerate(choices))
+  last = stem if not space.stem_pool else -(-stem // 2)
+  for _, _, stride in space.blocks():
+    last = -(-last // stride)
+  total += last * last * space.stage_channels[-1] * space.head_channels
+  total += space.head_channels * space.num_classes
+  return int(total)
 
 
 def _spec_cost(spec, size: int, in_channels: int) -> tuple[int, int, int]:
