@@ -1,4 +1,4 @@
-"""Search checkpoints hold every network variable (lists/dicts of layers too)."""
+"""Search checkpoints hold every network variable (layers in lists too)."""
 
 import numpy as np
 import tensorflow as tf

@@ -1,4 +1,4 @@
-"""The derived child with inherited weights: predictions, cost, BN, SavedModel."""
+"""The derived child with inherited weights: predictions, cost, BN, export."""
 
 import os
 

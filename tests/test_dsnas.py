@@ -224,6 +224,22 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
                         f[np.arange(5), BLOCK_CHILD["blocks"]].sum())
 
 
+class FlopsTablesTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("blocks", "cells")
+  def test_costliest_child_costs_one(self, kind):
+    from tfnas import objectives
+    space = tiny_block_space() if kind == "blocks" else helpers.tiny_space()
+    tables = objectives.decision_flops_tables(space, 8)
+    groups = {g.name: g for g in space.decision_groups()}
+    for name, table in tables.items():
+      self.assertEqual(table.shape, (groups[name].num_decisions,
+                                     len(groups[name].candidates)))
+    self.assertAllClose(sum(t.max(axis=1).sum() for t in tables.values()), 1)
+    if kind == "cells":  # `none` and skip (identity) cost nothing.
+      self.assertAllEqual(tables["normal"][:, 0], np.zeros(5))
+
+
 class EarlyStopTest(tf.test.TestCase):
 
   def test_gaps_by_hand(self):

@@ -84,9 +84,16 @@ class DsnasSearchTest(tf.test.TestCase):
     config = dsnas_config(
         os.path.join(self.get_temp_dir(), "c"), space="darts", num_cells=3,
         num_nodes=2, channels=4, epochs=1, max_steps_per_epoch=3,
-        early_stop_every_steps=1)
+        early_stop_every_steps=1, reward_normalization=True,
+        flops_weight=0.1)
     search = Search(config, show_progress=False)
     result = search.run()
+    # The options are wired: reward statistics are checkpointed state, and
+    # the sampled child's normalised FLOPs are reported.
+    self.assertIs(search.checkpoint.reward_normalizer,
+                  search.estimator.reward_normalizer)
+    self.assertEqual(int(search.estimator.reward_normalizer.count.numpy()), 3)
+    self.assertBetween(result.history[-1]["train/flops"], 0.0, 1.0)
     self.assertIsInstance(result.genotype, Genotype)
     self.assertEqual(result.genotype.normal.num_nodes, 2)
     self.assertTrue(np.isfinite(result.history[-1]["train/loss"]))

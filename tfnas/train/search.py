@@ -183,8 +183,9 @@ class Search:
     if hasattr(self.estimator, "checkpoint_objects"):
       extra.update(self.estimator.checkpoint_objects())
     self.checkpoint = tf.train.Checkpoint(
-        network=ModelVariables(self.network), arch=self.arch, weight_optimizer=self.w_opt,
-        arch_optimizer=self.a_opt, epoch=self.epoch,
+        network=ModelVariables(self.network), arch=self.arch,
+        weight_optimizer=self.w_opt, arch_optimizer=self.a_opt,
+        epoch=self.epoch,
         step_in_epoch=self.step_in_epoch, **extra)
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, os.path.join(config.run_dir, "ckpt"), max_to_keep=3)
@@ -205,7 +206,7 @@ class Search:
   def _make_train_loop(self):
     estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
     keys = estimator.metric_keys()
-    if not getattr(estimator, "compiled_step", True):
+    if not estimator.compiled_step:
       return self._make_eager_train_loop()
 
     @tf.function
