@@ -160,10 +160,7 @@ class RecomputeTest(tf.test.TestCase):
     l2, g2, s2 = step(recomputed, images, weights)
     self.assertAllClose(l1, l2, rtol=1e-5)
     for a, b in zip(g1, g2):
-      # The plain network reads its variables inside the shared functions,
-      # the recomputed one gets their values substituted: float32 round-off
-      # of the two graphs differs by ~1e-5.
-      self.assertAllClose(a, b, rtol=1e-4, atol=3e-5)
+      self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(s1, s2):
       self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -166,13 +166,13 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
       entry.function = _make_function(layer, body, select, static, present,
                                       entry)
       _FUNCTIONS[key] = entry
-  if keras.StatelessScope is not None and _in_stateless_scope():
-    values = [current_value(v) for v in variables]
-  else:
-    # Outside any substitution the variables themselves go in: they are
-    # read inside the function (no eager read op per variable per call, the
-    # main per-call cost of an eager single-path step).
+  if tf.executing_eagerly() and not _in_stateless_scope():
+    # An eager call (single-path steps) passes the variables themselves:
+    # they are read inside the function instead of by one eager op per
+    # variable per call. Traced callers keep reading values in their graph.
     values = [_tf_variable(v) for v in variables]
+  else:
+    values = [current_value(v) for v in variables]
   outputs, new_values = entry.function(args, values)
   for i, value in zip(entry.updated, new_values):
     variables[i].assign(value)
