@@ -126,7 +126,7 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(0, 1, 2, 3)
   def test_traced_graph_holds_only_the_selected_choice(self, index):
-    block, x = _tiny_block(1)
+    block, x = _tiny_block(1, shared_functions=False)
     _build_all(block, x)  # Variables exist before tracing.
     fn = tf.function(lambda t: block(t, index=index, training=True))
     graph = fn.get_concrete_function(tf.TensorSpec(x.shape)).graph
@@ -140,6 +140,38 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
     kernel = CHOICE_KERNELS[name]
     for op in depthwise:
       self.assertEqual(op.inputs[1].shape[:2], (kernel, kernel))
+
+  @parameterized.parameters(0, 3)
+  def test_shared_function_holds_only_the_selected_choice(self, index):
+    block, x = _tiny_block(1)
+    _build_all(block, x)
+    fn = tf.function(lambda t: block(t, index=index, training=True))
+    graph_def = fn.get_concrete_function(
+        tf.TensorSpec(x.shape)).graph.as_graph_def()
+    # A built candidate runs as a shared function: its ops are in the library.
+    self.assertNotIn("Conv2D", [n.op for n in graph_def.node])
+    types = [n.op for f in graph_def.library.function for n in f.node_def]
+    name = CHOICES[index]
+    self.assertEqual(types.count("DepthwiseConv2dNative"),
+                     3 if name == "choice_x" else 1)
+    self.assertEqual(types.count("Conv2D"), 3 if name == "choice_x" else 2)
+
+  def test_shared_and_inline_single_path_agree(self):
+    shared, x = _tiny_block(2)
+    inline = ChoiceBlock(*TINY[2][:3], shared_functions=False)
+    _build_all(shared, x)
+    _build_all(inline, x)
+    for v, w in zip(inline.variables, shared.variables):
+      v.assign(w)
+    gate = tf.constant(1.0)
+    for index in range(4):
+      with tf.GradientTape(persistent=True) as tape:
+        tape.watch(gate)
+        a = shared(x, index=index, gate=gate, training=True)
+        b = inline(x, index=index, gate=gate, training=True)
+      self.assertAllClose(a, b, atol=1e-5)
+      self.assertAllClose(tape.gradient(a, gate), tape.gradient(b, gate),
+                          rtol=1e-4)
 
   @parameterized.product(index=[1, 3], stride=[1, 2])
   def test_gradients_reach_only_the_chosen_choice_and_the_gate(self, index,

@@ -227,3 +227,77 @@ class ArgmaxDistribution(ArchDistribution):
       out[name] = tf.one_hot(tf.argmax(logits, axis=-1), logits.shape[-1],
                              dtype=logits.dtype)
     return out
+
+
+class OneHotDistribution(ArchDistribution):
+  """DSNAS: hard one-hot samples Z ~ Cat(softmax(α)) (DSNAS section 3.2).
+
+  Uses TFP's ``OneHotCategorical(logits=α)`` per decision group. Samples are
+  drawn eagerly as Python/numpy indices with a stateless seed from
+  (seed, step), so every replica draws the same child and a resumed run
+  draws what an uninterrupted one would. Decisions fixed by progressive
+  early stop (section 3.5) are not sampled: their fixed index is used.
+
+  ``sample`` (the interface the generic loop uses) returns the one-hot
+  weights of a fresh draw; single-path steps use ``sample_indices``, which
+  also gives the Python ints that select the ops to run.
+
+  Args:
+    seed: run seed.
+  """
+
+  single_path = True
+
+  def __init__(self, seed: int = 0):
+    self.seed = seed
+
+  @staticmethod
+  def distribution(arch: ArchParams, name: str):
+    """TFP's one-hot categorical of one group (masked candidates: p = 0)."""
+    import tensorflow_probability as tfp  # Heavy import; only when used.
+    return tfp.distributions.OneHotCategorical(
+        logits=arch.masked_logits(name), dtype=arch.logits[name].dtype)
+
+  def sample_indices(self, arch: ArchParams, step=None,
+                     fixed: Mapping[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """One candidate index per decision, group → int array ``[E]``.
+
+    Args:
+      arch: α.
+      step: global step (seeds the draw).
+      fixed: optional group → ``[E]`` ints, ``-1`` where the decision is
+        still sampled, else the index to use.
+    """
+    out = {}
+    for i, name in enumerate(arch.group_names):
+      z = self.distribution(arch, name).sample(
+          seed=stateless_seed(self.seed, step, salt=i))
+      index = np.argmax(z.numpy(), axis=-1).astype(np.int64)
+      if fixed is not None and name in fixed:
+        f = np.asarray(fixed[name])
+        index = np.where(f >= 0, f, index)
+      out[name] = index
+    return out
+
+  def log_prob(self, arch: ArchParams, name: str, one_hot) -> tf.Tensor:
+    """Per-decision ``log p_α(Z_e)``, shape ``[E]``."""
+    return self.distribution(arch, name).log_prob(one_hot)
+
+  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
+    return one_hot_weights(arch, self.sample_indices(arch, step))
+
+
+def one_hot_weights(arch: ArchParams, indices: Mapping[str, np.ndarray]
+                    ) -> dict[str, tf.Tensor]:
+  """Group → ``[E, K]`` one-hot tensor of the given indices (α's dtype)."""
+  return {name: tf.one_hot(np.asarray(indices[name]),
+                           len(arch.group(name).candidates),
+                           dtype=arch.logits[name].dtype)
+          for name in arch.group_names}
+
+
+def argmax_indices(arch: ArchParams) -> dict[str, np.ndarray]:
+  """Group → ``[E]`` index of the largest (allowed) logit per decision."""
+  return {name: np.argmax(arch.masked_logits(name).numpy(), axis=-1)
+          for name in arch.group_names}

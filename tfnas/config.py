@@ -67,6 +67,13 @@ class SearchConfig:
   resource_weight: float = 0.0
   resource_metric: str = "all"
   resource_gradient: str = "policy"
+  # DSNAS (dsnas.md 3.2-3.5).
+  label_smoothing: float = 0.0
+  reward_normalization: bool = False
+  flops_weight: float = 0.0
+  early_stop_threshold: float = 0.3  # 0: no progressive early stop.
+  early_stop_on_logits: bool = False
+  early_stop_every_steps: int = 0  # 0: check at the end of every epoch.
 
   def __post_init__(self):
     checks = [
@@ -84,6 +91,10 @@ class SearchConfig:
         ("temperature_end", self.temperature_end > 0),
         ("resource_weight", self.resource_weight >= 0),
         ("recompute_unit", self.recompute_unit in ("edge", "cell")),
+        ("label_smoothing", 0.0 <= self.label_smoothing < 1.0),
+        ("flops_weight", self.flops_weight >= 0),
+        ("early_stop_threshold", self.early_stop_threshold >= 0),
+        ("early_stop_every_steps", self.early_stop_every_steps >= 0),
     ]
     for name, ok in checks:
       if not ok:

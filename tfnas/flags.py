@@ -9,13 +9,17 @@ from __future__ import annotations
 from absl import flags
 
 from tfnas.config import SearchConfig, TrainConfig
+from tfnas.spaces import names as space_names
 
 FLAGS = flags.FLAGS
 
 _DEFAULTS = SearchConfig()
 _TRAIN_DEFAULTS = TrainConfig()
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped")
-SPACES = ("darts", "s2", "s3", "s4")
+SPACES = space_names.SPACES
+#: The registered methods (tfnas.methods.METHODS; a test keeps them equal).
+#: Listed here so defining flags does not import TensorFlow.
+METHODS = ("darts_1st", "darts_2nd", "dsnas", "snas")
 
 
 def define_run_flags(defaults=_DEFAULTS):
@@ -74,10 +78,13 @@ def _define_loop_flags(defaults):
 
 
 def define_search_flags():
-  flags.DEFINE_enum("method", _DEFAULTS.method,
-                    ["darts_1st", "darts_2nd", "snas"],
+  flags.DEFINE_enum("method", _DEFAULTS.method, METHODS,
                     "Search method (distribution + estimator + selector).")
-  flags.DEFINE_enum("space", _DEFAULTS.space, SPACES, "Search space.")
+  flags.DEFINE_enum("space", _DEFAULTS.space, SPACES,
+                    "Search space: DARTS cell spaces (darts, s2-s4; "
+                    "--num_cells, --num_nodes, --channels) or ShuffleNetV2 "
+                    "single-path spaces (shufflenet: 20 blocks for 224x224 "
+                    "ImageNet; shufflenet_small: 5 blocks for 8x8-32x32).")
   _define_loop_flags(_DEFAULTS)
   flags.DEFINE_integer("num_nodes", _DEFAULTS.num_nodes,
                        "Intermediate nodes per cell.")
@@ -123,6 +130,27 @@ def define_search_flags():
                     "α-gradient of the resource term: score function (SNAS "
                     "eq. 11), through the relaxed sample, or exact "
                     "expectation under the discrete distribution.")
+  flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing,
+                     "Cross-entropy label smoothing of the search loss.")
+  flags.DEFINE_boolean("reward_normalization", _DEFAULTS.reward_normalization,
+                       "DSNAS: normalise each decision's cost dL/dgate by "
+                       "its running mean and standard deviation (a baseline "
+                       "for the score-function α-gradient).")
+  flags.DEFINE_float("flops_weight", _DEFAULTS.flops_weight,
+                     "DSNAS: η of a penalty η·E[FLOPs(Z)] / FLOPs of the "
+                     "costliest child, exact α-gradient (0: off).")
+  flags.DEFINE_float("early_stop_threshold", _DEFAULTS.early_stop_threshold,
+                     "DSNAS progressive early stop (eq. 8): fix a decision "
+                     "once its best candidate leads the runner-up by this "
+                     "much (probabilities, or logits with "
+                     "--early_stop_on_logits); 0: never.")
+  flags.DEFINE_boolean("early_stop_on_logits", _DEFAULTS.early_stop_on_logits,
+                       "Compare α logits (eq. 8 as printed) instead of "
+                       "softmax probabilities.")
+  flags.DEFINE_integer("early_stop_every_steps",
+                       _DEFAULTS.early_stop_every_steps,
+                       "Check the early-stop condition every N steps (0: at "
+                       "the end of every epoch).")
 
 
 def define_train_flags():

@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import numpy as np
+
+from tfnas import block_genotype
 from tfnas import genotype as genotype_lib
 from tfnas.arch import (TEMPERATURE_SCHEDULES, ArchDistribution,
-                        RelaxedOneHotDistribution, SoftmaxDistribution)
+                        OneHotDistribution, RelaxedOneHotDistribution,
+                        SoftmaxDistribution)
 from tfnas.errors import TfnasError
 from tfnas.estimators.base import Estimator
 from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
@@ -24,7 +28,8 @@ class SearchSetup:
 
   Attributes:
     config: the frozen ``SearchConfig``.
-    space: the ``DartsSpaceConfig`` being searched.
+    space: the space config being searched (``DartsSpaceConfig`` or
+      ``ShuffleNetSpaceConfig``).
     steps_per_epoch: search steps per epoch.
     image_size: input height/width (for analytic costs).
   """
@@ -51,6 +56,10 @@ class Method:
       (moving statistics untouched). For methods that sample a different
       architecture every step, moving averages mix many architectures and
       fit none; batch statistics evaluate the architecture at hand.
+    space_kinds: the kinds of space the method can search
+      (`tfnas.spaces.names`: ``cells``, ``blocks``).
+    early_stop: the method supports progressive early stop (DSNAS 3.5);
+      the loop then fixes decisions per ``--early_stop_*``.
   """
   name: str
   description: str
@@ -61,6 +70,8 @@ class Method:
   single_level: bool = False
   child_eval: bool = False
   eval_batch_stats: bool = False
+  space_kinds: tuple[str, ...] = ("cells",)
+  early_stop: bool = False
 
 
 def magnitude_selector(alphas, candidates, num_nodes, masks=None):
@@ -72,8 +83,12 @@ def magnitude_selector(alphas, candidates, num_nodes, masks=None):
 
 
 def argmax_selector(alphas, candidates, num_nodes, masks=None):
-  """SNAS: argmax per edge including ``none`` (dropped edges), no pruning."""
+  """SNAS/DSNAS: argmax per edge including ``none`` (dropped edges), no
+  pruning; in a block space, the argmax choice of every block."""
   masks = masks or {}
+  if set(alphas) == {"blocks"}:
+    return block_genotype.derive_blocks(alphas["blocks"], candidates,
+                                        masks.get("blocks"))
   return genotype_lib.derive_argmax(
       alphas["normal"], alphas["reduce"], candidates, num_nodes=num_nodes,
       candidate_mask=masks.get("normal"), reduce_mask=masks.get("reduce"))
@@ -106,6 +121,21 @@ def _snas_estimator(setup: SearchSetup):
   return SnasEstimator(resource)
 
 
+def _dsnas_estimator(setup: SearchSetup):
+  from tfnas import objectives  # Cost tables only when needed.
+  from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
+  c = setup.config
+  groups = {g.name: g.num_decisions for g in setup.space.decision_groups()}
+  tables = None
+  if c.flops_weight:
+    tables = objectives.decision_flops_tables(setup.space, setup.image_size)
+    for g in setup.space.decision_groups():  # A group no cell uses: free.
+      tables.setdefault(g.name, np.zeros(
+          (g.num_decisions, len(g.candidates)), np.float32))
+  normalizer = RewardNormalizer(groups) if c.reward_normalization else None
+  return DsnasEstimator(normalizer, tables, c.flops_weight)
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -130,6 +160,14 @@ register_method(Method(
     "locally decomposable resource constraint",
     _relaxed_distribution, _snas_estimator, argmax_selector,
     single_level=True, child_eval=True, eval_batch_stats=True))
+
+
+register_method(Method(
+    "dsnas", "DSNAS, discrete one-hot sampling with the dummy-1 gate search "
+    "gradient, single path, progressive early stop",
+    lambda setup: OneHotDistribution(seed=setup.config.seed),
+    _dsnas_estimator, argmax_selector, single_level=True, child_eval=True,
+    eval_batch_stats=True, space_kinds=("cells", "blocks"), early_stop=True))
 
 
 def get_method(name: str) -> Method:

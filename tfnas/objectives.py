@@ -131,3 +131,25 @@ class ResourceConstraint:
             log_sample[name]), step)
         terms.append(tf.reduce_sum(log_p * local))
     return tf.cast(self.weight, terms[0].dtype) * tf.add_n(terms)
+
+
+def decision_flops_tables(space, image_size: int) -> dict[str, np.ndarray]:
+  """Group → ``[E, K]`` FLOPs of each candidate of each decision, divided by
+  the FLOPs of the costliest child (Σ over decisions of the largest entry).
+
+  A decision shared by several cells (the DARTS cell space samples once per
+  cell type) costs the sum over those cells. Works for cell spaces
+  (`edge_cost_tables`) and block spaces (`shufflenet.block_costs`).
+  """
+  from tfnas.spaces import shufflenet  # Only for block spaces.
+  if isinstance(space, shufflenet.ShuffleNetSpaceConfig):
+    tables = {shufflenet.GROUP: shufflenet.block_costs(space,
+                                                       image_size)[..., 1]}
+  else:
+    tables = {g: t.sum(axis=0)[..., 1]
+              for g, t in edge_cost_tables(space, image_size).items()}
+  total = sum(t.max(axis=-1).sum() for t in tables.values())
+  if total <= 0:
+    raise TfnasError("the space's candidates have no FLOPs; a FLOPs penalty "
+                     "is meaningless")
+  return {g: (t / total).astype(np.float32) for g, t in tables.items()}

@@ -49,12 +49,23 @@ def import_tensorflow():
     logging.getLogger("absl").addFilter(_drop_tensorflow_info)
     # SavedModel writing logs "Assets written to ..." on TF's own logger.
     logging.getLogger("tensorflow").addFilter(_drop_tensorflow_info)
+  # Shared traced functions (tfnas/layers/shared_function.py) are distinct
+  # tf.functions made by one factory, each traced once on purpose; TF's
+  # frequent-retracing detector counts them together and warns.
+  logging.getLogger("absl").addFilter(_drop_shared_function_retracing)
+  logging.getLogger("tensorflow").addFilter(_drop_shared_function_retracing)
   return tf
 
 
 def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
   return not (record.levelno <= logging.INFO and
               f"{os.sep}tensorflow{os.sep}" in record.pathname)
+
+
+def _drop_shared_function_retracing(record: logging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not ("triggered tf.function retracing" in message and
+              "_make_function.<locals>.run" in message)
 
 
 def clean_errors(prog: str):

@@ -24,6 +24,10 @@ class Estimator:
 
   #: Whether the step consumes a validation batch (bilevel methods).
   uses_val_batch = True
+  #: False: the loop calls ``step`` eagerly, once per step, from Python (a
+  #: single-path method choosing the child with Python ints, DSNAS); True:
+  #: ``steps_per_loop`` steps run inside one ``tf.function``.
+  compiled_step = True
   #: Extra per-step metrics (averaged over steps by the loop); each replica
   #: returns its share (value / replicas) so the cross-replica sum is exact.
   extra_metrics: tuple[str, ...] = ()

@@ -29,6 +29,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from tfnas.layers import shared_function
 from tfnas.layers.batch_norm import BatchNorm
 
 #: Candidate names of the SPOS/DSNAS space and their depthwise kernel size.
@@ -64,6 +65,20 @@ def channel_shuffle(x, groups: int):
   rank = y.shape.rank
   y = tf.transpose(y, list(range(rank - 2)) + [rank - 1, rank - 2])
   return tf.reshape(y, tf.shape(x))
+
+
+def _candidate_body(layer, static, inputs, gate):
+  """Shared-function body: one candidate's outputs, times the gate."""
+  (training,) = static
+  outs = layer(inputs, training=training)
+  if gate is not None:
+    outs = [o * tf.cast(gate, o.dtype) for o in outs]
+  return outs
+
+
+def _candidate_variables(layer, static):
+  del static
+  return layer.variables
 
 
 def _pad(x, pad):
@@ -235,12 +250,19 @@ class ChoiceBlock(keras.layers.Layer):
     choices: candidate names, the order ``index`` and ``weights`` refer to.
     mid_channels: main-branch middle width; ``None`` gives the SPOS value
       ``out_channels // 2``.
+    shared_functions: in single-path mode, run a built candidate as a
+      ``tf.function`` shared by every candidate of the same structure and
+      input shape (`shared_function.call_shared`): an eager single-path step
+      then executes already-traced graphs, and tracing stays bounded by
+      (structures × shapes) however many children are sampled. False runs
+      inline (same results).
     **kwargs: forwarded to ``keras.layers.Layer``.
   """
 
   def __init__(self, in_channels: int, out_channels: int, stride: int,
                choices: Sequence[str] = SHUFFLENET_CHOICES,
-               mid_channels: int | None = None, **kwargs):
+               mid_channels: int | None = None, shared_functions: bool = True,
+               **kwargs):
     super().__init__(**kwargs)
     if stride not in (1, 2):
       raise ValueError(f"stride must be 1 or 2, got {stride}")
@@ -272,6 +294,7 @@ class ChoiceBlock(keras.layers.Layer):
     self.stride = stride
     self.choices = choices
     self.mid_channels = mid_channels
+    self.shared_functions = shared_functions
     self.candidates = {
         name: _Candidate(name, self.branch_in_channels, mid_channels,
                             self.branch_out_channels, stride,
@@ -305,9 +328,13 @@ class ChoiceBlock(keras.layers.Layer):
       if not 0 <= index < len(self.choices):
         raise ValueError(f"index {index} out of range for "
                          f"{len(self.choices)} choices {self.choices}")
-      outs = self.candidates[self.choices[index]](x, training=training)
-      if gate is not None:
-        outs = [o * tf.cast(gate, o.dtype) for o in outs]
+      candidate = self.candidates[self.choices[index]]
+      if self._can_share(candidate, training):
+        outs = shared_function.call_shared(
+            candidate, _candidate_body, _candidate_variables, (x, gate),
+            (bool(training),))
+      else:
+        outs = _candidate_body(candidate, (training,), x, gate)
     elif weights is not None:
       outs = None
       for k, name in enumerate(self.choices):
@@ -320,6 +347,23 @@ class ChoiceBlock(keras.layers.Layer):
     left = shortcut if self.stride == 1 else outs[0]
     return channel_shuffle(tf.concat([left, outs[-1]], axis=-1), 2)
 
+  def _can_share(self, candidate, training) -> bool:
+    """Whether a single-path call may go through a shared function."""
+    if not self.shared_functions or isinstance(training, tf.Tensor):
+      return False
+    sublayers = list(candidate._flatten_layers())
+    # Variables are created by the first (inline) call, never by a shared
+    # function (it would create them on its template layer).
+    if not candidate.built or not all(sub.built for sub in sublayers):
+      return False
+    # Synchronized BN all-reduces through merge_call, which a function
+    # traced separately per replica cannot reach: stay inline there.
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      return not any(isinstance(sub, BatchNorm) and sub.synchronized
+                     for sub in sublayers)
+    return True
+
   def compute_output_shape(self, input_shape):
     def down(n):
       return None if n is None else -(-n // self.stride)
@@ -330,5 +374,6 @@ class ChoiceBlock(keras.layers.Layer):
     config = super().get_config()
     config.update(in_channels=self.in_channels,
                   out_channels=self.out_channels, stride=self.stride,
-                  choices=list(self.choices), mid_channels=self.mid_channels)
+                  choices=list(self.choices), mid_channels=self.mid_channels,
+                  shared_functions=self.shared_functions)
     return config

@@ -99,6 +99,18 @@ def current_value(variable) -> tf.Tensor:
   return value
 
 
+def _in_stateless_scope() -> bool:
+  from keras.src.backend.common import stateless_scope  # No public API.
+  return stateless_scope.in_stateless_scope()
+
+
+def _tf_variable(variable):
+  value = getattr(variable, "value", variable)
+  if isinstance(value, tf.Variable) and value.dtype == variable.dtype:
+    return value
+  return current_value(variable)
+
+
 def _make_function(template, body: Body, select: Selector, static: tuple,
                    present: tuple[bool, ...], entry: _Entry):
   template_ref = weakref.ref(template)  # The cache must not keep nets alive.
@@ -154,7 +166,13 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
       entry.function = _make_function(layer, body, select, static, present,
                                       entry)
       _FUNCTIONS[key] = entry
-  values = [current_value(v) for v in variables]
+  if tf.executing_eagerly() and not _in_stateless_scope():
+    # An eager call (single-path steps) passes the variables themselves:
+    # they are read inside the function instead of by one eager op per
+    # variable per call. Traced callers keep reading values in their graph.
+    values = [_tf_variable(v) for v in variables]
+  else:
+    values = [current_value(v) for v in variables]
   outputs, new_values = entry.function(args, values)
   for i, value in zip(entry.updated, new_values):
     variables[i].assign(value)

@@ -182,6 +182,8 @@ class SearchNetwork(keras.Model):
     self.built = True
 
   def call(self, images, arch_weights=None, arch_indices=None, training=None):
+    if arch_weights is None and arch_indices is None:
+      arch_indices = self._only_architecture()
     s = self.stem_bn(self.stem_conv(images), training=training)
     s0 = s1 = s
     seen = {t: 0 for t in CELL_TYPES}
@@ -200,6 +202,19 @@ class SearchNetwork(keras.Model):
           indices = indices[k]
       s0, s1 = s1, self._run_cell(cell, s0, s1, weights, indices, training)
     return self.classifier(self.pool(s1))
+
+  def _only_architecture(self):
+    """The indices of a network offering one op per edge (a derived child);
+    any other network needs an architecture argument."""
+    out = {}
+    for cell_type in set(self.space.cell_types()):
+      edges = self.space.ops_of(cell_type)
+      if any(len(ops_) != 1 for ops_ in edges):
+        raise ValueError(f"SearchNetwork needs arch_weights or arch_indices: "
+                         f"its {cell_type} edges offer several ops")
+      out[cell_type] = tuple(self.space.candidates.index(ops_[0])
+                             for ops_ in edges)
+    return out
 
   def _run_cell(self, cell, s0, s1, weights, indices, training):
     if (not self.space.recompute or self.space.recompute_unit != "cell" or

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfnas import ops
@@ -53,6 +54,8 @@ class ShuffleNetSpaceConfig:
     mid_channels_ratio: main-branch middle width as a fraction of the block's
       output channels (SPOS: 0.5).
     sync_batch_norm: batch statistics over all replicas.
+    shared_functions: single-path candidates run as shared traced functions
+      (see `ChoiceBlock`); False runs every layer inline.
   """
   stage_repeats: tuple[int, ...] = (4, 4, 8, 4)
   stage_channels: tuple[int, ...] = (64, 160, 320, 640)
@@ -66,6 +69,7 @@ class ShuffleNetSpaceConfig:
   stem_pool: bool = False
   mid_channels_ratio: float = 0.5
   sync_batch_norm: bool = False
+  shared_functions: bool = True
 
   def __post_init__(self):
     # Lists from JSON or flags become tuples so the config stays hashable.
@@ -156,11 +160,24 @@ class ShuffleNetSupernet(keras.Model):
     arch_weights: alone, ``{"blocks": [num_blocks, num_choices]}`` mixes every
       candidate of every block (SNAS-style).
   Returns ``[B, num_classes]`` logits.
+
+  Args:
+    space: the space config.
+    block_choices: optional candidate name per block: block b then holds
+      only that candidate (a derived child, `tfnas.child`); indices refer
+      to the one-element choice lists, i.e. are all 0.
   """
 
-  def __init__(self, space: ShuffleNetSpaceConfig, **kwargs):
+  def __init__(self, space: ShuffleNetSpaceConfig,
+               block_choices: Sequence[str] | None = None, **kwargs):
     super().__init__(**kwargs)
     self.space = space
+    if block_choices is not None:
+      block_choices = tuple(block_choices)
+      if len(block_choices) != space.num_blocks:
+        raise ValueError(f"block_choices has {len(block_choices)} entries, "
+                         f"expected {space.num_blocks}: {block_choices}")
+    self.block_choices = block_choices
     with synchronized_batch_norm(space.sync_batch_norm):
       self._create_layers(space)
 
@@ -173,8 +190,11 @@ class ShuffleNetSupernet(keras.Model):
     self.stem_pool = (ops.Pool("max", 3, 2, name="stem_pool")
                       if space.stem_pool else None)
     self.blocks = [
-        ChoiceBlock(c_in, c_out, stride, space.choices,
-                    mid_channels=space.mid_channels(c_out), name=f"block_{b}")
+        ChoiceBlock(c_in, c_out, stride,
+                    space.choices if self.block_choices is None
+                    else (self.block_choices[b],),
+                    mid_channels=space.mid_channels(c_out),
+                    shared_functions=space.shared_functions, name=f"block_{b}")
         for b, (c_in, c_out, stride) in enumerate(space.blocks())]
     self.head_conv = keras.layers.Conv2D(space.head_channels, 1,
                                          use_bias=False, name="head_conv")
@@ -191,6 +211,8 @@ class ShuffleNetSupernet(keras.Model):
   def call(self, images, arch_weights=None, arch_indices=None, training=None):
     weights = None if arch_weights is None else arch_weights.get(GROUP)
     indices = None if arch_indices is None else arch_indices.get(GROUP)
+    if indices is None and weights is None and self.block_choices is not None:
+      indices = (0,) * self.space.num_blocks  # A child has one architecture.
     if indices is None and weights is None:
       keys = None if arch_weights is None else list(arch_weights)
       raise ValueError(f"ShuffleNetSupernet needs arch_indices[{GROUP!r}] "
@@ -201,6 +223,9 @@ class ShuffleNetSupernet(keras.Model):
     if indices is not None and len(indices) != n:
       raise ValueError(f"arch_indices[{GROUP!r}] has {len(indices)} entries, "
                        f"expected one per block ({n}): {tuple(indices)}")
+    if weights is not None and self.block_choices is not None:
+      raise ValueError("a ShuffleNetSupernet with block_choices runs single "
+                       "path only (arch_indices of zeros, no arch_weights)")
     if weights is not None and tuple(weights.shape) != (
         n, len(self.space.choices)):
       raise ValueError(f"arch_weights[{GROUP!r}] has shape "
@@ -226,7 +251,9 @@ class ShuffleNetSupernet(keras.Model):
 
   def get_config(self):
     config = super().get_config()
-    config.update(space=dataclasses.asdict(self.space))
+    config.update(space=dataclasses.asdict(self.space),
+                  block_choices=(None if self.block_choices is None
+                                 else list(self.block_choices)))
     return config
 
   @classmethod
@@ -267,3 +294,75 @@ def build_shufflenet_supernet(space: ShuffleNetSpaceConfig,
   net(tf.zeros([1, *input_shape]), arch_weights={GROUP: uniform},
       training=False)
   return net
+
+
+def network_flops(space: ShuffleNetSpaceConfig, choices: Sequence[int],
+                  image_size: int | None = None, in_channels: int = 3) -> int:
+  """Multiply-adds of one image through the child with ``choices`` (indices
+  into ``space.choices``): stem conv, the chosen candidates, head conv and
+  classifier (BN, ReLU, pooling not counted)."""
+  size = image_size or space.input_size
+  stem = -(-size // space.stem_stride)
+  total = stem * stem * 9 * in_channels * space.stem_channels
+  table = block_costs(space, size)
+  total += sum(table[b, int(k), 1] for b, k in enumerate(choices))
+  last = stem if not space.stem_pool else -(-stem // 2)
+  for _, _, stride in space.blocks():
+    last = -(-last // stride)
+  total += last * last * space.stage_channels[-1] * space.head_channels
+  total += space.head_channels * space.num_classes
+  return int(total)
+
+
+def _spec_cost(spec, size: int, in_channels: int) -> tuple[int, int, int]:
+  """(params, multiply-adds, output size) of a `_ConvBNStack` spec.
+
+  Convolution weights and BN scale/shift count as parameters; FLOPs are the
+  convolutions' multiply-adds (BN and ReLU are not counted), as in the
+  official SPOS/DSNAS FLOPs table.
+  """
+  params = flops = 0
+  c = in_channels
+  for unit in spec:
+    if unit[0] == "dw":
+      _, k, stride = unit
+      size = -(-size // stride)
+      params += k * k * c + 2 * c
+      flops += size * size * k * k * c
+    else:
+      out = unit[1]
+      params += c * out + 2 * out
+      flops += size * size * c * out
+      c = out
+  return params, flops, size
+
+
+def block_costs(space: ShuffleNetSpaceConfig, image_size: int | None = None
+                ) -> np.ndarray:
+  """Analytic ``[num_blocks, num_choices, 2]`` (params, FLOPs) per candidate.
+
+  FLOPs are multiply-adds of a candidate's own convs (main branch, and at
+  stride 2 its projection branch) for one image of ``image_size`` (default
+  ``space.input_size``); e.g. block 0 of the ImageNet space costs 13 396 992
+  (``choice_3``) and 15 805 440 (``choice_5``), the official table's values.
+  """
+  from tfnas.layers.choice_block import CHOICE_KERNELS, choice_branch_spec
+  size = image_size or space.input_size
+  size = -(-size // space.stem_stride)
+  if space.stem_pool:
+    size = -(-size // 2)
+  table = np.zeros((space.num_blocks, len(space.choices), 2))
+  for b, (c_in, c_out, stride) in enumerate(space.blocks()):
+    branch_in = c_in // 2 if stride == 1 else c_in
+    mid = space.mid_channels(c_out)
+    for k, choice in enumerate(space.choices):
+      spec = choice_branch_spec(choice, branch_in, mid, c_out - branch_in,
+                                stride)
+      params, flops, out_size = _spec_cost(spec, size, branch_in)
+      if stride == 2:
+        p, f, _ = _spec_cost((("dw", CHOICE_KERNELS[choice], 2),
+                              ("pw", branch_in)), size, branch_in)
+        params, flops = params + p, flops + f
+      table[b, k] = params, flops
+    size = out_size
+  return table

@@ -72,6 +72,7 @@ class _Optimizer(tf.Module):
   def build(self, variables: Sequence) -> None:
     """Creates slot variables; call inside ``strategy.scope()``."""
     self._built_for = [_variable(v) for v in variables]
+    self._position = {id(v): i for i, v in enumerate(self._built_for)}
     for slot in self._slot_names:
       self.slots[slot] = [
           tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
@@ -90,20 +91,35 @@ class _Optimizer(tf.Module):
     return grads
 
   def apply(self, grads, variables) -> None:
-    """Applies already all-reduced gradients (same on every replica)."""
+    """Applies already all-reduced gradients (same on every replica).
+
+    ``variables`` may be a subset of the built list (a single-path step
+    passes only the variables its child used): the others are left exactly
+    as they are, slots and weight decay included, as PyTorch does for
+    parameters without a gradient. The step counter advances once.
+    """
     if self._built_for is None:
       raise RuntimeError(f"{self.name}: call build(variables) before apply")
+    positions = []
+    for v in variables:
+      i = self._position.get(id(_variable(v)))
+      if i is None:
+        raise ValueError(f"{self.name}: variable {getattr(v, 'path', v.name)}"
+                         f" is not among the variables it was built for")
+      positions.append(i)
     grads = self.prepare(grads, variables)
     ctx = tf.distribute.get_replica_context()
     if ctx is not None and tf.distribute.has_strategy():
-      ctx.merge_call(self._apply_cross_replica, args=(grads,))
+      ctx.merge_call(self._apply_cross_replica, args=(grads, positions))
     else:
-      self._apply_cross_replica(tf.distribute.get_strategy(), grads)
+      self._apply_cross_replica(tf.distribute.get_strategy(), grads,
+                                positions)
 
-  def _apply_cross_replica(self, strategy, grads):
+  def _apply_cross_replica(self, strategy, grads, positions):
     lr = self.current_lr()
     step = self.iterations + 1
-    for i, (g, var) in enumerate(zip(grads, self._built_for)):
+    for i, g in zip(positions, grads):
+      var = self._built_for[i]
       slots = [self.slots[s][i] for s in self._slot_names]
       strategy.extended.update(
           var, self._update, args=(g, lr, step, *slots), group=False)

@@ -5,6 +5,12 @@
         strategy.run(estimator.step, train batch, val batch)
       evaluate, TensorBoard, checkpoint, genotype.json
 
+A single-path estimator (``compiled_step = False``, DSNAS) runs the same
+chunks with a Python loop instead of one tf.function: it picks the child with
+Python ints every step, and the chosen ops run as shared traced functions
+(see ``tfnas/estimators/dsnas.py``). Progressive early stop (methods with
+``early_stop``) is checked at epoch ends or every N steps.
+
 The method (distribution + estimator + selector) comes from
 ``tfnas.methods``; everything else is here, once.
 """
@@ -24,11 +30,15 @@ import tensorflow as tf
 from tfnas import data as data_lib
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
-from tfnas.arch import ArchParams, ArgmaxDistribution
+from tfnas.arch import (ArchParams, ArgmaxDistribution, argmax_indices,
+                        one_hot_weights)
+from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
-from tfnas.spaces import darts as darts_space
+from tfnas.errors import TfnasError
+from tfnas.spaces import registry as space_registry
 from tfnas.train import loop, optim, rundir, summaries
+from tfnas.train.checkpointing import ModelVariables
 from tfnas.train.step import StepContext
 
 
@@ -116,10 +126,13 @@ class Search:
     self.method = methods_lib.get_method(config.method)
     self.show_progress = show_progress
     self.data = SearchData(config, single_level=self.method.single_level)
-    self.space = darts_space.search_space(
-        config.space, num_cells=config.num_cells, num_nodes=config.num_nodes,
-        channels=config.channels, num_classes=self.data.info.num_classes,
-        recompute=config.recompute, recompute_unit=config.recompute_unit)
+    self.space = space_registry.space_config(
+        config, self.data.info.num_classes, self.data.info.image_size)
+    kind = space_registry.space_kind(self.space)
+    if kind not in self.method.space_kinds:
+      raise TfnasError(f"--method={config.method} cannot search the {kind} "
+                       f"space --space={config.space}; it supports "
+                       f"{list(self.method.space_kinds)} spaces")
     self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
                                    SearchConfig.RESUMABLE_CHANGES)
     self._build()
@@ -131,7 +144,7 @@ class Search:
     # Weight initialisers draw from Keras' global seed: same seed, same w.
     keras.utils.set_random_seed(config.seed)
     with self.strategy.scope():
-      self.network = darts_space.build_search_network(
+      self.network = space_registry.build_network(
           self.space, (info.image_size, info.image_size, info.channels))
       self.arch = ArchParams(self.space.decision_groups(),
                              init_scale=config.arch_init_scale,
@@ -148,15 +161,29 @@ class Search:
       self.a_opt.build(self.arch.variables_list)
       self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    setup = methods_lib.SearchSetup(config, self.space, steps, info.image_size)
-    self.ctx = StepContext(self.network, self.arch,
-                           self.method.distribution(setup), self.w_opt,
-                           self.a_opt, config.batch_size)
-    self.estimator = self.method.estimator(setup)
+      self.early_stop = None
+      if self.method.early_stop and config.early_stop_threshold > 0:
+        self.early_stop = ProgressiveEarlyStop(
+            self.arch, config.early_stop_threshold,
+            on_logits=config.early_stop_on_logits)
+      setup = methods_lib.SearchSetup(config, self.space, steps,
+                                      info.image_size)
+      self.ctx = StepContext(self.network, self.arch,
+                             self.method.distribution(setup), self.w_opt,
+                             self.a_opt, config.batch_size,
+                             label_smoothing=config.label_smoothing,
+                             fixed_decisions=self.early_stop)
+      # Estimator state (e.g. DSNAS reward statistics) is mirrored too.
+      self.estimator = self.method.estimator(setup)
+    extra = {}
+    if self.early_stop is not None:
+      extra["early_stop"] = self.early_stop
+    if hasattr(self.estimator, "checkpoint_objects"):
+      extra.update(self.estimator.checkpoint_objects())
     self.checkpoint = tf.train.Checkpoint(
-        network=self.network, arch=self.arch, weight_optimizer=self.w_opt,
-        arch_optimizer=self.a_opt, epoch=self.epoch,
-        step_in_epoch=self.step_in_epoch)
+        network=ModelVariables(self.network), arch=self.arch,
+        weight_optimizer=self.w_opt, arch_optimizer=self.a_opt,
+        epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
     self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
                                            self.resuming)
     self._train_loop = self._make_train_loop()
@@ -167,6 +194,8 @@ class Search:
   def _make_train_loop(self):
     estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
     keys = estimator.metric_keys()
+    if not estimator.compiled_step:
+      return self._make_eager_train_loop()
 
     @tf.function
     def train_loop(train_iter, val_iter, num_steps):
@@ -183,6 +212,66 @@ class Search:
             for t, k in zip(totals, keys))
       return dict(zip(keys, totals))
     return train_loop
+
+  def _make_eager_train_loop(self):
+    """The step loop of single-path estimators, at the Python level."""
+    estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
+    keys = estimator.metric_keys()
+    every = self.config.early_stop_every_steps
+
+    def train_loop(train_iter, val_iter, num_steps):
+      totals = {k: 0.0 for k in keys}
+      for _ in range(int(num_steps)):
+        train_batch = next(train_iter)
+        val_batch = next(val_iter) if val_iter is not None else None
+        step = int(self.w_opt.iterations.numpy())
+        per_replica = strategy.run(
+            estimator.step, args=(ctx, train_batch, val_batch, step))
+        for k in keys:
+          totals[k] += float(strategy.reduce(
+              tf.distribute.ReduceOp.SUM, per_replica[k], axis=None))
+        if (self.early_stop is not None and every and
+            int(self.w_opt.iterations.numpy()) % every == 0):
+          self._check_early_stop()
+      return totals
+    return train_loop
+
+  def _check_early_stop(self):
+    for group, e, k in self.early_stop.check():
+      log.info("early stop: %s decision %d fixed to %s", group, e,
+               self.arch.group(group).candidates[k])
+
+  def _eval_indices(self, child: bool):
+    """Single-path evaluation: the argmax child, or this step's sample."""
+    if child:
+      return argmax_indices(self.arch)
+    fixed = self.early_stop.fixed() if self.early_stop is not None else None
+    return self.ctx.distribution.sample_indices(
+        self.arch, int(self.w_opt.iterations.numpy()), fixed=fixed)
+
+  def _make_single_path_eval(self, child: bool):
+    ctx, strategy = self.ctx, self.strategy
+    batch_stats = self.method.eval_batch_stats
+    indices = self._eval_indices(child)
+    gates = one_hot_weights(self.arch, indices)
+    arch_indices = {g: tuple(int(i) for i in v) for g, v in indices.items()}
+
+    def replica(images, labels):
+      if batch_stats:
+        with keras.StatelessScope():
+          logits = ctx.forward(images, gates, arch_indices, training=True)
+      else:
+        logits = ctx.forward(images, gates, arch_indices, training=False)
+      loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          tf.cast(labels, tf.int32), logits))
+      return ctx.metrics("eval", loss / float(ctx.global_batch_size), logits,
+                         labels)
+
+    def eval_step(batch, unused_child):
+      per_replica = strategy.run(replica, args=batch)
+      return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+              for k, v in per_replica.items()}
+    return eval_step
 
   def _make_eval_step(self):
     ctx, strategy = self.ctx, self.strategy
@@ -218,8 +307,8 @@ class Search:
   def genotype(self) -> genotype_lib.Genotype:
     masks = {g.name: g.mask_array() for g in self.arch.groups
              if g.mask is not None}
-    return self.method.selector(self.alphas(), self.space.candidates,
-                                self.space.num_nodes, masks)
+    return self.method.selector(self.alphas(), self.arch.groups[0].candidates,
+                                getattr(self.space, "num_nodes", None), masks)
 
   def evaluate(self, child: bool = False) -> dict[str, float]:
     """Supernet accuracy on the validation split (BN per Method.eval_batch_stats).
@@ -229,8 +318,11 @@ class Search:
     one-hot argmax architecture, without fine-tuning.
     """
     totals = {}
+    eval_step = self._eval_step
+    if getattr(self.ctx.distribution, "single_path", False):
+      eval_step = self._make_single_path_eval(child)
     for batch in self.data.eval_stream(self.strategy):
-      for k, v in self._eval_step(batch, child).items():
+      for k, v in eval_step(batch, child).items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.get("eval/count", 0.0), 1.0)
     prefix = "val/child_" if child else "val/"
@@ -248,6 +340,9 @@ class Search:
         "groups": {g.name: {"candidates": list(g.candidates),
                             "logits": self.arch.logits[g.name].numpy().tolist()}
                    for g in self.arch.groups}}
+    if self.early_stop is not None:
+      for name, fixed in self.early_stop.fixed().items():
+        arch_record["groups"][name]["fixed"] = fixed.tolist()
     rundir.atomic_write(os.path.join(run_dir, "arch.json"),
                         json.dumps(arch_record, indent=1))
     return genotype
@@ -306,6 +401,10 @@ class Search:
         desc=f"epoch {epoch + 1}/{config.epochs}",
         show_progress=self.show_progress)
     metrics = self._epoch_metrics(totals, steps - start)
+    if self.early_stop is not None:
+      if not config.early_stop_every_steps:
+        self._check_early_stop()
+      metrics["arch/fixed_decisions"] = float(self.early_stop.num_fixed())
     metrics.update(self.evaluate())
     if self.method.child_eval:
       metrics.update(self.evaluate(child=True))
@@ -321,7 +420,9 @@ class Search:
         self.writer, {k: v for k, v in metrics.items()
                       if k.startswith(("train/", "val/", "search/", "arch/"))},
         step)
-    summaries.write_arch(self.writer, self.arch, step, genotype)
+    summaries.write_arch(
+        self.writer, self.arch, step, genotype,
+        self.early_stop.fixed() if self.early_stop is not None else None)
     self.writer.flush()
     metrics["epoch"] = epoch + 1
     log.info("epoch %d: %s", epoch + 1, ", ".join(

@@ -49,6 +49,8 @@ class StepContext:
       ``sum(per-example loss) / global_batch_size`` so that summing replica
       gradients gives the gradient of the global mean.
     label_smoothing: cross-entropy label smoothing.
+    fixed_decisions: optional `tfnas.early_stop.ProgressiveEarlyStop`:
+      decisions a single-path method no longer samples or updates.
   """
   network: Any
   arch: ArchParams
@@ -57,6 +59,7 @@ class StepContext:
   arch_optimizer: _Optimizer
   global_batch_size: int
   label_smoothing: float = 0.0
+  fixed_decisions: Any = None
 
   @property
   def weight_variables(self) -> list:

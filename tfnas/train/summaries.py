@@ -16,11 +16,15 @@ def write_scalars(writer, values: Mapping[str, float], step: int) -> None:
       tf.summary.scalar(tag, value)
 
 
-def write_arch(writer, arch: ArchParams, step: int, genotype=None) -> None:
+def write_arch(writer, arch: ArchParams, step: int, genotype=None,
+               fixed=None) -> None:
   """softmax(α) per edge per op, entropies, and the genotype as text.
 
   Tags: ``arch/<group>/edge_<e>/<op>``, ``arch/<group>/entropy`` and
-  ``arch/entropy`` (mean over groups), ``arch/genotype``.
+  ``arch/entropy`` (mean over groups), ``arch/genotype``. With ``fixed``
+  (group → ``[E]`` fixed choice or -1, from progressive early stop):
+  ``arch/<group>/edge_<e>/fixed`` (the fixed index, -1 while sampled),
+  ``arch/<group>/fixed`` (count) and ``arch/fixed`` as text.
   """
   with writer.as_default(step=step):
     entropies = []
@@ -35,6 +39,17 @@ def write_arch(writer, arch: ArchParams, step: int, genotype=None) -> None:
       entropies.append(entropy)
       tf.summary.scalar(f"arch/{group.name}/entropy", entropy)
     tf.summary.scalar("arch/entropy", float(np.mean(entropies)))
+    if fixed is not None:
+      lines = []
+      for group in arch.groups:
+        f = np.asarray(fixed[group.name])
+        for e, k in enumerate(f):
+          tf.summary.scalar(f"arch/{group.name}/edge_{e}/fixed", float(k))
+          if k >= 0:
+            lines.append(f"    {group.name} {e:2d}: {group.candidates[k]}")
+        tf.summary.scalar(f"arch/{group.name}/fixed", float((f >= 0).sum()))
+      tf.summary.text("arch/fixed",
+                      "\n".join(lines) or "no decision fixed yet")
     if genotype is not None:
       # Markdown code block keeps the alignment in TensorBoard's text tab.
       text = "\n".join("    " + line for line in str(genotype).splitlines())

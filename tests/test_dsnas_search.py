@@ -1,0 +1,185 @@
+"""DSNAS through the one search loop: both spaces, early stop, resume, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tfnas import flags as tfnas_flags
+from tfnas import methods
+from tfnas.block_genotype import BlockGenotype
+from tfnas.config import SearchConfig
+from tfnas.errors import TfnasError
+from tfnas.genotype import Genotype
+from tfnas.spaces import names
+from tfnas.train.search import Search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dsnas_config(run_dir, **overrides):
+  kwargs = dict(run_dir=str(run_dir), dataset="digits", method="dsnas",
+                space="shufflenet_small", batch_size=32, epochs=2,
+                max_steps_per_epoch=4, steps_per_loop=2, w_lr=0.05,
+                arch_lr=0.2, arch_init_scale=0.0, seed=2,
+                early_stop_threshold=0.05)
+  kwargs.update(overrides)
+  return SearchConfig(**kwargs)
+
+
+def test_flag_enums_match_the_registries():
+  assert sorted(tfnas_flags.METHODS) == sorted(methods.METHODS)
+  assert tfnas_flags.SPACES == names.SPACES
+
+
+def test_method_refuses_a_space_kind_it_cannot_search(tmp_path):
+  config = dsnas_config(tmp_path / "r", method="darts_1st")
+  with pytest.raises(TfnasError, match="cannot search the blocks space"):
+    Search(config, show_progress=False)
+
+
+class DsnasSearchTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.config.experimental.enable_op_determinism()
+
+  def test_resume_keeps_fixed_decisions_and_matches_a_straight_run(self):
+    base = self.get_temp_dir()
+    straight = Search(dsnas_config(os.path.join(base, "a")),
+                      show_progress=False)
+    straight_result = straight.run()
+    config = dsnas_config(os.path.join(base, "b"))
+    first = Search(config, show_progress=False)
+    first.run(stop_after_epochs=1)
+    fixed = first.early_stop.fixed()["blocks"]
+    alpha = first.arch.numpy()["blocks"]
+    self.assertGreater((fixed >= 0).sum(), 0)  # Some decision was fixed.
+    resumed = Search(config, resume=True, show_progress=False)
+    self.assertAllEqual(resumed.early_stop.fixed()["blocks"], fixed)
+    result = resumed.run()
+    after = result.alphas["blocks"]
+    rows = fixed >= 0
+    self.assertAllEqual(after[rows], alpha[rows])  # Frozen after fixing.
+    self.assertAllEqual(resumed.early_stop.fixed()["blocks"][rows],
+                        fixed[rows])
+    self.assertAllClose(after, straight_result.alphas["blocks"], atol=1e-6)
+    self.assertEqual(str(result.genotype), str(straight_result.genotype))
+    # The fixed choices are the genotype's choices there.
+    choices = np.array(result.genotype.indices(
+        resumed.arch.group("blocks").candidates))
+    self.assertAllEqual(choices[rows], fixed[rows])
+    record = json.load(open(os.path.join(config.run_dir, "arch.json")))
+    self.assertEqual(record["groups"]["blocks"]["fixed"],
+                     resumed.early_stop.fixed()["blocks"].tolist())
+    self.assertIn("val/child_acc", result.history[-1])
+    self.assertIn("arch/fixed_decisions", result.history[-1])
+
+  def test_dsnas_in_the_darts_cell_space(self):
+    config = dsnas_config(
+        os.path.join(self.get_temp_dir(), "c"), space="darts", num_cells=3,
+        num_nodes=2, channels=4, epochs=1, max_steps_per_epoch=3,
+        early_stop_every_steps=1, reward_normalization=True,
+        flops_weight=0.1)
+    search = Search(config, show_progress=False)
+    result = search.run()
+    # The options are wired: reward statistics are checkpointed state, and
+    # the sampled child's normalised FLOPs are reported.
+    self.assertIs(search.checkpoint.reward_normalizer,
+                  search.estimator.reward_normalizer)
+    self.assertEqual(int(search.estimator.reward_normalizer.count.numpy()), 3)
+    self.assertBetween(result.history[-1]["train/flops"], 0.0, 1.0)
+    self.assertIsInstance(result.genotype, Genotype)
+    self.assertEqual(result.genotype.normal.num_nodes, 2)
+    self.assertTrue(np.isfinite(result.history[-1]["train/loss"]))
+    # Early stop checked every step: each fixed decision kept its α row.
+    for name, fixed in search.early_stop.fixed().items():
+      rows = fixed >= 0
+      frozen = search.early_stop.fixed_logits[name].numpy()
+      self.assertAllEqual(result.alphas[name][rows], frozen[rows])
+
+
+def search_cli(*args, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  return subprocess.run(
+      [sys.executable, "-m", "tfnas.apps.search", *args], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_digits_flagfile_few_steps(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = search_cli("--flagfile=flags/dsnas_digits.cfg", "--epochs=1",
+                    "--max_steps_per_epoch=3", "--steps_per_loop=3",
+                    "--noprogress", f"--run_dir={run_dir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  genotype = BlockGenotype.load(run_dir / "genotype.json")
+  assert len(genotype.blocks) == 5
+  assert "BlockGenotype" in proc.stdout
+  events = event_accumulator.EventAccumulator(
+      str(run_dir / "tb"), size_guidance={"tensors": 0})
+  events.Reload()
+  tags = set(events.Tags()["tensors"])
+  for tag in ("train/loss", "val/child_acc", "arch/blocks/edge_0/fixed",
+              "arch/blocks/fixed", "arch/fixed", "arch/fixed_decisions",
+              "arch/blocks/edge_4/choice_x"):
+    assert tag in tags, (tag, sorted(tags)[:30])
+
+
+@pytest.mark.slow
+def test_digits_search_child_exports_and_reloads(tmp_path):
+  """Search → inherited-weight child → SavedModel → reload, on digits."""
+  from tfnas import child as child_lib
+  from tfnas import data as data_lib
+  from tfnas.arch import argmax_indices
+  run_dir = tmp_path / "run"
+  config = dsnas_config(run_dir, epochs=1, max_steps_per_epoch=3)
+  search = Search(config, show_progress=False)
+  search.run()
+  images, _ = data_lib.load_split("digits", "test")
+  info = data_lib.dataset_info("digits")
+  x = next(iter(data_lib.make_dataset(images[:16], np.zeros(16, np.int64),
+                                      info, batch_size=16,
+                                      training=False)))[0]
+  child, genotype, cost = child_lib.load_search_child(str(run_dir))
+  assert genotype == search.genotype()
+  indices = argmax_indices(search.arch)
+  expected = search.network(x, arch_indices={
+      g: tuple(int(i) for i in v) for g, v in indices.items()},
+      training=False)
+  np.testing.assert_allclose(child(x, training=False), expected, atol=1e-5)
+  assert cost["params"] < sum(int(np.prod(v.shape))
+                              for v in search.network.trainable_variables)
+  recalibrated, _, _ = child_lib.load_search_child(str(run_dir),
+                                                   recalibrate_batches=2)
+  module = tf.Module()
+  module.child = recalibrated  # Tracks its variables for the SavedModel.
+  module.serve = tf.function(
+      lambda images: {"logits": recalibrated(images, training=False)},
+      input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32)])
+  tf.saved_model.save(module, str(tmp_path / "export"),
+                      signatures={"serving_default": module.serve})
+  loaded = tf.saved_model.load(str(tmp_path / "export"))
+  out = loaded.signatures["serving_default"](images=x)["logits"]
+  np.testing.assert_allclose(out, recalibrated(x, training=False), atol=1e-5)
+
+
+def test_export_search_child_needs_the_exporter_or_says_so(tmp_path,
+                                                           monkeypatch):
+  import builtins
+  from tfnas import child_export
+  real_import = builtins.__import__
+
+  def no_export(name, globals=None, locals=None, fromlist=(), level=0):
+    if name == "tfnas" and fromlist and "export" in fromlist:
+      raise ImportError("no tfnas.export")
+    return real_import(name, globals, locals, fromlist, level)
+
+  monkeypatch.setattr(builtins, "__import__", no_export)
+  with pytest.raises(TfnasError, match="SavedModel exporter"):
+    child_export.export_search_child(str(tmp_path), str(tmp_path / "out"))

@@ -1,0 +1,238 @@
+"""The derived child network with inherited supernet weights (DSNAS: no
+retraining, section 2.2 / 4.2).
+
+`build_child` turns a supernet and one architecture (a candidate index per
+decision) into a Keras model that holds ONLY the chosen ops / choice blocks,
+with their weights (and BN statistics) copied from the supernet; its
+predictions equal the supernet's run with that architecture fixed.
+`recalibrate_batch_norm` optionally re-estimates the BN statistics of the
+child on a few training batches (the supernet's moving averages mix every
+sampled child). `child_cost` reports its parameters and FLOPs. An export
+app calls `load_search_child` on a finished run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfnas.errors import TfnasError
+from tfnas.layers.batch_norm import BatchNorm
+from tfnas.spaces import darts as darts_space
+from tfnas.spaces import names
+from tfnas.spaces import registry
+from tfnas.spaces import shufflenet
+from tfnas.train.checkpointing import ModelVariables
+
+
+@keras.saving.register_keras_serializable(package="tfnas")
+class FixedChild(keras.Model):
+  """A network with its architecture fixed: ``call(images, training)``.
+
+  Wraps a supernet-class network that holds only the chosen ops and calls
+  it single path with the fixed indices (no gates).
+
+  Input ``[B, H, W, C]`` images; output ``[B, num_classes]`` logits.
+
+  Args:
+    network: the child's network (``ShuffleNetSupernet`` with
+      ``block_choices`` or ``SearchNetwork`` with one op per edge), built.
+    arch_indices: group → per-decision Python ints passed to it.
+  """
+
+  def __init__(self, network, arch_indices: Mapping[str, Sequence[int]],
+               **kwargs):
+    super().__init__(**kwargs)
+    self.network = network
+    self.arch_indices = {g: tuple(int(i) for i in v)
+                         for g, v in arch_indices.items()}
+
+  def build(self, input_shape):
+    self.built = True
+
+  def call(self, images, training=None):
+    return self.network(images, arch_indices=self.arch_indices,
+                        training=training)
+
+
+def _child_network(supernet, indices: Mapping[str, Sequence[int]]):
+  """An unbuilt network of the supernet's class holding only chosen ops,
+  and the indices to call it with. Same name as the supernet, so variable
+  paths match."""
+  space = supernet.space
+  kind = registry.space_kind(space)
+  if kind == names.BLOCKS:
+    choices = [space.choices[int(k)] for k in indices[shufflenet.GROUP]]
+    inline = dataclasses.replace(space, shared_functions=False)
+    net = shufflenet.ShuffleNetSupernet(inline, block_choices=choices,
+                                        name=supernet.name)
+    return net, {shufflenet.GROUP: (0,) * space.num_blocks}
+  edge_ops = {}
+  for cell_type in darts_space.CELL_TYPES:
+    if cell_type in space.cell_types():
+      edge_ops[cell_type] = tuple((space.candidates[int(k)],)
+                                  for k in indices[cell_type])
+  # Inline ops (no shared functions, no recompute): a plain graph that a
+  # SavedModel serves as is.
+  inline = dataclasses.replace(space, edge_ops=edge_ops, recompute=False,
+                               shared_functions=False)
+  net = darts_space.SearchNetwork(inline, name=supernet.name)
+  return net, {t: tuple(int(k) for k in indices[t]) for t in edge_ops}
+
+
+def inherit_weights(child, supernet) -> int:
+  """Copies every float variable of ``child`` (weights, BN statistics) from
+  the supernet variable with the same path; returns how many were copied.
+
+  Raises:
+    TfnasError: if a child variable has no counterpart of the same shape.
+  """
+  source = {v.path: v for v in supernet.variables}
+  copied = 0
+  for v in child.variables:
+    if not tf.as_dtype(v.dtype).is_floating:
+      continue  # Random-generator state (dropout seeds), not a weight.
+    s = source.get(v.path)
+    if s is None or tuple(s.shape) != tuple(v.shape):
+      raise TfnasError(f"child variable {v.path} {tuple(v.shape)} has no "
+                       f"counterpart in the supernet")
+    v.assign(s)
+    copied += 1
+  return copied
+
+
+def build_child(supernet, indices: Mapping[str, Sequence[int]],
+                input_shape: Sequence[int], name: str = "child"
+                ) -> FixedChild:
+  """The derived child with the supernet's weights (no retraining).
+
+  Args:
+    supernet: a built ``ShuffleNetSupernet`` or ``SearchNetwork``.
+    indices: group → per-decision candidate index (e.g. argmax α, or the
+      decisions fixed by early stop).
+    input_shape: ``(H, W, C)``.
+    name: model name.
+
+  Returns:
+    A built `FixedChild` whose predictions equal the supernet's run with
+    ``arch_indices=indices`` (and gates of 1).
+  """
+  net, child_indices = _child_network(supernet, indices)
+  # Built by a direct call, so variable paths are the supernet's paths.
+  net(tf.zeros([1, *input_shape]), arch_indices=child_indices, training=False)
+  inherit_weights(net, supernet)
+  child = FixedChild(net, child_indices, name=name)
+  child(tf.zeros([1, *input_shape]), training=False)
+  return child
+
+
+def recalibrate_batch_norm(model, batches: Iterable) -> int:
+  """Re-estimates every BN's moving statistics as the plain average of the
+  batch statistics over ``batches`` (images, or (images, labels) pairs).
+
+  Returns:
+    The number of batches used (0 leaves the statistics untouched).
+  """
+  bns = [l for l in model._flatten_layers() if isinstance(l, BatchNorm)]
+  momenta = [bn.momentum for bn in bns]
+  count = 0
+  try:
+    for batch in batches:
+      images = batch[0] if isinstance(batch, (tuple, list)) else batch
+      for bn in bns:
+        # moving = (1 - m) moving + m batch with m = 1/(n+1): running mean.
+        bn.momentum = 1.0 / (count + 1)
+      model(images, training=True)
+      count += 1
+  finally:
+    for bn, m in zip(bns, momenta):
+      bn.momentum = m
+  return count
+
+
+def child_cost(supernet, indices: Mapping[str, Sequence[int]],
+               image_size: int, child=None) -> dict[str, float]:
+  """Parameters and FLOPs (multiply-adds per image) of the child.
+
+  ``params`` counts the child's trainable weights exactly (``child`` built
+  from ``indices``, or built here). FLOPs are analytic: for block spaces the
+  whole network (`shufflenet.network_flops`); for cell spaces the chosen
+  ops of every edge (`tfnas.objectives.edge_cost_tables`; stem,
+  preprocessing convs and classifier not included, as in SNAS appendix F).
+  """
+  from tfnas import objectives  # Cost tables only when needed.
+  space = supernet.space
+  if child is None:
+    child = build_child(supernet, indices, (image_size, image_size,
+                                            supernet.variables[0].shape[2]))
+  params = sum(int(np.prod(v.shape)) for v in child.trainable_variables)
+  if registry.space_kind(space) == names.BLOCKS:
+    in_channels = int(supernet.stem_conv.kernel.shape[2])
+    flops = shufflenet.network_flops(space, indices[shufflenet.GROUP],
+                                     image_size, in_channels)
+  else:
+    tables = objectives.edge_cost_tables(space, image_size)
+    flops = 0.0
+    for cell_type, table in tables.items():
+      for e, k in enumerate(indices[cell_type]):
+        flops += table[:, e, int(k), 1].sum()
+  return {"params": float(params), "flops": float(flops)}
+
+
+def load_search_child(run_dir: str, recalibrate_batches: int = 0,
+                      data_dir: str | None = None):
+  """The child of a finished (or checkpointed) search run.
+
+  Rebuilds the supernet and α from ``run_dir/config.json`` and its latest
+  checkpoint, takes the argmax architecture (decisions fixed by progressive
+  early stop keep their frozen α rows, so argmax is the fixed choice), and
+  builds the child with inherited weights; optionally recalibrates its BN
+  statistics on the first ``recalibrate_batches`` training batches.
+
+  Returns:
+    ``(child, genotype, info)``: the `FixedChild`, the run's genotype
+    (``Genotype`` or ``BlockGenotype``) and a dict with ``params``,
+    ``flops``, ``image_size``, ``channels``, ``num_classes`` and the
+    checkpoint path.
+  """
+  from tfnas import data as data_lib
+  from tfnas import methods
+  from tfnas.arch import ArchParams, argmax_indices
+  from tfnas.config import SearchConfig
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = SearchConfig.from_dict(json.load(f))
+  info = data_lib.dataset_info(config.dataset)
+  space = registry.space_config(config, info.num_classes, info.image_size)
+  input_shape = (info.image_size, info.image_size, info.channels)
+  supernet = registry.build_network(space, input_shape)
+  arch = ArchParams(space.decision_groups(), init_scale=0.0)
+  latest = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
+  if latest is None:
+    raise TfnasError(f"{run_dir}: no checkpoint under ckpt/; run the search "
+                     f"first")
+  tf.train.Checkpoint(network=ModelVariables(supernet), arch=arch).restore(
+      latest).expect_partial()
+  indices = argmax_indices(arch)
+  child = build_child(supernet, indices, input_shape)
+  if recalibrate_batches:
+    x, y = data_lib.load_split(config.dataset, "train",
+                               data_dir=data_dir or config.data_dir,
+                               manual_dir=config.manual_dir)
+    ds = data_lib.make_dataset(x, y, info, batch_size=config.batch_size,
+                               training=False, epoch=0, seed=config.seed)
+    recalibrate_batch_norm(child, ds.take(recalibrate_batches))
+  masks = {g.name: g.mask_array() for g in arch.groups if g.mask is not None}
+  genotype = methods.get_method(config.method).selector(
+      arch.numpy(), arch.groups[0].candidates,
+      getattr(space, "num_nodes", None), masks)
+  cost = child_cost(supernet, indices, info.image_size, child)
+  return child, genotype, dict(cost, image_size=info.image_size,
+                               channels=info.channels,
+                               num_classes=info.num_classes,
+                               checkpoint=latest)

@@ -1,0 +1,202 @@
+"""DSNAS: discrete single-path search gradient (DSNAS 3.2-3.3, Algorithm 1).
+
+One step:
+
+1. draw a strictly one-hot Z per decision (block / edge) from
+   ``OneHotCategorical(logits=α)``; decisions fixed by progressive early stop
+   use their fixed choice;
+2. run the child: only the chosen op of every decision executes, its output
+   multiplied by a gate of value 1 (the "dummy 1");
+3. ONE backward pass of the training loss gives ∂L/∂θ (chosen ops only) and
+   ``C_e = ∂L/∂gate_e`` (eq. 6: the cost of decision e);
+4. θ ← SGD(∂L/∂θ), and α ← Adam(Σ_e C_e ∇α log p_α(Z_e)) (eq. 5), on the same
+   batch (single level).
+
+The step runs eagerly at the Python level (``compiled_step = False``): the
+child is chosen by Python ints, while each chosen op runs as an already
+traced shared ``tf.function`` (`tfnas.layers.shared_function`), so tracing is
+bounded by (op structures × input shapes), and time and memory are the
+child's. WORKSPACE_NOTES.md records the measurements behind this choice.
+
+Options (all off by default, as in the paper's Algorithm 1):
+
+* reward normalisation: ``C_e`` is replaced by ``(C_e - m_e) / (s_e + ε)``
+  with running (exponential moving) mean ``m_e`` and standard deviation
+  ``s_e`` of ``C_e`` per decision, estimated from previous steps — a
+  baseline that lowers the variance of the score-function estimate without
+  biasing it (the statistics do not depend on the current Z).
+* FLOPs penalty: the objective gains ``η · E_Z[F(Z)]`` with ``F(Z) =
+  Σ_e f_e(Z_e)`` the analytic FLOPs of the child divided by those of the
+  costliest child (so F ∈ [0, 1]); its α-gradient is taken exactly,
+  ``η ∇α Σ_e Σ_k p_ek f_ek`` (no sampling noise). θ is unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from tfnas.arch import OneHotDistribution, one_hot_weights
+from tfnas.estimators.base import Estimator
+from tfnas.train.step import StepContext
+
+
+class RewardNormalizer(tf.Module):
+  """Running mean / std of the per-decision costs C_e (checkpointed).
+
+  Args:
+    groups: group name → number of decisions.
+    decay: EMA decay of the statistics.
+    epsilon: added to the standard deviation.
+  """
+
+  def __init__(self, groups: Mapping[str, int], decay: float = 0.99,
+               epsilon: float = 1e-8, name: str = "reward_normalizer"):
+    super().__init__(name=name)
+    self.decay = decay
+    self.epsilon = epsilon
+    # Every replica computes identical statistics from all-reduced costs:
+    # keep one copy's write.
+    kw = dict(trainable=False,
+              synchronization=tf.VariableSynchronization.ON_WRITE,
+              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.mean = {g: tf.Variable(tf.zeros([n]), name=f"mean_{g}", **kw)
+                 for g, n in groups.items()}
+    self.second = {g: tf.Variable(tf.zeros([n]), name=f"second_{g}", **kw)
+                   for g, n in groups.items()}
+    self.count = tf.Variable(0, dtype=tf.int64, name="count", **kw)
+
+  def __call__(self, costs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Normalised costs (identity at the first step), then updates stats."""
+    out = {}
+    first = int(self.count.numpy()) == 0
+    for g, c in costs.items():
+      if first:
+        out[g] = c
+      else:
+        # Bias-corrected EMA, as Adam's moments.
+        correction = 1.0 - self.decay ** float(self.count.numpy())
+        mean = self.mean[g] / correction
+        var = tf.maximum(self.second[g] / correction - tf.square(mean), 0.0)
+        out[g] = (c - mean) / (tf.sqrt(var) + self.epsilon)
+      self.mean[g].assign(self.decay * self.mean[g] + (1 - self.decay) * c)
+      self.second[g].assign(self.decay * self.second[g] +
+                            (1 - self.decay) * tf.square(c))
+    self.count.assign_add(1)
+    return out
+
+
+class DsnasEstimator(Estimator):
+  """The DSNAS step; see the module docstring.
+
+  Args:
+    reward_normalizer: optional `RewardNormalizer`.
+    flops_tables: optional group → ``[E, K]`` normalised FLOPs per
+      candidate (see `tfnas.objectives.flops_tables`).
+    flops_weight: η of the FLOPs penalty.
+  """
+
+  uses_val_batch = False
+  #: The loop runs this step eagerly (Python-level child selection).
+  compiled_step = False
+
+  def __init__(self, reward_normalizer: RewardNormalizer | None = None,
+               flops_tables: Mapping[str, np.ndarray] | None = None,
+               flops_weight: float = 0.0):
+    self.reward_normalizer = reward_normalizer
+    self.flops_weight = flops_weight
+    self.flops_tables = ({g: tf.constant(t, tf.float32)
+                          for g, t in flops_tables.items()}
+                         if flops_tables is not None and flops_weight else None)
+    self.extra_metrics = ("train/flops",) if self.flops_tables else ()
+
+  def checkpoint_objects(self) -> dict:
+    """Trackable state the loop checkpoints with the run."""
+    if self.reward_normalizer is None:
+      return {}
+    return {"reward_normalizer": self.reward_normalizer}
+
+  @staticmethod
+  def sample(ctx: StepContext, step) -> dict[str, np.ndarray]:
+    """This step's child: group → ``[E]`` candidate indices."""
+    dist = ctx.distribution
+    if not isinstance(dist, OneHotDistribution):
+      raise TypeError(f"DSNAS needs a OneHotDistribution, got {dist!r}")
+    fixed = ctx.fixed_decisions.fixed() if ctx.fixed_decisions else None
+    return dist.sample_indices(ctx.arch, int(step), fixed=fixed)
+
+  def gradients(self, ctx: StepContext, batch, indices):
+    """One forward/backward pass of the child given by ``indices``.
+
+    Weight gradients are all-reduced together with the gate gradients, so α
+    gradients (`arch_gradients`) are then formed identically on every
+    replica.
+
+    Returns:
+      ``(used, w_grads, costs, gates, metrics)``: the weight variables the
+      child used and their all-reduced gradients, group → ``[E]`` costs
+      ``C_e = ∂L/∂gate_e``, the one-hot gates, per-replica metric sums.
+    """
+    images, labels = batch
+    gates = one_hot_weights(ctx.arch, indices)
+    groups = ctx.arch.group_names
+    arch_indices = {g: tuple(int(i) for i in indices[g]) for g in groups}
+    wvars = ctx.weight_variables
+    # Underlying tf.Variables: a tape asked about Keras variables that the
+    # step did not use fails in TF 2.21 (WORKSPACE_NOTES.md, known gaps).
+    sources = [v.value for v in wvars] + [gates[g] for g in groups]
+    with tf.GradientTape() as tape:
+      tape.watch([gates[g] for g in groups])
+      logits = ctx.forward(images, gates, arch_indices, training=True)
+      loss = ctx.loss(logits, labels)
+    grads = tape.gradient(loss, sources)
+    used = [i for i, g in enumerate(grads[:len(wvars)]) if g is not None]
+    gate_grads = [tf.zeros_like(gates[g]) if gr is None else gr
+                  for g, gr in zip(groups, grads[len(wvars):])]
+    reduced = ctx.all_reduce([grads[i] for i in used] + gate_grads)
+    w_grads = reduced[:len(used)]
+    # C_e = ∂L/∂gate at the chosen entry (other entries are not used).
+    costs = {g: tf.reduce_sum(gr * gates[g], axis=-1)
+             for g, gr in zip(groups, reduced[len(used):])}
+    metrics = ctx.metrics("train", loss, logits, labels)
+    return [wvars[i] for i in used], w_grads, costs, gates, metrics
+
+  def arch_gradients(self, ctx: StepContext, gates, costs, metrics=None):
+    """Σ_e C_e ∇α log p(Z_e) (+ the FLOPs term), zero on fixed decisions."""
+    if self.reward_normalizer is not None:
+      costs = self.reward_normalizer(costs)
+    avars = ctx.arch_variables
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    with tf.GradientTape() as tape:
+      terms = []
+      for g in ctx.arch.group_names:
+        log_p = ctx.distribution.log_prob(ctx.arch, g, gates[g])
+        terms.append(tf.reduce_sum(tf.stop_gradient(costs[g]) * log_p))
+        if self.flops_tables is not None:
+          probs = ctx.arch.probabilities(g)
+          expected = tf.reduce_sum(
+              tf.where(probs > 0, probs * self.flops_tables[g], 0.0))
+          terms.append(self.flops_weight * expected)
+      surrogate = tf.add_n(terms)
+    a_grads = StepContext.gradients(tape, surrogate, avars)
+    if ctx.fixed_decisions is not None:
+      a_grads = ctx.fixed_decisions.mask_gradients(a_grads)
+    if self.flops_tables is not None and metrics is not None:
+      flops = tf.add_n([tf.reduce_sum(gates[g] * self.flops_tables[g])
+                        for g in ctx.arch.group_names])
+      metrics["train/flops"] = flops / float(replicas)
+    return a_grads
+
+  def step(self, ctx: StepContext, train_batch, val_batch, step):
+    del val_batch  # Single level: θ and α learn from the same batch.
+    indices = self.sample(ctx, step)
+    used, w_grads, costs, gates, metrics = self.gradients(ctx, train_batch,
+                                                          indices)
+    a_grads = self.arch_gradients(ctx, gates, costs, metrics)
+    ctx.weight_optimizer.apply(w_grads, used)
+    ctx.apply_arch(a_grads)
+    if ctx.fixed_decisions is not None:
+      ctx.fixed_decisions.restore_fixed()
+    return metrics

@@ -1,0 +1,57 @@
+"""Search spaces by name: the config and supernet of each.
+
+Two kinds of space share the loop: *cell* spaces (DARTS and its RobustDARTS
+variants: decision groups ``normal``/``reduce``, one decision per edge) and
+*block* spaces (the ShuffleNetV2 single-path space of SPOS/DSNAS: one group
+``blocks``, one decision per choice block). Names are listed in
+`tfnas.spaces.names` (importable without TensorFlow, for the flags).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from tfnas.errors import TfnasError
+from tfnas.spaces import darts as darts_space
+from tfnas.spaces import names
+from tfnas.spaces import shufflenet
+
+
+def space_kind(space) -> str:
+  """``"cells"`` or ``"blocks"`` for a space config."""
+  if isinstance(space, darts_space.DartsSpaceConfig):
+    return names.CELLS
+  if isinstance(space, shufflenet.ShuffleNetSpaceConfig):
+    return names.BLOCKS
+  raise TypeError(f"not a search-space config: {space!r}")
+
+
+def space_config(config: Any, num_classes: int, image_size: int):
+  """The space named by ``config.space`` sized for the dataset.
+
+  Cell spaces take ``num_cells``, ``num_nodes``, ``channels`` and
+  ``recompute`` from the config; ``shufflenet`` is the 20-block ImageNet
+  space and ``shufflenet_small`` the 5-block preset for small inputs, both
+  with the dataset's classes and input size.
+  """
+  name = config.space
+  if name in names.CELL_SPACES:
+    return darts_space.search_space(
+        name, num_cells=config.num_cells, num_nodes=config.num_nodes,
+        channels=config.channels, num_classes=num_classes,
+        recompute=config.recompute, recompute_unit=config.recompute_unit)
+  if name == "shufflenet":
+    return shufflenet.ShuffleNetSpaceConfig(num_classes=num_classes,
+                                            input_size=image_size)
+  if name == "shufflenet_small":
+    return shufflenet.ShuffleNetSpaceConfig.small(num_classes=num_classes,
+                                                  input_size=image_size)
+  raise TfnasError(f"unknown search space {name!r}; known spaces: "
+                   f"{list(names.SPACES)}")
+
+
+def build_network(space, input_shape: Sequence[int]):
+  """The built supernet of a space config (all variables created)."""
+  if space_kind(space) == names.CELLS:
+    return darts_space.build_search_network(space, input_shape)
+  return shufflenet.build_shufflenet_supernet(space, input_shape)

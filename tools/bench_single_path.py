@@ -1,0 +1,262 @@
+r"""Benchmarks single-path DSNAS steps against whole-supernet steps.
+
+Each measurement runs in its own subprocess so that its peak resident memory
+(``VmHWM``) is its own.
+
+Measurements (DARTS cell space, then the ShuffleNetV2 space):
+  snas_darts: one SNAS step (relaxed one-hot Z, every op of every edge runs),
+    compiled as one tf.function — the whole supernet.
+  dsnas_darts: one DSNAS step (one op per edge), run eagerly with the chosen
+    ops as shared traced functions — the library's DSNAS path. Every timed
+    step draws a NEW child (step seeds differ), as in a search.
+  child_traced_darts: the rejected alternative, one tf.function per child:
+    ``trace s`` + ``first s`` is what every new child would cost; ``s/step``
+    repeats the same child.
+  supernet_shufflenet: forward + backward of the ShuffleNet supernet in
+    mixed mode (all four candidates of every block), compiled.
+  dsnas_shufflenet: one DSNAS step in the ShuffleNet space (eager, shared
+    traced candidates, a new child per step).
+
+Columns: ``trace s`` (building the graph; eager rows: 0), ``first s`` (first
+execution; eager rows: the first step, which traces the shared functions it
+needs), ``s/step`` (median of ``--steps`` steps after warm-up: one step for
+compiled rows, ``--warmup`` steps for eager rows, whose first steps with new
+children still trace shared functions and build their backward functions),
+``base GiB`` (resident memory once the network is built, before any step),
+``peak GiB`` (peak resident memory), ``fns / ops`` (shared functions traced /
+graph ops).
+
+Examples (run from the repository root; CPU only):
+  # DARTS C=16, 8 cells, batch 64, 32x32; ShuffleNet full widths at 64x64.
+  python tools/bench_single_path.py
+  python tools/bench_single_path.py --only=dsnas_darts,dsnas_shufflenet
+  # A smoke run on tiny networks (seconds).
+  python tools/bench_single_path.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MEASUREMENTS = ("snas_darts", "dsnas_darts", "child_traced_darts",
+                "supernet_shufflenet", "dsnas_shufflenet")
+
+
+def _parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--channels", type=int, default=16)
+  p.add_argument("--cells", type=int, default=8)
+  p.add_argument("--nodes", type=int, default=4)
+  p.add_argument("--image_size", type=int, default=32)
+  p.add_argument("--shufflenet", choices=("full", "small"), default="full",
+                 help="ShuffleNet space: full (20 blocks, paper widths) or "
+                      "the 5-block small preset")
+  p.add_argument("--shufflenet_image_size", type=int, default=64)
+  p.add_argument("--steps", type=int, default=5,
+                 help="timed steps after warm-up (median reported)")
+  p.add_argument("--warmup", type=int, default=10,
+                 help="warm-up steps of the eager rows (new children)")
+  p.add_argument("--only", default=",".join(MEASUREMENTS),
+                 help=f"comma-separated subset of {MEASUREMENTS}")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny configs for a smoke run (overrides sizes)")
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batch_size, args.channels, args.cells = 4, 4, 3
+    args.nodes, args.image_size, args.steps = 2, 8, 2
+    args.warmup = 2
+    args.shufflenet, args.shufflenet_image_size = "small", 8
+  only = [m for m in args.only.split(",") if m]
+  bad = [m for m in only if m not in MEASUREMENTS]
+  if bad:
+    p.error(f"--only: unknown measurement(s) {bad}; choose from {MEASUREMENTS}")
+  args.only = only
+  return args
+
+
+def _peak_rss_gib() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rss_gib() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 2**20
+  return float("nan")
+
+
+def _context(args, kind: str, distribution):
+  import tensorflow as tf  # pylint: disable=unused-import
+  from tfnas.arch import ArchParams
+  from tfnas.spaces import darts as darts_space
+  from tfnas.spaces import shufflenet
+  from tfnas.train import optim
+  from tfnas.train.step import StepContext
+  if kind == "darts":
+    space = darts_space.DartsSpaceConfig(
+        num_nodes=args.nodes, num_cells=args.cells, channels=args.channels,
+        num_classes=10)
+    shape = (args.image_size, args.image_size, 3)
+    net = darts_space.build_search_network(space, shape)
+  else:
+    size = args.shufflenet_image_size
+    space = (shufflenet.ShuffleNetSpaceConfig(input_size=size)
+             if args.shufflenet == "full" else
+             shufflenet.ShuffleNetSpaceConfig.small(input_size=size))
+    shape = (size, size, 3)
+    net = shufflenet.build_shufflenet_supernet(space, shape)
+  arch = ArchParams(space.decision_groups(), init_scale=1e-3, seed=0)
+  w_opt = optim.SGD(0.025, momentum=0.9, weight_decay=3e-4, clip_norm=5.0)
+  w_opt.build(net.trainable_variables)
+  a_opt = optim.Adam(3e-4, beta_1=0.5, beta_2=0.999)
+  a_opt.build(arch.variables_list)
+  ctx = StepContext(net, arch, distribution, w_opt, a_opt, args.batch_size)
+  return ctx, shape, space
+
+
+def _measure(args, which: str) -> dict:
+  import numpy as np
+  import tensorflow as tf
+
+  from tfnas.arch import (OneHotDistribution, RelaxedOneHotDistribution,
+                          linear_temperature)
+  from tfnas.estimators.dsnas import DsnasEstimator
+  from tfnas.estimators.snas import SnasEstimator
+  from tfnas.layers import shared_function
+
+  kind = "darts" if which.endswith("darts") else "shufflenet"
+  if which == "snas_darts":
+    dist = RelaxedOneHotDistribution(linear_temperature(1.0, 0.03, 100))
+  else:
+    dist = OneHotDistribution(seed=0)
+  ctx, shape, _ = _context(args, kind, dist)
+  num_classes = ctx.network.classifier.units
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.standard_normal(
+      (args.batch_size, *shape)).astype(np.float32))
+  labels = tf.constant(rng.integers(0, num_classes, args.batch_size)
+                       .astype(np.int32))
+  batch = (images, labels)
+  before = shared_function.num_shared_functions()
+  base_gib = _rss_gib()
+
+  def timed(fn, steps):
+    out = []
+    for s in steps:
+      start = time.perf_counter()
+      result = fn(s)
+      tf.nest.map_structure(
+          lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+      out.append(time.perf_counter() - start)
+    return out
+
+  trace_s, count = 0.0, None
+  if which in ("snas_darts", "supernet_shufflenet", "child_traced_darts"):
+    if which == "snas_darts":
+      est = SnasEstimator()
+      def body(step):
+        return est.step(ctx, batch, None, step)
+    elif which == "supernet_shufflenet":
+      k = len(ctx.network.space.choices)
+      uniform = {"blocks": tf.fill([ctx.network.space.num_blocks, k], 1 / k)}
+      def body(step):
+        del step
+        with tf.GradientTape() as tape:
+          loss = ctx.loss(ctx.forward(images, uniform, training=True), labels)
+        grads = ctx.gradients(tape, loss, ctx.weight_variables)
+        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+    else:
+      est = DsnasEstimator()
+      indices = est.sample(ctx, 0)  # One fixed child, traced as a whole.
+      def body(step):
+        del step
+        used, w_grads, costs, gates, metrics = est.gradients(ctx, batch,
+                                                             indices)
+        ctx.weight_optimizer.apply(w_grads, used)
+        ctx.apply_arch(est.arch_gradients(ctx, gates, costs, metrics))
+        return metrics
+    fn = tf.function(body)
+    step0 = tf.constant(0, tf.int64)
+    start = time.perf_counter()
+    concrete = fn.get_concrete_function(step0)
+    trace_s = time.perf_counter() - start
+    count = len(concrete.graph.get_operations())
+    first = timed(lambda s: fn(step0), [0])[0]
+    fn(step0)
+    times = timed(lambda s: fn(step0), range(args.steps))
+  else:
+    est = DsnasEstimator()
+    # A new child every step, as in a search (the step seeds the draw).
+    first = timed(lambda s: est.step(ctx, batch, None, s), [0])[0]
+    for s in range(1, 1 + args.warmup):
+      est.step(ctx, batch, None, s)
+    start = 1 + args.warmup
+    times = timed(lambda s: est.step(ctx, batch, None, s),
+                  range(start, start + args.steps))
+    count = shared_function.num_shared_functions() - before
+  return {"measurement": which, "trace_s": trace_s, "first_s": first,
+          "step_s": statistics.median(times), "peak_gib": _peak_rss_gib(),
+          "base_gib": base_gib, "count": count}
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  if args.child:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print("RESULT " + json.dumps(_measure(args, args.only[0])), flush=True)
+    return
+  print(f"# DARTS: batch {args.batch_size}, C={args.channels}, {args.cells} "
+        f"cells, {args.nodes} nodes, {args.image_size}x{args.image_size}; "
+        f"ShuffleNet: {args.shufflenet}, {args.shufflenet_image_size}x"
+        f"{args.shufflenet_image_size}, batch {args.batch_size}\n")
+  print("| measurement | trace s | first s | s/step | base GiB | peak GiB | "
+        "fns / ops |")
+  print("|---|---|---|---|---|---|---|")
+  failed = False
+  results = {}
+  for which in args.only:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child",
+           f"--only={which}"] + [a for a in (argv or sys.argv[1:])
+                                 if not a.startswith("--only")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+      failed = True
+      print(f"| {which} | failed (rc {proc.returncode}) | | | | | |")
+      sys.stderr.write(proc.stderr[-4000:])
+      continue
+    r = json.loads(lines[-1][len("RESULT "):])
+    results[which] = r
+    print(f"| {which} | {r['trace_s']:.1f} | {r['first_s']:.1f} | "
+          f"{r['step_s']:.3f} | {r['base_gib']:.2f} | {r['peak_gib']:.2f} | "
+          f"{r['count']} |",
+          flush=True)
+  for a, b in (("snas_darts", "dsnas_darts"),
+               ("supernet_shufflenet", "dsnas_shufflenet")):
+    if a in results and b in results:
+      speed = results[a]["step_s"] / results[b]["step_s"]
+      memory = results[a]["peak_gib"] / results[b]["peak_gib"]
+      step_memory = ((results[a]["peak_gib"] - results[a]["base_gib"]) /
+                     (results[b]["peak_gib"] - results[b]["base_gib"]))
+      print(f"\n{b} vs {a}: {speed:.1f}x faster per step, {memory:.1f}x "
+            f"less peak memory ({step_memory:.1f}x less above the built "
+            f"network)")
+  sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+  main()
