@@ -18,8 +18,35 @@ class ConfigError(TfnasError):
   """A configuration value is invalid; the message names it."""
 
 
+class _Config:
+  """What every frozen run config shares: validation, JSON, replacement."""
+
+  def _check(self, checks) -> None:
+    """Raises ConfigError for the first ``(field, ok)`` pair that is false."""
+    for name, ok in checks:
+      if not ok:
+        raise ConfigError(f"invalid --{name}={getattr(self, name)!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown config keys {unknown}")
+    return cls(**d)
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(_Config):
   """Everything a search run depends on (saved as ``config.json``)."""
   # Run.
   run_dir: str = "runs/search"
@@ -96,26 +123,7 @@ class SearchConfig:
         ("early_stop_threshold", self.early_stop_threshold >= 0),
         ("early_stop_every_steps", self.early_stop_every_steps >= 0),
     ]
-    for name, ok in checks:
-      if not ok:
-        raise ConfigError(f"invalid --{name}={getattr(self, name)!r}")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"unknown config keys {unknown}")
-    return cls(**d)
-
-  def replace(self, **changes) -> "SearchConfig":
-    return dataclasses.replace(self, **changes)
+    self._check(checks)
 
   #: Fields that may differ between a run and its resumption.
   #: Recomputation changes memory and time, not the maths.
@@ -124,7 +132,7 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Config):
   """Everything a retraining run depends on (saved as ``config.json``).
 
   Defaults are the DARTS/SNAS CIFAR-10 evaluation recipe (SNAS appendix
@@ -184,23 +192,7 @@ class TrainConfig:
         ("label_smoothing", 0 <= self.label_smoothing < 1),
         ("genotype", bool(self.genotype)),
     ]
-    for name, ok in checks:
-      if not ok:
-        raise ConfigError(f"invalid --{name}={getattr(self, name)!r}")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"unknown config keys {unknown}")
-    return cls(**d)
-
-  def replace(self, **changes) -> "TrainConfig":
-    return dataclasses.replace(self, **changes)
+    self._check(checks)
 
   #: Fields that may differ between a run and its resumption.
   RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
