@@ -35,17 +35,21 @@ import tensorflow as tf
 from tfnas.errors import TfnasError
 
 __all__ = [
+    "ArraySplit",
     "AugmentConfig",
     "DATASETS",
     "DataError",
     "DatasetEntry",
     "DatasetInfo",
     "SEARCH_SPLIT_SEED",
+    "Split",
     "dataset_info",
     "default_augment",
     "distributed_dataset",
     "load_split",
     "make_dataset",
+    "open_search_splits",
+    "open_split",
     "register_dataset",
     "register_synthetic",
     "search_splits",
@@ -66,10 +70,10 @@ _DIGITS_SPLIT_SEED = 0
 _DIGITS_NUM_TEST = 300
 
 # Tags that separate the random streams derived from one (seed, epoch).
-_SHUFFLE_TAG = 0
-_CROP_TAG = 1
-_FLIP_TAG = 2
-_CUTOUT_TAG = 3
+SHUFFLE_TAG = 0
+CROP_TAG = 1
+FLIP_TAG = 2
+CUTOUT_TAG = 3
 
 
 class DataError(TfnasError):
@@ -175,11 +179,22 @@ class DatasetEntry:
             returning ``(images, labels)``: images ``(N, H, W, C)`` uint8 or
             float in ``[0, 255]``, labels ``(N,)`` int64.
         augment: Standard training augmentation for this dataset.
+        opener: For datasets streamed from disk instead of ``loader``:
+            ``opener(split, record_range, *, data_dir, manual_dir,
+            allow_download)`` returning a :class:`Split`; ``record_range`` is
+            ``None`` (the whole split) or ``(start, stop)`` record indices.
     """
 
     info: DatasetInfo
-    loader: Loader
+    loader: Optional[Loader]
     augment: AugmentConfig = AugmentConfig()
+    opener: Optional[Callable[..., "Split"]] = None
+
+    def __post_init__(self):
+        if (self.loader is None) == (self.opener is None):
+            raise DataError(
+                f"dataset {self.info.name!r} needs exactly one of loader "
+                "(in memory) and opener (streamed).")
 
 
 DATASETS: dict[str, DatasetEntry] = {}
@@ -232,6 +247,13 @@ def default_augment(name: str, cutout: int = 0) -> AugmentConfig:
     return dataclasses.replace(_entry(name).augment, cutout=cutout)
 
 
+def _check_split(name: str, split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(
+            f"unknown split {split!r} for dataset {name!r}; use one of "
+            f"{', '.join(SPLITS)}.")
+
+
 def load_split(name: str, split: str, data_dir: Optional[str] = None,
                manual_dir: Optional[str] = None,
                allow_download: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -257,10 +279,11 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
             prepared and cannot be prepared from ``manual_dir``.
     """
     entry = _entry(name)
-    if split not in SPLITS:
+    _check_split(name, split)
+    if entry.loader is None:
         raise DataError(
-            f"unknown split {split!r} for dataset {name!r}; use one of "
-            f"{', '.join(SPLITS)}.")
+            f"dataset {name!r} is streamed from disk and is never loaded into "
+            "memory; use open_split.")
     images, labels = entry.loader(split, data_dir=data_dir,
                                   manual_dir=manual_dir,
                                   allow_download=allow_download)
@@ -419,55 +442,80 @@ def _load_tfds(split: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_tfds_quietly(split: str, *, tfds_name: str, archives: Sequence[str],
-               data_dir: Optional[str], manual_dir: Optional[str],
-               allow_download: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Loads a prepared tfds split into numpy, never downloading implicitly.
+                       data_dir: Optional[str], manual_dir: Optional[str],
+                       allow_download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Loads a prepared tfds split into numpy, never downloading implicitly."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    builder = prepared_tfds_builder(tfds_name, archives, data_dir=data_dir,
+                                    manual_dir=manual_dir,
+                                    allow_download=allow_download)
+    # Not batch_size=-1: with unknown split sizes (e.g. under
+    # tfds.testing.mock_data) tfds would batch by sys.maxsize and abort.
+    data = read_tfds(builder, archives, data_dir, split=split,
+                     as_supervised=True, shuffle_files=False)
+    chunks = list(tfds.as_numpy(data.batch(4096)))
+    if not chunks:
+        raise DataError(
+            f"split {split!r} of dataset {tfds_name!r} in "
+            f"{_tfds_where(data_dir)} is empty; re-prepare the dataset.")
+    images = np.concatenate([c[0] for c in chunks])
+    labels = np.concatenate([c[1] for c in chunks])
+    return images, labels.astype(np.int64)
+
+
+def _tfds_where(data_dir: Optional[str]) -> str:
+    return (data_dir or os.environ.get("TFDS_DATA_DIR")
+            or "the tfds default data dir")
+
+
+def prepared_tfds_builder(tfds_name: str, archives: Sequence[str], *,
+                          data_dir: Optional[str], manual_dir: Optional[str],
+                          allow_download: bool):
+    """The tfds builder of ``tfds_name``, prepared if that can be done offline.
 
     A builder that is not prepared is prepared only from ``manual_dir`` (when
-    it holds all the archives) or, with ``allow_download``, from the network.
-    Otherwise reading is attempted: ``builder.as_dataset`` never downloads and
-    fails at once when the data is missing, which is reported as a
-    :class:`DataError`. (Reading rather than refusing on ``is_prepared()``
-    also lets ``tfds.testing.mock_data`` work: it patches reading but not
-    ``is_prepared``.)
+    it holds all the ``archives``) or, with ``allow_download``, from the
+    network. Otherwise it is returned as is: :func:`read_tfds` then fails at
+    once with a :class:`DataError`. (Reading rather than refusing on
+    ``is_prepared()`` also lets ``tfds.testing.mock_data`` work: it patches
+    reading but not ``is_prepared``.)
     """
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     builder = tfds.builder(tfds_name, data_dir=data_dir)
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "the tfds default data dir"
     if not builder.is_prepared() and (manual_dir or allow_download):
         if manual_dir and not allow_download:
             missing = [a for a in archives
                        if not os.path.exists(os.path.join(manual_dir, a))]
             if missing:
                 raise DataError(
-                    f"dataset {tfds_name!r} is not prepared in {where} and "
-                    f"--manual_dir {manual_dir} lacks {', '.join(missing)}; "
-                    "put the archives there, or pass allow_download=True.")
+                    f"dataset {tfds_name!r} is not prepared in "
+                    f"{_tfds_where(data_dir)} and --manual_dir {manual_dir} "
+                    f"lacks {', '.join(missing)}; put the archives there, or "
+                    "pass allow_download=True.")
         config = tfds.download.DownloadConfig(
             manual_dir=manual_dir, try_download_gcs=allow_download)
         builder.download_and_prepare(download_config=config)
+    return builder
+
+
+def read_tfds(builder, archives: Sequence[str], data_dir: Optional[str],
+              **as_dataset_kwargs) -> tf.data.Dataset:
+    """``builder.as_dataset(**as_dataset_kwargs)``; missing data is a
+    :class:`DataError` saying how to provide it (``as_dataset`` never
+    downloads)."""
     try:
-        # Not batch_size=-1: with unknown split sizes (e.g. under
-        # tfds.testing.mock_data) tfds would batch by sys.maxsize and abort.
-        data = builder.as_dataset(split=split, as_supervised=True,
-                                  shuffle_files=False)
+        return builder.as_dataset(**as_dataset_kwargs)
     except AssertionError as err:
         if "could not find data" not in str(err):
             raise
         raise DataError(
-            f"dataset {tfds_name!r} is not prepared in {where} (looked for "
-            f"{builder.data_dir}); run with --data_dir pointing at a prepared "
-            f"tfds directory, or put {' and '.join(archives)} in --manual_dir "
-            "to prepare it offline.") from None
-    chunks = list(tfds.as_numpy(data.batch(4096)))
-    if not chunks:
-        raise DataError(
-            f"split {split!r} of dataset {tfds_name!r} in {where} is empty; "
-            "re-prepare the dataset.")
-    images = np.concatenate([c[0] for c in chunks])
-    labels = np.concatenate([c[1] for c in chunks])
-    return images, labels.astype(np.int64)
+            f"dataset {builder.name!r} is not prepared in "
+            f"{_tfds_where(data_dir)} (looked for {builder.data_dir}); run "
+            "with --data_dir pointing at a prepared tfds directory, or put "
+            f"{' and '.join(archives)} in --manual_dir to prepare it "
+            "offline.") from None
 
 
 def _register_tfds(name: str, *, mean, std, num_classes: int, num_train: int,
@@ -563,6 +611,104 @@ def search_splits(name: str, train_portion: float = 0.5, *,
 
 
 # ---------------------------------------------------------------------------
+# splits: what the training loops consume
+
+
+class Split:
+    """One split of a dataset, ready to be turned into per-epoch pipelines.
+
+    The loops only use this interface, so a split may be in memory
+    (:class:`ArraySplit`) or streamed from disk (``tfnas.data_imagenet``).
+
+    Attributes:
+        info: The dataset's description.
+        num_examples: Examples in the split (one epoch).
+    """
+
+    info: DatasetInfo
+    num_examples: int
+
+    def dataset(self, *, batch_size: int, training: bool, epoch: int = 0,
+                seed: int = 0, augment: Optional[AugmentConfig] = None,
+                skip_batches: int = 0,
+                input_context: Optional[tf.distribute.InputContext] = None,
+                drop_remainder: Optional[bool] = None) -> tf.data.Dataset:
+        """The pipeline of one epoch; arguments as in :func:`make_dataset`."""
+        raise NotImplementedError
+
+    def distribute(self, strategy: tf.distribute.Strategy, **kwargs):
+        """:meth:`dataset` once per input pipeline of ``strategy``.
+
+        ``kwargs`` are those of :meth:`dataset` except ``input_context``;
+        ``batch_size`` is the global batch.
+        """
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: self.dataset(input_context=ctx, **kwargs))
+
+
+class ArraySplit(Split):
+    """A split held in memory as numpy arrays (see :func:`make_dataset`)."""
+
+    def __init__(self, images, labels, info: DatasetInfo):
+        self.images, self.labels = images, labels
+        self.info = info
+        self.num_examples = len(labels)
+
+    def dataset(self, **kwargs) -> tf.data.Dataset:
+        return make_dataset(self.images, self.labels, self.info, **kwargs)
+
+
+def open_split(name: str, split: str, data_dir: Optional[str] = None,
+               manual_dir: Optional[str] = None,
+               allow_download: bool = False) -> Split:
+    """A whole split of a registered dataset, in memory or streamed.
+
+    Arguments and errors as in :func:`load_split`; streamed datasets (e.g.
+    ``imagenet2012``) are opened without reading their examples.
+    """
+    entry = _entry(name)
+    if entry.opener is None:
+        images, labels = load_split(name, split, data_dir, manual_dir,
+                                    allow_download)
+        return ArraySplit(images, labels, entry.info)
+    _check_split(name, split)
+    return entry.opener(split, None, data_dir=data_dir, manual_dir=manual_dir,
+                        allow_download=allow_download)
+
+
+def open_search_splits(name: str, train_portion: float = 0.5, *,
+                       data_dir: Optional[str] = None,
+                       manual_dir: Optional[str] = None,
+                       allow_download: bool = False) -> tuple[Split, Split]:
+    """The search-train and search-val parts of a training set as splits.
+
+    In-memory datasets use :func:`search_splits` (a fixed-seed permutation);
+    streamed datasets take the first ``floor(train_portion * N)`` records of
+    the (already shuffled) prepared training split and the rest.
+    """
+    entry = _entry(name)
+    if entry.opener is None:
+        (xa, ya), (xb, yb) = search_splits(
+            name, train_portion, data_dir=data_dir, manual_dir=manual_dir,
+            allow_download=allow_download)
+        return ArraySplit(xa, ya, entry.info), ArraySplit(xb, yb, entry.info)
+    if not 0.0 < train_portion < 1.0:
+        raise DataError(
+            f"train_portion={train_portion!r} must lie strictly between 0 and "
+            "1 (e.g. 0.5).")
+    kwargs = dict(data_dir=data_dir, manual_dir=manual_dir,
+                  allow_download=allow_download)
+    whole = entry.opener("train", None, **kwargs)
+    num_first = int(np.floor(train_portion * whole.num_examples))
+    if num_first < 1 or num_first >= whole.num_examples:
+        raise DataError(
+            f"train_portion={train_portion} of {whole.num_examples} examples "
+            "leaves an empty part; choose a portion closer to 0.5.")
+    return (entry.opener("train", (0, num_first), **kwargs),
+            entry.opener("train", (num_first, whole.num_examples), **kwargs))
+
+
+# ---------------------------------------------------------------------------
 # pipelines
 
 
@@ -582,7 +728,7 @@ def steps_per_epoch(num_examples: int, global_batch: int,
     return -(-num_examples // global_batch)
 
 
-def _derived_seed(seed: int, epoch: int, tag: int) -> int:
+def derived_seed(seed: int, epoch: int, tag: int) -> int:
     """A 63-bit integer derived from (seed, epoch, tag)."""
     state = np.random.SeedSequence([seed, epoch, tag]).generate_state(
         2, np.uint32)
@@ -609,14 +755,66 @@ def _check_arrays(images, labels, info: DatasetInfo):
     return images, labels.astype(np.int32)
 
 
-def _normalize(images: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+def check_pipeline_args(*, batch_size, epoch, seed, skip_batches, augment,
+                        training, drop_remainder):
+    """Validates the common pipeline arguments of :meth:`Split.dataset`.
+
+    Returns:
+        ``(augment, drop_remainder)`` with their defaults filled in.
+    """
+    for field, value, low in (("batch_size", batch_size, 1), ("epoch", epoch, 0),
+                              ("seed", seed, 0),
+                              ("skip_batches", skip_batches, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or value < low:
+            raise DataError(
+                f"{field}={value!r} must be an integer >= {low}.")
+    if augment is None:
+        augment = AugmentConfig()
+    if not isinstance(augment, AugmentConfig):
+        raise DataError(
+            f"augment={augment!r} must be an AugmentConfig or None.")
+    if drop_remainder is None:
+        drop_remainder = training
+    return augment, drop_remainder
+
+
+def pipeline_layout(batch_size: int,
+                    input_context: Optional[tf.distribute.InputContext]):
+    """How a global batch is spread over input pipelines and replicas.
+
+    Returns:
+        ``(num_pipelines, pipeline_id, per_replica_batch,
+        replicas_per_pipeline)``.
+    """
+    if input_context is None:
+        return 1, 0, batch_size, 1
+    num_pipelines = input_context.num_input_pipelines
+    replicas = input_context.num_replicas_in_sync
+    if replicas % num_pipelines:
+        raise DataError(
+            f"{replicas} replicas cannot be spread evenly over "
+            f"{num_pipelines} input pipelines; use the same number of "
+            "devices on every worker.")
+    if batch_size % replicas:
+        raise DataError(
+            f"global batch_size={batch_size} is not divisible by the "
+            f"{replicas} replicas; use a multiple of {replicas}.")
+    return (num_pipelines, input_context.input_pipeline_id,
+            input_context.get_per_replica_batch_size(batch_size),
+            replicas // num_pipelines)
+
+
+def normalize(images: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """Scales ``[0, 255]`` images to ``[0, 1]`` and standardises them with
+    the dataset's per-channel mean and std."""
     images = tf.cast(images, tf.float32) / 255.0
     mean = tf.constant(info.mean, tf.float32)
     std = tf.constant(info.std, tf.float32)
     return (images - mean) / std
 
 
-def _cutout(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+def cutout(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
     """Zeros a ``size`` square (clipped at the borders) with a random centre."""
     height, width = image.shape[0], image.shape[1]
     centre = tf.random.stateless_uniform(
@@ -633,8 +831,8 @@ def _cutout(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
 def _augment_fn(info: DatasetInfo, augment: AugmentConfig, seed: int,
                 epoch: int):
     """Per-example augmentation keyed on (seed, epoch, example index)."""
-    keys = {tag: tf.constant(_derived_seed(seed, epoch, tag), tf.int64)
-            for tag in (_CROP_TAG, _FLIP_TAG, _CUTOUT_TAG)}
+    keys = {tag: tf.constant(derived_seed(seed, epoch, tag), tf.int64)
+            for tag in (CROP_TAG, FLIP_TAG, CUTOUT_TAG)}
     shape = list(info.input_shape)
     pad = augment.pad_crop
 
@@ -643,14 +841,14 @@ def _augment_fn(info: DatasetInfo, augment: AugmentConfig, seed: int,
         if pad:
             image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
             image = tf.image.stateless_random_crop(
-                image, shape, seed=tf.stack([keys[_CROP_TAG], index]))
+                image, shape, seed=tf.stack([keys[CROP_TAG], index]))
         if augment.flip:
             image = tf.image.stateless_random_flip_left_right(
-                image, seed=tf.stack([keys[_FLIP_TAG], index]))
-        image = _normalize(image, info)
+                image, seed=tf.stack([keys[FLIP_TAG], index]))
+        image = normalize(image, info)
         if augment.cutout:
-            image = _cutout(image, augment.cutout,
-                            tf.stack([keys[_CUTOUT_TAG], index]))
+            image = cutout(image, augment.cutout,
+                            tf.stack([keys[CUTOUT_TAG], index]))
         return tf.ensure_shape(image, shape)
 
     return apply
@@ -714,44 +912,18 @@ def make_dataset(images, labels, info: DatasetInfo, *, batch_size: int,
         DataError: Bad arguments (shapes, labels, batch size, seeds, ...).
     """
     images, labels = _check_arrays(images, labels, info)
-    for field, value, low in (("batch_size", batch_size, 1), ("epoch", epoch, 0),
-                              ("seed", seed, 0),
-                              ("skip_batches", skip_batches, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                or value < low:
-            raise DataError(
-                f"{field}={value!r} must be an integer >= {low}.")
-    if augment is None:
-        augment = AugmentConfig()
-    if not isinstance(augment, AugmentConfig):
-        raise DataError(
-            f"augment={augment!r} must be an AugmentConfig or None.")
-    if drop_remainder is None:
-        drop_remainder = training
-
-    num_pipelines, pipeline_id, replicas_per_pipeline = 1, 0, 1
-    per_replica = batch_size
-    if input_context is not None:
-        num_pipelines = input_context.num_input_pipelines
-        pipeline_id = input_context.input_pipeline_id
-        replicas = input_context.num_replicas_in_sync
-        if replicas % num_pipelines:
-            raise DataError(
-                f"{replicas} replicas cannot be spread evenly over "
-                f"{num_pipelines} input pipelines; use the same number of "
-                "devices on every worker.")
-        replicas_per_pipeline = replicas // num_pipelines
-        if batch_size % replicas:
-            raise DataError(
-                f"global batch_size={batch_size} is not divisible by the "
-                f"{replicas} replicas; use a multiple of {replicas}.")
-        per_replica = input_context.get_per_replica_batch_size(batch_size)
+    augment, drop_remainder = check_pipeline_args(
+        batch_size=batch_size, epoch=epoch, seed=seed,
+        skip_batches=skip_batches, augment=augment, training=training,
+        drop_remainder=drop_remainder)
+    num_pipelines, pipeline_id, per_replica, replicas_per_pipeline = (
+        pipeline_layout(batch_size, input_context))
     pipeline_batch = per_replica * replicas_per_pipeline
 
     num = len(labels)
     if training:
         order = np.random.default_rng(
-            _derived_seed(seed, epoch, _SHUFFLE_TAG)).permutation(num)
+            derived_seed(seed, epoch, SHUFFLE_TAG)).permutation(num)
     else:
         order = np.arange(num)
     if num_pipelines > 1:
@@ -777,7 +949,7 @@ def make_dataset(images, labels, info: DatasetInfo, *, batch_size: int,
     else:
         ds = ds.batch(pipeline_batch, drop_remainder=drop_remainder)
         ds = ds.map(
-            lambda idx: (_normalize(tf.gather(images_t, idx), info),
+            lambda idx: (normalize(tf.gather(images_t, idx), info),
                          tf.gather(labels_t, idx)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if replicas_per_pipeline > 1:
@@ -802,3 +974,8 @@ def distributed_dataset(
         A ``tf.distribute.DistributedDataset`` of per-replica batches.
     """
     return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+# Streamed datasets register themselves in their own module (it needs the
+# names above).
+from tfnas import data_imagenet  # pylint: disable=wrong-import-position,unused-import,cyclic-import

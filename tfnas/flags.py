@@ -15,7 +15,8 @@ FLAGS = flags.FLAGS
 
 _DEFAULTS = SearchConfig()
 _TRAIN_DEFAULTS = TrainConfig()
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped",
+            "imagenet2012")
 SPACES = space_names.SPACES
 #: The registered methods (tfnas.methods.METHODS; a test keeps them equal).
 #: Listed here so defining flags does not import TensorFlow.

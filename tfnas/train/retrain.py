@@ -81,15 +81,13 @@ class Retrain:
         self.genotype, config.network, self.info.input_shape,
         self.info.num_classes, config.num_cells, config.channels)
     load = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
-    self.train_x, self.train_y = data_lib.load_split(config.dataset, "train",
-                                                     **load)
-    self.test_x, self.test_y = data_lib.load_split(config.dataset, "test",
-                                                   **load)
-    steps = len(self.train_y) // config.batch_size
+    self.train = data_lib.open_split(config.dataset, "train", **load)
+    self.test = data_lib.open_split(config.dataset, "test", **load)
+    steps = self.train.num_examples // config.batch_size
     if steps < 1:
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the training "
-          f"split ({len(self.train_y)} examples)")
+          f"split ({self.train.num_examples} examples)")
     if config.max_steps_per_epoch:
       steps = min(steps, config.max_steps_per_epoch)
     self.steps_per_epoch = steps
@@ -129,16 +127,11 @@ class Retrain:
     self.writer = tf.summary.create_file_writer(
         os.path.join(config.run_dir, "tb"))
 
-  def _stream(self, images, labels, training, epoch=0, skip=0):
-    config = self.config
-
-    def fn(input_context):
-      return data_lib.make_dataset(
-          images, labels, self.info, batch_size=config.batch_size,
-          training=training, epoch=epoch, seed=config.seed,
-          augment=self.augment, skip_batches=skip,
-          input_context=input_context, drop_remainder=training)
-    return self.strategy.distribute_datasets_from_function(fn)
+  def _stream(self, split, training, epoch=0, skip=0):
+    return split.distribute(
+        self.strategy, batch_size=self.config.batch_size, training=training,
+        epoch=epoch, seed=self.config.seed, augment=self.augment,
+        skip_batches=skip, drop_remainder=training)
 
   def _metrics(self, prefix, loss_sum, logits, labels):
     correct = tf.reduce_sum(tf.cast(tf.equal(
@@ -213,7 +206,7 @@ class Retrain:
   def evaluate(self) -> dict[str, float]:
     """Loss and accuracy on the test split (moving BN statistics)."""
     totals = {}
-    for batch in self._stream(self.test_x, self.test_y, training=False):
+    for batch in self._stream(self.test, training=False):
       for k, v in self._eval_step(batch).items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.get("eval/count", 0.0), 1.0)
@@ -249,7 +242,7 @@ class Retrain:
     start = int(self.step_in_epoch.numpy())
     drop_prob = config.drop_path_prob * epoch / config.epochs
     self.network.drop_path_prob.assign(drop_prob)
-    iterator = iter(self._stream(self.train_x, self.train_y, True, epoch,
+    iterator = iter(self._stream(self.train, True, epoch,
                                  start))
     t0 = time.time()
 

@@ -51,62 +51,53 @@ class SearchResult:
 
 
 class SearchData:
-  """The search-train and search-val splits of the training set."""
+  """The search-train and search-val splits (``tfnas.data.Split``)."""
 
   def __init__(self, config: SearchConfig, single_level: bool = False):
     self.info = data_lib.dataset_info(config.dataset)
+    load = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
     if single_level:
       # Single-level methods learn w and α on the whole training set; the
       # held-out test split only reports accuracy (it steers nothing).
-      self.train_x, self.train_y = data_lib.load_split(
-          config.dataset, "train", data_dir=config.data_dir,
-          manual_dir=config.manual_dir)
-      self.val_x, self.val_y = data_lib.load_split(
-          config.dataset, "test", data_dir=config.data_dir,
-          manual_dir=config.manual_dir)
+      self.train = data_lib.open_split(config.dataset, "train", **load)
+      self.val = data_lib.open_split(config.dataset, "test", **load)
     else:
-      (self.train_x, self.train_y), (self.val_x, self.val_y) = (
-          data_lib.search_splits(config.dataset, config.train_portion,
-                                 data_dir=config.data_dir,
-                                 manual_dir=config.manual_dir))
+      self.train, self.val = data_lib.open_search_splits(
+          config.dataset, config.train_portion, **load)
     self.single_level = single_level
     self.augment = data_lib.AugmentConfig(
         pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
     self.batch_size = config.batch_size
     self.seed = config.seed
-    steps = len(self.train_y) // config.batch_size
+    steps = self.train.num_examples // config.batch_size
     if not single_level:
-      steps = min(steps, len(self.val_y) // config.batch_size)
+      steps = min(steps, self.val.num_examples // config.batch_size)
     if steps < 1:
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the search "
-          f"splits ({len(self.train_y)} train / {len(self.val_y)} val)")
+          f"splits ({self.train.num_examples} train / "
+          f"{self.val.num_examples} val)")
     if config.max_steps_per_epoch:
       steps = min(steps, config.max_steps_per_epoch)
     self.steps_per_epoch = steps
 
-  def _stream(self, strategy, images, labels, epoch, seed, skip, training):
-    def fn(input_context):
-      return data_lib.make_dataset(
-          images, labels, self.info, batch_size=self.batch_size,
-          training=training, epoch=epoch, seed=seed, augment=self.augment,
-          skip_batches=skip, input_context=input_context,
-          drop_remainder=training)
-    return strategy.distribute_datasets_from_function(fn)
+  def _stream(self, strategy, split, epoch, seed, skip, training):
+    return split.distribute(
+        strategy, batch_size=self.batch_size, training=training, epoch=epoch,
+        seed=seed, augment=self.augment, skip_batches=skip,
+        drop_remainder=training)
 
   def train_streams(self, strategy, epoch: int, skip: int):
     # Both halves are augmented like training data (they are both drawn
     # from the training set, as in the DARTS search code).
-    train = self._stream(strategy, self.train_x, self.train_y, epoch,
-                         self.seed, skip, True)
+    train = self._stream(strategy, self.train, epoch, self.seed, skip, True)
     if self.single_level:
       return train, None
-    return train, self._stream(strategy, self.val_x, self.val_y, epoch,
-                               self.seed + 7919, skip, True)
+    return train, self._stream(strategy, self.val, epoch, self.seed + 7919,
+                               skip, True)
 
   def eval_stream(self, strategy):
-    return self._stream(strategy, self.val_x, self.val_y, 0, self.seed, 0,
-                        False)
+    return self._stream(strategy, self.val, 0, self.seed, 0, False)
 
 
 class Search:

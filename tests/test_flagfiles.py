@@ -1,0 +1,76 @@
+"""Every flagfile in flags/ parses into a valid config of its app."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
+
+# Reads the flagfiles the way the apps do and prints each config; a bad
+# flag, value or dataset name ends that file's entry with the error.
+_CHECK = r"""
+import importlib, json, sys
+from tfnas import data, flags as tfnas_flags
+kind, paths = sys.argv[1], sys.argv[2:]
+importlib.import_module(f"tfnas.apps.{kind}")  # Defines the app's flags.
+out = {}
+for path in paths:
+  try:
+    tfnas_flags.FLAGS.unparse_flags()
+    tfnas_flags.FLAGS(["prog", f"--flagfile={path}"])
+    config = getattr(tfnas_flags, f"{kind}_config")()
+    data.dataset_info(config.dataset)
+    out[path] = config.to_dict()
+  except Exception as e:  # pylint: disable=broad-except
+    out[path] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def _kind(path):
+  return "train" if os.path.basename(path).startswith("train_") else "search"
+
+
+def _parse(kind, paths):
+  proc = subprocess.run([sys.executable, "-c", _CHECK, kind, *paths],
+                        capture_output=True, text=True, timeout=300,
+                        cwd=ROOT, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_flagfiles_give_valid_configs(kind):
+  paths = [p for p in FLAGFILES
+           if _kind(p) == kind and not p.endswith("_common.cfg")]
+  assert paths
+  results = _parse(kind, paths)
+  bad = {os.path.basename(p): r for p, r in results.items()
+         if isinstance(r, str)}
+  assert not bad, bad
+  for path, config in results.items():
+    with open(path) as f:
+      assert f.readline().startswith("#"), path  # Headed by a comment.
+    assert config["run_dir"].startswith("runs/"), path
+
+
+def test_imagenet_flagfiles_use_the_streamed_dataset():
+  results = _parse("search", [os.path.join(ROOT, "flags", "dsnas_imagenet.cfg")])
+  config = next(iter(results.values()))
+  assert config["dataset"] == "imagenet2012" and config["batch_size"] == 1024
+  results = _parse("train", [os.path.join(ROOT, "flags", "train_imagenet.cfg")])
+  config = next(iter(results.values()))
+  assert config["dataset"] == "imagenet2012" and config["network"] == "imagenet"
+  assert config["pad_crop"] == 0
+
+
+def test_dataset_flag_lists_the_built_in_datasets():
+  from tfnas import data
+  from tfnas import flags as tfnas_flags
+  assert sorted(tfnas_flags.DATASETS) == sorted(
+      name for name in data.DATASETS if not name.startswith("imagenet2012_"))
