@@ -1,6 +1,11 @@
-"""Small shared builders for tests: tiny spaces, networks and contexts."""
+"""Small shared builders for tests: tiny spaces, networks and contexts, and
+a SavedModel served in a fresh process."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -41,3 +46,33 @@ def tiny_context(space=None, global_batch=4, input_shape=(8, 8, 3),
   a_opt.build(arch.variables_list)
   return StepContext(net, arch, SoftmaxDistribution(), w_opt, a_opt,
                      global_batch)
+
+
+# Runs in a fresh interpreter: TensorFlow only, no tfnas.
+RELOAD_SAVED_MODEL = """
+import sys, numpy as np, tensorflow as tf
+assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
+loaded = tf.saved_model.load(sys.argv[1])
+fn = loaded.signatures["serving_default"]
+out = fn(images=tf.constant(np.load(sys.argv[2])))
+np.savez(sys.argv[3], logits=out["logits"].numpy(),
+         probabilities=out["probabilities"].numpy())
+assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
+"""
+
+
+def serve_in_fresh_process(path, images, work_dir):
+  """Feeds ``images`` to the SavedModel's ``serving_default`` in a new
+  interpreter that loads it with TensorFlow alone (what a serving client
+  has); returns its ``logits`` and ``probabilities`` as numpy arrays."""
+  work_dir = str(work_dir)
+  np.save(os.path.join(work_dir, "x.npy"), np.asarray(images, np.float32))
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH="")
+  proc = subprocess.run(
+      [sys.executable, "-c", RELOAD_SAVED_MODEL, str(path),
+       os.path.join(work_dir, "x.npy"), os.path.join(work_dir, "out.npz")],
+      cwd=work_dir, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = np.load(os.path.join(work_dir, "out.npz"))
+  return {k: out[k] for k in ("logits", "probabilities")}

@@ -1,5 +1,7 @@
-"""Search checkpoints hold every network variable (layers in lists too)."""
+"""Search checkpoints hold every network variable (layers in lists too);
+a checkpoint that does not fit is explained in one line."""
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -7,7 +9,7 @@ from absl.testing import parameterized
 from tests import helpers
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import shufflenet
-from tfnas.train.checkpointing import ModelVariables
+from tfnas.train.checkpointing import ModelVariables, restore_problem
 
 
 def _network(kind):
@@ -37,6 +39,43 @@ class ModelVariablesTest(tf.test.TestCase, parameterized.TestCase):
     for a, b in zip(net.variables, other.variables):
       self.assertAllEqual(np.asarray(a.numpy()), np.asarray(b.numpy()),
                           msg=a.path)
+
+
+def _dense_stack(*units, inputs=4):
+  model = keras.Sequential([keras.layers.Dense(u) for u in units])
+  model.build((None, inputs))
+  return model
+
+
+class RestoreProblemTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    saved = _dense_stack(3)
+    for v in saved.variables:
+      v.assign(tf.fill(v.shape, 3.0))
+    self.path = tf.train.Checkpoint(network=ModelVariables(saved)).save(
+        self.get_temp_dir() + "/dense")
+
+  def test_a_fitting_checkpoint_is_restored(self):
+    target = _dense_stack(3)
+    self.assertIsNone(restore_problem(self.path,
+                                      network=ModelVariables(target)))
+    self.assertAllEqual(target.variables[0], tf.fill((4, 3), 3.0))
+
+  def test_another_shape_is_one_line_and_restores_nothing(self):
+    wider = _dense_stack(5)
+    before = [v.numpy() for v in wider.variables]
+    problem = restore_problem(self.path, network=ModelVariables(wider))
+    self.assertRegex(problem, r"^network/values/v0000[01] has shape "
+                              r"\((4, )?3,?\) there, \((4, )?5,?\) here")
+    for v, value in zip(wider.variables, before):
+      self.assertAllEqual(v, value)
+
+  def test_missing_variables_are_counted(self):
+    deeper = _dense_stack(3, 2)
+    problem = restore_problem(self.path, network=ModelVariables(deeper))
+    self.assertStartsWith(problem, "it holds no value for 2 variables")
 
 
 if __name__ == "__main__":

@@ -168,18 +168,3 @@ def test_digits_search_child_exports_and_reloads(tmp_path):
   out = loaded.signatures["serving_default"](images=x)["logits"]
   np.testing.assert_allclose(out, recalibrated(x, training=False), atol=1e-5)
 
-
-def test_export_search_child_needs_the_exporter_or_says_so(tmp_path,
-                                                           monkeypatch):
-  import builtins
-  from tfnas import child_export
-  real_import = builtins.__import__
-
-  def no_export(name, globals=None, locals=None, fromlist=(), level=0):
-    if name == "tfnas" and fromlist and "export" in fromlist:
-      raise ImportError("no tfnas.export")
-    return real_import(name, globals, locals, fromlist, level)
-
-  monkeypatch.setattr(builtins, "__import__", no_export)
-  with pytest.raises(TfnasError, match="SavedModel exporter"):
-    child_export.export_search_child(str(tmp_path), str(tmp_path / "out"))

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import helpers
 from tfnas import export, models
+from tfnas.block_genotype import BlockGenotype
 from tfnas.genotype import CellGenotype, Genotype
 
 GENOTYPE = Genotype(
@@ -20,18 +22,6 @@ GENOTYPE = Genotype(
 METADATA = {"dataset": "synthetic", "input_shape": [8, 8, 3],
             "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
             "num_classes": 4}
-
-# Runs in a fresh interpreter: TensorFlow only, no tfnas.
-RELOAD = """
-import sys, numpy as np, tensorflow as tf
-assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
-loaded = tf.saved_model.load(sys.argv[1])
-fn = loaded.signatures["serving_default"]
-out = fn(images=tf.constant(np.load(sys.argv[2])))
-np.savez(sys.argv[3], logits=out["logits"].numpy(),
-         probabilities=out["probabilities"].numpy())
-assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
-"""
 
 
 def trained_like_network(seed=0):
@@ -69,15 +59,7 @@ def test_fresh_process_reload_matches_in_memory_model(tmp_path):
                                    metadata=METADATA, genotype=GENOTYPE)
   assert path == str(tmp_path / "serving" / "1")
   images = pixels()
-  np.save(tmp_path / "x.npy", images)
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH="")
-  proc = subprocess.run(
-      [sys.executable, "-c", RELOAD, path, str(tmp_path / "x.npy"),
-       str(tmp_path / "out.npz")], cwd=str(tmp_path), env=env,
-      capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = np.load(tmp_path / "out.npz")
+  out = helpers.serve_in_fresh_process(path, images, tmp_path)
   expected = in_memory(net, images)
   assert np.abs(out["logits"] - expected).max() < 1e-5
   probs = tf.nn.softmax(expected).numpy()
@@ -88,6 +70,25 @@ def test_fresh_process_reload_matches_in_memory_model(tmp_path):
   assert meta["input"]["shape"] == [None, 8, 8, 3]
   assert meta["dataset"] == "synthetic" and len(meta["fingerprint"]) == 64
   assert os.path.exists(os.path.join(path, "assets.extra", "metadata.json"))
+
+
+def test_block_genotype_is_written_and_fingerprinted(tmp_path):
+  # A single-path child's architecture (ShuffleNet space), as a DSNAS export
+  # writes it; the exporter only needs to_dict/to_json, whatever the model.
+  net = trained_like_network()
+  blocks = BlockGenotype(("choice_3", "choice_x", "choice_5"))
+  base = str(tmp_path / "m")
+  path = export.export_saved_model(net, base, metadata=METADATA,
+                                   genotype=blocks)
+  for directory in (path, os.path.join(path, "assets.extra")):
+    assert BlockGenotype.load(os.path.join(directory,
+                                           "genotype.json")) == blocks
+  assert export.export_saved_model(net, base, metadata=METADATA,
+                                   genotype=blocks, version=1) == path
+  other = BlockGenotype(("choice_3",) * 3)
+  with pytest.raises(export.ExportError, match="already holds a different"):
+    export.export_saved_model(net, base, metadata=METADATA, genotype=other,
+                              version=1)
 
 
 def test_saved_model_cli_lists_the_signature(tmp_path):

@@ -28,7 +28,7 @@ from tfnas.spaces import darts as darts_space
 from tfnas.spaces import names
 from tfnas.spaces import registry
 from tfnas.spaces import shufflenet
-from tfnas.train.checkpointing import ModelVariables
+from tfnas.train.checkpointing import ModelVariables, restore_problem
 
 
 @keras.saving.register_keras_serializable(package="tfnas")
@@ -186,53 +186,89 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
 
 
 def load_search_child(run_dir: str, recalibrate_batches: int = 0,
-                      data_dir: str | None = None):
+                      data_dir: str | None = None,
+                      checkpoint: str | None = None):
   """The child of a finished (or checkpointed) search run.
 
   Rebuilds the supernet and α from ``run_dir/config.json`` and its latest
-  checkpoint, takes the argmax architecture (decisions fixed by progressive
-  early stop keep their frozen α rows, so argmax is the fixed choice), and
-  builds the child with inherited weights; optionally recalibrates its BN
-  statistics on the first ``recalibrate_batches`` training batches.
+  checkpoint (or ``checkpoint``), takes the argmax architecture (decisions
+  fixed by progressive early stop keep their frozen α rows, so argmax is the
+  fixed choice), and builds the child with inherited weights; optionally
+  recalibrates its BN statistics on the first ``recalibrate_batches``
+  training batches.
+
+  Args:
+    run_dir: the search run directory (config.json, ckpt/).
+    recalibrate_batches: training batches to re-estimate BN statistics on
+      (0: keep the supernet's moving averages).
+    data_dir: tfds data directory for those batches (default: the run's).
+    checkpoint: a checkpoint prefix of this run (``<run_dir>/ckpt/ckpt-N``);
+      default: the latest.
 
   Returns:
     ``(child, genotype, info)``: the `FixedChild`, the run's genotype
     (``Genotype`` or ``BlockGenotype``) and a dict with ``params``,
-    ``flops``, ``image_size``, ``channels``, ``num_classes`` and the
-    checkpoint path.
+    ``flops``, ``flops_scope`` (what the FLOPs count), ``image_size``,
+    ``channels`` (of the input images), ``num_classes``, ``dataset``,
+    ``method``, ``space``, ``recalibrated_batches`` (batches actually used)
+    and ``checkpoint`` (the path restored).
+
+  Raises:
+    TfnasError: no checkpoint, a missing ``checkpoint``, or one that does not
+      hold the supernet described by config.json.
   """
   from tfnas import data as data_lib
   from tfnas import methods
   from tfnas.arch import ArchParams, argmax_indices
   from tfnas.config import SearchConfig
+  if recalibrate_batches < 0:
+    raise TfnasError(f"recalibrate_batches={recalibrate_batches} must be >= "
+                     f"0 (0: keep the supernet's BN statistics)")
   with open(os.path.join(run_dir, "config.json")) as f:
     config = SearchConfig.from_dict(json.load(f))
   info = data_lib.dataset_info(config.dataset)
   space = registry.space_config(config, info.num_classes, info.image_size)
   input_shape = (info.image_size, info.image_size, info.channels)
+  if checkpoint is None:
+    checkpoint = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
+    if checkpoint is None:
+      raise TfnasError(f"{run_dir}: no checkpoint under ckpt/; run the "
+                       f"search first")
+  elif not tf.io.gfile.exists(checkpoint + ".index"):
+    raise TfnasError(f"checkpoint {checkpoint} not found (no "
+                     f"{os.path.basename(checkpoint)}.index)")
   supernet = registry.build_network(space, input_shape)
   arch = ArchParams(space.decision_groups(), init_scale=0.0)
-  latest = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
-  if latest is None:
-    raise TfnasError(f"{run_dir}: no checkpoint under ckpt/; run the search "
-                     f"first")
-  tf.train.Checkpoint(network=ModelVariables(supernet), arch=arch).restore(
-      latest).expect_partial()
+  problem = restore_problem(checkpoint, network=ModelVariables(supernet),
+                            arch=arch)
+  if problem:
+    raise TfnasError(f"checkpoint {checkpoint} does not hold the supernet "
+                     f"and α described by {run_dir}/config.json ({problem})")
   indices = argmax_indices(arch)
   child = build_child(supernet, indices, input_shape)
+  recalibrated = 0
   if recalibrate_batches:
     x, y = data_lib.load_split(config.dataset, "train",
                                data_dir=data_dir or config.data_dir,
                                manual_dir=config.manual_dir)
     ds = data_lib.make_dataset(x, y, info, batch_size=config.batch_size,
                                training=False, epoch=0, seed=config.seed)
-    recalibrate_batch_norm(child, ds.take(recalibrate_batches))
+    recalibrated = recalibrate_batch_norm(child, ds.take(recalibrate_batches))
   masks = {g.name: g.mask_array() for g in arch.groups if g.mask is not None}
   genotype = methods.get_method(config.method).selector(
       arch.numpy(), arch.groups[0].candidates,
       getattr(space, "num_nodes", None), masks)
   cost = child_cost(supernet, indices, info.image_size, child)
-  return child, genotype, dict(cost, image_size=info.image_size,
+  if registry.space_kind(space) == names.BLOCKS:
+    scope = "whole network, multiply-adds per image"
+  else:
+    scope = ("multiply-adds per image of the chosen op of every cell edge; "
+             "stem, preprocessing convs and classifier excluded")
+  return child, genotype, dict(cost, flops_scope=scope,
+                               image_size=info.image_size,
                                channels=info.channels,
                                num_classes=info.num_classes,
-                               checkpoint=latest)
+                               dataset=config.dataset, method=config.method,
+                               space=config.space,
+                               recalibrated_batches=recalibrated,
+                               checkpoint=checkpoint)

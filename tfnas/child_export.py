@@ -4,20 +4,68 @@ DSNAS (section 2.2) deploys the searched child with the weights it learned
 during the search. `export_search_child` builds that child from a run
 directory (`tfnas.child.load_search_child`: inherited weights, optional BN
 recalibration) and hands it to the SavedModel exporter of
-``tfnas.export`` (``export_saved_model(model, base_path, *, metadata,
-genotype=None, version=None)``), which the export app (``tfnas-export``)
-also uses for retrained networks.
+``tfnas.export``, which the export app (``tfnas-export``) also uses for
+retrained networks. The metadata carries the keys a retrained export
+writes where they apply (dataset, input shape, normalisation, parameters,
+checkpoint), so a serving client preprocesses both the same way.
 """
 
 from __future__ import annotations
 
-from tfnas.errors import TfnasError
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from tfnas import data
+from tfnas import export
+from tfnas.child import load_search_child
+
+SOURCE = "search child with inherited supernet weights (no retraining)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedChild:
+  """What `export_search_child` wrote.
+
+  Attributes:
+    path: the version directory (``<base_path>/<version>``).
+    genotype: the child's architecture (``Genotype`` or ``BlockGenotype``).
+    metadata: the metadata given to the exporter (metadata.json holds it
+      plus the serving signature, version and fingerprint).
+  """
+  path: str
+  genotype: Any
+  metadata: Mapping[str, Any]
+
+
+def search_child_metadata(run_dir: str, info: Mapping[str, Any]
+                          ) -> dict[str, Any]:
+  """metadata.json facts of a child from `load_search_child`'s ``info``."""
+  dataset = data.dataset_info(info["dataset"])
+  return {
+      "source": SOURCE,
+      "dataset": info["dataset"],
+      "num_classes": info["num_classes"],
+      "input_shape": [info["image_size"], info["image_size"],
+                      info["channels"]],
+      "mean": list(dataset.mean),
+      "std": list(dataset.std),
+      "method": info["method"],
+      "space": info["space"],
+      "params": int(info["params"]),
+      "flops": info["flops"],
+      "flops_scope": info["flops_scope"],
+      "checkpoint": os.path.abspath(info["checkpoint"]),
+      "run_dir": os.path.abspath(run_dir),
+      "bn_recalibration_batches": info["recalibrated_batches"],
+  }
 
 
 def export_search_child(run_dir: str, base_path: str, *,
                         recalibrate_batches: int = 0,
                         version: int | None = None,
-                        data_dir: str | None = None):
+                        data_dir: str | None = None,
+                        checkpoint: str | None = None) -> ExportedChild:
   """Exports the inherited-weight child of the search in ``run_dir``.
 
   Args:
@@ -27,29 +75,15 @@ def export_search_child(run_dir: str, base_path: str, *,
       batches first (0: keep the supernet's moving statistics).
     version: export version (the exporter's default if None).
     data_dir: tfds data directory for the recalibration batches.
+    checkpoint: checkpoint prefix of the run to export (default: latest).
 
   Returns:
-    Whatever ``tfnas.export.export_saved_model`` returns (the export path).
+    An `ExportedChild` (export path, genotype, metadata).
   """
-  try:
-    from tfnas import export  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise TfnasError("tfnas.export (the SavedModel exporter) is not "
-                     "available in this installation") from e
-  from tfnas.child import load_search_child
   child, genotype, info = load_search_child(
-      run_dir, recalibrate_batches=recalibrate_batches, data_dir=data_dir)
-  metadata = {
-      "source": "search child with inherited supernet weights (no "
-                "retraining)",
-      "run_dir": run_dir,
-      "checkpoint": info["checkpoint"],
-      "params": info["params"],
-      "flops": info["flops"],
-      "bn_recalibration_batches": recalibrate_batches,
-      "image_size": info["image_size"],
-      "channels": info["channels"],
-      "num_classes": info["num_classes"],
-  }
-  return export.export_saved_model(child, base_path, metadata=metadata,
+      run_dir, recalibrate_batches=recalibrate_batches, data_dir=data_dir,
+      checkpoint=checkpoint)
+  metadata = search_child_metadata(run_dir, info)
+  path = export.export_saved_model(child, base_path, metadata=metadata,
                                    genotype=genotype, version=version)
+  return ExportedChild(path, genotype, metadata)

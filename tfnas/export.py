@@ -126,8 +126,10 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
       images scaled to ``[0, 1]``). Recommended: ``dataset``,
       ``num_classes``, ``params``. The export adds ``signature``,
       ``input``, ``outputs``, ``version`` and ``fingerprint``.
-    genotype: optional :class:`tfnas.genotype.Genotype`, saved as
-      genotype.json.
+    genotype: optional architecture, saved as genotype.json: a
+      :class:`tfnas.genotype.Genotype` (cells) or a
+      :class:`tfnas.block_genotype.BlockGenotype` (a single-path child);
+      anything with ``to_dict`` and ``to_json``.
     version: version directory number (>= 1); default: one above the
       highest existing version (1 for a new base path).
 

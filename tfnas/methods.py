@@ -60,6 +60,11 @@ class Method:
       (`tfnas.spaces.names`: ``cells``, ``blocks``).
     early_stop: the method supports progressive early stop (DSNAS 3.5);
       the loop then fixes decisions per ``--early_stop_*``.
+    deploys_search_weights: the argmax child keeps the weights it learned
+      in the search and is deployed as is (DSNAS 2.2: the search trains
+      exactly the sampled single-path children, so no retraining);
+      ``tfnas-export`` exports it from the search run directory. Other
+      methods' supernet weights are refused there: retrain the genotype.
   """
   name: str
   description: str
@@ -72,6 +77,7 @@ class Method:
   eval_batch_stats: bool = False
   space_kinds: tuple[str, ...] = ("cells",)
   early_stop: bool = False
+  deploys_search_weights: bool = False
 
 
 def magnitude_selector(alphas, candidates, num_nodes, masks=None):
@@ -167,7 +173,8 @@ register_method(Method(
     "gradient, single path, progressive early stop",
     lambda setup: OneHotDistribution(seed=setup.config.seed),
     _dsnas_estimator, argmax_selector, single_level=True, child_eval=True,
-    eval_batch_stats=True, space_kinds=("cells", "blocks"), early_stop=True))
+    eval_batch_stats=True, space_kinds=("cells", "blocks"), early_stop=True,
+    deploys_search_weights=True))
 
 
 def get_method(name: str) -> Method:

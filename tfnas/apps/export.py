@@ -1,14 +1,23 @@
-"""tfnas-export: SavedModel of a retrained network, for TF Serving.
+"""tfnas-export: SavedModel of a retrained network or a DSNAS child, for TF
+Serving.
 
     tfnas-export --run_dir=runs/train_digits --export_dir=exports/digits
     tfnas-export --checkpoint=runs/train_digits/ckpt/ckpt-230 \\
         --export_dir=exports/digits --version=2
+    tfnas-export --run_dir=runs/dsnas_digits --export_dir=exports/dsnas \\
+        --recalibrate_batches=20
 
-Rebuilds the derived network from the run directory (config.json and
-genotype.json), restores the latest checkpoint (or --checkpoint), and writes
+A retraining run (tfnas-train): rebuilds the derived network from the run
+directory (config.json and genotype.json) and restores the latest checkpoint
+(or --checkpoint). A search run of a method whose child is deployed with
+its search weights (DSNAS, section 2.2: no retraining): rebuilds the
+supernet and α from the checkpoint, takes the argmax child with inherited
+weights (``tfnas.child_export``), optionally re-estimating its BN statistics
+on --recalibrate_batches training batches. Either way it writes
 ``<export_dir>/<version>/`` with the ``serving_default`` signature (see
 ``tfnas.export`` for the input contract), genotype.json and metadata.json.
-A search run directory is refused: the supernet is never exported.
+Other search runs (DARTS, SNAS) are refused: their supernet is never
+exported; retrain their genotype first.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from tfnas.apps import common
 from tfnas.errors import TfnasError
 
 flags.DEFINE_string("run_dir", None,
-                    "Retraining run directory (tfnas-train --run_dir).")
+                    "Retraining run directory (tfnas-train --run_dir) or a "
+                    "DSNAS search run directory (tfnas-search --run_dir).")
 flags.DEFINE_string("checkpoint", None,
                     "Checkpoint prefix to export (e.g. <run_dir>/ckpt/ckpt-"
                     "230); default: the latest checkpoint of --run_dir.")
@@ -33,25 +43,63 @@ flags.DEFINE_string("export_dir", None,
 flags.DEFINE_integer("version", 0,
                      "Version directory number (0: one above the highest "
                      "existing version).")
+flags.DEFINE_integer("recalibrate_batches", 0,
+                     "DSNAS search runs only: re-estimate the child's BN "
+                     "statistics on this many training batches before "
+                     "exporting (0: keep the supernet's moving averages, "
+                     "which mix every child sampled in the search).")
 FLAGS = flags.FLAGS
 
 
-def _read_run_config(run_dir: str):
-  from tfnas.config import TrainConfig  # Light: no TensorFlow.
+def _read_run_config(run_dir: str) -> dict:
+  """config.json of a run directory, as saved (a search or a retraining)."""
   path = os.path.join(run_dir, "config.json")
   try:
     with open(path) as f:
-      saved = json.load(f)
+      return json.load(f)
   except FileNotFoundError:
-    raise TfnasError(f"{path} not found; --run_dir must be a tfnas-train run "
-                     f"directory") from None
+    raise TfnasError(f"{path} not found; --run_dir must be a tfnas-train or "
+                     f"a DSNAS tfnas-search run directory") from None
   except (OSError, ValueError) as e:
     raise TfnasError(f"cannot read {path} ({e})") from None
-  if "method" in saved:
-    raise TfnasError(f"{run_dir} is a search run: its supernet is never "
-                     f"exported; retrain the derived cell first with "
-                     f"tfnas-train --genotype={run_dir}")
-  return TrainConfig.from_dict(saved)
+
+
+def _signature_line(checkpoint_path: str, path: str, input_shape) -> str:
+  return (f"exported {checkpoint_path} to {path} (signature serving_default: "
+          f"images float32 [batch, {', '.join(map(str, input_shape))}] in "
+          f"[0, 255] -> logits, probabilities)")
+
+
+def _export_search_child(run_dir: str, method_name: str,
+                         checkpoint_path: str | None) -> None:
+  """Exports the inherited-weight child of a search run, or says why not."""
+  common.import_tensorflow()  # Quietly, before tfnas.methods loads it.
+  from tfnas import methods
+  method = methods.get_method(method_name)
+  if not method.deploys_search_weights:
+    deployable = sorted(m.name for m in methods.METHODS.values()
+                        if m.deploys_search_weights)
+    raise TfnasError(f"{run_dir} is a {method.name} search run: its supernet "
+                     f"is never exported; retrain the derived cell first "
+                     f"with tfnas-train --genotype={run_dir} (only "
+                     f"{', '.join(deployable)} children deploy with their "
+                     f"search weights)")
+  from tfnas import child_export
+  exported = child_export.export_search_child(
+      run_dir, FLAGS.export_dir,
+      recalibrate_batches=FLAGS.recalibrate_batches,
+      version=FLAGS.version or None, checkpoint=checkpoint_path)
+  meta = exported.metadata
+  used = meta["bn_recalibration_batches"]
+  bn = (f"BN statistics re-estimated on {used} training batches" if used
+        else "the supernet's BN statistics")
+  print(exported.genotype)
+  print(f"{meta['method']} child of {run_dir} ({meta['space']} space, "
+        f"inherited weights, {bn}): {meta['params'] / 1e6:.3f}M "
+        f"parameters, {meta['flops'] / 1e6:.2f}M FLOPs "
+        f"({meta['flops_scope']})")
+  print(_signature_line(meta["checkpoint"], exported.path,
+                        meta["input_shape"]))
 
 
 def _last_history(run_dir: str) -> dict:
@@ -63,25 +111,15 @@ def _last_history(run_dir: str) -> dict:
     return {}
 
 
-@common.clean_errors("tfnas-export")
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.export_dir:
-    raise TfnasError("--export_dir is required (the TF Serving model base "
-                     "path)")
-  if FLAGS.version < 0:
-    raise TfnasError(f"invalid --version={FLAGS.version}; use 0 for the next "
-                     f"version or a positive number")
-  checkpoint_path = FLAGS.checkpoint
-  run_dir = FLAGS.run_dir
-  if run_dir is None:
-    if not checkpoint_path:
-      raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
-    # <run_dir>/ckpt/ckpt-N
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(
-        checkpoint_path)))
-  config = _read_run_config(run_dir)
+def _export_retrained(run_dir: str, saved: dict,
+                      checkpoint_path: str | None) -> None:
+  """Exports the network of a tfnas-train run (latest or given checkpoint)."""
+  if FLAGS.recalibrate_batches:
+    raise TfnasError(f"--recalibrate_batches applies to DSNAS search children "
+                     f"only; {run_dir} is a retraining run, whose BN "
+                     f"statistics were estimated on its own network")
+  from tfnas.config import TrainConfig  # Light: no TensorFlow.
+  config = TrainConfig.from_dict(saved)
   from tfnas.genotype import Genotype
   genotype = Genotype.load(os.path.join(run_dir, "genotype.json"))
   tf = common.import_tensorflow()
@@ -126,9 +164,36 @@ def main(argv):
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")
-  print(f"exported {checkpoint_path} to {path} (signature serving_default: "
-        f"images float32 [batch, {', '.join(map(str, info.input_shape))}] in "
-        f"[0, 255] -> logits, probabilities)")
+  print(_signature_line(checkpoint_path, path, info.input_shape))
+
+
+@common.clean_errors("tfnas-export")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.export_dir:
+    raise TfnasError("--export_dir is required (the TF Serving model base "
+                     "path)")
+  if FLAGS.version < 0:
+    raise TfnasError(f"invalid --version={FLAGS.version}; use 0 for the next "
+                     f"version or a positive number")
+  if FLAGS.recalibrate_batches < 0:
+    raise TfnasError(f"invalid --recalibrate_batches="
+                     f"{FLAGS.recalibrate_batches}; use 0 to keep the BN "
+                     f"statistics or a positive number of batches")
+  checkpoint_path = FLAGS.checkpoint
+  run_dir = FLAGS.run_dir
+  if run_dir is None:
+    if not checkpoint_path:
+      raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
+    # <run_dir>/ckpt/ckpt-N
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(
+        checkpoint_path)))
+  saved = _read_run_config(run_dir)
+  if "method" in saved:
+    _export_search_child(run_dir, saved["method"], checkpoint_path)
+  else:
+    _export_retrained(run_dir, saved, checkpoint_path)
 
 
 def run():

@@ -13,6 +13,10 @@ child use) and dropout RNG states restarted from scratch on resume.
 position in ``model.variables`` (deterministic for a given architecture;
 variable *paths* are not: Keras numbers random-generator states by a
 process-wide counter).
+
+`restore_problem` restores objects from a checkpoint prefix given by a user,
+or says in one line why it does not fit (without TensorFlow's flood of
+"unrestored value" warnings).
 """
 
 from __future__ import annotations
@@ -27,3 +31,60 @@ class ModelVariables(tf.Module):
     super().__init__(name=name)
     self.values = {f"v{i:05d}": getattr(v, "value", v)
                    for i, v in enumerate(model.variables)}
+
+
+def _node_paths(view) -> dict[int, str]:
+  """Checkpoint node id → its object path (``network/values/v00000``)."""
+  paths, todo = {0: ""}, [0]
+  while todo:
+    node = todo.pop()
+    for name, child in view.children(node).items():
+      if child not in paths:
+        paths[child] = f"{paths[node]}/{name}" if paths[node] else name
+        todo.append(child)
+  return paths
+
+
+def _mismatch(path: str, root) -> str | None:
+  """Why ``root``'s variables cannot be restored from ``path``, found
+  without restoring: a variable the checkpoint lacks or holds with another
+  shape."""
+  view = tf.train.CheckpointView(path)
+  matched, _, unmatched = view.diff(root)
+  missing = [v for v in unmatched if isinstance(v, tf.Variable)]
+  if missing:
+    return (f"it holds no value for {len(missing)} variables, e.g. "
+            f"{missing[0].name} {tuple(missing[0].shape)}")
+  saved = dict(tf.train.list_variables(path))
+  paths = _node_paths(view)
+  for node, obj in matched.items():
+    if not isinstance(obj, tf.Variable):
+      continue
+    shape = saved.get(f"{paths[node]}/.ATTRIBUTES/VARIABLE_VALUE")
+    if shape is not None and tuple(shape) != tuple(obj.shape):
+      return (f"{paths[node]} has shape {tuple(shape)} there, "
+              f"{tuple(obj.shape)} here ({obj.name})")
+  return None
+
+
+def restore_problem(path: str, **objects) -> str | None:
+  """Restores ``objects`` (as ``tf.train.Checkpoint(**objects)``) from
+  ``path``, if it fits; entries of the checkpoint they do not use are
+  ignored.
+
+  The fit is checked first (every variable present with its shape): a
+  failed restore leaves pending restorations on the objects that log one
+  warning per unmatched checkpoint value (hundreds) when they are deleted.
+
+  Returns:
+    None when every variable of ``objects`` was restored; otherwise one
+    line saying why not (nothing was restored then).
+  """
+  root = tf.train.Checkpoint(**objects)
+  try:
+    problem = _mismatch(path, root)
+    if problem is None:
+      root.restore(path).expect_partial().assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as e:
+    problem = str(e).strip().splitlines()[0][:300]
+  return problem

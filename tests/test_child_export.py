@@ -1,0 +1,187 @@
+"""tfnas-export of a DSNAS search child (no retraining), end to end on digits.
+
+That the child predicts like the supernet with its architecture fixed is
+tested in test_child.py; here: search CLI → export CLI → serving outputs
+equal to the in-memory child, BN recalibration, and what is refused.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from tests.test_train_cli import ROOT, app, error_line
+from tfnas import child as child_lib
+from tfnas import child_export
+from tfnas import data
+from tfnas import methods
+from tfnas.block_genotype import BlockGenotype
+from tfnas.config import SearchConfig, TrainConfig
+from tfnas.errors import TfnasError
+from tfnas.layers.batch_norm import BatchNorm
+from tfnas.train.checkpointing import ModelVariables
+
+# metadata.json keys of a retrained export that a child's export keeps, so
+# serving clients preprocess both the same way.
+RETRAIN_KEYS = ("dataset", "num_classes", "input_shape", "mean", "std",
+                "params", "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory):
+  """The README's DSNAS digits search, 4 steps, a checkpoint every 2."""
+  run_dir = tmp_path_factory.mktemp("dsnas") / "run"
+  proc = app("search", f"--flagfile={ROOT}/flags/dsnas_digits.cfg",
+             f"--run_dir={run_dir}", "--epochs=1", "--max_steps_per_epoch=4",
+             "--steps_per_loop=2", "--checkpoint_every_steps=2",
+             "--noprogress")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run_dir
+
+
+def digits_test_images(n=32):
+  """Raw test images in [0, 255] (what a client sends) and the same images
+  normalised by the training pipeline (what the in-memory child takes)."""
+  images, labels = data.load_split("digits", "test")
+  info = data.dataset_info("digits")
+  normalised, _ = next(iter(data.make_dataset(
+      images[:n], labels[:n], info, batch_size=n, training=False)))
+  return images[:n], normalised
+
+
+def batch_norms(model):
+  return [l for l in model._flatten_layers() if isinstance(l, BatchNorm)]
+
+
+@pytest.mark.slow
+def test_exported_child_serves_like_the_in_memory_child(search_run,
+                                                        tmp_path):
+  export_dir = tmp_path / "serving"
+  out = app("export", f"--run_dir={search_run}", f"--export_dir={export_dir}",
+            "--recalibrate_batches=0")
+  assert out.returncode == 0, out.stderr[-3000:]
+  path = export_dir / "1"
+  child, genotype, info = child_lib.load_search_child(str(search_run))
+  assert f"{info['params'] / 1e6:.3f}M parameters" in out.stdout
+  assert "M FLOPs (whole network" in out.stdout
+  assert "the supernet's BN statistics" in out.stdout
+  assert (f"to {path} (signature serving_default: images float32 "
+          f"[batch, 8, 8, 1] in [0, 255]") in out.stdout
+
+  meta = json.loads((path / "metadata.json").read_text())
+  assert all(key in meta for key in RETRAIN_KEYS), sorted(meta)
+  digits = data.dataset_info("digits")
+  assert (meta["dataset"], meta["num_classes"], meta["input_shape"]) == (
+      "digits", 10, [8, 8, 1])
+  assert (meta["mean"], meta["std"]) == (list(digits.mean), list(digits.std))
+  assert (meta["params"], meta["flops"]) == (info["params"], info["flops"])
+  assert meta["flops"] > 0 and meta["source"] == child_export.SOURCE
+  assert meta["checkpoint"] == os.path.abspath(info["checkpoint"])
+  assert meta["bn_recalibration_batches"] == 0
+  assert meta["method"] == "dsnas" and meta["space"] == "shufflenet_small"
+  assert BlockGenotype.load(path / "genotype.json") == genotype
+  assert genotype == BlockGenotype.load(search_run / "genotype.json")
+
+  raw, normalised = digits_test_images()
+  served = helpers.serve_in_fresh_process(path, raw, tmp_path)
+  logits = child(normalised, training=False).numpy()
+  assert np.abs(logits).max() > 1e-3  # Not a trivially zero network.
+  assert np.abs(served["logits"] - logits).max() < 1e-5
+  assert np.abs(served["probabilities"] -
+                tf.nn.softmax(logits).numpy()).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_recalibrated_child_of_an_older_checkpoint(search_run, tmp_path):
+  older = str(search_run / "ckpt" / "ckpt-2")
+  plain, _, _ = child_lib.load_search_child(str(search_run),
+                                            checkpoint=older)
+  recalibrated, _, info = child_lib.load_search_child(
+      str(search_run), recalibrate_batches=2, checkpoint=older)
+  assert info["recalibrated_batches"] == 2 and info["checkpoint"] == older
+  # Every BN's moving statistics moved; no weight did.
+  for before, after in zip(batch_norms(plain), batch_norms(recalibrated)):
+    assert not np.allclose(before.moving_mean, after.moving_mean)
+    assert not np.allclose(before.moving_variance, after.moving_variance)
+  for before, after in zip(plain.trainable_variables,
+                           recalibrated.trainable_variables):
+    np.testing.assert_array_equal(before, after)
+  with pytest.raises(TfnasError, match="ckpt-99 not found"):
+    child_lib.load_search_child(str(search_run),
+                                checkpoint=str(search_run / "ckpt/ckpt-99"))
+
+  # No --run_dir: the run is the checkpoint's.
+  export_dir = tmp_path / "serving"
+  out = app("export", f"--checkpoint={older}", f"--export_dir={export_dir}",
+            "--recalibrate_batches=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "BN statistics re-estimated on 2 training batches" in out.stdout
+  meta = json.loads((export_dir / "1" / "metadata.json").read_text())
+  assert meta["bn_recalibration_batches"] == 2
+  assert meta["checkpoint"] == os.path.abspath(older)
+  raw, normalised = digits_test_images()
+  serve = tf.saved_model.load(str(export_dir / "1")).signatures[
+      "serving_default"]
+  served = serve(images=tf.constant(raw))["logits"].numpy()
+  np.testing.assert_allclose(
+      served, recalibrated(normalised, training=False), atol=1e-5)
+  assert np.abs(served - plain(normalised, training=False)).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_network_is_one_error_line(search_run,
+                                                         tmp_path):
+  other = keras.Sequential([keras.layers.Dense(3)])
+  other.build((None, 4))
+  path = tf.train.Checkpoint(network=ModelVariables(other)).save(
+      str(tmp_path / "other" / "ckpt"))
+  with pytest.raises(TfnasError, match="does not hold the supernet.*holds "
+                     "no value for"):
+    child_lib.load_search_child(str(search_run), checkpoint=path)
+  serving = tmp_path / "serving"
+  proc = app("export", f"--run_dir={search_run}", f"--checkpoint={path}",
+             f"--export_dir={serving}")
+  assert proc.returncode == 2
+  # One line, not TensorFlow's warning per unrestored checkpoint value.
+  assert "does not hold the supernet" in error_line(proc)
+  assert not serving.exists()
+
+
+def test_only_dsnas_search_runs_deploy_their_search_weights(tmp_path):
+  deployable = {m.name for m in methods.METHODS.values()
+                if m.deploys_search_weights}
+  assert deployable == {"dsnas"}
+  run_dir = tmp_path / "darts"
+  run_dir.mkdir()
+  config = SearchConfig(run_dir=str(run_dir), method="darts_1st",
+                        dataset="digits")
+  (run_dir / "config.json").write_text(config.to_json())
+  proc = app("export", f"--run_dir={run_dir}",
+             f"--export_dir={tmp_path / 'serving'}")
+  assert proc.returncode == 2
+  line = error_line(proc)
+  assert "darts_1st search run: its supernet is never exported" in line
+  assert f"tfnas-train --genotype={run_dir}" in line
+  assert not (tmp_path / "serving").exists()
+
+
+def test_bad_recalibrate_batches(tmp_path):
+  serving = tmp_path / "serving"
+  proc = app("export", f"--run_dir={tmp_path}", f"--export_dir={serving}",
+             "--recalibrate_batches=-1")
+  assert proc.returncode == 2
+  assert "invalid --recalibrate_batches=-1" in error_line(proc)
+  with pytest.raises(TfnasError, match="recalibrate_batches=-1"):
+    child_lib.load_search_child(str(tmp_path), recalibrate_batches=-1)
+  # A retrained network's BN statistics are its own: not re-estimated.
+  config = TrainConfig(run_dir=str(tmp_path), dataset="digits")
+  (tmp_path / "config.json").write_text(config.to_json())
+  proc = app("export", f"--run_dir={tmp_path}", f"--export_dir={serving}",
+             "--recalibrate_batches=2")
+  assert proc.returncode == 2
+  assert "applies to DSNAS search children only" in error_line(proc)
+  assert not serving.exists()
