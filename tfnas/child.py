@@ -248,11 +248,12 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
   child = build_child(supernet, indices, input_shape)
   recalibrated = 0
   if recalibrate_batches:
-    x, y = data_lib.load_split(config.dataset, "train",
-                               data_dir=data_dir or config.data_dir,
-                               manual_dir=config.manual_dir)
-    ds = data_lib.make_dataset(x, y, info, batch_size=config.batch_size,
-                               training=False, epoch=0, seed=config.seed)
+    # Evaluation preprocessing (no augmentation), in the data's own order.
+    split = data_lib.open_split(config.dataset, "train",
+                                data_dir=data_dir or config.data_dir,
+                                manual_dir=config.manual_dir)
+    ds = split.dataset(batch_size=config.batch_size, training=False,
+                       epoch=0, seed=config.seed)
     recalibrated = recalibrate_batch_norm(child, ds.take(recalibrate_batches))
   masks = {g.name: g.mask_array() for g in arch.groups if g.mask is not None}
   genotype = methods.get_method(config.method).selector(
