@@ -161,3 +161,19 @@ class MirroredStepTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def test_mirrored_evaluation_with_an_empty_replica_equals_default(tmp_path):
+  # 749 search-val digits with a global batch of 4: the last batch holds one
+  # example, so the second replica's share is empty.
+  config = tiny_config(str(tmp_path / "a"), batch_size=4)
+  single = Search(config, show_progress=False)
+  assert single.data.val.num_examples % 4 == 1
+  expected = single.evaluate()
+  mirrored = Search(tiny_config(str(tmp_path / "b"), batch_size=4),
+                    strategy=mirrored_cpu_strategy(), show_progress=False)
+  got = mirrored.evaluate()
+  assert 0.0 <= got["val/acc"] <= 1.0
+  np.testing.assert_allclose(got["val/acc"], expected["val/acc"], atol=1e-6)
+  np.testing.assert_allclose(got["val/loss"], expected["val/loss"],
+                             rtol=1e-5)

@@ -114,3 +114,53 @@ def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
   """Appends one JSON line of epoch metrics to ``run_dir/history.jsonl``."""
   with open(os.path.join(run_dir, "history.jsonl"), "a") as f:
     f.write(json.dumps(dict(metrics)) + "\n")
+
+
+EVAL_KEYS = ("eval/loss_sum", "eval/correct", "eval/count")
+
+
+def eval_metrics(loss_sum, logits, labels) -> dict[str, tf.Tensor]:
+  """Per-replica sums of one evaluation batch (``EVAL_KEYS``)."""
+  correct = tf.reduce_sum(tf.cast(tf.equal(
+      tf.argmax(logits, -1, output_type=tf.int32),
+      tf.cast(labels, tf.int32)), tf.float32))
+  return {"eval/loss_sum": tf.cast(loss_sum, tf.float32),
+          "eval/correct": correct,
+          "eval/count": tf.cast(tf.shape(labels)[0], tf.float32)}
+
+
+def summed_eval_step(strategy: tf.distribute.Strategy,
+                     replica_fn: Callable[[tf.Tensor, tf.Tensor],
+                                          Mapping[str, tf.Tensor]]):
+  """``step(batch)``: ``replica_fn`` on every replica, sums over replicas.
+
+  ``replica_fn(images, labels)`` returns :func:`eval_metrics`. A replica
+  whose share of the last, partial batch is empty returns zeros without
+  running the network (some CPU kernels mis-shape zero-size batches).
+  """
+  def guarded(images, labels):
+    def empty():
+      return {k: tf.constant(0.0) for k in EVAL_KEYS}
+    if tf.executing_eagerly():
+      if int(tf.shape(labels)[0]) == 0:
+        return empty()
+      return replica_fn(images, labels)
+    return tf.cond(tf.shape(labels)[0] > 0,
+                   lambda: replica_fn(images, labels), empty)
+
+  def step(batch):
+    per_replica = strategy.run(guarded, args=batch)
+    return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in per_replica.items()}
+  return step
+
+
+def evaluate(dataset, step, prefix: str = "val/") -> dict[str, float]:
+  """Runs ``step`` over a (distributed) dataset; mean loss and accuracy."""
+  totals = dict.fromkeys(EVAL_KEYS, 0.0)
+  for batch in dataset:
+    for k, v in step(batch).items():
+      totals[k] += float(v)
+  count = max(totals["eval/count"], 1.0)
+  return {prefix + "loss": totals["eval/loss_sum"] / count,
+          prefix + "acc": totals["eval/correct"] / count}

@@ -181,37 +181,19 @@ class Retrain:
     return train_loop
 
   def _make_eval_step(self):
-    strategy, net = self.strategy, self.network
+    net = self.network
 
-    @tf.function
-    def eval_step(batch):
-      def replica(images, labels):
-        def compute():
-          logits = net(images, training=False)
-          ce = tf.reduce_sum(cross_entropy(logits, labels))
-          return self._metrics("eval", ce, logits, labels)
-
-        def empty():
-          return {f"eval/{k}": tf.constant(0.0)
-                  for k in ("loss_sum", "correct", "count")}
-        # The last, partial test batch may leave a replica without examples
-        # (some CPU kernels mis-shape empty batches).
-        return tf.cond(tf.shape(labels)[0] > 0, compute, empty)
-      per_replica = strategy.run(replica, args=batch)
-      return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-              for k, v in per_replica.items()}
-    return eval_step
+    def replica(images, labels):
+      logits = net(images, training=False)
+      return loop.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
+                               logits, labels)
+    return tf.function(loop.summed_eval_step(self.strategy, replica))
 
   # ------------------------------------------------------------------- run
   def evaluate(self) -> dict[str, float]:
     """Loss and accuracy on the test split (moving BN statistics)."""
-    totals = {}
-    for batch in self._stream(self.test, training=False):
-      for k, v in self._eval_step(batch).items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    count = max(totals.get("eval/count", 0.0), 1.0)
-    return {"val/loss": totals["eval/loss_sum"] / count,
-            "val/acc": totals["eval/correct"] / count}
+    return loop.evaluate(self._stream(self.test, training=False),
+                         self._eval_step)
 
   def _save(self):
     self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))

@@ -43,6 +43,11 @@ from tfnas.train.step import StepContext
 
 
 
+def _summed_cross_entropy(logits, labels):
+  return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+      tf.cast(labels, tf.int32), logits))
+
+
 @dataclasses.dataclass
 class SearchResult:
   genotype: genotype_lib.Genotype
@@ -178,7 +183,8 @@ class Search:
     self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
                                            self.resuming)
     self._train_loop = self._make_train_loop()
-    self._eval_step = self._make_eval_step()
+    self._eval_steps = {child: self._make_eval_step(child)
+                        for child in (False, True)}
     self.writer = tf.summary.create_file_writer(
         os.path.join(config.run_dir, "tb"))
 
@@ -241,7 +247,7 @@ class Search:
         self.arch, int(self.w_opt.iterations.numpy()), fixed=fixed)
 
   def _make_single_path_eval(self, child: bool):
-    ctx, strategy = self.ctx, self.strategy
+    ctx = self.ctx
     batch_stats = self.method.eval_batch_stats
     indices = self._eval_indices(child)
     gates = one_hot_weights(self.arch, indices)
@@ -253,43 +259,28 @@ class Search:
           logits = ctx.forward(images, gates, arch_indices, training=True)
       else:
         logits = ctx.forward(images, gates, arch_indices, training=False)
-      loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-          tf.cast(labels, tf.int32), logits))
-      return ctx.metrics("eval", loss / float(ctx.global_batch_size), logits,
-                         labels)
+      return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,
+                               labels)
+    return loop.summed_eval_step(self.strategy, replica)  # Eager.
 
-    def eval_step(batch, unused_child):
-      per_replica = strategy.run(replica, args=batch)
-      return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-              for k, v in per_replica.items()}
-    return eval_step
-
-  def _make_eval_step(self):
-    ctx, strategy = self.ctx, self.strategy
+  def _make_eval_step(self, child: bool):
+    ctx = self.ctx
     batch_stats = self.method.eval_batch_stats
 
-    @tf.function
-    def eval_step(batch, child):
-      def replica(images, labels):
-        if child:  # The one-hot argmax child (SNAS Table 1).
-          weights = ArgmaxDistribution().sample(ctx.arch)
-        else:  # The search distribution at the current step.
-          weights = ctx.distribution.sample(ctx.arch, self.w_opt.iterations)
-        if batch_stats:
-          # Batch statistics; the scope swallows moving-statistic updates.
-          with keras.StatelessScope():
-            logits = ctx.forward(images, weights, training=True)
-        else:
-          logits = ctx.forward(images, weights, training=False)
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            tf.cast(labels, tf.int32), logits))
-        m = ctx.metrics("eval", loss / float(ctx.global_batch_size), logits,
-                        labels)
-        return m
-      per_replica = strategy.run(replica, args=batch)
-      return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-              for k, v in per_replica.items()}
-    return eval_step
+    def replica(images, labels):
+      if child:  # The one-hot argmax child (SNAS Table 1).
+        weights = ArgmaxDistribution().sample(ctx.arch)
+      else:  # The search distribution at the current step.
+        weights = ctx.distribution.sample(ctx.arch, self.w_opt.iterations)
+      if batch_stats:
+        # Batch statistics; the scope swallows moving-statistic updates.
+        with keras.StatelessScope():
+          logits = ctx.forward(images, weights, training=True)
+      else:
+        logits = ctx.forward(images, weights, training=False)
+      return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,
+                               labels)
+    return tf.function(loop.summed_eval_step(self.strategy, replica))
 
   # --------------------------------------------------------------- helpers
   def alphas(self) -> dict[str, np.ndarray]:
@@ -308,17 +299,12 @@ class Search:
     DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
     one-hot argmax architecture, without fine-tuning.
     """
-    totals = {}
-    eval_step = self._eval_step
     if getattr(self.ctx.distribution, "single_path", False):
       eval_step = self._make_single_path_eval(child)
-    for batch in self.data.eval_stream(self.strategy):
-      for k, v in eval_step(batch, child).items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    count = max(totals.get("eval/count", 0.0), 1.0)
-    prefix = "val/child_" if child else "val/"
-    return {prefix + "loss": totals["eval/loss_sum"] / count,
-            prefix + "acc": totals["eval/correct"] / count}
+    else:
+      eval_step = self._eval_steps[child]
+    return loop.evaluate(self.data.eval_stream(self.strategy), eval_step,
+                         prefix="val/child_" if child else "val/")
 
   def _save(self, epoch_done: bool):
     self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
