@@ -9,6 +9,7 @@ from absl.testing import parameterized
 
 from tests import helpers
 from tfnas.arch import ArchParams, OneHotDistribution, one_hot_weights
+from tfnas.distribute import mirrored_strategy
 from tfnas.early_stop import ProgressiveEarlyStop, decision_gaps
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import choice_block
@@ -341,7 +342,7 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
     init = self._steps(default, kind)  # Any values: reused as the start.
     single = self._steps(default, kind, init)
     mirrored = self._steps(
-        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), kind, init)
+        mirrored_strategy(["/cpu:0", "/cpu:1"]), kind, init)
     self.assertGreater(max(np.abs(a - b).max()
                            for a, b in zip(single, init)), 1e-4)
     for a, b in zip(single, mirrored):

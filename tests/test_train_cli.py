@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,6 +79,21 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   assert again.returncode == 2
   assert "already holds a different model" in error_line(again)
   assert snapshot(export_dir) == before
+
+  # A run directory whose config describes another network than its
+  # checkpoint: one line, no TF warning flood, nothing exported.
+  other = tmp_path / "other"
+  shutil.copytree(run_dir, other)
+  config = json.loads((other / "config.json").read_text())
+  config["channels"] += 2
+  (other / "config.json").write_text(json.dumps(config))
+  bad = app("export", f"--run_dir={other}",
+            f"--export_dir={tmp_path / 'other_serving'}")
+  assert bad.returncode == 2
+  assert "does not hold the network" in error_line(bad)
+  assert "nothing was exported" in error_line(bad)
+  assert bad.stderr.count("WARNING") < 5, bad.stderr[-2000:]
+  assert not (tmp_path / "other_serving").exists()
 
 
 @pytest.mark.slow

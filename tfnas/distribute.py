@@ -70,7 +70,9 @@ def ordered_all_reduce(values):
 
 
 _KEY_BASE_STRIDE = 100_000
-_strategies_made = 0
+# Starts at 1: strategies built directly with tf.distribute.MirroredStrategy
+# (in user code or libraries) use key base 0, which this must not share.
+_strategies_made = 1
 
 
 def mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:

@@ -48,6 +48,9 @@ flags.DEFINE_integer("recalibrate_batches", 0,
                      "statistics on this many training batches before "
                      "exporting (0: keep the supernet's moving averages, "
                      "which mix every child sampled in the search).")
+flags.DEFINE_string("data_dir", None,
+                    "With --recalibrate_batches: tfds data directory of the "
+                    "training data (default: the search run's --data_dir).")
 FLAGS = flags.FLAGS
 
 
@@ -88,7 +91,8 @@ def _export_search_child(run_dir: str, method_name: str,
   exported = child_export.export_search_child(
       run_dir, FLAGS.export_dir,
       recalibrate_batches=FLAGS.recalibrate_batches,
-      version=FLAGS.version or None, checkpoint=checkpoint_path)
+      version=FLAGS.version or None, checkpoint=checkpoint_path,
+      data_dir=FLAGS.data_dir)
   meta = exported.metadata
   used = meta["bn_recalibration_batches"]
   bn = (f"BN statistics re-estimated on {used} training batches" if used
@@ -137,14 +141,12 @@ def _export_retrained(run_dir: str, saved: dict,
   network = models.build_network(config.network, genotype, info.input_shape,
                                  info.num_classes, config.num_cells,
                                  config.channels, auxiliary=False)
-  status = tf.train.Checkpoint(network=network).restore(checkpoint_path)
-  try:
-    status.expect_partial().assert_existing_objects_matched()
-  except AssertionError as e:
-    first = str(e).split(":")[0]
+  from tfnas.train.checkpointing import restore_problem
+  problem = restore_problem(checkpoint_path, network=network)
+  if problem is not None:
     raise TfnasError(f"checkpoint {checkpoint_path} does not hold the "
                      f"network described by {run_dir}/config.json and "
-                     f"genotype.json ({first}); nothing was exported") from None
+                     f"genotype.json ({problem}); nothing was exported")
   network_cost = cost.network_cost(genotype, config.network, info.input_shape,
                                    info.num_classes, config.num_cells,
                                    config.channels)

@@ -21,6 +21,7 @@ or says in one line why it does not fit (without TensorFlow's flood of
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 
@@ -45,20 +46,25 @@ def _node_paths(view) -> dict[int, str]:
   return paths
 
 
+def _is_variable(obj) -> bool:
+  # Keras 3 variables wrap a tf.Variable but are not one.
+  return isinstance(obj, (tf.Variable, keras.Variable))
+
+
 def _mismatch(path: str, root) -> str | None:
   """Why ``root``'s variables cannot be restored from ``path``, found
   without restoring: a variable the checkpoint lacks or holds with another
   shape."""
   view = tf.train.CheckpointView(path)
   matched, _, unmatched = view.diff(root)
-  missing = [v for v in unmatched if isinstance(v, tf.Variable)]
+  missing = [v for v in unmatched if _is_variable(v)]
   if missing:
     return (f"it holds no value for {len(missing)} variables, e.g. "
             f"{missing[0].name} {tuple(missing[0].shape)}")
   saved = dict(tf.train.list_variables(path))
   paths = _node_paths(view)
   for node, obj in matched.items():
-    if not isinstance(obj, tf.Variable):
+    if not _is_variable(obj):
       continue
     shape = saved.get(f"{paths[node]}/.ATTRIBUTES/VARIABLE_VALUE")
     if shape is not None and tuple(shape) != tuple(obj.shape):
