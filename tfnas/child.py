@@ -28,7 +28,8 @@ from tfnas.spaces import darts as darts_space
 from tfnas.spaces import names
 from tfnas.spaces import registry
 from tfnas.spaces import shufflenet
-from tfnas.train.checkpointing import ModelVariables, restore_problem
+from tfnas.train.checkpointing import (ModelVariables, resolve_checkpoint,
+                                       restore_problem)
 
 
 @keras.saving.register_keras_serializable(package="tfnas")
@@ -229,14 +230,7 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
   info = data_lib.dataset_info(config.dataset)
   space = registry.space_config(config, info.num_classes, info.image_size)
   input_shape = (info.image_size, info.image_size, info.channels)
-  if checkpoint is None:
-    checkpoint = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
-    if checkpoint is None:
-      raise TfnasError(f"{run_dir}: no checkpoint under ckpt/; run the "
-                       f"search first")
-  elif not tf.io.gfile.exists(checkpoint + ".index"):
-    raise TfnasError(f"checkpoint {checkpoint} not found (no "
-                     f"{os.path.basename(checkpoint)}.index)")
+  checkpoint = resolve_checkpoint(run_dir, checkpoint, "run the search first")
   supernet = registry.build_network(space, input_shape)
   arch = ArchParams(space.decision_groups(), init_scale=0.0)
   problem = restore_problem(checkpoint, network=ModelVariables(supernet),

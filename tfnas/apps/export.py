@@ -126,22 +126,16 @@ def _export_retrained(run_dir: str, saved: dict,
   config = TrainConfig.from_dict(saved)
   from tfnas.genotype import Genotype
   genotype = Genotype.load(os.path.join(run_dir, "genotype.json"))
-  tf = common.import_tensorflow()
+  common.import_tensorflow()  # Quietly, before tfnas modules load it.
   from tfnas import cost, data, export, models
-  if checkpoint_path is None:
-    checkpoint_path = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
-    if checkpoint_path is None:
-      raise TfnasError(f"{run_dir}/ckpt holds no checkpoint yet; train first "
-                       f"or pass --checkpoint")
-  elif not tf.io.gfile.exists(checkpoint_path + ".index"):
-    raise TfnasError(f"checkpoint {checkpoint_path} not found (no "
-                     f"{os.path.basename(checkpoint_path)}.index)")
+  from tfnas.train.checkpointing import resolve_checkpoint, restore_problem
+  checkpoint_path = resolve_checkpoint(run_dir, checkpoint_path,
+                                       "train first or pass --checkpoint")
   info = data.dataset_info(config.dataset)
   # The auxiliary head is a training aid: not built, not exported.
   network = models.build_network(config.network, genotype, info.input_shape,
                                  info.num_classes, config.num_cells,
                                  config.channels, auxiliary=False)
-  from tfnas.train.checkpointing import restore_problem
   problem = restore_problem(checkpoint_path, network=network)
   if problem is not None:
     raise TfnasError(f"checkpoint {checkpoint_path} does not hold the "

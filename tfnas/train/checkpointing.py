@@ -21,8 +21,12 @@ or says in one line why it does not fit (without TensorFlow's flood of
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
+
+from tfnas.errors import TfnasError
 
 
 class ModelVariables(tf.Module):
@@ -32,6 +36,25 @@ class ModelVariables(tf.Module):
     super().__init__(name=name)
     self.values = {f"v{i:05d}": getattr(v, "value", v)
                    for i, v in enumerate(model.variables)}
+
+
+def resolve_checkpoint(run_dir: str, checkpoint: str | None,
+                       remedy: str) -> str:
+  """``checkpoint``, or the latest one under ``run_dir/ckpt`` when None.
+
+  Raises:
+    TfnasError: no checkpoint there yet (the message ends with ``remedy``),
+      or ``checkpoint`` has no ``.index`` file.
+  """
+  if checkpoint is None:
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
+    if latest is None:
+      raise TfnasError(f"{run_dir}/ckpt holds no checkpoint yet; {remedy}")
+    return latest
+  if not tf.io.gfile.exists(checkpoint + ".index"):
+    raise TfnasError(f"checkpoint {checkpoint} not found (no "
+                     f"{os.path.basename(checkpoint)}.index)")
+  return checkpoint
 
 
 def _node_paths(view) -> dict[int, str]:
