@@ -5,6 +5,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
+from tfnas.layers import mixed_op
 from tfnas.layers import shared_function
 from tfnas.spaces import darts as darts_space
 from tests import helpers
@@ -57,9 +58,10 @@ class SharedFunctionTest(tf.test.TestCase):
     space, net = _network()
     images, _ = helpers.batch()
     shared_function.clear()  # Earlier tests may have traced these shapes.
-    before = shared_function.num_shared_functions()
+    edge_body = mixed_op._mixed_op_body
+    before = shared_function.num_shared_functions(edge_body)
     tf.function(lambda x: net(x, _arch_weights(space), training=True))(images)
-    created = shared_function.num_shared_functions() - before
+    created = shared_function.num_shared_functions(edge_body) - before
     num_edges = space.num_cells * space.num_edges
     # 3 cells x 5 edges; per cell the stride-1 edges share a structure, and
     # in the reduction cell the stride-2 ones do too.

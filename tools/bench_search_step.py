@@ -60,6 +60,10 @@ def _parse_args(argv=None):
                  help="tf.config intra-op threads (0: TensorFlow's default)")
   p.add_argument("--no_grappler", action="store_true",
                  help="disable TF's graph optimiser (grappler meta-optimizer)")
+  p.add_argument("--grappler_off", default="",
+                 help="comma-separated grappler optimizers to switch off "
+                      "(tf.config.optimizer.set_experimental_options keys, "
+                      "e.g. layout_optimizer,remapping)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -114,6 +118,9 @@ def _measure(args, which: str) -> dict:
   if args.no_grappler:
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": True})
+  off = [o for o in args.grappler_off.split(",") if o]
+  if off:
+    tf.config.optimizer.set_experimental_options({o: False for o in off})
   if args.inter_op_threads:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
   if args.intra_op_threads:

@@ -63,6 +63,9 @@ def _parse_args(argv=None):
                  help="timed steps after warm-up (median reported)")
   p.add_argument("--warmup", type=int, default=10,
                  help="warm-up steps of the eager rows (new children)")
+  p.add_argument("--recompute", action="store_true",
+                 help="DARTS space: recompute each edge's activations in "
+                      "backprop (less memory, one more forward per edge)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -109,7 +112,7 @@ def _context(args, kind: str, distribution):
   if kind == "darts":
     space = darts_space.DartsSpaceConfig(
         num_nodes=args.nodes, num_cells=args.cells, channels=args.channels,
-        num_classes=10)
+        num_classes=10, recompute=args.recompute)
     shape = (args.image_size, args.image_size, 3)
     net = darts_space.build_search_network(space, shape)
   else:

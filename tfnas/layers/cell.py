@@ -97,20 +97,28 @@ class Cell(keras.layers.Layer):
         run); ``None`` entries fall back to mixed mode for that edge.
       training: passed to every op.
     """
-    states = [self.preprocess0(s0, training=training),
-              self.preprocess1(s1, training=training)]
+    states = [self._preprocess(self.preprocess0, s0, training),
+              self._preprocess(self.preprocess1, s1, training)]
+    # One op for all rows (eager single-path steps pay per op).
+    rows = (None if weights is None else
+            tf.unstack(weights) if isinstance(weights, tf.Tensor) else
+            list(weights))
     for i in range(self.num_nodes):
-      node = None
+      terms = []
       for e, (n, j) in enumerate(self.edges):
         if n != i + 2:
           continue
         index = None if indices is None else indices[e]
-        w = None if weights is None else weights[e]
-        out = self._run_edge(self.mixed_ops[e], states[j], w, index,
-                             training)
-        node = out if node is None else node + out
-      states.append(node)
+        w = None if rows is None else rows[e]
+        terms.append(self._run_edge(self.mixed_ops[e], states[j], w, index,
+                                    training))
+      states.append(terms[0] if len(terms) == 1 else tf.add_n(terms))
     return tf.concat(states[2:], axis=-1)
+
+  def _preprocess(self, layer, x, training):
+    if not self.shared_functions:
+      return layer(x, training=training)
+    return shared_function.call_layer(layer, x, training)
 
   def _run_edge(self, mixed_op, x, w, index, training):
     if not self.recompute_edges or not training or w is None:

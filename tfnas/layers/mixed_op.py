@@ -105,23 +105,13 @@ class MixedOp(keras.layers.Layer):
 
   def _can_share(self, index, training) -> bool:
     """Whether this call may go through a shared function."""
-    if not self.shared_functions or isinstance(training, tf.Tensor):
+    if not self.shared_functions:
       return False
     if index is not None:
       used = [self.ops[self.candidates[index]]]
     else:  # Mixed mode skips `none` (see _forward).
       used = [op for name, op in self.ops.items() if name != "none"]
-    # Variables are created by the first (inline) call; a shared function
-    # must never create them (it would create them on the template).
-    if not all(sub.built for op in used for sub in op._flatten_layers()):
-      return False
-    # A synchronized BN all-reduces through merge_call, which cannot reach
-    # into a function traced separately per replica: stay inline there.
-    ctx = tf.distribute.get_replica_context()
-    if ctx is not None and ctx.num_replicas_in_sync > 1:
-      return not any(isinstance(sub, BatchNorm) and sub.synchronized
-                     for op in used for sub in op._flatten_layers())
-    return True
+    return shared_function.shareable(used, training)
 
   def _forward(self, inputs, weights, index, training):
     """The inline computation (also the body of the shared function)."""

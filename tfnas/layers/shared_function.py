@@ -38,6 +38,8 @@ import tensorflow as tf
 # this same internal.
 from tensorflow.python.eager import record
 
+from tfnas.layers.batch_norm import BatchNorm
+
 # fn(layer, static, *tensors) -> nest of tensors; select(layer, static) ->
 # the variables fn reads. Both must be module-level (their identity is part of
 # the cache key) and depend on the layer only through its structure.
@@ -127,6 +129,12 @@ def _make_function(template, body: Body, select: Selector, static: tuple,
     updated = tuple(i for i, (b, a) in enumerate(zip(before, after))
                     if a is not b)
     entry.updated = updated
+    if values and isinstance(values[0], tf.Variable):
+      # Eager callers pass the variables: assign inside the function (one
+      # call per use instead of one eager assign per updated variable).
+      for i in updated:
+        values[i].assign(after[i])
+      return outputs, []
     return outputs, [after[i] for i in updated]
 
   # autograph=False: bodies are plain Python over static structure; skipping
@@ -174,14 +182,59 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
   else:
     values = [current_value(v) for v in variables]
   outputs, new_values = entry.function(args, values)
-  for i, value in zip(entry.updated, new_values):
+  for i, value in zip(entry.updated, new_values):  # Empty for eager calls.
     variables[i].assign(value)
   return outputs
 
 
-def num_shared_functions() -> int:
-  """How many shared functions exist (for tests and benchmarks)."""
-  return len(_FUNCTIONS)
+def _layer_body(layer, static, inputs):
+  """Body of `call_layer`: the layer's own call."""
+  (training,) = static
+  return layer(inputs, training=training)
+
+
+def _layer_variables(layer, static):
+  del static
+  return layer.variables
+
+
+def shareable(layers: Sequence[keras.layers.Layer], training) -> bool:
+  """Whether calls of ``layers`` may go through shared functions.
+
+  Variables are created by the first (inline) call, so every sublayer must
+  be built: a shared function must never create variables (it would create
+  them on its template). ``training`` must be a Python value. A synchronized
+  BN all-reduces through ``merge_call``, which cannot reach into a function
+  traced separately per replica: such layers stay inline under several
+  replicas.
+  """
+  if isinstance(training, tf.Tensor):
+    return False
+  subs = [sub for layer in layers for sub in layer._flatten_layers()]
+  if not all(sub.built for sub in subs):
+    return False
+  ctx = tf.distribute.get_replica_context()
+  if ctx is not None and ctx.num_replicas_in_sync > 1:
+    return not any(isinstance(sub, BatchNorm) and sub.synchronized
+                   for sub in subs)
+  return True
+
+
+def call_layer(layer: keras.layers.Layer, inputs, training):
+  """``layer(inputs, training=training)`` through a shared function when
+  `shareable`, else inline."""
+  if not shareable([layer], training):
+    return layer(inputs, training=training)
+  return call_shared(layer, _layer_body, _layer_variables, (inputs,),
+                     (bool(training),))
+
+
+def num_shared_functions(body: Body | None = None) -> int:
+  """How many shared functions exist (of ``body``, if given; for tests and
+  benchmarks)."""
+  if body is None:
+    return len(_FUNCTIONS)
+  return sum(1 for key in _FUNCTIONS if key[1] is body)
 
 
 def clear() -> None:

@@ -187,6 +187,7 @@ class SearchNetwork(keras.Model):
     s = self.stem_bn(self.stem_conv(images), training=training)
     s0 = s1 = s
     seen = {t: 0 for t in CELL_TYPES}
+    per_cell = {}  # Per-cell weights: unstacked once (one op, not one per cell).
     for cell, cell_type in zip(self.cells, self.space.cell_types()):
       k = seen[cell_type]
       seen[cell_type] += 1
@@ -194,7 +195,9 @@ class SearchNetwork(keras.Model):
       if arch_weights is not None:
         weights = arch_weights[cell_type]
         if weights.shape.rank == 3:
-          weights = weights[k]
+          if cell_type not in per_cell:
+            per_cell[cell_type] = tf.unstack(weights)
+          weights = per_cell[cell_type][k]
       indices = None
       if arch_indices is not None and arch_indices.get(cell_type) is not None:
         indices = arch_indices[cell_type]
