@@ -85,7 +85,7 @@ class DsnasSearchTest(tf.test.TestCase):
         os.path.join(self.get_temp_dir(), "c"), space="darts", num_cells=3,
         num_nodes=2, channels=4, epochs=1, max_steps_per_epoch=3,
         early_stop_every_steps=1, reward_normalization=True,
-        flops_weight=0.1)
+        flops_weight=0.1, recompute=True)  # As flags/dsnas_cifar10.cfg.
     search = Search(config, show_progress=False)
     result = search.run()
     # The options are wired: reward statistics are checkpointed state, and

@@ -1,5 +1,7 @@
 """Shared traced functions per edge structure, and cell recomputation."""
 
+from unittest import mock
+
 import keras
 from absl.testing import parameterized
 import numpy as np
@@ -188,6 +190,32 @@ class RecomputeTest(parameterized.TestCase, tf.test.TestCase):
     for a, b in zip(g1, g2):
       self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
     self.assertGreater(max(float(tf.reduce_max(tf.abs(g))) for g in g2), 0.0)
+
+  def test_eager_single_path_recompute_matches_stored_activations(self):
+    # DSNAS steps run eagerly: there each chosen edge's call recomputes in
+    # its own backward function (`call_shared(recompute=True)`).
+    images, _ = helpers.batch(seed=7)
+    space, plain = _network()
+    _, recomputed = _network(recompute=True)
+    _copy_weights(plain, recomputed)
+    indices = {"normal": (3, 1, 2, 3, 0), "reduce": (2, 3, 1, 3, 3)}
+    gates = {g.name: tf.one_hot(indices[g.name], len(g.candidates))
+             for g in space.decision_groups()}
+    l1, g1, s1 = _loss_and_grads(plain, images, gates, indices)
+    with mock.patch.object(shared_function, "_recomputed_call",
+                           wraps=shared_function._recomputed_call) as spy:
+      l2, g2, s2 = _loss_and_grads(recomputed, images, gates, indices)
+    # Every chosen op of every cell but `none` (index 0: runs inline).
+    per_type = {t: sum(1 for i in indices[t] if i != 0) for t in indices}
+    self.assertEqual(spy.call_count,
+                     sum(per_type[t] for t in space.cell_types()))
+    self.assertAllClose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):  # Weights, then the gates (∂L/∂gate).
+      scale = max(1.0, float(np.abs(a).max()))
+      self.assertAllClose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    self.assertGreater(float(tf.reduce_max(tf.abs(g2[-1]))), 0.0)
+    for a, b in zip(s1, s2):  # BN statistics updated once, alike.
+      self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def define_search_flags():
                        "Intermediate nodes per cell.")
   flags.DEFINE_boolean("recompute", _DEFAULTS.recompute,
                        "Recompute activations in the backward pass instead "
-                       "of storing them (less memory, more time).")
+                       "of storing them (less memory, more time). DARTS "
+                       "space; in single-path (DSNAS) steps each chosen "
+                       "edge is recomputed by its backward function.")
   flags.DEFINE_enum("recompute_unit", _DEFAULTS.recompute_unit,
                     ["edge", "cell"],
                     "With --recompute: recompute per mixed edge (least "

@@ -19,6 +19,9 @@ Examples (run from the repository root; CPU only):
   # The DARTS setting (C=16, 8 cells, batch 64, 32x32): several minutes each.
   python tools/bench_search_step.py
   python tools/bench_search_step.py --recompute --only=first_order
+  # The same with some of TF's graph optimisers (grappler) switched off.
+  python tools/bench_search_step.py --recompute --only=first_order \
+      --grappler_off=constant_folding,layout_optimizer
   # A smoke run on a tiny network (seconds).
   python tools/bench_search_step.py --quick
 """
@@ -26,12 +29,10 @@ Examples (run from the repository root; CPU only):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+import _bench_util as util
 
 MEASUREMENTS = ("fwd_bwd", "arch_pass", "first_order", "second_order")
 
@@ -73,41 +74,9 @@ def _parse_args(argv=None):
   if args.quick:
     args.batch_size, args.channels, args.cells = 4, 4, 3
     args.nodes, args.image_size, args.steps = 2, 8, 2
-  only = [m for m in args.only.split(",") if m]
-  bad = [m for m in only if m not in MEASUREMENTS]
-  if bad:
-    p.error(f"--only: unknown measurement(s) {bad}; choose from {MEASUREMENTS}")
+  only = util.select_measurements(p, args.only, MEASUREMENTS)
   args.only = only
   return args
-
-
-def _reset_peak_rss() -> bool:
-  """Resets this process's VmHWM to its current RSS (Linux); False if not.
-
-  Free heap pages are first returned to the OS (glibc ``malloc_trim``) so
-  that memory freed after graph optimisation does not count as in use.
-  """
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def _peak_rss_gib() -> float:
-  """Peak resident set size of this process (VmHWM) in GiB."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 2**20
-  import resource  # Fallback where /proc is missing; kB on Linux.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _measure(args, which: str) -> dict:
@@ -191,8 +160,8 @@ def _measure(args, which: str) -> dict:
   fn(train, val, step)  # One more warm-up (allocator, thread pools).
   # The first execution's peak includes TF's one-time graph optimisation;
   # the steps' own peak is measured from here.
-  build_peak = _peak_rss_gib()
-  reset = _reset_peak_rss()
+  build_peak = util.peak_rss_gib()
+  reset = util.reset_peak_rss()
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
@@ -200,15 +169,14 @@ def _measure(args, which: str) -> dict:
     times.append(time.perf_counter() - start)
   return {"measurement": which, "trace_s": trace_s, "first_s": first_s,
           "step_s": statistics.median(times), "peak_gib": build_peak,
-          "step_peak_gib": _peak_rss_gib() if reset else float("nan"),
+          "step_peak_gib": util.peak_rss_gib() if reset else float("nan"),
           "graph_ops": num_ops}
 
 
 def main(argv=None):
   args = _parse_args(argv)
   if args.child:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    print("RESULT " + json.dumps(_measure(args, args.only[0])), flush=True)
+    util.child_main(lambda which: _measure(args, which), args.only[0])
     return
   config = (f"batch {args.batch_size}, C={args.channels}, {args.cells} cells, "
             f"{args.nodes} nodes, {args.image_size}x{args.image_size}, "
@@ -221,25 +189,13 @@ def main(argv=None):
   print("| measurement | trace s | first s | s/step | peak GiB | step peak GiB "
         "| graph ops |")
   print("|---|---|---|---|---|---|---|")
-  failed = False
-  for which in args.only:
-    # Re-run this script for one measurement: a fresh process per row.
-    cmd = [sys.executable, os.path.abspath(__file__), "--child",
-           f"--only={which}"] + [a for a in (argv or sys.argv[1:])
-                                 if not a.startswith("--only")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-      failed = True
-      print(f"| {which} | failed (rc {proc.returncode}) | | | | | |")
-      sys.stderr.write(proc.stderr[-4000:])
-      continue
-    r = json.loads(lines[-1][len("RESULT "):])
-    print(f"| {which} | {r['trace_s']:.1f} | {r['first_s']:.1f} | "
-          f"{r['step_s']:.2f} | {r['peak_gib']:.2f} | "
-          f"{r['step_peak_gib']:.2f} | {r['graph_ops']} |",
-          flush=True)
-  sys.exit(1 if failed else 0)
+  _, failed = util.run_rows(
+      __file__, argv, args.only, 7,
+      lambda r: (f"| {r['measurement']} | {r['trace_s']:.1f} | "
+                 f"{r['first_s']:.1f} | {r['step_s']:.2f} | "
+                 f"{r['peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
+                 f"{r['graph_ops']} |"))
+  raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":

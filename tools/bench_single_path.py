@@ -30,6 +30,8 @@ Examples (run from the repository root; CPU only):
   # DARTS C=16, 8 cells, batch 64, 32x32; ShuffleNet full widths at 64x64.
   python tools/bench_single_path.py
   python tools/bench_single_path.py --only=dsnas_darts,dsnas_shufflenet
+  # DSNAS with each edge's activations recomputed in backprop (memory).
+  python tools/bench_single_path.py --recompute --only=dsnas_darts
   # A smoke run on tiny networks (seconds).
   python tools/bench_single_path.py --quick
 """
@@ -37,12 +39,10 @@ Examples (run from the repository root; CPU only):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+import _bench_util as util
 
 MEASUREMENTS = ("snas_darts", "dsnas_darts", "child_traced_darts",
                 "supernet_shufflenet", "dsnas_shufflenet")
@@ -64,8 +64,10 @@ def _parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=10,
                  help="warm-up steps of the eager rows (new children)")
   p.add_argument("--recompute", action="store_true",
-                 help="DARTS space: recompute each edge's activations in "
-                      "backprop (less memory, one more forward per edge)")
+                 help="single-path DARTS rows (dsnas_darts, "
+                      "child_traced_darts): recompute each chosen edge's "
+                      "activations in backprop (the snas_darts row is "
+                      "unchanged)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -77,32 +79,12 @@ def _parse_args(argv=None):
     args.nodes, args.image_size, args.steps = 2, 8, 2
     args.warmup = 2
     args.shufflenet, args.shufflenet_image_size = "small", 8
-  only = [m for m in args.only.split(",") if m]
-  bad = [m for m in only if m not in MEASUREMENTS]
-  if bad:
-    p.error(f"--only: unknown measurement(s) {bad}; choose from {MEASUREMENTS}")
+  only = util.select_measurements(p, args.only, MEASUREMENTS)
   args.only = only
   return args
 
 
-def _peak_rss_gib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 2**20
-  import resource
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _rss_gib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 2**20
-  return float("nan")
-
-
-def _context(args, kind: str, distribution):
+def _context(args, kind: str, distribution, kind_is_supernet=False):
   import tensorflow as tf  # pylint: disable=unused-import
   from tfnas.arch import ArchParams
   from tfnas.spaces import darts as darts_space
@@ -112,7 +94,8 @@ def _context(args, kind: str, distribution):
   if kind == "darts":
     space = darts_space.DartsSpaceConfig(
         num_nodes=args.nodes, num_cells=args.cells, channels=args.channels,
-        num_classes=10, recompute=args.recompute)
+        num_classes=10,
+        recompute=args.recompute and not kind_is_supernet)
     shape = (args.image_size, args.image_size, 3)
     net = darts_space.build_search_network(space, shape)
   else:
@@ -146,7 +129,8 @@ def _measure(args, which: str) -> dict:
     dist = RelaxedOneHotDistribution(linear_temperature(1.0, 0.03, 100))
   else:
     dist = OneHotDistribution(seed=0)
-  ctx, shape, _ = _context(args, kind, dist)
+  ctx, shape, _ = _context(args, kind, dist,
+                           kind_is_supernet=which == "snas_darts")
   num_classes = ctx.network.classifier.units
   rng = np.random.default_rng(0)
   images = tf.constant(rng.standard_normal(
@@ -155,7 +139,7 @@ def _measure(args, which: str) -> dict:
                        .astype(np.int32))
   batch = (images, labels)
   before = shared_function.num_shared_functions()
-  base_gib = _rss_gib()
+  base_gib = util.rss_gib()
 
   def timed(fn, steps):
     out = []
@@ -212,15 +196,14 @@ def _measure(args, which: str) -> dict:
                   range(start, start + args.steps))
     count = shared_function.num_shared_functions() - before
   return {"measurement": which, "trace_s": trace_s, "first_s": first,
-          "step_s": statistics.median(times), "peak_gib": _peak_rss_gib(),
+          "step_s": statistics.median(times), "peak_gib": util.peak_rss_gib(),
           "base_gib": base_gib, "count": count}
 
 
 def main(argv=None):
   args = _parse_args(argv)
   if args.child:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    print("RESULT " + json.dumps(_measure(args, args.only[0])), flush=True)
+    util.child_main(lambda which: _measure(args, which), args.only[0])
     return
   print(f"# DARTS: batch {args.batch_size}, C={args.channels}, {args.cells} "
         f"cells, {args.nodes} nodes, {args.image_size}x{args.image_size}; "
@@ -229,25 +212,12 @@ def main(argv=None):
   print("| measurement | trace s | first s | s/step | base GiB | peak GiB | "
         "fns / ops |")
   print("|---|---|---|---|---|---|---|")
-  failed = False
-  results = {}
-  for which in args.only:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child",
-           f"--only={which}"] + [a for a in (argv or sys.argv[1:])
-                                 if not a.startswith("--only")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-      failed = True
-      print(f"| {which} | failed (rc {proc.returncode}) | | | | | |")
-      sys.stderr.write(proc.stderr[-4000:])
-      continue
-    r = json.loads(lines[-1][len("RESULT "):])
-    results[which] = r
-    print(f"| {which} | {r['trace_s']:.1f} | {r['first_s']:.1f} | "
-          f"{r['step_s']:.3f} | {r['base_gib']:.2f} | {r['peak_gib']:.2f} | "
-          f"{r['count']} |",
-          flush=True)
+  results, failed = util.run_rows(
+      __file__, argv, args.only, 7,
+      lambda r: (f"| {r['measurement']} | {r['trace_s']:.1f} | "
+                 f"{r['first_s']:.1f} | {r['step_s']:.3f} | "
+                 f"{r['base_gib']:.2f} | {r['peak_gib']:.2f} | "
+                 f"{r['count']} |"))
   for a, b in (("snas_darts", "dsnas_darts"),
                ("supernet_shufflenet", "dsnas_shufflenet")):
     if a in results and b in results:
@@ -258,7 +228,7 @@ def main(argv=None):
       print(f"\n{b} vs {a}: {speed:.1f}x faster per step, {memory:.1f}x "
             f"less peak memory ({step_memory:.1f}x less above the built "
             f"network)")
-  sys.exit(1 if failed else 0)
+  raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":

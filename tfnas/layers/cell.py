@@ -123,6 +123,12 @@ class Cell(keras.layers.Layer):
   def _run_edge(self, mixed_op, x, w, index, training):
     if not self.recompute_edges or not training or w is None:
       return mixed_op(x, weights=w, index=index, training=training)
+    if (index is not None and self.shared_functions and
+        shared_function.eager_outside_scopes()):
+      # Eager single path: the shared call recomputes in its backward
+      # function (two calls per edge, no tape inside the gradient).
+      return mixed_op(x, weights=w, index=index, training=training,
+                      recompute=True)
     # Keep only the edge input and weights; its ops run again in backprop.
     return shared_function.recompute(
         lambda a, b: mixed_op(a, weights=b, index=index, training=training),

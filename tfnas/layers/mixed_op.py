@@ -88,7 +88,10 @@ class MixedOp(keras.layers.Layer):
   def build(self, input_shape):
     self.built = True  # Sublayers build on first call (fast Keras 3 build).
 
-  def call(self, inputs, weights=None, index=None, training=None):
+  def call(self, inputs, weights=None, index=None, training=None,
+           recompute=False):
+    """See the class docstring; ``recompute`` is `call_shared`'s (eager
+    shared calls only)."""
     if index is not None:
       index = int(index)
       name = self.candidates[index]
@@ -100,7 +103,7 @@ class MixedOp(keras.layers.Layer):
     if self._can_share(index, training):
       return shared_function.call_shared(
           self, _mixed_op_body, _mixed_op_variables, (inputs, weights),
-          (index, bool(training)))
+          (index, bool(training)), recompute=recompute)
     return self._forward(inputs, weights, index, training)
 
   def _can_share(self, index, training) -> bool:

@@ -55,9 +55,11 @@ class _Entry:
   """One shared function: its template layer and traced ``tf.function``."""
   template: "weakref.ref"
   function: Any
-  # Indices (into the selected variables) whose new values the function
-  # returns; set when the function is traced.
+  # Indices (into the selected variables) the body assigns; set when the
+  # function is traced.
   updated: tuple[int, ...] | None = None
+  # The recompute-and-backpropagate function (`call_shared(recompute=True)`).
+  backward: Any = None
 
 
 _FUNCTIONS: dict[tuple, _Entry] = {}
@@ -101,6 +103,12 @@ def current_value(variable) -> tf.Tensor:
   return value
 
 
+def eager_outside_scopes() -> bool:
+  """Executing eagerly and outside any ``keras.StatelessScope``: where
+  `call_shared` passes variables and honours ``recompute``."""
+  return tf.executing_eagerly() and not _in_stateless_scope()
+
+
 def _in_stateless_scope() -> bool:
   from keras.src.backend.common import stateless_scope  # No public API.
   return stateless_scope.in_stateless_scope()
@@ -129,13 +137,33 @@ def _make_function(template, body: Body, select: Selector, static: tuple,
     updated = tuple(i for i, (b, a) in enumerate(zip(before, after))
                     if a is not b)
     entry.updated = updated
-    if values and isinstance(values[0], tf.Variable):
-      # Eager callers pass the variables: assign inside the function (one
-      # call per use instead of one eager assign per updated variable).
-      for i in updated:
+    returned = []
+    for i in updated:
+      if isinstance(values[i], tf.Variable):
+        # Eager callers pass variables: assigned here, in the same call,
+        # instead of by one eager assign per updated variable.
         values[i].assign(after[i])
-      return outputs, []
-    return outputs, [after[i] for i in updated]
+      else:
+        returned.append(after[i])
+    return outputs, returned
+
+  def run_backward(tensors, values, output_grads):
+    """Gradients of the body's outputs w.r.t. tensors and trainable values,
+    recomputing the forward pass (its variable assignments are dropped)."""
+    layer = template_ref()
+    variables = list(select(layer, static))
+    it = iter(tensors)
+    full = [next(it) if p else None for p in present]
+    trainable = [values[i] for i, v in enumerate(variables) if v.trainable]
+    with tf.GradientTape() as tape:
+      tape.watch(list(tensors) + trainable)
+      with keras.StatelessScope(list(zip(variables, values))):
+        outputs = body(layer, static, *full)
+    return tape.gradient(outputs, list(tensors) + trainable,
+                         output_gradients=output_grads,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+  entry.backward = tf.function(run_backward, autograph=False)
 
   # autograph=False: bodies are plain Python over static structure; skipping
   # the AST conversion keeps tracing cheap.
@@ -147,7 +175,8 @@ def _make_function(template, body: Body, select: Selector, static: tuple,
 
 
 def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
-                tensors: Sequence[tf.Tensor | None], static: tuple = ()):
+                tensors: Sequence[tf.Tensor | None], static: tuple = (),
+                recompute: bool = False):
   """Runs ``body(layer, static, *tensors)`` as a function shared by structure.
 
   Args:
@@ -158,6 +187,10 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
       order that is the same for every layer of one structure.
     tensors: tensor arguments; ``None`` entries are passed through as None.
     static: hashable Python values ``body`` depends on (index, training).
+    recompute: in an eager call, keep no activations for backprop: the
+      gradient is one call of a shared function that recomputes the forward
+      pass and backpropagates through it (`_recomputed_call`). Ignored in
+      graphs and inside a ``StatelessScope`` (use `recompute` there).
 
   Returns:
     ``body``'s outputs. Variables it assigned are assigned on ``layer``.
@@ -174,7 +207,10 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
       entry.function = _make_function(layer, body, select, static, present,
                                       entry)
       _FUNCTIONS[key] = entry
-  if tf.executing_eagerly() and not _in_stateless_scope():
+  eager = eager_outside_scopes()
+  if eager and recompute:
+    return _recomputed_call(entry, args, variables)
+  if eager:
     # An eager call (single-path steps) passes the variables themselves:
     # they are read inside the function instead of by one eager op per
     # variable per call. Traced callers keep reading values in their graph.
@@ -182,9 +218,53 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
   else:
     values = [current_value(v) for v in variables]
   outputs, new_values = entry.function(args, values)
-  for i, value in zip(entry.updated, new_values):  # Empty for eager calls.
-    variables[i].assign(value)
+  _assign_returned(entry, variables, values, new_values)
   return outputs
+
+
+def _assign_returned(entry, variables, values, new_values):
+  """Assigns the new values a shared function returned (not assigned
+  inside because their variable came in as a value)."""
+  targets = [i for i in entry.updated
+             if not isinstance(values[i], tf.Variable)]
+  for i, value in zip(targets, new_values):
+    variables[i].assign(value)
+
+
+def _recomputed_call(entry, args, variables):
+  """Eager `call_shared` whose activations are recomputed in backprop.
+
+  Forward: the shared function runs unrecorded (its intermediates are freed
+  at once). Backward: one call of ``entry.backward`` recomputes the forward
+  pass and returns the gradients of the inputs and trainable values, so an
+  edge costs two function calls, as without recomputation. Trainable
+  variables are read here (recorded, so their gradients reach them); BN
+  statistics go in as variables and are assigned once, by the forward call.
+  """
+  values = [current_value(v) if v.trainable else _tf_variable(v)
+            for v in variables]
+  trainable = [i for i, v in enumerate(variables) if v.trainable]
+  num = len(args)
+
+  @tf.custom_gradient
+  def run(*flat):
+    inputs = list(flat[:num])
+    current = list(values)
+    for i, value in zip(trainable, flat[num:]):
+      current[i] = value
+    with record.stop_recording():
+      outputs, new_values = entry.function(inputs, current)
+    _assign_returned(entry, variables, current, new_values)
+
+    def grad(*output_grads, variables=None):
+      if variables:
+        raise ValueError("recomputed shared call read variables it was not "
+                         f"given: {[v.name for v in variables]}")
+      grads = entry.backward(inputs, current, list(output_grads))
+      return grads
+    return outputs, grad
+
+  return run(*args, *[values[i] for i in trainable])
 
 
 def _layer_body(layer, static, inputs):

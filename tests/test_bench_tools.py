@@ -1,0 +1,42 @@
+"""Smoke tests of the benchmark scripts on tiny networks (--quick)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "tools", script),
+                         *args], capture_output=True, text=True, cwd=ROOT,
+                        timeout=600)
+
+
+def _row(stdout, name):
+  rows = [l for l in stdout.splitlines() if l.startswith(f"| {name} |")]
+  assert len(rows) == 1, stdout
+  return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+@pytest.mark.parametrize("script,row,peak_column", [
+    ("bench_single_path.py", "dsnas_darts", 5),
+    ("bench_search_step.py", "fwd_bwd", 4),
+])
+def test_quick_run_prints_a_measured_row(script, row, peak_column):
+  proc = _run(script, "--quick", f"--only={row}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cells = _row(proc.stdout, row)
+  step_s, peak = float(cells[3]), float(cells[peak_column])
+  assert step_s > 0
+  assert 0.1 < peak < 64  # GiB: a real resident-memory reading.
+
+
+def test_unknown_measurement_is_one_clear_error():
+  proc = _run("bench_single_path.py", "--only=nope")
+  assert proc.returncode == 2
+  assert re.search(r"--only: unknown measurement\(s\) \['nope'\]",
+                   proc.stderr), proc.stderr
