@@ -17,7 +17,12 @@ variables. Outside any scope that is a plain assign; inside an enclosing
 ``StatelessScope`` (DARTS 2nd order evaluates unrolled weights this way) it is
 recorded there, exactly as the inline layer would behave.
 
-`recompute` is the memory counterpart: it drops a block's activations after
+Eager callers (single-path steps) pass the variables themselves, and the
+function also assigns the statistics; ``call_shared(recompute=True)`` there
+keeps no activations: its gradient is one call of a second shared function
+that recomputes the forward pass and backpropagates.
+
+`recompute` is the memory counterpart for traced callers: it drops a block's activations after
 the forward pass and recomputes them during backprop, with the variable
 values again passed explicitly so that gradients also reach substituted
 values (``tf.recompute_grad`` would silently miss tensors captured from an
