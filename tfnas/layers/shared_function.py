@@ -207,24 +207,43 @@ def call_shared(layer: keras.layers.Layer, body: Body, select: Selector,
          tuple((tuple(a.shape), a.dtype) for a in args))
   with _LOCK:
     entry = _FUNCTIONS.get(key)
-    if entry is None or entry.template() is None:
+    # A strong reference for this call: the template (another network's
+    # layer, possibly) must outlive any tracing this call triggers.
+    template = entry.template() if entry is not None else None
+    if template is None:
       entry = _Entry(weakref.ref(layer), None)
       entry.function = _make_function(layer, body, select, static, present,
                                       entry)
       _FUNCTIONS[key] = entry
+      template = layer
   eager = eager_outside_scopes()
   if eager and recompute:
-    return _recomputed_call(entry, args, variables)
+    return _recomputed_call(entry, template, args, variables)
   if eager:
     # An eager call (single-path steps) passes the variables themselves:
     # they are read inside the function instead of by one eager op per
     # variable per call. Traced callers keep reading values in their graph.
-    values = [_tf_variable(v) for v in variables]
+    values = [_eager_argument(v, read=False) for v in variables]
   else:
     values = [current_value(v) for v in variables]
   outputs, new_values = entry.function(args, values)
   _assign_returned(entry, variables, values, new_values)
   return outputs
+
+
+def _eager_argument(variable, read: bool):
+  """What an eager `call_shared` passes for ``variable``: its value if
+  ``read``, else the variable itself, so that the function reads it and
+  assigns it in place.
+
+  Under a tf.distribute strategy every variable goes in as its value, read
+  in the caller's replica context: a function traced once for all replicas
+  must not bind one replica's copy of a mirrored variable, and a mirrored
+  assign synchronises replicas (``merge_call``), which cannot run inside a
+  function; the caller assigns the returned statistics instead."""
+  if read or tf.distribute.has_strategy():
+    return current_value(variable)
+  return _tf_variable(variable)
 
 
 def _assign_returned(entry, variables, values, new_values):
@@ -236,7 +255,7 @@ def _assign_returned(entry, variables, values, new_values):
     variables[i].assign(value)
 
 
-def _recomputed_call(entry, args, variables):
+def _recomputed_call(entry, template, args, variables):
   """Eager `call_shared` whose activations are recomputed in backprop.
 
   Forward: the shared function runs unrecorded (its intermediates are freed
@@ -246,10 +265,10 @@ def _recomputed_call(entry, args, variables):
   variables are read here (recorded, so their gradients reach them); BN
   statistics go in as variables and are assigned once, by the forward call.
   """
-  values = [current_value(v) if v.trainable else _tf_variable(v)
-            for v in variables]
+  values = [_eager_argument(v, read=v.trainable) for v in variables]
   trainable = [i for i, v in enumerate(variables) if v.trainable]
   num = len(args)
+  template_alive = template
 
   @tf.custom_gradient
   def run(*flat):
@@ -262,6 +281,9 @@ def _recomputed_call(entry, args, variables):
     _assign_returned(entry, variables, current, new_values)
 
     def grad(*output_grads, variables=None):
+      # Referencing the template keeps ``entry.backward`` traceable until
+      # the gradient runs, even if the template's network is gone by then.
+      assert template_alive is not None
       if variables:
         raise ValueError("recomputed shared call read variables it was not "
                          f"given: {[v.name for v in variables]}")
