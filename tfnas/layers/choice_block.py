@@ -349,20 +349,9 @@ class ChoiceBlock(keras.layers.Layer):
 
   def _can_share(self, candidate, training) -> bool:
     """Whether a single-path call may go through a shared function."""
-    if not self.shared_functions or isinstance(training, tf.Tensor):
+    if not self.shared_functions:
       return False
-    sublayers = list(candidate._flatten_layers())
-    # Variables are created by the first (inline) call, never by a shared
-    # function (it would create them on its template layer).
-    if not candidate.built or not all(sub.built for sub in sublayers):
-      return False
-    # Synchronized BN all-reduces through merge_call, which a function
-    # traced separately per replica cannot reach: stay inline there.
-    ctx = tf.distribute.get_replica_context()
-    if ctx is not None and ctx.num_replicas_in_sync > 1:
-      return not any(isinstance(sub, BatchNorm) and sub.synchronized
-                     for sub in sublayers)
-    return True
+    return shared_function.shareable([candidate], training)
 
   def compute_output_shape(self, input_shape):
     def down(n):
