@@ -82,5 +82,54 @@ class DartsSecondOrderTest(tf.test.TestCase):
     self.assertEqual(int(ctx.arch_optimizer.iterations.numpy()), 1)
 
 
+class PhasesTest(tf.test.TestCase):
+  """The loop's per-phase tf.functions make the same step as ``step``."""
+
+  def _run(self, estimator, init, split):
+    ctx = helpers.tiny_context(dtype=tf.float64)
+    for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
+      v.assign(value)
+    train = helpers.batch(seed=1, dtype=np.float64)
+    val = helpers.batch(seed=2, dtype=np.float64)
+    phases = estimator.phases() if split else [estimator.step]
+    metrics = {}
+    compiled = [tf.function(lambda t, v, s, p=p: p(ctx, t, v, s))
+                for p in phases]
+    for _ in range(2):
+      for fn in compiled:
+        out = fn(train, val, tf.constant(0, tf.int64))
+        metrics.update({k: v.numpy() for k, v in out.items()})
+    return [v.numpy() for v in ctx.weight_variables + ctx.arch_variables +
+            ctx.weight_optimizer.slots["momentum"]], metrics
+
+  def _compare(self, estimator):
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+      init = [v.numpy() for v in
+              (lambda c: c.weight_variables + c.arch_variables)(
+                  helpers.tiny_context(dtype=tf.float64))]
+      self.assertLen(estimator.phases(), 2)
+      whole, whole_metrics = self._run(estimator, init, split=False)
+      split, split_metrics = self._run(estimator, init, split=True)
+    finally:
+      keras.config.set_floatx(floatx)
+      keras.config.set_dtype_policy(policy)
+    self.assertGreater(max(np.abs(a - b).max()
+                           for a, b in zip(whole, init)), 1e-4)
+    for a, b in zip(whole, split):
+      self.assertAllClose(a, b, atol=1e-12, rtol=1e-10)
+    self.assertEqual(set(whole_metrics), set(split_metrics))
+    for k in whole_metrics:
+      self.assertAllClose(whole_metrics[k], split_metrics[k])
+
+  def test_first_order(self):
+    self._compare(DartsFirstOrder())
+
+  def test_second_order(self):
+    self._compare(DartsSecondOrder())
+
+
 if __name__ == "__main__":
   tf.test.main()

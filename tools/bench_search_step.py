@@ -7,8 +7,10 @@ Measurements:
   fwd_bwd: one forward + backward of the supernet (∇w and ∇α, no update).
   arch_pass: the α half of a 1st-order step (forward + ∇α only, no update).
   first_order: one full DARTS 1st-order step (α step on the val batch, then
-    the w step on the train batch): ``DartsFirstOrder().step``.
-  second_order: one full DARTS 2nd-order (unrolled) step.
+    the w step on the train batch), as the search loop runs it: one
+    tf.function per phase (``DartsFirstOrder().phases()``), or the whole
+    ``step`` in one with ``--one_function``.
+  second_order: one full DARTS 2nd-order (unrolled) step, likewise.
 
 For each: ``trace s`` is building the tf.function graph in Python
 (``get_concrete_function``), ``first s`` the first execution (graph
@@ -65,6 +67,9 @@ def _parse_args(argv=None):
                  help="comma-separated grappler optimizers to switch off "
                       "(tf.config.optimizer.set_experimental_options keys, "
                       "e.g. layout_optimizer,remapping)")
+  p.add_argument("--one_function", action="store_true",
+                 help="first_order/second_order: the whole step as one "
+                      "tf.function (the loop compiles each phase apart)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -146,18 +151,30 @@ def _measure(args, which: str) -> dict:
   else:
     estimator = (DartsFirstOrder() if which == "first_order"
                  else DartsSecondOrder())
-    def fn(train, val, step):
-      return estimator.step(ctx, train, val, step)
+    # As the search loop runs it: one tf.function per phase (α step, then
+    # w step), unless --one_function.
+    phases = [estimator.step] if args.one_function else estimator.phases()
 
-  fn = tf.function(fn, jit_compile=args.jit or None)
+  if which in ("fwd_bwd", "arch_pass"):
+    phases = [fn]
+  else:
+    phases = [lambda train, val, step, p=p: p(ctx, train, val, step)
+              for p in phases]
+  fns = [tf.function(p, jit_compile=args.jit or None) for p in phases]
+  def run():
+    for f in fns:
+      tf.nest.map_structure(lambda t: t.numpy(), f(train, val, step))
+  # Each phase is traced, then each runs for the first time, in order (as
+  # the loop does): the first run of each is TF's one-time graph
+  # optimisation of that phase.
   start = time.perf_counter()
-  concrete = fn.get_concrete_function(train, val, step)
+  num_ops = sum(len(f.get_concrete_function(train, val, step).graph
+                    .get_operations()) for f in fns)
   trace_s = time.perf_counter() - start
-  num_ops = len(concrete.graph.get_operations())
   start = time.perf_counter()
-  tf.nest.map_structure(lambda t: t.numpy(), fn(train, val, step))
+  run()
   first_s = time.perf_counter() - start
-  fn(train, val, step)  # One more warm-up (allocator, thread pools).
+  run()  # One more warm-up (allocator, thread pools).
   # The first execution's peak includes TF's one-time graph optimisation;
   # the steps' own peak is measured from here.
   build_peak = util.peak_rss_gib()
@@ -165,7 +182,7 @@ def _measure(args, which: str) -> dict:
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), fn(train, val, step))
+    run()
     times.append(time.perf_counter() - start)
   return {"measurement": which, "trace_s": trace_s, "first_s": first_s,
           "step_s": statistics.median(times), "peak_gib": build_peak,
@@ -184,7 +201,8 @@ def main(argv=None):
             f"{'/' + args.recompute_unit if args.recompute else ''}, "
             f"threads inter/intra={args.inter_op_threads}/"
             f"{args.intra_op_threads} (0: default), "
-            f"shared_functions={not args.no_shared_functions}")
+            f"shared_functions={not args.no_shared_functions}, "
+            f"one_function={args.one_function}")
   print(f"# {config}\n")
   print("| measurement | trace s | first s | s/step | peak GiB | step peak GiB "
         "| graph ops |")

@@ -42,6 +42,19 @@ class Estimator:
            step: tf.Tensor) -> dict[str, tf.Tensor]:
     raise NotImplementedError
 
+  def phases(self) -> tuple:
+    """The step as consecutive per-replica phases, each compiled on its own.
+
+    Each phase has the signature of ``step`` and returns its part of the
+    metrics; running them in order is one step. The default is the whole
+    step as one phase (the loop then runs ``steps_per_loop`` steps in one
+    ``tf.function``). A bilevel method returns its α step and its w step:
+    two graphs of about half the size, which TensorFlow optimises one at a
+    time on their first calls. That one-time optimisation of the whole step
+    graph is what set a DARTS search's process peak memory.
+    """
+    return (self.step,)
+
   def weight_step(self, ctx: StepContext, batch, prefix: str = "train"):
     """The ordinary w update on one batch under the current α sample."""
     images, labels = batch

@@ -25,7 +25,38 @@ def _after(dependencies, batch):
     return tf.nest.map_structure(tf.identity, batch)
 
 
-class DartsFirstOrder(Estimator):
+class _AlphaThenWeights(Estimator):
+  """A DARTS step: the α step (``arch_gradient``), then the w step.
+
+  ``phases`` splits it into the two for the loop; ``step`` is both in one.
+  """
+
+  def arch_gradient(self, ctx: StepContext, train_batch, val_batch, step=None):
+    raise NotImplementedError
+
+  def _arch_step(self, ctx, train_batch, val_batch, step):
+    """Applies the α step; returns its gradients and the val metrics."""
+    grads, loss, logits = self.arch_gradient(ctx, train_batch, val_batch, step)
+    ctx.apply_arch(grads)
+    return grads, ctx.metrics("val", loss, logits, val_batch[1])
+
+  def arch_phase(self, ctx: StepContext, train_batch, val_batch, step):
+    return self._arch_step(ctx, train_batch, val_batch, step)[1]
+
+  def weight_phase(self, ctx: StepContext, train_batch, val_batch, step):
+    del val_batch, step
+    return self.weight_step(ctx, train_batch)
+
+  def phases(self):
+    return (self.arch_phase, self.weight_phase)
+
+  def step(self, ctx: StepContext, train_batch, val_batch, step):
+    grads, metrics = self._arch_step(ctx, train_batch, val_batch, step)
+    metrics.update(self.weight_step(ctx, _after(grads, train_batch)))
+    return metrics
+
+
+class DartsFirstOrder(_AlphaThenWeights):
   """α ← α − η_α ∇α L_val(w, α); then w ← w − η_w ∇w L_train(w, α)."""
 
   def arch_gradient(self, ctx: StepContext, train_batch, val_batch, step=None):
@@ -38,16 +69,8 @@ class DartsFirstOrder(Estimator):
     grads = ctx.all_reduce(ctx.gradients(tape, loss, ctx.arch_variables))
     return grads, loss, logits
 
-  def step(self, ctx: StepContext, train_batch, val_batch, step):
-    grads, loss, logits = self.arch_gradient(ctx, train_batch, val_batch, step)
-    ctx.apply_arch(grads)
-    _, labels = val_batch
-    metrics = ctx.metrics("val", loss, logits, labels)
-    metrics.update(self.weight_step(ctx, _after(grads, train_batch)))
-    return metrics
 
-
-class DartsSecondOrder(Estimator):
+class DartsSecondOrder(_AlphaThenWeights):
   """Unrolled α gradient with the finite-difference Hessian-vector product.
 
   With ξ the current weight learning rate, μ the SGD momentum and λ the
@@ -119,12 +142,3 @@ class DartsSecondOrder(Estimator):
         da - tf.cast(xi, da.dtype) * (gp - gm) / (2 * tf.cast(eps, da.dtype))
         for da, gp, gm in zip(d_alpha, g_plus, g_minus)]
     return arch_grads, loss, logits
-
-  def step(self, ctx: StepContext, train_batch, val_batch, step):
-    arch_grads, loss, logits = self.arch_gradient(ctx, train_batch, val_batch,
-                                                  step)
-    ctx.apply_arch(arch_grads)
-    _, labels = val_batch
-    metrics = ctx.metrics("val", loss, logits, labels)
-    metrics.update(self.weight_step(ctx, _after(arch_grads, train_batch)))
-    return metrics

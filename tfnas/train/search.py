@@ -5,7 +5,10 @@
         strategy.run(estimator.step, train batch, val batch)
       evaluate, TensorBoard, checkpoint, genotype.json
 
-A single-path estimator (``compiled_step = False``, DSNAS) runs the same
+An estimator whose step has several phases (``Estimator.phases``: DARTS's α
+step, then its w step) gets one tf.function per phase, called in order for
+every step from a Python loop. A single-path estimator
+(``compiled_step = False``, DSNAS) runs the same
 chunks with a Python loop instead of one tf.function: it picks the child with
 Python ints every step, and the chosen ops run as shared traced functions
 (see ``tfnas/estimators/dsnas.py``). Progressive early stop (methods with
@@ -193,6 +196,8 @@ class Search:
     keys = estimator.metric_keys()
     if not estimator.compiled_step:
       return self._make_eager_train_loop()
+    if len(estimator.phases()) > 1:
+      return self._make_phased_train_loop()
 
     @tf.function
     def train_loop(train_iter, val_iter, num_steps):
@@ -208,6 +213,38 @@ class Search:
                                 axis=None)
             for t, k in zip(totals, keys))
       return dict(zip(keys, totals))
+    return train_loop
+
+  def _make_phased_train_loop(self):
+    """One ``tf.function`` per phase of the step, called in order per step.
+
+    The batches are taken from the iterators here, once per step, and
+    passed to every phase (the w phase of second-order DARTS and its α
+    phase read the same train batch).
+    """
+    strategy, ctx = self.strategy, self.ctx
+    keys = self.estimator.metric_keys()
+
+    def compile_phase(phase):
+      @tf.function
+      def run(train_batch, val_batch):
+        per_replica = strategy.run(
+            phase, args=(ctx, train_batch, val_batch, self.w_opt.iterations))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
+      return run
+
+    compiled = [compile_phase(p) for p in self.estimator.phases()]
+
+    def train_loop(train_iter, val_iter, num_steps):
+      totals = {k: tf.constant(0.0) for k in keys}
+      for _ in range(int(num_steps)):
+        train_batch = next(train_iter)
+        val_batch = next(val_iter) if val_iter is not None else None
+        for run in compiled:
+          for k, v in run(train_batch, val_batch).items():
+            totals[k] += v
+      return totals
     return train_loop
 
   def _make_eager_train_loop(self):
