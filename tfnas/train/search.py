@@ -226,7 +226,10 @@ class Search:
     keys = self.estimator.metric_keys()
 
     def compile_phase(phase):
-      @tf.function
+      # Batches come in as arguments: a batch of another size (a stream
+      # that keeps its last partial batch) must not retrace a supernet
+      # step more than once.
+      @tf.function(reduce_retracing=True)
       def run(train_batch, val_batch):
         per_replica = strategy.run(
             phase, args=(ctx, train_batch, val_batch, self.w_opt.iterations))
