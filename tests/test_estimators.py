@@ -91,6 +91,7 @@ class PhasesTest(tf.test.TestCase):
       v.assign(value)
     train = helpers.batch(seed=1, dtype=np.float64)
     val = helpers.batch(seed=2, dtype=np.float64)
+    estimator.build(ctx)
     phases = estimator.phases() if split else [estimator.step]
     metrics = {}
     compiled = [tf.function(lambda t, v, s, p=p: p(ctx, t, v, s))
@@ -110,7 +111,7 @@ class PhasesTest(tf.test.TestCase):
       init = [v.numpy() for v in
               (lambda c: c.weight_variables + c.arch_variables)(
                   helpers.tiny_context(dtype=tf.float64))]
-      self.assertLen(estimator.phases(), 2)
+      self.assertGreaterEqual(len(estimator.phases()), 2)
       whole, whole_metrics = self._run(estimator, init, split=False)
       split, split_metrics = self._run(estimator, init, split=True)
     finally:

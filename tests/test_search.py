@@ -109,10 +109,11 @@ def mirrored_cpu_strategy():
 class MirroredStepTest(tf.test.TestCase):
   """One step under MirroredStrategy (2 CPUs) equals the default strategy."""
 
-  def _step(self, strategy, estimator, init, dtype):
+  def _step(self, strategy, estimator, init, dtype, phased=False):
     with strategy.scope():
       ctx = helpers.tiny_context(global_batch=4, sync_batch_norm=True,
                                  dtype=dtype)
+      estimator.build(ctx)
     for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
       v.assign(value)
     np_dtype = dtype.as_numpy_dtype
@@ -121,12 +122,18 @@ class MirroredStepTest(tf.test.TestCase):
     dataset = tf.data.Dataset.from_tensors((train, val))
     dist = strategy.experimental_distribute_dataset(dataset)
 
-    @tf.function
-    def step(batches):
-      return strategy.run(estimator.step, args=(ctx, batches[0], batches[1],
-                                                tf.constant(0, tf.int64)))
+    def compile_phase(phase):
+      @tf.function
+      def run(batches):
+        return strategy.run(phase, args=(ctx, batches[0], batches[1],
+                                         tf.constant(0, tf.int64)))
+      return run
+    # As the search loop runs it (one tf.function per phase) or all in one.
+    phases = estimator.phases() if phased else [estimator.step]
+    compiled = [compile_phase(p) for p in phases]
     for batches in dist:
-      step(batches)
+      for run in compiled:
+        run(batches)
     return [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
 
   def _compare(self, estimator, dtype=tf.float32, atol=2e-5, rtol=1e-4):
@@ -135,7 +142,8 @@ class MirroredStepTest(tf.test.TestCase):
       ctx = helpers.tiny_context(dtype=dtype)
       init = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
     single = self._step(default, estimator, init, dtype)
-    mirrored = self._step(mirrored_cpu_strategy(), estimator, init, dtype)
+    mirrored = self._step(mirrored_cpu_strategy(), estimator, init, dtype,
+                          phased=True)
     moved = max(np.abs(a - b).max() for a, b in zip(single, init))
     self.assertGreater(moved, 1e-4)
     for a, b in zip(single, mirrored):

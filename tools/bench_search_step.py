@@ -153,6 +153,7 @@ def _measure(args, which: str) -> dict:
                  else DartsSecondOrder())
     # As the search loop runs it: one tf.function per phase (α step, then
     # w step), unless --one_function.
+    estimator.build(ctx)
     phases = [estimator.step] if args.one_function else estimator.phases()
 
   if which in ("fwd_bwd", "arch_pass"):

@@ -55,6 +55,11 @@ class Estimator:
     """
     return (self.step,)
 
+  def build(self, ctx: StepContext) -> None:
+    """Creates what the phases need beyond ``ctx`` (called once by the
+    loop, inside the strategy's scope, before any phase is traced)."""
+    del ctx
+
   def weight_step(self, ctx: StepContext, batch, prefix: str = "train"):
     """The ordinary w update on one batch under the current α sample."""
     images, labels = batch

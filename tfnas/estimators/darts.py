@@ -114,8 +114,8 @@ class DartsSecondOrder(_AlphaThenWeights):
       unrolled.append(w - tf.cast(xi, w.dtype) * d)
     return unrolled, xi
 
-  def arch_gradient(self, ctx: StepContext, train_batch, val_batch, step=None):
-    """The unrolled α gradient (all-reduced); also the val loss and logits."""
+  def _unrolled_val_gradients(self, ctx, train_batch, val_batch, step):
+    """∇α and ∇w' of L_val(w', α) (all-reduced), ξ, the val loss, logits."""
     wvars = ctx.weight_variables
     avars = ctx.arch_variables
     unrolled, xi = self.unrolled_weights(ctx, train_batch)
@@ -127,9 +127,12 @@ class DartsSecondOrder(_AlphaThenWeights):
         logits = ctx.forward(images, weights, training=True)
       loss = ctx.loss(logits, labels)
     grads = ctx.all_reduce(ctx.gradients(tape, loss, avars + unrolled))
-    d_alpha, v = grads[:len(avars)], grads[len(avars):]
+    return grads[:len(avars)], grads[len(avars):], xi, loss, logits
+
+  def _with_hessian_term(self, ctx, train_batch, d_alpha, v, xi):
+    """∇α L_val(w') − ξ (∇α L_train(w⁺) − ∇α L_train(w⁻)) / 2ε."""
     eps = self.r / _global_norm(v)
-    w0 = [tf.convert_to_tensor(w) for w in wvars]
+    w0 = [tf.convert_to_tensor(w) for w in ctx.weight_variables]
     plus = [w + tf.cast(eps, w.dtype) * d for w, d in zip(w0, v)]
     minus = [w - tf.cast(eps, w.dtype) * d for w, d in zip(w0, v)]
     g_plus = self._arch_grad_at(ctx, plus, train_batch)
@@ -138,7 +141,54 @@ class DartsSecondOrder(_AlphaThenWeights):
     with tf.control_dependencies(g_plus):
       minus = [tf.identity(m) for m in minus]
     g_minus = self._arch_grad_at(ctx, minus, train_batch)
-    arch_grads = [
+    return [
         da - tf.cast(xi, da.dtype) * (gp - gm) / (2 * tf.cast(eps, da.dtype))
         for da, gp, gm in zip(d_alpha, g_plus, g_minus)]
-    return arch_grads, loss, logits
+
+  def arch_gradient(self, ctx: StepContext, train_batch, val_batch, step=None):
+    """The unrolled α gradient (all-reduced); also the val loss and logits."""
+    d_alpha, v, xi, loss, logits = self._unrolled_val_gradients(
+        ctx, train_batch, val_batch, step)
+    return (self._with_hessian_term(ctx, train_batch, d_alpha, v, xi), loss,
+            logits)
+
+  # Three phases: (1) w' and the gradients at w', (2) the finite-difference
+  # passes and the α update, (3) the w step. The α step alone is a graph of
+  # four forward+backward passes; TF's one-time optimisation of it set the
+  # process peak memory. Phase 1 leaves ∇α L_val(w') and v = ∇w' L_val(w')
+  # for phase 2 in per-replica scratch variables (made by `build`).
+
+  def build(self, ctx: StepContext) -> None:
+    on_read = dict(trainable=False,
+                   synchronization=tf.VariableSynchronization.ON_READ,
+                   aggregation=tf.VariableAggregation.NONE)
+    self._scratch_alpha = [tf.Variable(tf.zeros(v.shape, v.dtype), **on_read)
+                           for v in ctx.arch_variables]
+    self._scratch_v = [tf.Variable(tf.zeros(v.shape, v.dtype), **on_read)
+                       for v in ctx.weight_variables]
+
+  def _scratch(self):
+    if getattr(self, "_scratch_v", None) is None:
+      raise RuntimeError("DartsSecondOrder.phases(): call build(ctx) first "
+                         "(inside the strategy's scope)")
+    return self._scratch_alpha, self._scratch_v
+
+  def unrolled_phase(self, ctx: StepContext, train_batch, val_batch, step):
+    scratch_alpha, scratch_v = self._scratch()
+    d_alpha, v, _, loss, logits = self._unrolled_val_gradients(
+        ctx, train_batch, val_batch, step)
+    for target, value in zip(scratch_alpha + scratch_v, d_alpha + v):
+      target.assign(value)
+    return ctx.metrics("val", loss, logits, val_batch[1])
+
+  def hessian_phase(self, ctx: StepContext, train_batch, val_batch, step):
+    del val_batch, step
+    scratch_alpha, scratch_v = self._scratch()
+    d_alpha = [tf.convert_to_tensor(s) for s in scratch_alpha]
+    v = [tf.convert_to_tensor(s) for s in scratch_v]
+    xi = ctx.weight_optimizer.current_lr()
+    ctx.apply_arch(self._with_hessian_term(ctx, train_batch, d_alpha, v, xi))
+    return {}
+
+  def phases(self):
+    return (self.unrolled_phase, self.hessian_phase, self.weight_phase)

@@ -237,6 +237,8 @@ class Search:
                 for k, v in per_replica.items()}
       return run
 
+    with strategy.scope():
+      self.estimator.build(ctx)
     compiled = [compile_phase(p) for p in self.estimator.phases()]
 
     def train_loop(train_iter, val_iter, num_steps):
