@@ -79,22 +79,23 @@ def child_main(measure: Callable[[str], dict], which: str) -> None:
 
 
 def run_rows(script: str, argv: Sequence[str] | None, rows: Sequence[str],
-             columns: int, format_row: Callable[[dict], str]) -> tuple[
+             columns: Sequence[tuple[str, str, str]]) -> tuple[
                  dict[str, dict], bool]:
-  """Runs ``script --child --only=<row>`` per row and prints table rows.
+  """Runs ``script --child --only=<row>`` per row and prints a markdown table.
 
   Args:
     script: the benchmark script's path (it must handle ``--child``).
     argv: the parent's arguments (``sys.argv[1:]`` when None); ``--only``
       is replaced per row.
     rows: measurement names, in order.
-    columns: number of table columns (for the failure row).
-    format_row: RESULT dict → one markdown table row.
+    columns: ``(title, RESULT key, format spec)`` per table column.
 
   Returns:
     ``(results by row, whether any row failed)``. A failed row prints the
     tail of its stderr.
   """
+  print("| " + " | ".join(title for title, _, _ in columns) + " |")
+  print("|" + "---|" * len(columns))
   argv = list(sys.argv[1:] if argv is None else argv)
   results, failed = {}, False
   for which in rows:
@@ -105,9 +106,10 @@ def run_rows(script: str, argv: Sequence[str] | None, rows: Sequence[str],
     if proc.returncode or not lines:
       failed = True
       print(f"| {which} | failed (rc {proc.returncode}) |" +
-            " |" * (columns - 2))
+            " |" * (len(columns) - 2))
       sys.stderr.write(proc.stderr[-4000:])
       continue
     results[which] = json.loads(lines[-1][len("RESULT "):])
-    print(format_row(results[which]), flush=True)
+    print("| " + " | ".join(format(results[which][key], spec)
+                            for _, key, spec in columns) + " |", flush=True)
   return results, failed

@@ -205,15 +205,11 @@ def main(argv=None):
             f"shared_functions={not args.no_shared_functions}, "
             f"one_function={args.one_function}")
   print(f"# {config}\n")
-  print("| measurement | trace s | first s | s/step | peak GiB | step peak GiB "
-        "| graph ops |")
-  print("|---|---|---|---|---|---|---|")
-  _, failed = util.run_rows(
-      __file__, argv, args.only, 7,
-      lambda r: (f"| {r['measurement']} | {r['trace_s']:.1f} | "
-                 f"{r['first_s']:.1f} | {r['step_s']:.2f} | "
-                 f"{r['peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
-                 f"{r['graph_ops']} |"))
+  _, failed = util.run_rows(__file__, argv, args.only, [
+      ("measurement", "measurement", ""), ("trace s", "trace_s", ".1f"),
+      ("first s", "first_s", ".1f"), ("s/step", "step_s", ".2f"),
+      ("peak GiB", "peak_gib", ".2f"), ("step peak GiB", "step_peak_gib", ".2f"),
+      ("graph ops", "graph_ops", "")])
   raise SystemExit(1 if failed else 0)
 
 

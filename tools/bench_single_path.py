@@ -209,15 +209,11 @@ def main(argv=None):
         f"cells, {args.nodes} nodes, {args.image_size}x{args.image_size}; "
         f"ShuffleNet: {args.shufflenet}, {args.shufflenet_image_size}x"
         f"{args.shufflenet_image_size}, batch {args.batch_size}\n")
-  print("| measurement | trace s | first s | s/step | base GiB | peak GiB | "
-        "fns / ops |")
-  print("|---|---|---|---|---|---|---|")
-  results, failed = util.run_rows(
-      __file__, argv, args.only, 7,
-      lambda r: (f"| {r['measurement']} | {r['trace_s']:.1f} | "
-                 f"{r['first_s']:.1f} | {r['step_s']:.3f} | "
-                 f"{r['base_gib']:.2f} | {r['peak_gib']:.2f} | "
-                 f"{r['count']} |"))
+  results, failed = util.run_rows(__file__, argv, args.only, [
+      ("measurement", "measurement", ""), ("trace s", "trace_s", ".1f"),
+      ("first s", "first_s", ".1f"), ("s/step", "step_s", ".3f"),
+      ("base GiB", "base_gib", ".2f"), ("peak GiB", "peak_gib", ".2f"),
+      ("fns / ops", "count", "")])
   for a, b in (("snas_darts", "dsnas_darts"),
                ("supernet_shufflenet", "dsnas_shufflenet")):
     if a in results and b in results:
