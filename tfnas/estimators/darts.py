@@ -85,6 +85,7 @@ class DartsSecondOrder(_AlphaThenWeights):
 
   def __init__(self, r: float = 0.01):
     self.r = r
+    self._scratch_alpha = self._scratch_v = None  # Made by `build`.
 
   def _arch_grad_at(self, ctx, values, batch):
     images, labels = batch
@@ -168,7 +169,7 @@ class DartsSecondOrder(_AlphaThenWeights):
                        for v in ctx.weight_variables]
 
   def _scratch(self):
-    if getattr(self, "_scratch_v", None) is None:
+    if self._scratch_v is None:
       raise RuntimeError("DartsSecondOrder.phases(): call build(ctx) first "
                          "(inside the strategy's scope)")
     return self._scratch_alpha, self._scratch_v
