@@ -40,3 +40,20 @@ def test_unknown_measurement_is_one_clear_error():
   assert proc.returncode == 2
   assert re.search(r"--only: unknown measurement\(s\) \['nope'\]",
                    proc.stderr), proc.stderr
+
+
+def test_per_op_children_bound_has_one_time_per_candidate():
+  proc = _run("bench_single_path.py", "--quick", "--only=child_per_op_darts")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cells = _row(proc.stdout, "child_per_op_darts")
+  assert cells[6] == "8 children"
+  line = [l for l in proc.stdout.splitlines()
+          if l.startswith("child_per_op_darts, s/step")]
+  assert len(line) == 1, proc.stdout
+  times = dict(re.findall(r"(\w+) (\d+\.\d+)", line[0].split(": ", 1)[1]))
+  assert set(times) == {"none", "max_pool_3x3", "avg_pool_3x3",
+                        "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+                        "dil_conv_3x3", "dil_conv_5x5"}
+  # The row's s/step is the mean of the per-op times (rounded in print).
+  mean = sum(float(t) for t in times.values()) / len(times)
+  assert abs(float(cells[3]) - mean) < 2e-3

@@ -12,6 +12,14 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
   child_traced_darts: the rejected alternative, one tf.function per child:
     ``trace s`` + ``first s`` is what every new child would cost; ``s/step``
     repeats the same child.
+  child_per_op_darts: the bound on any single-path DSNAS step in this space.
+    For each candidate op k, the child with op k on every edge is traced as
+    one tf.function and timed; ``s/step`` is the mean over k. Step time is a
+    sum of per-edge costs plus the work every child shares (stem,
+    preprocessing, classifier, update), so by linearity that mean is the
+    expected step of a uniformly drawn child run as one optimised graph with
+    no per-call overhead. ``trace s`` / ``first s`` are summed over the
+    children; the per-op times are printed below the table.
   supernet_shufflenet: forward + backward of the ShuffleNet supernet in
     mixed mode (all four candidates of every block), compiled.
   dsnas_shufflenet: one DSNAS step in the ShuffleNet space (eager, shared
@@ -45,7 +53,8 @@ import time
 import _bench_util as util
 
 MEASUREMENTS = ("snas_darts", "dsnas_darts", "child_traced_darts",
-                "supernet_shufflenet", "dsnas_shufflenet")
+                "child_per_op_darts", "supernet_shufflenet",
+                "dsnas_shufflenet")
 
 
 def _parse_args(argv=None):
@@ -114,6 +123,15 @@ def _context(args, kind: str, distribution, kind_is_supernet=False):
   return ctx, shape, space
 
 
+def _fixed_child_step(est, ctx, batch, indices):
+  """The weight step of one fixed child (to be traced as a whole)."""
+  def body():
+    used, w_grads, _, _, metrics = est.gradients(ctx, batch, indices)
+    ctx.weight_optimizer.apply(w_grads, used)
+    return metrics
+  return body
+
+
 def _measure(args, which: str) -> dict:
   import numpy as np
   import tensorflow as tf
@@ -152,6 +170,24 @@ def _measure(args, which: str) -> dict:
     return out
 
   trace_s, count = 0.0, None
+  if which == "child_per_op_darts":
+    est = DsnasEstimator()
+    drawn = est.sample(ctx, 0)
+    per_op, first = {}, 0.0
+    for k, name in enumerate(ctx.network.space.candidates):
+      fn = tf.function(_fixed_child_step(
+          est, ctx, batch, {g: np.full_like(v, k) for g, v in drawn.items()}))
+      start = time.perf_counter()
+      fn.get_concrete_function()
+      trace_s += time.perf_counter() - start
+      first += timed(lambda s: fn(), [0])[0]
+      fn()
+      per_op[name] = statistics.median(timed(lambda s: fn(),
+                                             range(args.steps)))
+    return {"measurement": which, "trace_s": trace_s, "first_s": first,
+            "step_s": statistics.mean(per_op.values()),
+            "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
+            "count": f"{len(per_op)} children", "per_op": per_op}
   if which in ("snas_darts", "supernet_shufflenet", "child_traced_darts"):
     if which == "snas_darts":
       est = SnasEstimator()
@@ -214,7 +250,12 @@ def main(argv=None):
       ("first s", "first_s", ".1f"), ("s/step", "step_s", ".3f"),
       ("base GiB", "base_gib", ".2f"), ("peak GiB", "peak_gib", ".2f"),
       ("fns / ops", "count", "")])
+  if "child_per_op_darts" in results:
+    per_op = results["child_per_op_darts"]["per_op"]
+    print("\nchild_per_op_darts, s/step of the child with one op on every "
+          "edge: " + ", ".join(f"{k} {v:.3f}" for k, v in per_op.items()))
   for a, b in (("snas_darts", "dsnas_darts"),
+               ("snas_darts", "child_per_op_darts"),
                ("supernet_shufflenet", "dsnas_shufflenet")):
     if a in results and b in results:
       speed = results[a]["step_s"] / results[b]["step_s"]
