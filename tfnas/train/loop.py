@@ -1,7 +1,7 @@
 """Machinery shared by the search loop and the retraining loop.
 
-Both loops run epochs of compiled chunks (``steps_per_loop`` steps per
-``tf.function`` call), checkpoint with a ``tf.train.CheckpointManager``
+Both loops run epochs of chunks (``steps_per_loop`` steps per call of a
+step loop, below), checkpoint with a ``tf.train.CheckpointManager``
 (epoch and step-in-epoch included, so a resumed run continues mid-epoch),
 save on SIGTERM / Ctrl-C before exiting, draw a progress bar and append one
 JSON line of metrics per epoch to ``history.jsonl``. The pieces live here;
@@ -14,11 +14,12 @@ import contextlib
 import json
 import os
 import signal
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from absl import logging as log
 import tensorflow as tf
 
+from tfnas.train import summaries
 from tfnas.train.progress import progress_bar
 
 
@@ -110,10 +111,128 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
   return totals
 
 
+def chunk_runner(train_loop, iterators: tuple, optimizer, writer):
+  """``run_chunk(n)`` for `run_epoch`: ``n`` steps of ``train_loop`` (a step
+  loop, below) on ``iterators``, then the chunk's ``train/lr`` (at its
+  start) and mean ``train/step_loss`` to TensorBoard."""
+  def run_chunk(n):
+    lr = float(optimizer.current_lr())
+    out = train_loop(iterators, tf.constant(n))
+    summaries.write_scalars(writer, {
+        "train/lr": lr,
+        "train/step_loss": float(out["train/loss_sum"]) /
+                           max(float(out["train/count"]), 1.0)},
+        int(optimizer.iterations.numpy()))
+    return out
+  return run_chunk
+
+
+def finish_epoch(run_dir: str, epoch: int, metrics: dict) -> dict:
+  """Logs the metrics of (0-based) ``epoch`` and appends them to
+  ``history.jsonl``, with ``"epoch": epoch + 1``."""
+  metrics["epoch"] = epoch + 1
+  log.info("epoch %d: %s", epoch + 1, ", ".join(
+      f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+  append_history(run_dir, metrics)
+  return metrics
+
+
 def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
   """Appends one JSON line of epoch metrics to ``run_dir/history.jsonl``."""
   with open(os.path.join(run_dir, "history.jsonl"), "a") as f:
     f.write(json.dumps(dict(metrics)) + "\n")
+
+
+# ------------------------------------------------------------- step loops
+# A step loop is ``train_loop(iterators, num_steps) -> metric sums``: each of
+# its ``num_steps`` steps takes one batch from every iterator (a ``None``
+# iterator gives a ``None`` batch) and runs the replica step on them; the
+# result sums each key of ``keys`` over replicas and steps.
+
+def _next_batches(iterators: tuple) -> tuple:
+  return tuple(next(it) if it is not None else None for it in iterators)
+
+
+def _replica_sums(strategy, per_replica, keys) -> dict:
+  return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
+                             axis=None) for k in keys}
+
+
+def compiled_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
+                       replica_step: Callable[..., Mapping[str, tf.Tensor]]):
+  """All steps of a chunk in one ``tf.function`` call (``tf.range`` loop).
+
+  ``replica_step(*batches)`` runs on every replica and returns its metric
+  sums (at least ``keys``).
+  """
+  keys = tuple(keys)
+
+  @tf.function
+  def train_loop(iterators, num_steps):
+    totals = tuple(tf.constant(0.0) for _ in keys)
+    for _ in tf.range(num_steps):
+      per_replica = strategy.run(replica_step,
+                                 args=_next_batches(iterators))
+      sums = _replica_sums(strategy, per_replica, keys)
+      totals = tuple(t + sums[k] for t, k in zip(totals, keys))
+    return dict(zip(keys, totals))
+  return train_loop
+
+
+def phased_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
+                     phases: Sequence[Callable[..., Mapping[str, tf.Tensor]]]):
+  """One ``tf.function`` per phase of a step, called in order every step.
+
+  The batches are taken once per step, in Python, and passed to every phase
+  (``phase(*batches)`` on every replica; a phase returns the metric sums it
+  measured, the keys are summed over phases). Each phase is its own graph,
+  so TF optimises and holds memory for one phase at a time.
+  """
+  def compile_phase(phase):
+    # Batches come in as arguments: a batch of another size (a stream that
+    # keeps its last partial batch) must not retrace a supernet step more
+    # than once.
+    @tf.function(reduce_retracing=True)
+    def run(batches):
+      per_replica = strategy.run(phase, args=batches)
+      return _replica_sums(strategy, per_replica, per_replica.keys())
+    return run
+
+  compiled = [compile_phase(p) for p in phases]
+
+  def train_loop(iterators, num_steps):
+    totals = {k: tf.constant(0.0) for k in keys}
+    for _ in range(int(num_steps)):
+      batches = _next_batches(iterators)
+      for run in compiled:
+        for k, v in run(batches).items():
+          totals[k] += v
+    return totals
+  return train_loop
+
+
+def eager_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
+                    replica_step: Callable[..., Mapping[str, tf.Tensor]],
+                    step_args: Callable[[], tuple] = tuple,
+                    after_step: Callable[[], None] | None = None):
+  """Steps run from Python without ``tf.function`` (single-path methods
+  choose each step's child with Python values).
+
+  Every step calls ``replica_step(*batches, *step_args())`` on every
+  replica, then ``after_step()``; ``step_args`` is evaluated once per step,
+  before the replicas run.
+  """
+  def train_loop(iterators, num_steps):
+    totals = dict.fromkeys(keys, 0.0)
+    for _ in range(int(num_steps)):
+      args = _next_batches(iterators) + tuple(step_args())
+      per_replica = strategy.run(replica_step, args=args)
+      for k, v in _replica_sums(strategy, per_replica, keys).items():
+        totals[k] += float(v)
+      if after_step is not None:
+        after_step()
+    return totals
+  return train_loop
 
 
 EVAL_KEYS = ("eval/loss_sum", "eval/correct", "eval/count")

@@ -168,17 +168,8 @@ class Retrain:
       optimizer.apply(ordered_all_reduce(grads), variables)
       return self._metrics("train", ce, logits, labels)
 
-    @tf.function
-    def train_loop(iterator, num_steps):
-      totals = tuple(tf.constant(0.0) for _ in keys)
-      for _ in tf.range(num_steps):
-        per_replica = strategy.run(step, args=next(iterator))
-        totals = tuple(
-            t + strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
-                                axis=None)
-            for t, k in zip(totals, keys))
-      return dict(zip(keys, totals))
-    return train_loop
+    return loop.compiled_step_loop(strategy, keys,
+                                   lambda batch: step(*batch))
 
   def _make_eval_step(self):
     net = self.network
@@ -228,18 +219,9 @@ class Retrain:
                                  start))
     t0 = time.time()
 
-    def run_chunk(n):
-      lr = float(self.optimizer.current_lr())
-      out = self._train_loop(iterator, tf.constant(n))
-      summaries.write_scalars(self.writer, {
-          "train/lr": lr,
-          "train/step_loss": float(out["train/loss_sum"]) /
-                             max(float(out["train/count"]), 1.0)},
-          int(self.optimizer.iterations.numpy()))
-      return out
-
     totals = loop.run_epoch(
-        run_chunk=run_chunk, steps=steps, start=start,
+        run_chunk=loop.chunk_runner(self._train_loop, (iterator,),
+                                    self.optimizer, self.writer), steps=steps, start=start,
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
@@ -261,8 +243,4 @@ class Retrain:
                       if k.startswith(("train/", "val/"))},
         int(self.optimizer.iterations.numpy()))
     self.writer.flush()
-    metrics["epoch"] = epoch + 1
-    log.info("epoch %d: %s", epoch + 1, ", ".join(
-        f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
-    loop.append_history(config.run_dir, metrics)
-    return metrics
+    return loop.finish_epoch(config.run_dir, epoch, metrics)

@@ -11,8 +11,9 @@ every step from a Python loop. A single-path estimator
 (``compiled_step = False``, DSNAS) runs the same
 chunks with a Python loop instead of one tf.function: it picks the child with
 Python ints every step, and the chosen ops run as shared traced functions
-(see ``tfnas/estimators/dsnas.py``). Progressive early stop (methods with
-``early_stop``) is checked at epoch ends or every N steps.
+(see ``tfnas/estimators/dsnas.py``). The three step loops live in
+``tfnas.train.loop``, shared with retraining. Progressive early stop (methods
+with ``early_stop``) is checked at epoch ends or every N steps.
 
 The method (distribution + estimator + selector) comes from
 ``tfnas.methods``; everything else is here, once.
@@ -21,6 +22,7 @@ The method (distribution + estimator + selector) comes from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -44,6 +46,10 @@ from tfnas.train import loop, optim, rundir, summaries
 from tfnas.train.checkpointing import ModelVariables
 from tfnas.train.step import StepContext
 
+
+
+def _run_phase(phase, ctx, step, train_batch, val_batch):
+  return phase(ctx, train_batch, val_batch, step)
 
 
 def _summed_cross_entropy(logits, labels):
@@ -192,88 +198,33 @@ class Search:
         os.path.join(config.run_dir, "tb"))
 
   def _make_train_loop(self):
+    """The step loop for this method's estimator (see ``tfnas.train.loop``):
+    iterators ``(train, val)``, the val one ``None`` for single-level
+    methods."""
     estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
     keys = estimator.metric_keys()
+    iterations = self.w_opt.iterations
     if not estimator.compiled_step:
-      return self._make_eager_train_loop()
-    if len(estimator.phases()) > 1:
-      return self._make_phased_train_loop()
+      every = self.config.early_stop_every_steps
 
-    @tf.function
-    def train_loop(train_iter, val_iter, num_steps):
-      totals = tuple(tf.constant(0.0) for _ in keys)
-      for _ in tf.range(num_steps):
-        train_batch = next(train_iter)
-        val_batch = next(val_iter) if val_iter is not None else None
-        per_replica = strategy.run(
-            estimator.step,
-            args=(ctx, train_batch, val_batch, self.w_opt.iterations))
-        totals = tuple(
-            t + strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
-                                axis=None)
-            for t, k in zip(totals, keys))
-      return dict(zip(keys, totals))
-    return train_loop
-
-  def _make_phased_train_loop(self):
-    """One ``tf.function`` per phase of the step, called in order per step.
-
-    The batches are taken from the iterators here, once per step, and
-    passed to every phase (the w phase of second-order DARTS and its α
-    phase read the same train batch).
-    """
-    strategy, ctx = self.strategy, self.ctx
-    keys = self.estimator.metric_keys()
-
-    def compile_phase(phase):
-      # Batches come in as arguments: a batch of another size (a stream
-      # that keeps its last partial batch) must not retrace a supernet
-      # step more than once.
-      @tf.function(reduce_retracing=True)
-      def run(train_batch, val_batch):
-        per_replica = strategy.run(
-            phase, args=(ctx, train_batch, val_batch, self.w_opt.iterations))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-                for k, v in per_replica.items()}
-      return run
-
-    with strategy.scope():
-      self.estimator.build(ctx)
-    compiled = [compile_phase(p) for p in self.estimator.phases()]
-
-    def train_loop(train_iter, val_iter, num_steps):
-      totals = {k: tf.constant(0.0) for k in keys}
-      for _ in range(int(num_steps)):
-        train_batch = next(train_iter)
-        val_batch = next(val_iter) if val_iter is not None else None
-        for run in compiled:
-          for k, v in run(train_batch, val_batch).items():
-            totals[k] += v
-      return totals
-    return train_loop
-
-  def _make_eager_train_loop(self):
-    """The step loop of single-path estimators, at the Python level."""
-    estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
-    keys = estimator.metric_keys()
-    every = self.config.early_stop_every_steps
-
-    def train_loop(train_iter, val_iter, num_steps):
-      totals = {k: 0.0 for k in keys}
-      for _ in range(int(num_steps)):
-        train_batch = next(train_iter)
-        val_batch = next(val_iter) if val_iter is not None else None
-        step = int(self.w_opt.iterations.numpy())
-        per_replica = strategy.run(
-            estimator.step, args=(ctx, train_batch, val_batch, step))
-        for k in keys:
-          totals[k] += float(strategy.reduce(
-              tf.distribute.ReduceOp.SUM, per_replica[k], axis=None))
+      def after_step():
         if (self.early_stop is not None and every and
-            int(self.w_opt.iterations.numpy()) % every == 0):
+            int(iterations.numpy()) % every == 0):
           self._check_early_stop()
-      return totals
-    return train_loop
+      return loop.eager_step_loop(
+          strategy, keys,
+          lambda train, val, step: estimator.step(ctx, train, val, step),
+          step_args=lambda: (int(iterations.numpy()),), after_step=after_step)
+    phases = estimator.phases()
+    if len(phases) > 1:
+      with strategy.scope():
+        estimator.build(ctx)
+      return loop.phased_step_loop(strategy, keys, [
+          functools.partial(_run_phase, phase, ctx, iterations)
+          for phase in phases])
+    return loop.compiled_step_loop(
+        strategy, keys,
+        lambda train, val: estimator.step(ctx, train, val, iterations))
 
   def _check_early_stop(self):
     for group, e, k in self.early_stop.check():
@@ -401,18 +352,9 @@ class Search:
     val_iter = iter(val_ds) if val_ds is not None else None
     t0 = time.time()
 
-    def run_chunk(n):
-      lr = float(self.w_opt.current_lr())
-      out = self._train_loop(train_iter, val_iter, tf.constant(n))
-      summaries.write_scalars(self.writer, {
-          "train/lr": lr,
-          "train/step_loss": float(out["train/loss_sum"]) /
-                             max(float(out["train/count"]), 1.0)},
-          int(self.w_opt.iterations.numpy()))
-      return out
-
     totals = loop.run_epoch(
-        run_chunk=run_chunk, steps=steps, start=start,
+        run_chunk=loop.chunk_runner(self._train_loop, (train_iter, val_iter),
+                                    self.w_opt, self.writer), steps=steps, start=start,
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
@@ -443,11 +385,7 @@ class Search:
         self.writer, self.arch, step, genotype,
         self.early_stop.fixed() if self.early_stop is not None else None)
     self.writer.flush()
-    metrics["epoch"] = epoch + 1
-    log.info("epoch %d: %s", epoch + 1, ", ".join(
-        f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
-    loop.append_history(config.run_dir, metrics)
-    return metrics
+    return loop.finish_epoch(config.run_dir, epoch, metrics)
 
   @staticmethod
   def _epoch_metrics(totals, num_steps):
