@@ -33,6 +33,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tfnas import data
+from tfnas.data import tfds_source
 
 TFDS_NAME = "imagenet2012"
 ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -121,7 +122,7 @@ class TfdsStreamSplit(data.Split):
     read_config = tfds.ReadConfig(
         shuffle_seed=data.derived_seed(seed, epoch, data.SHUFFLE_TAG),
         input_context=input_context if num_pipelines > 1 else None)
-    with data._tfds_quiet():  # pylint: disable=protected-access
+    with tfds_source.quiet_tfds():
       return data.read_tfds(
           self.builder, ARCHIVES, self.data_dir, split=self.tfds_split,
           as_supervised=True, shuffle_files=training, read_config=read_config,
@@ -195,7 +196,7 @@ def open_imagenet(split: str, record_range, *, data_dir: Optional[str],
   ``--data_dir``/``--manual_dir`` otherwise) without reading any example.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  with data._tfds_quiet():  # pylint: disable=protected-access
+  with tfds_source.quiet_tfds():
     builder = data.prepared_tfds_builder(
         TFDS_NAME, ARCHIVES, data_dir=data_dir, manual_dir=manual_dir,
         allow_download=allow_download)
@@ -213,8 +214,8 @@ def open_imagenet(split: str, record_range, *, data_dir: Optional[str],
   if not num_examples:
     raise data.DataError(
         f"split {tfds_split!r} of {TFDS_NAME} in "
-        f"{data._tfds_where(data_dir)} has no examples; re-prepare the "  # pylint: disable=protected-access
-        "dataset.")
+        f"{tfds_source.tfds_location(data_dir)} has no examples; re-prepare "
+        "the dataset.")
   return TfdsStreamSplit(builder, tfds_split, info, num_examples,
                          data_dir=data_dir)
 
