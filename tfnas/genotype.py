@@ -7,12 +7,7 @@ Intermediate node ``i`` (0-based among the intermediates, absolute index
 ``(op_name, input_node_index)`` pair reading from an earlier node. The cell
 output concatenates the nodes listed in ``concat``.
 
-This module also turns architecture parameters α into genotypes:
-
-* :func:`derive_darts` -- the DARTS magnitude rule (strongest non-``none`` op
-  per edge, top-k edges per node).
-* :func:`derive_argmax` -- the SNAS child-graph rule (argmax per edge
-  including ``none``; ``none`` edges are dropped).
+``tfnas.derive`` turns architecture parameters α into genotypes.
 
 It is pure Python plus numpy and deliberately does not import TensorFlow, so
 that tools that only read or print genotypes start fast.
@@ -47,8 +42,9 @@ __all__ = [
     "NONE_OP",
     "num_edges",
     "edge_index",
-    "derive_darts",
-    "derive_argmax",
+    "check_num_nodes",
+    "node_offsets",
+    "NUM_INPUTS",
 ]
 
 #: One incoming edge of an intermediate node: ``(op_name, input_node_index)``.
@@ -61,7 +57,7 @@ SUPPORTED_VERSIONS = (1,)
 #: dropped edge for the argmax rule.
 NONE_OP = "none"
 
-_NUM_INPUTS = 2
+NUM_INPUTS = 2
 _CELL_NAMES = ("normal", "reduce")
 
 
@@ -85,7 +81,8 @@ SAME_AS_NORMAL = _SameAsNormal()
 # ----------------------------------------------------------------------------
 
 
-def _check_num_nodes(num_nodes: Any) -> int:
+def check_num_nodes(num_nodes: Any) -> int:
+  """``num_nodes`` as an int, or a GenotypeError if it is not one >= 1."""
   if (isinstance(num_nodes, bool)
       or not isinstance(num_nodes, (int, np.integer)) or num_nodes < 1):
     raise GenotypeError(f"num_nodes must be an integer >= 1, got "
@@ -108,8 +105,8 @@ def num_edges(num_nodes: int) -> int:
   Raises:
     GenotypeError: if ``num_nodes`` is not a positive integer.
   """
-  n = _check_num_nodes(num_nodes)
-  return n * _NUM_INPUTS + n * (n - 1) // 2
+  n = check_num_nodes(num_nodes)
+  return n * NUM_INPUTS + n * (n - 1) // 2
 
 
 def edge_index(num_nodes: int) -> list[tuple[int, int]]:
@@ -128,16 +125,16 @@ def edge_index(num_nodes: int) -> list[tuple[int, int]]:
   Raises:
     GenotypeError: if ``num_nodes`` is not a positive integer.
   """
-  n = _check_num_nodes(num_nodes)
-  return [(i + _NUM_INPUTS, j) for i in range(n) for j in range(i + _NUM_INPUTS)]
+  n = check_num_nodes(num_nodes)
+  return [(i + NUM_INPUTS, j) for i in range(n) for j in range(i + NUM_INPUTS)]
 
 
-def _node_offsets(num_nodes: int) -> list[int]:
+def node_offsets(num_nodes: int) -> list[int]:
   """Row offset in α of the first edge of each intermediate node."""
   offsets, total = [], 0
   for i in range(num_nodes):
     offsets.append(total)
-    total += _NUM_INPUTS + i
+    total += NUM_INPUTS + i
   return offsets
 
 
@@ -205,7 +202,7 @@ class CellGenotype:
     concat = self.concat
     if concat is None:
       n = len(nodes) if _is_sequence(nodes) else 0
-      concat = tuple(range(_NUM_INPUTS, _NUM_INPUTS + n))
+      concat = tuple(range(NUM_INPUTS, NUM_INPUTS + n))
     elif isinstance(concat, (list, tuple, range)):
       concat = tuple(_as_index(c) for c in concat)
     object.__setattr__(self, "concat", concat)
@@ -217,7 +214,7 @@ class CellGenotype:
 
   def edges(self) -> list[tuple[int, str, int]]:
     """All edges as ``(node_index, op_name, input_index)`` triples."""
-    return [(i + _NUM_INPUTS, op, j)
+    return [(i + NUM_INPUTS, op, j)
             for i, node in enumerate(self.nodes) for op, j in node]
 
   def ops(self) -> set[str]:
@@ -246,7 +243,7 @@ class CellGenotype:
       raise GenotypeError(f"{name}: cell is empty (no intermediate nodes); "
                           f"give at least one node")
     for i, node in enumerate(nodes):
-      where = f"{name} node {i + _NUM_INPUTS}"
+      where = f"{name} node {i + NUM_INPUTS}"
       if not _is_sequence(node):
         raise GenotypeError(f"{where}: expected a list of [op_name, "
                             f"input_index] edges, got {node!r}")
@@ -262,7 +259,7 @@ class CellGenotype:
         if not isinstance(idx, int) or isinstance(idx, bool):
           raise GenotypeError(f"{at}: input index must be an integer, got "
                               f"{idx!r}")
-        last = i + _NUM_INPUTS - 1
+        last = i + NUM_INPUTS - 1
         if not 0 <= idx <= last:
           raise GenotypeError(f"{at}: input {idx} is not an earlier node "
                               f"(allowed 0..{last})")
@@ -276,7 +273,7 @@ class CellGenotype:
     if not concat:
       raise GenotypeError(f"{name} concat: is empty; list at least one node "
                           f"index to form the cell output")
-    first, last = _NUM_INPUTS, len(nodes) + _NUM_INPUTS - 1
+    first, last = NUM_INPUTS, len(nodes) + NUM_INPUTS - 1
     for c in concat:
       if not isinstance(c, int) or isinstance(c, bool):
         raise GenotypeError(f"{name} concat: index must be an integer, got "
@@ -300,7 +297,7 @@ class CellGenotype:
     lines = []
     for i, node in enumerate(self.nodes):
       inputs = ", ".join(f"{op}({idx})" for op, idx in node) or "(no inputs)"
-      lines.append(f"node {i + _NUM_INPUTS} <- {inputs}")
+      lines.append(f"node {i + NUM_INPUTS} <- {inputs}")
     lines.append("concat: " + ", ".join(str(c) for c in self.concat))
     return lines
 
@@ -587,196 +584,3 @@ def _check_keys(d: Mapping[str, Any], required: Sequence[str],
     if key not in allowed:
       raise GenotypeError(f"unknown key '{where}{key}'; expected keys: "
                           f"{sorted(allowed)}")
-
-
-# ----------------------------------------------------------------------------
-# Deriving genotypes from α.
-# ----------------------------------------------------------------------------
-
-
-def _check_op_names(op_names: Sequence[str]) -> list[str]:
-  if isinstance(op_names, str):
-    raise GenotypeError(f"op_names must be a sequence of op names, got the "
-                        f"string {op_names!r}")
-  names = list(op_names)
-  if not names:
-    raise GenotypeError("op_names is empty; pass the candidate op names "
-                        "(columns of alpha)")
-  for n in names:
-    if not isinstance(n, str) or not n:
-      raise GenotypeError(f"op_names entry {n!r} is not a non-empty string")
-  if len(set(names)) != len(names):
-    dup = sorted({n for n in names if names.count(n) > 1})
-    raise GenotypeError(f"op_names repeats {dup}; each candidate must appear "
-                        f"once")
-  return names
-
-
-def _masked_softmax(alpha: Any, mask: Any, num_nodes: int, num_ops: int,
-                    what: str) -> tuple[np.ndarray, np.ndarray]:
-  """Softmax over allowed candidates per edge.
-
-  Returns:
-    ``(weights, allowed)``, both ``[E, K]``; disallowed entries have weight 0.
-  """
-  expected = (num_edges(num_nodes), num_ops)
-  try:
-    a = np.asarray(alpha, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise GenotypeError(f"{what}: cannot convert to a float array ({e})"
-                        ) from None
-  if a.shape != expected:
-    raise GenotypeError(
-        f"{what} has shape {a.shape}, expected {expected} "
-        f"({expected[0]} edges for num_nodes={num_nodes} x {num_ops} "
-        f"op_names)")
-  if not np.all(np.isfinite(a)):
-    raise GenotypeError(f"{what} contains non-finite values (NaN or inf); "
-                        f"the search likely diverged")
-  if mask is None:
-    allowed = np.ones(expected, dtype=bool)
-  else:
-    allowed = np.asarray(mask)
-    mask_name = "candidate_mask" if what == "alpha_normal" else "reduce_mask"
-    if allowed.shape != expected:
-      raise GenotypeError(f"{mask_name} for {what} has shape {allowed.shape}, "
-                          f"expected {expected}")
-    allowed = allowed.astype(bool)
-    empty = np.flatnonzero(~allowed.any(axis=1))
-    if empty.size:
-      raise GenotypeError(f"{mask_name} for {what}: edge {int(empty[0])} "
-                          f"allows no candidate op; allow at least one per "
-                          f"edge")
-  logits = np.where(allowed, a, -np.inf)
-  logits = logits - logits.max(axis=1, keepdims=True)
-  w = np.exp(logits)  # exp(-inf) == 0 for disallowed ops.
-  w = w / w.sum(axis=1, keepdims=True)
-  return w, allowed
-
-
-def _resolve_masks(candidate_mask: Any, reduce_mask: Any) -> tuple[Any, Any]:
-  if reduce_mask is SAME_AS_NORMAL:
-    reduce_mask = candidate_mask
-  return candidate_mask, reduce_mask
-
-
-def _darts_cell(alpha: Any, mask: Any, names: list[str], num_nodes: int,
-                edges_per_node: int, what: str) -> CellGenotype:
-  w, allowed = _masked_softmax(alpha, mask, num_nodes, len(names), what)
-  selectable = allowed.copy()
-  if NONE_OP in names:
-    selectable[:, names.index(NONE_OP)] = False
-  scores = np.where(selectable, w, -np.inf)
-  best = scores.argmax(axis=1)  # Ties → lower op index.
-  strength = scores.max(axis=1)  # -inf where no non-none op is allowed.
-  nodes = []
-  for i, offset in enumerate(_node_offsets(num_nodes)):
-    inputs = [j for j in range(i + _NUM_INPUTS)
-              if np.isfinite(strength[offset + j])]
-    # Stable sort: equal strengths keep the lower input index first.
-    inputs.sort(key=lambda j: -strength[offset + j])
-    nodes.append(tuple((names[int(best[offset + j])], j)
-                       for j in inputs[:edges_per_node]))
-  return CellGenotype(tuple(nodes))
-
-
-def derive_darts(alpha_normal: Any, alpha_reduce: Any,
-                 op_names: Sequence[str], num_nodes: int = 4,
-                 edges_per_node: int = 2, candidate_mask: Any = None,
-                 reduce_mask: Any = SAME_AS_NORMAL) -> Genotype:
-  """Derives a genotype with the DARTS magnitude rule (DARTS section 2.4).
-
-  Per edge, α is turned into weights by a softmax over the allowed candidates.
-  The edge's op is the one with the largest weight other than ``none``, and
-  the edge's strength is that weight. Each node keeps its ``edges_per_node``
-  strongest incoming edges (fewer if fewer are selectable), listed strongest
-  first; ties go to the lower input index. ``concat`` is all intermediates.
-
-  Args:
-    alpha_normal: ``[num_edges(num_nodes), len(op_names)]`` α of the normal
-      cell, rows in :func:`edge_index` order; anything ``np.asarray`` accepts.
-    alpha_reduce: the same for the reduction cell.
-    op_names: candidate op names, the columns of α.
-    num_nodes: intermediate nodes per cell.
-    edges_per_node: incoming edges kept per node.
-    candidate_mask: optional boolean ``[E, K]``; ``False`` marks candidates
-      that are not part of the space on that edge (excluded from the softmax
-      and never selected).
-    reduce_mask: mask for the reduction cell. By default the same as
-      ``candidate_mask``; pass ``None`` explicitly for no mask.
-
-  Returns:
-    The derived genotype.
-
-  Raises:
-    GenotypeError: on a shape mismatch (naming expected and actual shapes),
-      non-finite α, or a mask row that allows nothing.
-  """
-  names = _check_op_names(op_names)
-  num_nodes = _check_num_nodes(num_nodes)
-  if (isinstance(edges_per_node, bool)
-      or not isinstance(edges_per_node, (int, np.integer))
-      or edges_per_node < 1):
-    raise GenotypeError(f"edges_per_node must be an integer >= 1, got "
-                        f"{edges_per_node!r}")
-  normal_mask, reduce_mask = _resolve_masks(candidate_mask, reduce_mask)
-  return Genotype(
-      _darts_cell(alpha_normal, normal_mask, names, num_nodes,
-                  int(edges_per_node), "alpha_normal"),
-      _darts_cell(alpha_reduce, reduce_mask, names, num_nodes,
-                  int(edges_per_node), "alpha_reduce"))
-
-
-def _argmax_cell(alpha: Any, mask: Any, names: list[str], num_nodes: int,
-                 what: str) -> CellGenotype:
-  w, allowed = _masked_softmax(alpha, mask, num_nodes, len(names), what)
-  best = np.where(allowed, w, -np.inf).argmax(axis=1)
-  nodes = []
-  for i, offset in enumerate(_node_offsets(num_nodes)):
-    node = []
-    for j in range(i + _NUM_INPUTS):
-      op = names[int(best[offset + j])]
-      if op != NONE_OP:
-        node.append((op, j))
-    nodes.append(tuple(node))
-  return CellGenotype(tuple(nodes))
-
-
-def derive_argmax(alpha_normal: Any, alpha_reduce: Any,
-                  op_names: Sequence[str], num_nodes: int = 4,
-                  candidate_mask: Any = None,
-                  reduce_mask: Any = SAME_AS_NORMAL) -> Genotype:
-  """Derives the SNAS child graph: the argmax op of every edge.
-
-  Per edge the op with the largest (softmax) weight among the allowed
-  candidates is chosen, ``none`` included; edges whose choice is ``none`` are
-  dropped. There is no top-k pruning, so a node may keep any number of edges,
-  including zero. Edges are listed by input index; ``concat`` is all
-  intermediates.
-
-  Args:
-    alpha_normal: ``[num_edges(num_nodes), len(op_names)]`` α (or logits) of
-      the normal cell, rows in :func:`edge_index` order.
-    alpha_reduce: the same for the reduction cell.
-    op_names: candidate op names, the columns of α.
-    num_nodes: intermediate nodes per cell.
-    candidate_mask: optional boolean ``[E, K]``; ``False`` candidates are
-      never selected.
-    reduce_mask: mask for the reduction cell. By default the same as
-      ``candidate_mask``; pass ``None`` explicitly for no mask.
-
-  Returns:
-    The derived genotype.
-
-  Raises:
-    GenotypeError: on a shape mismatch, non-finite α, or a mask row that
-      allows nothing.
-  """
-  names = _check_op_names(op_names)
-  num_nodes = _check_num_nodes(num_nodes)
-  normal_mask, reduce_mask = _resolve_masks(candidate_mask, reduce_mask)
-  return Genotype(
-      _argmax_cell(alpha_normal, normal_mask, names, num_nodes,
-                   "alpha_normal"),
-      _argmax_cell(alpha_reduce, reduce_mask, names, num_nodes,
-                   "alpha_reduce"))

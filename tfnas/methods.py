@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tfnas import block_genotype
+from tfnas import derive
 from tfnas import genotype as genotype_lib
 from tfnas.arch import (TEMPERATURE_SCHEDULES, ArchDistribution,
                         OneHotDistribution, RelaxedOneHotDistribution,
@@ -83,7 +84,7 @@ class Method:
 def magnitude_selector(alphas, candidates, num_nodes, masks=None):
   """DARTS: best non-``none`` op per edge, 2 strongest edges per node."""
   masks = masks or {}
-  return genotype_lib.derive_darts(
+  return derive.derive_darts(
       alphas["normal"], alphas["reduce"], candidates, num_nodes=num_nodes,
       candidate_mask=masks.get("normal"), reduce_mask=masks.get("reduce"))
 
@@ -95,7 +96,7 @@ def argmax_selector(alphas, candidates, num_nodes, masks=None):
   if set(alphas) == {"blocks"}:
     return block_genotype.derive_blocks(alphas["blocks"], candidates,
                                         masks.get("blocks"))
-  return genotype_lib.derive_argmax(
+  return derive.derive_argmax(
       alphas["normal"], alphas["reduce"], candidates, num_nodes=num_nodes,
       candidate_mask=masks.get("normal"), reduce_mask=masks.get("reduce"))
 
