@@ -1,4 +1,5 @@
-"""Tests for tfnas.genotype: data format, validation and α → genotype rules."""
+"""Tests for tfnas.genotype: data format and validation (the α → genotype
+rules are in test_derive.py)."""
 
 import json
 import os

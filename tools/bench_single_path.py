@@ -13,12 +13,13 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
     ``trace s`` + ``first s`` is what every new child would cost; ``s/step``
     repeats the same child.
   child_per_op_darts: the bound on any single-path DSNAS step in this space.
-    For each candidate op k, the child with op k on every edge is traced as
-    one tf.function and timed; ``s/step`` is the mean over k. Step time is a
-    sum of per-edge costs plus the work every child shares (stem,
-    preprocessing, classifier, update), so by linearity that mean is the
-    expected step of a uniformly drawn child run as one optimised graph with
-    no per-call overhead. ``trace s`` / ``first s`` are summed over the
+    For each candidate op k, the weight step (forward, backward, SGD update;
+    no α update) of the child with op k on every edge is traced as one
+    tf.function and timed; ``s/step`` is the mean over k. That step's time is
+    a sum of per-edge costs plus the work every child shares (stem,
+    preprocessing, classifier, update), so by linearity the mean is the
+    expected weight step of a uniformly drawn child run as one optimised
+    graph with no per-call overhead. ``trace s`` / ``first s`` are summed over the
     children; the per-op times are printed below the table.
   supernet_shufflenet: forward + backward of the ShuffleNet supernet in
     mixed mode (all four candidates of every block), compiled.
@@ -74,7 +75,7 @@ def _parse_args(argv=None):
                  help="warm-up steps of the eager rows (new children)")
   p.add_argument("--recompute", action="store_true",
                  help="single-path DARTS rows (dsnas_darts, "
-                      "child_traced_darts): recompute each chosen edge's "
+                      "child_traced_darts, child_per_op_darts): recompute each chosen edge's "
                       "activations in backprop (the snas_darts row is "
                       "unchanged)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),

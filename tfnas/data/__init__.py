@@ -3,18 +3,18 @@
 This package provides:
 
 * a small registry of datasets (:data:`DATASETS`) mapping a name to its
- :class:`DatasetInfo` and a loader; new datasets plug in with
- :func:`register_dataset`;
+  :class:`DatasetInfo` and a loader; new datasets plug in with
+  :func:`register_dataset`;
 * loaders for the embedded scikit-learn ``digits`` set (the default, no
- download), a deterministic ``synthetic`` set, and the ``tensorflow_datasets``
- sets ``cifar10``, ``cifar100`` and ``svhn_cropped`` (which are never
- downloaded implicitly);
+  download), a deterministic ``synthetic`` set, and the ``tensorflow_datasets``
+  sets ``cifar10``, ``cifar100`` and ``svhn_cropped`` (which are never
+  downloaded implicitly);
 * the fixed search split (:func:`search_splits`) used by architecture search;
 * :func:`make_dataset`, the one-epoch training/evaluation pipeline, whose
- randomness (shuffle order and augmentation) is a pure function of
- ``(seed, epoch, example index)``. Epoch ``e`` of a run therefore always
- yields the same batches, a resumed run can skip straight to a step, and the
- global batches are the same whatever the number of replicas on one machine.
+  randomness (shuffle order and augmentation) is a pure function of
+  ``(seed, epoch, example index)``. Epoch ``e`` of a run therefore always
+  yields the same batches, a resumed run can skip straight to a step, and the
+  global batches are the same whatever the number of replicas on one machine.
 
 The package: ``registry`` (what a dataset is), ``builtin`` (digits,
 synthetic), ``tfds_source`` (tensorflow_datasets sets), ``splits`` (the search

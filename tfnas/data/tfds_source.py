@@ -31,10 +31,10 @@ def quiet_tfds():
 
 def _load_tfds(split: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
   with quiet_tfds():
-    return _loadquiet_tfdsly(split, **kwargs)
+    return _load_tfds_quietly(split, **kwargs)
 
 
-def _loadquiet_tfdsly(split: str, *, tfds_name: str, archives: Sequence[str],
+def _load_tfds_quietly(split: str, *, tfds_name: str, archives: Sequence[str],
                        data_dir: Optional[str], manual_dir: Optional[str],
                        allow_download: bool) -> tuple[np.ndarray, np.ndarray]:
   """Loads a prepared tfds split into numpy, never downloading implicitly."""
