@@ -66,23 +66,34 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
     #   choice_3: pw 4*4 + bn 2*4 + dw 3*3*4 + bn 2*4 + pw 4*4 + bn 2*4
     #           = 16 + 8 + 36 + 8 + 16 + 8 = 92
     #   choice_7: the same with dw 7*7*4 = 196 -> 252
+    #   choice_5: the same with dw 5*5*4 = 100 -> 156
+    #   choice_x: three units dw 3*3*4 + bn 8 + pw 4*4 + bn 8 = 68 -> 204
     block, x = _tiny_block(1)
     _build_all(block, x)
-    self.assertEqual(
-        _num_params(block.candidates["choice_3"].trainable_variables), 92)
-    self.assertEqual(
-        _num_params(block.candidates["choice_7"].trainable_variables), 252)
+    stride1 = {"choice_3": 92, "choice_5": 156, "choice_7": 252,
+               "choice_x": 3 * 68}
+    for name, count in stride1.items():
+      self.assertEqual(
+          _num_params(block.candidates[name].trainable_variables), count,
+          name)
     # Stride 2, in 4 -> out 12: branch 4 -> 12 - 4 = 8, mid = 6; projection
-    # 4 -> 4 with the choice's kernel (3 for choice_x).
-    #   branch: dw 3*3*4 + bn 8 + pw 4*6 + bn 12 + dw 3*3*6 + bn 12
+    # 4 -> 4 with the choice's kernel k (3 for choice_x):
+    #   dw k*k*4 + bn 8 + pw 4*4 + bn 8.
+    #   choice_x branch: dw 3*3*4 + bn 8 + pw 4*6 + bn 12 + dw 3*3*6 + bn 12
     #         + pw 6*6 + bn 12 + dw 3*3*6 + bn 12 + pw 6*8 + bn 16
     #         = 36 + 8 + 24 + 12 + 54 + 12 + 36 + 12 + 54 + 12 + 48 + 16 = 324
-    #   projection: dw 3*3*4 + bn 8 + pw 4*4 + bn 8 = 36 + 8 + 16 + 8 = 68
+    #     projection: 36 + 8 + 16 + 8 = 68
+    #   choice_k branch: pw 4*6 + bn 12 + dw k*k*6 + bn 12 + pw 6*8 + bn 16
+    #         = 112 + 6 k^2: k = 3: 166, 5: 262, 7: 406
+    #     projection: 32 + 4 k^2: k = 3: 68, 5: 132, 7: 228
     block, x = _tiny_block(2)
     _build_all(block, x)
-    self.assertEqual(
-        _num_params(block.candidates["choice_x"].trainable_variables),
-        324 + 68)
+    stride2 = {"choice_3": 166 + 68, "choice_5": 262 + 132,
+               "choice_7": 406 + 228, "choice_x": 324 + 68}
+    for name, count in stride2.items():
+      self.assertEqual(
+          _num_params(block.candidates[name].trainable_variables), count,
+          name)
 
   def test_multiply_adds_match_official_dsnas_table(self):
     # SNAS-Series/DSNAS/network.py lists per-block FLOPs (multiply-adds) of

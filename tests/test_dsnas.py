@@ -1,5 +1,6 @@
 """Tests of DSNAS: one-hot sampling, the dummy-1 search gradient, early stop."""
 
+import re
 from unittest import mock
 
 import keras
@@ -59,6 +60,22 @@ BLOCK_CHILD = {"blocks": np.array([0, 3, 1, 2, 3])}
 
 def child(kind):
   return BLOCK_CHILD if kind == "blocks" else CELL_CHILD
+
+
+def _on_chosen_path(ctx, indices, path):
+  """Whether a candidate's weight belongs to the chosen candidate; None for
+  weights outside candidates (stem, preprocessing, classifier)."""
+  block = re.search(r"/block_(\d+)/([^/]+)/", path)
+  if block and block.group(2).startswith("choice_"):
+    chosen = ctx.arch.group("blocks").candidates[
+        indices["blocks"][int(block.group(1))]]
+    return block.group(2) == chosen
+  edge = re.search(r"/cell_\d+_(normal|reduce)/edge_(\d+)_\d+to\d+/([^/]+)/",
+                   path)
+  if edge:
+    group, e, op = edge.group(1), int(edge.group(2)), edge.group(3)
+    return op == ctx.arch.group(group).candidates[indices[group][e]]
+  return None
 
 
 class OneHotDistributionTest(tf.test.TestCase):
@@ -181,20 +198,18 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
     used, _, _, _, _ = est.gradients(ctx, helpers.batch(classes=3), indices)
     used_ids = {id(v) for v in used}
     est.step(ctx, helpers.batch(classes=3), None, 0)
-    names = ctx.arch.group(ctx.arch.group_names[0]).candidates
-    chosen_paths = set()
-    if kind == "blocks":
-      for b, k in enumerate(indices["blocks"]):
-        chosen_paths.add(f"block_{b}/{names[k]}/")
+    on_path_seen = set()
     for i, (v, old) in enumerate(zip(ctx.weight_variables, before)):
       changed = not np.array_equal(v.numpy(), old)
       self.assertEqual(changed, id(v) in used_ids, v.path)
       buf = ctx.weight_optimizer.momentum_buffer(i).numpy()
       self.assertEqual(bool(np.any(buf)), id(v) in used_ids, v.path)
-      if kind == "blocks" and "/choice_" in v.path:
-        on_path = any(p in v.path for p in chosen_paths)
+      on_path = _on_chosen_path(ctx, indices, v.path)
+      if on_path is not None:  # A candidate's weight (not stem, preprocess).
         self.assertEqual(id(v) in used_ids, on_path, v.path)
-    self.assertTrue(used_ids)
+        on_path_seen.add(on_path)
+    # Both chosen and unchosen candidates' weights were checked.
+    self.assertEqual(on_path_seen, {True, False})
 
   def test_reward_normalizer_standardises_after_the_first_step(self):
     norm = RewardNormalizer({"g": 2}, decay=0.5)
@@ -298,10 +313,6 @@ class EarlyStopTest(tf.test.TestCase):
     self.assertAllEqual(stop2.fixed_logits["blocks"].numpy()[4], logits[4])
 
 
-if __name__ == "__main__":
-  tf.test.main()
-
-
 class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
   """Eager DSNAS steps under MirroredStrategy (2 CPUs) equal the default."""
 
@@ -380,3 +391,7 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
                            for a, b in zip(single, init)), 1e-4)
     for a, b in zip(single, mirrored):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -85,9 +85,20 @@ class DsnasSearchTest(tf.test.TestCase):
         os.path.join(self.get_temp_dir(), "c"), space="darts", num_cells=3,
         num_nodes=2, channels=4, epochs=1, max_steps_per_epoch=3,
         early_stop_every_steps=1, reward_normalization=True,
-        flops_weight=0.1, recompute=True)  # As flags/dsnas_cifar10.cfg.
+        flops_weight=0.1, recompute=True,  # As flags/dsnas_cifar10.cfg.
+        early_stop_threshold=1e-6)  # Fixes decisions at the first check.
     search = Search(config, show_progress=False)
+    checked_at = []
+    check = search._check_early_stop
+
+    def counted_check():
+      checked_at.append(int(search.w_opt.iterations.numpy()))
+      check()
+    search._check_early_stop = counted_check
     result = search.run()
+    # Checked after every step, not (also) at the epoch end.
+    self.assertEqual(checked_at, [1, 2, 3])
+    self.assertGreater(search.early_stop.num_fixed(), 0)
     # The options are wired: reward statistics are checkpointed state, and
     # the sampled child's normalised FLOPs are reported.
     self.assertIs(search.checkpoint.reward_normalizer,
@@ -97,7 +108,7 @@ class DsnasSearchTest(tf.test.TestCase):
     self.assertIsInstance(result.genotype, Genotype)
     self.assertEqual(result.genotype.normal.num_nodes, 2)
     self.assertTrue(np.isfinite(result.history[-1]["train/loss"]))
-    # Early stop checked every step: each fixed decision kept its α row.
+    # Fixed after step 1, each fixed decision kept its α row in steps 2-3.
     for name, fixed in search.early_stop.fixed().items():
       rows = fixed >= 0
       frozen = search.early_stop.fixed_logits[name].numpy()

@@ -74,3 +74,28 @@ def test_dataset_flag_lists_the_built_in_datasets():
   from tfnas import flags as tfnas_flags
   assert sorted(tfnas_flags.DATASETS) == sorted(
       name for name in data.DATASETS if not name.startswith("imagenet2012_"))
+
+
+def test_dsnas_flagfiles_carry_the_paper_settings():
+  names = ("dsnas_imagenet", "dsnas_cifar10", "dsnas_digits")
+  results = _parse("search", [os.path.join(ROOT, "flags", f"{n}.cfg")
+                              for n in names])
+  imagenet, cifar, digits = (results[os.path.join(ROOT, "flags", f"{n}.cfg")]
+                             for n in names)
+  for config in (imagenet, cifar, digits):
+    assert config["method"] == "dsnas"
+    assert config["early_stop_threshold"] == 0.3
+    assert not config["early_stop_on_logits"]
+  # DSNAS 4.2 (ImageNet, SPOS space): SGD 0.5 momentum 0.9, cosine over 240
+  # epochs, weight decay 4e-5, α Adam 1e-3, global batch 1024, label
+  # smoothing 0.1.
+  assert imagenet["space"] == "shufflenet"
+  assert (imagenet["w_lr"], imagenet["w_momentum"], imagenet["epochs"],
+          imagenet["w_weight_decay"], imagenet["arch_lr"],
+          imagenet["batch_size"], imagenet["label_smoothing"]) == (
+              0.5, 0.9, 240, 4e-5, 1e-3, 1024, 0.1)
+  # The CIFAR setting searches the DARTS cell space (C=16, 8 cells).
+  assert cifar["space"] == "darts" and cifar["dataset"] == "cifar10"
+  assert (cifar["channels"], cifar["num_cells"]) == (16, 8)
+  assert digits["space"] == "shufflenet_small"
+  assert digits["dataset"] == "digits"
