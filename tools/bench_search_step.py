@@ -208,7 +208,8 @@ def main(argv=None):
   _, failed = util.run_rows(__file__, argv, args.only, [
       ("measurement", "measurement", ""), ("trace s", "trace_s", ".1f"),
       ("first s", "first_s", ".1f"), ("s/step", "step_s", ".2f"),
-      ("peak GiB", "peak_gib", ".2f"), ("step peak GiB", "step_peak_gib", ".2f"),
+      ("peak GiB", "peak_gib", ".2f"),
+      ("step peak GiB", "step_peak_gib", ".2f"),
       ("graph ops", "graph_ops", "")])
   raise SystemExit(1 if failed else 0)
 

@@ -19,8 +19,8 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
     a sum of per-edge costs plus the work every child shares (stem,
     preprocessing, classifier, update), so by linearity the mean is the
     expected weight step of a uniformly drawn child run as one optimised
-    graph with no per-call overhead. ``trace s`` / ``first s`` are summed over the
-    children; the per-op times are printed below the table.
+    graph with no per-call overhead. ``trace s`` / ``first s`` are summed
+    over the children; the per-op times are printed below the table.
   supernet_shufflenet: forward + backward of the ShuffleNet supernet in
     mixed mode (all four candidates of every block), compiled.
   dsnas_shufflenet: one DSNAS step in the ShuffleNet space (eager, shared
@@ -75,9 +75,9 @@ def _parse_args(argv=None):
                  help="warm-up steps of the eager rows (new children)")
   p.add_argument("--recompute", action="store_true",
                  help="single-path DARTS rows (dsnas_darts, "
-                      "child_traced_darts, child_per_op_darts): recompute each chosen edge's "
-                      "activations in backprop (the snas_darts row is "
-                      "unchanged)")
+                      "child_traced_darts, child_per_op_darts): recompute "
+                      "each chosen edge's activations in backprop (the "
+                      "snas_darts row is unchanged)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -124,11 +124,14 @@ def _context(args, kind: str, distribution, kind_is_supernet=False):
   return ctx, shape, space
 
 
-def _fixed_child_step(est, ctx, batch, indices):
-  """The weight step of one fixed child (to be traced as a whole)."""
+def _fixed_child_step(est, ctx, batch, indices, update_arch: bool):
+  """The step of one fixed child (to be traced as a whole): the weight
+  update, and the α update if ``update_arch``."""
   def body():
-    used, w_grads, _, _, metrics = est.gradients(ctx, batch, indices)
+    used, w_grads, costs, gates, metrics = est.gradients(ctx, batch, indices)
     ctx.weight_optimizer.apply(w_grads, used)
+    if update_arch:
+      ctx.apply_arch(est.arch_gradients(ctx, gates, costs, metrics))
     return metrics
   return body
 
@@ -170,21 +173,28 @@ def _measure(args, which: str) -> dict:
       out.append(time.perf_counter() - start)
     return out
 
+  def compiled(body):
+    """``(trace s, graph ops, first s, step times)`` of ``body`` traced as
+    one tf.function: trace, first call, one warm-up call, timed steps."""
+    fn = tf.function(body)
+    start = time.perf_counter()
+    ops = len(fn.get_concrete_function().graph.get_operations())
+    trace = time.perf_counter() - start
+    first = timed(lambda s: fn(), [0])[0]
+    fn()
+    return trace, ops, first, timed(lambda s: fn(), range(args.steps))
+
   trace_s, count = 0.0, None
   if which == "child_per_op_darts":
     est = DsnasEstimator()
     drawn = est.sample(ctx, 0)
     per_op, first = {}, 0.0
     for k, name in enumerate(ctx.network.space.candidates):
-      fn = tf.function(_fixed_child_step(
-          est, ctx, batch, {g: np.full_like(v, k) for g, v in drawn.items()}))
-      start = time.perf_counter()
-      fn.get_concrete_function()
-      trace_s += time.perf_counter() - start
-      first += timed(lambda s: fn(), [0])[0]
-      fn()
-      per_op[name] = statistics.median(timed(lambda s: fn(),
-                                             range(args.steps)))
+      trace, _, first_k, times = compiled(_fixed_child_step(
+          est, ctx, batch, {g: np.full_like(v, k) for g, v in drawn.items()},
+          update_arch=False))
+      trace_s, first = trace_s + trace, first + first_k
+      per_op[name] = statistics.median(times)
     return {"measurement": which, "trace_s": trace_s, "first_s": first,
             "step_s": statistics.mean(per_op.values()),
             "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
@@ -192,36 +202,23 @@ def _measure(args, which: str) -> dict:
   if which in ("snas_darts", "supernet_shufflenet", "child_traced_darts"):
     if which == "snas_darts":
       est = SnasEstimator()
-      def body(step):
-        return est.step(ctx, batch, None, step)
+      step0 = tf.constant(0, tf.int64)
+      def body():
+        return est.step(ctx, batch, None, step0)
     elif which == "supernet_shufflenet":
       k = len(ctx.network.space.choices)
       uniform = {"blocks": tf.fill([ctx.network.space.num_blocks, k], 1 / k)}
-      def body(step):
-        del step
+      def body():
         with tf.GradientTape() as tape:
           loss = ctx.loss(ctx.forward(images, uniform, training=True), labels)
         grads = ctx.gradients(tape, loss, ctx.weight_variables)
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
     else:
       est = DsnasEstimator()
-      indices = est.sample(ctx, 0)  # One fixed child, traced as a whole.
-      def body(step):
-        del step
-        used, w_grads, costs, gates, metrics = est.gradients(ctx, batch,
-                                                             indices)
-        ctx.weight_optimizer.apply(w_grads, used)
-        ctx.apply_arch(est.arch_gradients(ctx, gates, costs, metrics))
-        return metrics
-    fn = tf.function(body)
-    step0 = tf.constant(0, tf.int64)
-    start = time.perf_counter()
-    concrete = fn.get_concrete_function(step0)
-    trace_s = time.perf_counter() - start
-    count = len(concrete.graph.get_operations())
-    first = timed(lambda s: fn(step0), [0])[0]
-    fn(step0)
-    times = timed(lambda s: fn(step0), range(args.steps))
+      # One fixed child, traced as a whole.
+      body = _fixed_child_step(est, ctx, batch, est.sample(ctx, 0),
+                               update_arch=True)
+    trace_s, count, first, times = compiled(body)
   else:
     est = DsnasEstimator()
     # A new child every step, as in a search (the step seeds the draw).

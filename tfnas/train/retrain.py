@@ -221,7 +221,8 @@ class Retrain:
 
     totals = loop.run_epoch(
         run_chunk=loop.chunk_runner(
-            self._train_loop, (iterator,), self.optimizer, self.writer), steps=steps, start=start,
+            self._train_loop, (iterator,), self.optimizer, self.writer),
+        steps=steps, start=start,
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,

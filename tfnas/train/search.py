@@ -354,7 +354,8 @@ class Search:
 
     totals = loop.run_epoch(
         run_chunk=loop.chunk_runner(
-            self._train_loop, (train_iter, val_iter), self.w_opt, self.writer), steps=steps, start=start,
+            self._train_loop, (train_iter, val_iter), self.w_opt, self.writer),
+        steps=steps, start=start,
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
