@@ -9,9 +9,11 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from tests import helpers
-from tfnas.arch import ArchParams, OneHotDistribution, one_hot_weights
+from tfnas.arch import (ArchParams, DecisionGroup, OneHotDistribution,
+                        one_hot_weights)
 from tfnas.distribute import mirrored_strategy
-from tfnas.early_stop import ProgressiveEarlyStop, decision_gaps
+from tfnas.early_stop import (ProgressiveEarlyStop, decision_gaps,
+                              remaining_children)
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import choice_block
 from tfnas.spaces import shufflenet
@@ -221,6 +223,15 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(out["g"][1], 0.0)
     self.assertGreater(float(out["g"][0]), 1e6)
 
+  def test_reward_normalizer_traced_equals_eager(self):
+    eager = RewardNormalizer({"g": 2}, decay=0.5)
+    traced = RewardNormalizer({"g": 2}, decay=0.5)
+    run = tf.function(lambda c: traced({"g": c})["g"])
+    for cost in ([1.0, -2.0], [3.0, -2.5], [0.5, 4.0]):
+      self.assertAllClose(eager({"g": tf.constant(cost)})["g"],
+                          run(tf.constant(cost)))
+    self.assertEqual(int(traced.count.numpy()), 3)
+
   def test_flops_penalty_pushes_towards_cheap_choices(self):
     space = tiny_block_space()
     ctx = block_context(space)
@@ -291,6 +302,20 @@ class EarlyStopTest(tf.test.TestCase):
     others = np.delete(np.arange(5), 2)
     self.assertNotAllClose(after[others], logits[others])
     self.assertAllEqual(stop.fixed()["blocks"], [-1, -1, 2, -1, -1])
+
+  def test_remaining_children_by_hand(self):
+    arch = ArchParams(tiny_block_space().decision_groups(), init_scale=0.0)
+    self.assertEqual(remaining_children(arch), 4 ** 5)
+    self.assertEqual(remaining_children(
+        arch, {"blocks": np.array([-1, 2, 0, 1, -1])}), 16)
+    self.assertEqual(remaining_children(
+        arch, {"blocks": np.array([3, 2, 0, 1, 0])}), 1)
+    # A candidate a decision does not offer is not a choice.
+    masked = DecisionGroup("g", ("a", "b", "c"), 2,
+                           mask=((True, False, True), (True, True, True)))
+    self.assertEqual(remaining_children(ArchParams([masked])), 2 * 3)
+    self.assertEqual(remaining_children(ArchParams([masked]),
+                                        {"g": np.array([-1, 0])}), 2)
 
   def test_below_threshold_nothing_is_fixed(self):
     ctx = block_context(arch_init_scale=0.01)

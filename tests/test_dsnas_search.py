@@ -17,6 +17,7 @@ from tfnas.config import SearchConfig
 from tfnas.errors import TfnasError
 from tfnas.genotype import Genotype
 from tfnas.spaces import names
+from tfnas.train import loop
 from tfnas.train.search import Search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +114,55 @@ class DsnasSearchTest(tf.test.TestCase):
       rows = fixed >= 0
       frozen = search.early_stop.fixed_logits[name].numpy()
       self.assertAllEqual(result.alphas[name][rows], frozen[rows])
+
+
+  def test_compiled_child_steps_equal_eager_steps(self):
+    """Once every decision is fixed, steps and evaluations run as one traced
+    graph of the child, with the eager path's results."""
+    searches = {}
+    for limit in (0, 1):
+      config = dsnas_config(
+          os.path.join(self.get_temp_dir(), f"compiled{limit}"), epochs=1,
+          max_steps_per_epoch=4, compiled_children=limit, early_stop_every_steps=1,
+          # Random α: every decision has a gap, all fixed after step 1.
+          arch_init_scale=1e-3, early_stop_threshold=1e-6,
+          reward_normalization=True)
+      search = Search(config, show_progress=False)
+      compiled_steps = []
+      choose = search._compiled_child_step
+
+      def counted(step, choose=choose, compiled_steps=compiled_steps):
+        run = choose(step)
+        compiled_steps.append(run is not None)
+        return run
+      search._train_loop = loop.eager_step_loop(
+          search.strategy, search.estimator.metric_keys(),
+          lambda train, val, step, s=search: s.estimator.step(
+              s.ctx, train, val, step),
+          step_args=lambda s=search: (int(s.w_opt.iterations.numpy()),),
+          after_step=search._check_early_stop, compiled_for=counted)
+      searches[limit] = (search, search.run(), compiled_steps)
+    (eager, eager_result, eager_steps), (compiled, result, steps) = (
+        searches[0], searches[1])
+    self.assertEqual(eager_steps, [False] * 4)
+    self.assertEqual(steps, [False, True, True, True])
+    fixed = tuple(compiled.early_stop.fixed()["blocks"])
+    self.assertNotIn(-1, fixed)
+    self.assertEqual(list(compiled._child_steps), [(("blocks", fixed),)])
+    self.assertEqual(list(compiled._child_evals), [(("blocks", fixed),)])
+    (traced,) = compiled._child_steps.values()
+    self.assertEqual(traced.experimental_get_tracing_count(), 1)
+    self.assertEqual(eager._child_steps, {})
+    self.assertEqual(tuple(eager.early_stop.fixed()["blocks"]), fixed)
+    for a, b in zip(eager.network.trainable_variables,
+                    compiled.network.trainable_variables):
+      self.assertAllClose(a, b, atol=1e-5)
+    self.assertAllClose(eager_result.alphas["blocks"], result.alphas["blocks"])
+    self.assertEqual(
+        int(compiled.estimator.reward_normalizer.count.numpy()), 4)
+    for key in ("train/loss", "val/acc", "val/child_acc"):
+      self.assertAllClose(eager_result.history[-1][key],
+                          result.history[-1][key], atol=1e-5)
 
 
 def search_cli(*args, timeout=600):

@@ -1,6 +1,5 @@
 """MixedOp, Cell and the DARTS supernet."""
 
-import numpy as np
 import tensorflow as tf
 
 from tfnas.layers.cell import Cell, cell_edges

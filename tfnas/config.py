@@ -101,6 +101,9 @@ class SearchConfig(_Config):
   early_stop_threshold: float = 0.3  # 0: no progressive early stop.
   early_stop_on_logits: bool = False
   early_stop_every_steps: int = 0  # 0: check at the end of every epoch.
+  # Single-path steps run as one traced graph per child once at most this
+  # many children remain possible (1: once every decision is fixed; 0: off).
+  compiled_children: int = 1
 
   def __post_init__(self):
     checks = [
@@ -122,13 +125,15 @@ class SearchConfig(_Config):
         ("flops_weight", self.flops_weight >= 0),
         ("early_stop_threshold", self.early_stop_threshold >= 0),
         ("early_stop_every_steps", self.early_stop_every_steps >= 0),
+        ("compiled_children", self.compiled_children >= 0),
     ]
     self._check(checks)
 
   #: Fields that may differ between a run and its resumption.
   #: Recomputation changes memory and time, not the maths.
   RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
-                       "data_dir", "manual_dir", "recompute", "recompute_unit")
+                       "data_dir", "manual_dir", "recompute", "recompute_unit",
+                       "compiled_children")
 
 
 @dataclasses.dataclass(frozen=True)

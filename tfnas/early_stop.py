@@ -43,6 +43,21 @@ def decision_gaps(arch: ArchParams, on_logits: bool = False
   return out
 
 
+def remaining_children(arch: ArchParams,
+                       fixed: dict[str, np.ndarray] | None = None) -> int:
+  """How many children can still be drawn: the product, over the decisions
+  not fixed (``fixed`` as `ProgressiveEarlyStop.fixed`), of the number of
+  candidates each offers; 1 once every decision is fixed."""
+  count = 1
+  for group in arch.groups:
+    offered = group.mask_array().sum(axis=-1)
+    if fixed is not None and group.name in fixed:
+      offered = offered[np.asarray(fixed[group.name]) < 0]
+    for n in offered:
+      count *= int(n)
+  return count
+
+
 class ProgressiveEarlyStop(tf.Module):
   """Fixed decisions of a search and the policy that fixes them.
 

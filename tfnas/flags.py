@@ -154,6 +154,12 @@ def define_search_flags():
                        _DEFAULTS.early_stop_every_steps,
                        "Check the early-stop condition every N steps (0: at "
                        "the end of every epoch).")
+  flags.DEFINE_integer("compiled_children", _DEFAULTS.compiled_children,
+                       "Single-path methods (DSNAS): once early stop leaves "
+                       "at most N possible children, run each child's step "
+                       "as one traced graph, kept for the rest of the run "
+                       "(1: once every decision is fixed; 0: always eager, "
+                       "one shared traced function per op).")
 
 
 def define_train_flags():

@@ -16,7 +16,11 @@ The step runs eagerly at the Python level (``compiled_step = False``): the
 child is chosen by Python ints, while each chosen op runs as an already
 traced shared ``tf.function`` (`tfnas.layers.shared_function`), so tracing is
 bounded by (op structures × input shapes), and time and memory are the
-child's. WORKSPACE_NOTES.md records the measurements behind this choice.
+child's. Once progressive early stop leaves few possible children
+(``--compiled_children``, default: every decision fixed), the loop traces
+`DsnasEstimator.child_step` of each child met as one graph instead, which
+runs about twice as fast per step. WORKSPACE_NOTES.md records the
+measurements behind both choices.
 
 Options (all off by default, as in the paper's Algorithm 1):
 
@@ -69,18 +73,20 @@ class RewardNormalizer(tf.Module):
     self.count = tf.Variable(0, dtype=tf.int64, name="count", **kw)
 
   def __call__(self, costs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Normalised costs (identity at the first step), then updates stats."""
+    """Normalised costs (identity at the first step), then updates stats.
+
+    Pure TensorFlow, so it runs eagerly and inside a compiled child step.
+    """
     out = {}
-    first = int(self.count.numpy()) == 0
+    first = tf.equal(self.count, 0)
+    # Bias-corrected EMA, as Adam's moments (the correction is 0 only at
+    # the first step, where the costs pass through unchanged).
+    correction = tf.maximum(
+        1.0 - self.decay ** tf.cast(self.count, tf.float32), 1e-30)
     for g, c in costs.items():
-      if first:
-        out[g] = c
-      else:
-        # Bias-corrected EMA, as Adam's moments.
-        correction = 1.0 - self.decay ** float(self.count.numpy())
-        mean = self.mean[g] / correction
-        var = tf.maximum(self.second[g] / correction - tf.square(mean), 0.0)
-        out[g] = (c - mean) / (tf.sqrt(var) + self.epsilon)
+      mean = self.mean[g] / correction
+      var = tf.maximum(self.second[g] / correction - tf.square(mean), 0.0)
+      out[g] = tf.where(first, c, (c - mean) / (tf.sqrt(var) + self.epsilon))
       self.mean[g].assign(self.decay * self.mean[g] + (1 - self.decay) * c)
       self.second[g].assign(self.decay * self.second[g] +
                             (1 - self.decay) * tf.square(c))
@@ -191,7 +197,14 @@ class DsnasEstimator(Estimator):
 
   def step(self, ctx: StepContext, train_batch, val_batch, step):
     del val_batch  # Single level: θ and α learn from the same batch.
-    indices = self.sample(ctx, step)
+    return self.child_step(ctx, train_batch, self.sample(ctx, step))
+
+  def child_step(self, ctx: StepContext, train_batch, indices):
+    """The step of the child ``indices`` (group → ``[E]`` ints).
+
+    Pure TensorFlow given the Python-int child, so the loop may also trace
+    it as one graph per child (``--compiled_children``).
+    """
     used, w_grads, costs, gates, metrics = self.gradients(ctx, train_batch,
                                                           indices)
     a_grads = self.arch_gradients(ctx, gates, costs, metrics)

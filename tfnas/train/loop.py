@@ -179,6 +179,22 @@ def compiled_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
   return train_loop
 
 
+def compiled_replica_step(strategy: tf.distribute.Strategy,
+                          replica_step: Callable[..., Mapping[str, tf.Tensor]]):
+  """``run(batches)``: ``replica_step(*batches)`` on every replica in one
+  ``tf.function``; returns every key it returns, summed over replicas.
+
+  Batches come in as arguments: a batch of another size (a stream that
+  keeps its last partial batch) must not retrace a supernet step more than
+  once.
+  """
+  @tf.function(reduce_retracing=True)
+  def run(batches):
+    per_replica = strategy.run(replica_step, args=batches)
+    return _replica_sums(strategy, per_replica, per_replica.keys())
+  return run
+
+
 def phased_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
                      phases: Sequence[Callable[..., Mapping[str, tf.Tensor]]]):
   """One ``tf.function`` per phase of a step, called in order every step.
@@ -188,17 +204,7 @@ def phased_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
   measured, the keys are summed over phases). Each phase is its own graph,
   so TF optimises and holds memory for one phase at a time.
   """
-  def compile_phase(phase):
-    # Batches come in as arguments: a batch of another size (a stream that
-    # keeps its last partial batch) must not retrace a supernet step more
-    # than once.
-    @tf.function(reduce_retracing=True)
-    def run(batches):
-      per_replica = strategy.run(phase, args=batches)
-      return _replica_sums(strategy, per_replica, per_replica.keys())
-    return run
-
-  compiled = [compile_phase(p) for p in phases]
+  compiled = [compiled_replica_step(strategy, p) for p in phases]
 
   def train_loop(iterators, num_steps):
     totals = {k: tf.constant(0.0) for k in keys}
@@ -214,21 +220,30 @@ def phased_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
 def eager_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
                     replica_step: Callable[..., Mapping[str, tf.Tensor]],
                     step_args: Callable[[], tuple] = tuple,
-                    after_step: Callable[[], None] | None = None):
+                    after_step: Callable[[], None] | None = None,
+                    compiled_for: Callable[..., Callable | None] | None = None):
   """Steps run from Python without ``tf.function`` (single-path methods
   choose each step's child with Python values).
 
   Every step calls ``replica_step(*batches, *step_args())`` on every
   replica, then ``after_step()``; ``step_args`` is evaluated once per step,
-  before the replicas run.
+  before the replicas run. When ``compiled_for(*step_args())`` returns a
+  `compiled_replica_step` (e.g. the traced step of a child met before), the
+  step runs that on the batches instead.
   """
   def train_loop(iterators, num_steps):
     totals = dict.fromkeys(keys, 0.0)
     for _ in range(int(num_steps)):
-      args = _next_batches(iterators) + tuple(step_args())
-      per_replica = strategy.run(replica_step, args=args)
-      for k, v in _replica_sums(strategy, per_replica, keys).items():
-        totals[k] += float(v)
+      batches = _next_batches(iterators)
+      extra = tuple(step_args())
+      run = compiled_for(*extra) if compiled_for is not None else None
+      if run is not None:
+        sums = run(batches)
+      else:
+        per_replica = strategy.run(replica_step, args=batches + extra)
+        sums = _replica_sums(strategy, per_replica, keys)
+      for k in keys:
+        totals[k] += float(sums[k])
       if after_step is not None:
         after_step()
     return totals
