@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from tfnas.config import SearchConfig
 from tfnas.errors import TfnasError
 from tfnas.genotype import Genotype
 from tfnas.spaces import names
-from tfnas.train import loop
 from tfnas.train.search import Search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,32 +115,27 @@ class DsnasSearchTest(tf.test.TestCase):
       frozen = search.early_stop.fixed_logits[name].numpy()
       self.assertAllEqual(result.alphas[name][rows], frozen[rows])
 
-
   def test_compiled_child_steps_equal_eager_steps(self):
     """Once every decision is fixed, steps and evaluations run as one traced
     graph of the child, with the eager path's results."""
     searches = {}
+    original = Search._compiled_child_step
     for limit in (0, 1):
       config = dsnas_config(
           os.path.join(self.get_temp_dir(), f"compiled{limit}"), epochs=1,
-          max_steps_per_epoch=4, compiled_children=limit, early_stop_every_steps=1,
+          max_steps_per_epoch=4, compiled_children=limit,
+          early_stop_every_steps=1,
           # Random α: every decision has a gap, all fixed after step 1.
           arch_init_scale=1e-3, early_stop_threshold=1e-6,
           reward_normalization=True)
-      search = Search(config, show_progress=False)
       compiled_steps = []
-      choose = search._compiled_child_step
 
-      def counted(step, choose=choose, compiled_steps=compiled_steps):
-        run = choose(step)
+      def counted(self, step, compiled_steps=compiled_steps):
+        run = original(self, step)
         compiled_steps.append(run is not None)
         return run
-      search._train_loop = loop.eager_step_loop(
-          search.strategy, search.estimator.metric_keys(),
-          lambda train, val, step, s=search: s.estimator.step(
-              s.ctx, train, val, step),
-          step_args=lambda s=search: (int(s.w_opt.iterations.numpy()),),
-          after_step=search._check_early_stop, compiled_for=counted)
+      with mock.patch.object(Search, "_compiled_child_step", counted):
+        search = Search(config, show_progress=False)
       searches[limit] = (search, search.run(), compiled_steps)
     (eager, eager_result, eager_steps), (compiled, result, steps) = (
         searches[0], searches[1])
