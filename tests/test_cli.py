@@ -87,6 +87,8 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     (["--flagfile=/nonexistent/x.cfg"], "x.cfg"),
     (["--train_portion=1.5"], "train_portion"),
     (["--channels=5"], "channels"),
+    (["--stage_repeats=1,x"], "--stage_repeats"),
+    (["--stage_channels=8,16"], "--stage_channels shapes the ShuffleNet"),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
   proc = search(*TINY, f"--run_dir={tmp_path}/r", *args)

@@ -11,10 +11,11 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from tfnas import child as child_lib
 from tfnas import flags as tfnas_flags
 from tfnas import methods
 from tfnas.block_genotype import BlockGenotype
-from tfnas.config import SearchConfig
+from tfnas.config import ConfigError, SearchConfig
 from tfnas.errors import TfnasError
 from tfnas.genotype import Genotype
 from tfnas.spaces import names
@@ -224,3 +225,36 @@ def test_digits_search_child_exports_and_reloads(tmp_path):
   out = loaded.signatures["serving_default"](images=x)["logits"]
   np.testing.assert_allclose(out, recalibrated(x, training=False), atol=1e-5)
 
+
+
+def test_shufflenet_shape_reaches_the_search_resume_and_child(tmp_path):
+  shape = dict(stage_repeats=(1, 2), stage_channels=(8, 16), stem_channels=4,
+               head_channels=24)
+  config = dsnas_config(tmp_path / "r", epochs=1, max_steps_per_epoch=1,
+                        **shape)
+  search = Search(config, show_progress=False)
+  assert search.space.blocks() == ((4, 8, 2), (8, 16, 2), (16, 16, 1))
+  assert search.space.head_channels == 24
+  assert search.arch.numpy()["blocks"].shape[0] == 3
+  search.run()
+  # config.json holds lists; resuming with the same tuples is the same run.
+  resumed = Search(config.replace(epochs=2), resume=True, show_progress=False)
+  assert len(resumed.run().genotype.blocks) == 3
+  child, genotype, _ = child_lib.load_search_child(str(config.run_dir))
+  assert len(genotype.blocks) == 3
+  kernels = [w.shape for w in child.trainable_weights if len(w.shape) == 2]
+  assert kernels[-1] == (24, 10)  # Head width -> the classifier.
+
+
+def test_shufflenet_shape_errors_name_the_flags(tmp_path):
+  with pytest.raises(ConfigError, match="--stage_repeats shapes the "
+                     "ShuffleNet spaces"):
+    dsnas_config(tmp_path / "r", space="darts", stage_repeats=(1, 1))
+  with pytest.raises(ConfigError, match="stem_channels"):
+    dsnas_config(tmp_path / "r", stem_channels=-1)
+  config = dsnas_config(tmp_path / "r", stage_channels=(16, 33, 64, 128))
+  with pytest.raises(ConfigError, match=r"--space=shufflenet_small "
+                     r"--stage_channels=16,33,64,128: stage_channels\[1\] = "
+                     r"33 must be even"):
+    Search(config, show_progress=False)
+  assert not (tmp_path / "r").exists()  # Refused before the run dir.

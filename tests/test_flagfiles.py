@@ -99,3 +99,16 @@ def test_dsnas_flagfiles_carry_the_paper_settings():
   assert (cifar["channels"], cifar["num_cells"]) == (16, 8)
   assert digits["space"] == "shufflenet_small"
   assert digits["dataset"] == "digits"
+
+
+def test_shufflenet_shape_flags_become_int_lists(tmp_path):
+  path = tmp_path / "shape.cfg"
+  path.write_text("--method=dsnas\n--space=shufflenet_small\n"
+                  "--dataset=digits\n--stage_repeats=1, 2\n"
+                  "--stage_channels=8,16\n--stem_channels=4\n")
+  config = _parse("search", [str(path)])[str(path)]
+  assert not isinstance(config, str), config
+  # Printed through JSON: the config's int tuples arrive as lists.
+  assert (config["stage_repeats"], config["stage_channels"]) == ([1, 2],
+                                                                 [8, 16])
+  assert (config["stem_channels"], config["head_channels"]) == (4, 0)

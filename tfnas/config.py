@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from tfnas.errors import TfnasError
+from tfnas.spaces import names as space_names
 
 
 class ConfigError(TfnasError):
@@ -73,6 +74,11 @@ class SearchConfig(_Config):
   channels: int = 16
   recompute: bool = False
   recompute_unit: str = "edge"
+  # ShuffleNet spaces: overrides of the preset's shape (empty / 0: preset).
+  stage_repeats: tuple[int, ...] = ()
+  stage_channels: tuple[int, ...] = ()
+  stem_channels: int = 0
+  head_channels: int = 0
   # Weight optimiser.
   w_lr: float = 0.025
   w_lr_min: float = 0.001
@@ -106,11 +112,18 @@ class SearchConfig(_Config):
   compiled_children: int = 1
 
   def __post_init__(self):
+    # Lists from config.json become tuples, so equal configs compare equal.
+    for name in ("stage_repeats", "stage_channels"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
     checks = [
         ("epochs", self.epochs >= 1),
         ("batch_size", self.batch_size >= 1),
         ("steps_per_loop", self.steps_per_loop >= 1),
         ("max_steps_per_epoch", self.max_steps_per_epoch >= 0),
+        ("stage_repeats", all(r >= 1 for r in self.stage_repeats)),
+        ("stage_channels", all(c >= 2 for c in self.stage_channels)),
+        ("stem_channels", self.stem_channels >= 0),
+        ("head_channels", self.head_channels >= 0),
         ("train_portion", 0.0 < self.train_portion < 1.0),
         ("num_cells", self.num_cells >= 1),
         ("num_nodes", self.num_nodes >= 1),
@@ -128,6 +141,21 @@ class SearchConfig(_Config):
         ("compiled_children", self.compiled_children >= 0),
     ]
     self._check(checks)
+    shaped = [name for name in self.SHUFFLENET_SHAPE if getattr(self, name)]
+    if shaped and self.space not in space_names.BLOCK_SPACES:
+      raise ConfigError(
+          f"--{shaped[0]} shapes the ShuffleNet spaces "
+          f"{list(space_names.BLOCK_SPACES)}, not --space={self.space} (use "
+          "--num_cells, --num_nodes and --channels for cell spaces)")
+
+  #: Overrides of a ShuffleNet space preset (see `shufflenet_overrides`).
+  SHUFFLENET_SHAPE = ("stage_repeats", "stage_channels", "stem_channels",
+                      "head_channels")
+
+  def shufflenet_overrides(self) -> dict[str, Any]:
+    """The ShuffleNet shape fields that were set (empty / 0: keep preset)."""
+    return {name: getattr(self, name) for name in self.SHUFFLENET_SHAPE
+            if getattr(self, name)}
 
   #: Fields that may differ between a run and its resumption.
   #: Recomputation changes memory and time, not the maths.

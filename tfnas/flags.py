@@ -98,6 +98,7 @@ def define_search_flags():
                     ["edge", "cell"],
                     "With --recompute: recompute per mixed edge (least "
                     "memory) or per cell.")
+  _define_shufflenet_flags()
   flags.DEFINE_float("w_lr", _DEFAULTS.w_lr, "Weight SGD learning rate.")
   flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
                      "Final learning rate of the cosine schedule.")
@@ -162,6 +163,30 @@ def define_search_flags():
                        "one shared traced function per op).")
 
 
+def _is_int_list(values) -> bool:
+  return all(v.strip().isdigit() for v in values)
+
+
+def _define_shufflenet_flags():
+  """Shape of the ShuffleNet spaces, each overriding the --space preset."""
+  flags.DEFINE_list("stage_repeats", [],
+                    "ShuffleNet spaces: blocks per stage, comma-separated "
+                    "(e.g. 1,1,2,1; the first block of a stage has stride "
+                    "2). Empty: the --space preset.")
+  flags.DEFINE_list("stage_channels", [],
+                    "ShuffleNet spaces: output channels per stage, even and "
+                    "increasing (e.g. 16,32,64,128). Empty: the preset.")
+  for name in ("stage_repeats", "stage_channels"):
+    flags.register_validator(name, _is_int_list,
+                             "must be comma-separated positive integers")
+  flags.DEFINE_integer("stem_channels", _DEFAULTS.stem_channels,
+                       "ShuffleNet spaces: channels of the stem conv (0: the "
+                       "preset).", lower_bound=0)
+  flags.DEFINE_integer("head_channels", _DEFAULTS.head_channels,
+                       "ShuffleNet spaces: channels of the last 1x1 conv "
+                       "(0: the preset).", lower_bound=0)
+
+
 def define_train_flags():
   """Flags of tfnas-train (with define_run_flags/define_data_flags)."""
   d = _TRAIN_DEFAULTS
@@ -201,4 +226,7 @@ def train_config() -> TrainConfig:
 def search_config() -> SearchConfig:
   """Reads the search flags once into a frozen config."""
   names = [f for f in SearchConfig.__dataclass_fields__]
-  return SearchConfig(**{name: FLAGS[name].value for name in names})
+  values = {name: FLAGS[name].value for name in names}
+  for name in ("stage_repeats", "stage_channels"):
+    values[name] = tuple(int(v) for v in values[name])
+  return SearchConfig(**values)

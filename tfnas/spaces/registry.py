@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from tfnas.config import ConfigError
 from tfnas.errors import TfnasError
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import names
@@ -32,7 +33,8 @@ def space_config(config: Any, num_classes: int, image_size: int):
   Cell spaces take ``num_cells``, ``num_nodes``, ``channels`` and
   ``recompute`` from the config; ``shufflenet`` is the 20-block ImageNet
   space and ``shufflenet_small`` the 5-block preset for small inputs, both
-  with the dataset's classes and input size.
+  with the dataset's classes and input size, and with the stage repeats and
+  widths, stem and head channels the config sets in place of the preset's.
   """
   name = config.space
   if name in names.CELL_SPACES:
@@ -40,14 +42,24 @@ def space_config(config: Any, num_classes: int, image_size: int):
         name, num_cells=config.num_cells, num_nodes=config.num_nodes,
         channels=config.channels, num_classes=num_classes,
         recompute=config.recompute, recompute_unit=config.recompute_unit)
-  if name == "shufflenet":
-    return shufflenet.ShuffleNetSpaceConfig(num_classes=num_classes,
-                                            input_size=image_size)
-  if name == "shufflenet_small":
-    return shufflenet.ShuffleNetSpaceConfig.small(num_classes=num_classes,
-                                                  input_size=image_size)
+  if name in names.BLOCK_SPACES:
+    preset = (shufflenet.ShuffleNetSpaceConfig if name == "shufflenet" else
+              shufflenet.ShuffleNetSpaceConfig.small)
+    overrides = config.shufflenet_overrides()
+    try:
+      return preset(num_classes=num_classes, input_size=image_size,
+                    **overrides)
+    except ValueError as e:
+      shown = " ".join(f"--{k}={_flag_value(v)}" for k, v in overrides.items())
+      raise ConfigError(f"--space={name} {shown}: {e}") from None
   raise TfnasError(f"unknown search space {name!r}; known spaces: "
                    f"{list(names.SPACES)}")
+
+
+def _flag_value(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(str(v) for v in value)
+  return str(value)
 
 
 def build_network(space, input_shape: Sequence[int]):

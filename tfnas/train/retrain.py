@@ -94,7 +94,8 @@ class Retrain:
     self.augment = data_lib.AugmentConfig(
         pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
     self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
-                                   TrainConfig.RESUMABLE_CHANGES)
+                                   TrainConfig.RESUMABLE_CHANGES,
+                                   defaults=TrainConfig().to_dict())
     if not has_saved:
       self.genotype.save(os.path.join(config.run_dir, "genotype.json"))
     self._build()

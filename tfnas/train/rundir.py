@@ -36,7 +36,8 @@ def atomic_write(path: str, text: str) -> None:
 
 
 def prepare(run_dir: str, config: dict[str, Any], resume: bool,
-            allowed_changes: Iterable[str] = ()) -> bool:
+            allowed_changes: Iterable[str] = (),
+            defaults: dict[str, Any] | None = None) -> bool:
   """Checks ``run_dir`` against ``config``; returns True when resuming.
 
   * fresh or empty directory: writes ``config.json``;
@@ -44,7 +45,13 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   * ``resume`` with a different config (other than ``allowed_changes``):
     refuses, naming the differing keys;
   * ``resume`` on a directory without a run: refuses.
+
+  Values compare as JSON (tuples equal lists); a key missing from the saved
+  config (a run written before the key existed) compares as its entry in
+  ``defaults``.
   """
+  config = json.loads(json.dumps(config))
+  defaults = json.loads(json.dumps(defaults or {}))
   config_path = os.path.join(run_dir, "config.json")
   has_run = os.path.exists(config_path) or os.path.isdir(
       os.path.join(run_dir, "ckpt"))
@@ -66,6 +73,7 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   except (OSError, json.JSONDecodeError) as e:
     raise RunDirError(f"cannot read {config_path} ({e}); this directory "
                       "cannot be resumed, choose another --run_dir") from None
+  saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
   allowed = set(allowed_changes) | {"resume"}
   differing = sorted(k for k in set(saved) | set(config)
                      if k not in allowed and saved.get(k) != config.get(k))

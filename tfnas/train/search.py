@@ -141,7 +141,8 @@ class Search:
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
     self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
-                                   SearchConfig.RESUMABLE_CHANGES)
+                                   SearchConfig.RESUMABLE_CHANGES,
+                                   defaults=SearchConfig().to_dict())
     self._build()
 
   # ------------------------------------------------------------------ build
