@@ -18,6 +18,7 @@ from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import choice_block
 from tfnas.spaces import shufflenet
 from tfnas.train import optim
+from tfnas.train.child_cache import ChildCache
 from tfnas.train.step import StepContext
 
 
@@ -420,3 +421,26 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def test_child_cache_keeps_the_most_recently_used_children():
+  arch = ArchParams([DecisionGroup("blocks", ("a", "b"), 3)], init_scale=0.0)
+  made = []
+
+  def make(name):
+    made.append(name)
+    return name
+  cache = ChildCache(2, arch, early_stop=None)
+  assert not cache.active()  # 2^3 = 8 children remain.
+  assert ChildCache(8, arch, None).active()
+  assert not ChildCache(0, arch, None).active()  # 0: never.
+  first, second, third = ({"blocks": np.array(v)} for v in
+                          ([0, 0, 0], [0, 1, 0], [1, 1, 1]))
+  assert cache.get("step", first, lambda: make("first")) == "first"
+  assert cache.get("step", second, lambda: make("second")) == "second"
+  assert cache.get("step", first, lambda: make("again")) == "first"
+  cache.get("step", third, lambda: make("third"))  # Drops `second`.
+  assert list(cache.cached("step")) == [(("blocks", (0, 0, 0)),),
+                                        (("blocks", (1, 1, 1)),)]
+  assert cache.get("eval", second, lambda: make("eval")) == "eval"
+  assert made == ["first", "second", "third", "eval"]

@@ -144,11 +144,12 @@ class DsnasSearchTest(tf.test.TestCase):
     self.assertEqual(steps, [False, True, True, True])
     fixed = tuple(compiled.early_stop.fixed()["blocks"])
     self.assertNotIn(-1, fixed)
-    self.assertEqual(list(compiled._child_steps), [(("blocks", fixed),)])
-    self.assertEqual(list(compiled._child_evals), [(("blocks", fixed),)])
-    (traced,) = compiled._child_steps.values()
+    children = compiled._children
+    self.assertEqual(list(children.cached("step")), [(("blocks", fixed),)])
+    self.assertEqual(list(children.cached("eval")), [(("blocks", fixed),)])
+    (traced,) = children.cached("step").values()
     self.assertEqual(traced.experimental_get_tracing_count(), 1)
-    self.assertEqual(eager._child_steps, {})
+    self.assertEqual(eager._children.cached("step"), {})
     self.assertEqual(tuple(eager.early_stop.fixed()["blocks"]), fixed)
     for a, b in zip(eager.network.trainable_variables,
                     compiled.network.trainable_variables):

@@ -28,6 +28,10 @@ class Estimator:
   #: single-path method choosing the child with Python ints, DSNAS); True:
   #: ``steps_per_loop`` steps run inside one ``tf.function``.
   compiled_step = True
+  #: True: ``child_step`` runs the step of a given single-path child as
+  #: pure TensorFlow, which the loop may trace once per child when few
+  #: remain (``--compiled_children``).
+  child_steps = False
   #: Extra per-step metrics (averaged over steps by the loop); each replica
   #: returns its share (value / replicas) so the cross-replica sum is exact.
   extra_metrics: tuple[str, ...] = ()
@@ -41,6 +45,13 @@ class Estimator:
   def step(self, ctx: StepContext, train_batch, val_batch,
            step: tf.Tensor) -> dict[str, tf.Tensor]:
     raise NotImplementedError
+
+  def child_step(self, ctx: StepContext, train_batch,
+                 indices) -> dict[str, tf.Tensor]:
+    """The step of the child ``indices`` (group → per-decision candidate
+    ints); estimators with ``child_steps`` implement it."""
+    raise NotImplementedError(
+        f"{type(self).__name__} has no per-child step (child_steps=False)")
 
   def phases(self) -> tuple:
     """The step as consecutive per-replica phases, each compiled on its own.

@@ -107,6 +107,7 @@ class DsnasEstimator(Estimator):
   uses_val_batch = False
   #: The loop runs this step eagerly (Python-level child selection).
   compiled_step = False
+  child_steps = True
 
   def __init__(self, reward_normalizer: RewardNormalizer | None = None,
                flops_tables: Mapping[str, np.ndarray] | None = None,

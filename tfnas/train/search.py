@@ -39,13 +39,14 @@ from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
 from tfnas.arch import (ArchParams, ArgmaxDistribution, argmax_indices,
                         one_hot_weights)
-from tfnas.early_stop import ProgressiveEarlyStop, remaining_children
+from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
 from tfnas.errors import TfnasError
 from tfnas.spaces import registry as space_registry
 from tfnas.train import loop, optim, rundir, summaries
 from tfnas.train.checkpointing import ModelVariables
+from tfnas.train.child_cache import ChildCache
 from tfnas.train.step import StepContext
 
 
@@ -194,8 +195,8 @@ class Search:
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
     self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
                                            self.resuming)
-    # Single path: child → its traced step / evaluation.
-    self._child_steps, self._child_evals = {}, {}
+    self._children = ChildCache(config.compiled_children, self.arch,
+                                self.early_stop)
     self._train_loop = self._make_train_loop()
     self._eval_steps = {child: self._make_eval_step(child)
                         for child in (False, True)}
@@ -232,41 +233,17 @@ class Search:
         strategy, keys,
         lambda train, val: estimator.step(ctx, train, val, iterations))
 
-  def _few_children_left(self) -> bool:
-    """Whether at most ``--compiled_children`` children remain possible:
-    their steps and evaluations then run as one traced graph per child.
-    Tracing a child costs about as much as ten eager steps, so only a
-    child that keeps being drawn is worth it."""
-    limit = self.config.compiled_children
-    fixed = self.early_stop.fixed() if self.early_stop is not None else None
-    return bool(limit) and remaining_children(self.arch, fixed) <= limit
-
-  def _per_child(self, cache: dict, indices, make):
-    """``make()`` for the child ``indices``, kept in ``cache`` with the most
-    recently used ``--compiled_children`` others."""
-    key = tuple((g, tuple(int(i) for i in v))
-                for g, v in sorted(indices.items()))
-    value = cache.pop(key, None)
-    if value is None:
-      while len(cache) >= self.config.compiled_children:
-        cache.pop(next(iter(cache)))
-      log.info("tracing child %s", key)
-      value = make()
-    cache[key] = value  # Most recently used last.
-    return value
-
   def _compiled_child_step(self, step: int):
-    """The traced step of this step's child when few children are left
-    (`_few_children_left`), else ``None``: the step runs eagerly."""
-    if (not hasattr(self.estimator, "child_step") or
-        not self._few_children_left()):
-      return None
+    """The traced step of this step's child once few children are left
+    (`ChildCache.active`), else ``None``: the step runs eagerly."""
     estimator, ctx = self.estimator, self.ctx
+    if not (estimator.child_steps and self._children.active()):
+      return None
     indices = estimator.sample(ctx, step)
-    return self._per_child(
-        self._child_steps, indices, lambda: loop.compiled_replica_step(
+    return self._children.get("step", indices, lambda: (
+        loop.compiled_replica_step(
             self.strategy,
-            lambda train, val: estimator.child_step(ctx, train, indices)))
+            lambda train, val: estimator.child_step(ctx, train, indices))))
 
   def _check_early_stop(self):
     for group, e, k in self.early_stop.check():
@@ -297,10 +274,9 @@ class Search:
       return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,
                                labels)
     step = loop.summed_eval_step(self.strategy, replica)
-    if self._few_children_left():
-      return self._per_child(
-          self._child_evals, indices,
-          lambda: tf.function(step, reduce_retracing=True))
+    if self._children.active():
+      return self._children.get(
+          "eval", indices, lambda: tf.function(step, reduce_retracing=True))
     return step  # Eager.
 
   def _make_eval_step(self, child: bool):
