@@ -17,7 +17,7 @@ from tfnas.early_stop import (ProgressiveEarlyStop, decision_gaps,
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import choice_block
 from tfnas.spaces import shufflenet
-from tfnas.train import optim
+from tfnas.train import loop, optim
 from tfnas.train.child_cache import ChildCache
 from tfnas.train.step import StepContext
 
@@ -340,9 +340,9 @@ class EarlyStopTest(tf.test.TestCase):
 
 
 class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
-  """Eager DSNAS steps under MirroredStrategy (2 CPUs) equal the default."""
+  """DSNAS steps under MirroredStrategy (2 CPUs) equal the default's."""
 
-  def _steps(self, strategy, kind, init=None):
+  def _steps(self, strategy, kind, init=None, traced=False):
     with strategy.scope():
       if kind == "blocks":
         ctx = block_context(tiny_block_space(sync_batch_norm=True))
@@ -366,7 +366,13 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
       dist = strategy.experimental_distribute_dataset(
           tf.data.Dataset.from_tensors(batch))
       for b in dist:
-        strategy.run(est.step, args=(ctx, b, None, step))
+        if traced:  # As the loop runs a child with --compiled_children.
+          indices = est.sample(ctx, step)
+          run = loop.compiled_replica_step(
+              strategy, lambda t, v, i=indices: est.child_step(ctx, t, i))
+          run((b, None))
+        else:
+          strategy.run(est.step, args=(ctx, b, None, step))
     return [np.asarray(v.numpy()) for v in variables]
 
   def _cell_steps(self, recompute, init=None):
@@ -407,16 +413,21 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
   # instance keys in thread order and abort with a shape mismatch
   # (WORKSPACE_NOTES.md).
   def test_mirrored_equals_default_in_the_block_space(self):
+    # Eager mirrored steps, and the same child steps traced as one graph
+    # each (as the loop runs them with --compiled_children), equal the
+    # eager steps of the default strategy.
     kind = "blocks"
     default = tf.distribute.get_strategy()
     init = self._steps(default, kind)  # Any values: reused as the start.
     single = self._steps(default, kind, init)
-    mirrored = self._steps(
-        mirrored_strategy(["/cpu:0", "/cpu:1"]), kind, init)
+    mirrored = mirrored_strategy(["/cpu:0", "/cpu:1"])
+    eager = self._steps(mirrored, kind, init)
+    traced = self._steps(mirrored, kind, init, traced=True)
     self.assertGreater(max(np.abs(a - b).max()
                            for a, b in zip(single, init)), 1e-4)
-    for a, b in zip(single, mirrored):
+    for a, b, c in zip(single, eager, traced):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+      self.assertAllClose(a, c, atol=2e-5, rtol=1e-4)
 
 
 if __name__ == "__main__":
