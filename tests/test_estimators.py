@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
+from tfnas.train.step import StepContext
 from tests import helpers
 
 
@@ -134,3 +135,21 @@ class PhasesTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def test_gradients_of_unused_keras_variables_are_zeros_in_a_graph():
+  used, unused = keras.layers.Dense(2), keras.layers.Dense(3)
+  x = tf.ones((1, 4))
+  used(x), unused(x)
+  sources = used.trainable_variables + unused.trainable_variables
+
+  @tf.function
+  def grads():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(used(x) ** 2)
+      unused(x)  # Runs, but the loss does not read it.
+    return StepContext.gradients(tape, loss, sources)
+  got = grads()
+  assert [tuple(g.shape) for g in got] == [(4, 2), (2,), (4, 3), (3,)]
+  assert np.abs(got[0].numpy()).sum() > 0
+  assert not np.any(got[2].numpy()) and not np.any(got[3].numpy())

@@ -21,8 +21,10 @@ IRREGULAR = {"version": 1,
                                   [],
                                   [["max_pool_3x3", 0], ["skip_connect", 3],
                                    ["avg_pool_3x3", 1]]]},
+             # No reduce node reads input 1: its preprocessing conv gets
+             # no gradient.
              "reduce": {"nodes": [[["skip_connect", 0]], [],
-                                  [["sep_conv_5x5", 1], ["max_pool_3x3", 2]]],
+                                  [["sep_conv_5x5", 0], ["max_pool_3x3", 2]]],
                         "concat": [2, 3, 4]}}
 
 
@@ -101,9 +103,9 @@ def test_snas_search_genotype_is_retrained_and_exported(tmp_path):
   # Issue 5: the SNAS digits flagfile, shortened.
   search_dir = tmp_path / "search"
   proc = app("search", f"--flagfile={ROOT}/flags/snas_digits.cfg",
-             f"--run_dir={search_dir}", "--epochs=1", "--num_cells=3",
-             "--channels=4", "--max_steps_per_epoch=2", "--steps_per_loop=2",
-             "--noprogress")
+             f"--run_dir={search_dir}", "--epochs=1", "--space=s3",
+             "--num_cells=3", "--num_nodes=2", "--channels=4",
+             "--max_steps_per_epoch=2", "--steps_per_loop=2", "--noprogress")
   assert proc.returncode == 0, proc.stderr[-3000:]
   genotype = Genotype.load(search_dir / "genotype.json")
   # Exporting the search directory itself is refused (supernet).

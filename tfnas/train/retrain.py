@@ -31,7 +31,7 @@ from tfnas.config import TrainConfig
 from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.train import loop, optim, rundir, summaries
-from tfnas.train.step import cross_entropy
+from tfnas.train.step import StepContext, cross_entropy
 
 
 @dataclasses.dataclass
@@ -164,8 +164,7 @@ class Retrain:
           aux = tf.reduce_sum(cross_entropy(aux_logits, labels,
                                             config.label_smoothing))
           loss += aux_weight * aux / global_batch
-      grads = tape.gradient(loss, variables,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      grads = StepContext.gradients(tape, loss, variables)
       optimizer.apply(ordered_all_reduce(grads), variables)
       return self._metrics("train", ce, logits, labels)
 

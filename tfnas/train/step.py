@@ -81,10 +81,16 @@ class StepContext:
 
   @staticmethod
   def gradients(tape: tf.GradientTape, target, sources: Sequence):
-    """``tape.gradient`` with zeros for sources the target does not use."""
-    grads = tape.gradient(target, list(sources),
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return list(grads)
+    """``tape.gradient`` with zeros for sources the target does not use.
+
+    The zeros are made here: ``UnconnectedGradients.ZERO`` fails inside a
+    ``tf.function`` on an unused Keras 3 variable (whose ``dtype`` is a
+    string), e.g. the preprocessing conv of a cell input no node reads.
+    """
+    sources = list(sources)
+    grads = tape.gradient(target, sources)
+    return [tf.zeros(s.shape, tf.as_dtype(s.dtype)) if g is None else g
+            for s, g in zip(sources, grads)]
 
   @staticmethod
   def all_reduce(values: Sequence):
