@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from tfnas.genotype import Genotype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset=digits", "--num_cells=3", "--num_nodes=2", "--channels=4",
-        "--batch_size=32", "--max_steps_per_epoch=2", "--steps_per_loop=2",
-        "--noprogress"]
+# S3 (none, skip, sep_conv_3x3) traces in a third of the DARTS space's time.
+TINY = ["--dataset=digits", "--space=s3", "--num_cells=3", "--num_nodes=2",
+        "--channels=4", "--batch_size=32", "--max_steps_per_epoch=2",
+        "--steps_per_loop=2", "--noprogress"]
 
 
 def search(*args, timeout=300):
