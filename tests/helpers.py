@@ -25,6 +25,12 @@ def tiny_space(**overrides):
   return darts_space.DartsSpaceConfig(**kwargs)
 
 
+def replica_space(**overrides):
+  """`tiny_space` with one node per cell: for tests comparing replicas or
+  workers with one device, where more nodes only add trace time."""
+  return tiny_space(**dict(dict(num_nodes=1), **overrides))
+
+
 def batch(n=4, size=8, channels=3, classes=3, seed=0, dtype=np.float32):
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((n, size, size, channels)).astype(dtype)

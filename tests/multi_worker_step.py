@@ -25,7 +25,8 @@ def main(out_path):
   task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
   init = np.load(os.environ["INIT_PATH"], allow_pickle=True)["values"]
   with strategy.scope():
-    ctx = helpers.tiny_context(global_batch=4, sync_batch_norm=True)
+    ctx = helpers.tiny_context(
+        space=helpers.replica_space(sync_batch_norm=True), global_batch=4)
   for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
     v.assign(value)
   train, val = helpers.batch(seed=1), helpers.batch(seed=2)

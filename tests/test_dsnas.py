@@ -380,7 +380,7 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
     returns the weights and α, then the BN moving statistics."""
     strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-      ctx = cell_context(space=helpers.tiny_space(recompute=recompute))
+      ctx = cell_context(space=helpers.replica_space(recompute=recompute))
       est = DsnasEstimator()
     variables = ctx.weight_variables + ctx.arch_variables
     for v, value in zip(variables, init or []):

@@ -29,7 +29,7 @@ def _free_ports(n):
 
 @pytest.mark.slow
 def test_two_workers_equal_default_strategy(tmp_path):
-  ctx = helpers.tiny_context(global_batch=4)
+  ctx = helpers.tiny_context(space=helpers.replica_space(), global_batch=4)
   init = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
   init_path = tmp_path / "init.npz"
   np.savez(init_path, values=np.array(init, dtype=object))

@@ -1,6 +1,5 @@
 """The search loop: learning, resume, distribution, run-directory safety."""
 
-import functools
 import json
 import os
 
@@ -109,18 +108,14 @@ def mirrored_cpu_strategy():
 
 
 
-# One node per cell (two mixed edges): what the replicas must agree on is the
-# same as with more nodes, at under half the trace time.
-MIRRORED_SPACE = functools.partial(helpers.tiny_space, num_nodes=1)
-
-
 class MirroredStepTest(tf.test.TestCase):
   """One step under MirroredStrategy (2 CPUs) equals the default strategy."""
 
   def _step(self, strategy, estimator, init, dtype, phased=False):
     with strategy.scope():
-      ctx = helpers.tiny_context(space=MIRRORED_SPACE(sync_batch_norm=True),
-                                 global_batch=4, dtype=dtype)
+      ctx = helpers.tiny_context(
+          space=helpers.replica_space(sync_batch_norm=True), global_batch=4,
+          dtype=dtype)
       estimator.build(ctx)
     for v, value in zip(ctx.weight_variables + ctx.arch_variables, init):
       v.assign(value)
@@ -147,7 +142,7 @@ class MirroredStepTest(tf.test.TestCase):
   def _compare(self, estimator, dtype=tf.float32, atol=2e-5, rtol=1e-4):
     default = tf.distribute.get_strategy()
     with default.scope():
-      ctx = helpers.tiny_context(space=MIRRORED_SPACE(), dtype=dtype)
+      ctx = helpers.tiny_context(space=helpers.replica_space(), dtype=dtype)
       init = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
     single = self._step(default, estimator, init, dtype)
     mirrored = self._step(mirrored_cpu_strategy(), estimator, init, dtype,
