@@ -58,8 +58,9 @@ def test_end_to_end_writes_events_checkpoint_genotype(tmp_path):
 def test_sigterm_saves_and_resume_finishes(tmp_path):
   run_dir = tmp_path / "run"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-  args = [sys.executable, "-m", "tfnas.apps.search", *TINY, "--epochs=50",
-          "--max_steps_per_epoch=4", "--steps_per_loop=1",
+  # One node per cell: two processes trace the supernet here.
+  args = [sys.executable, "-m", "tfnas.apps.search", *TINY, "--num_nodes=1",
+          "--epochs=50", "--max_steps_per_epoch=4", "--steps_per_loop=1",
           f"--run_dir={run_dir}"]
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
@@ -73,9 +74,9 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   assert "--resume" in err
   epochs_done = len((run_dir / "history.jsonl").read_text().splitlines())
   assert epochs_done < 50
-  resumed = search(*TINY, "--epochs=50", "--max_steps_per_epoch=4",
-                   f"--run_dir={run_dir}", "--resume", "--epochs=" +
-                   str(epochs_done + 1))
+  resumed = search(*TINY, "--num_nodes=1", "--epochs=50",
+                   "--max_steps_per_epoch=4", f"--run_dir={run_dir}",
+                   "--resume", "--epochs=" + str(epochs_done + 1))
   # --epochs may change on resume; the run continues to the new end.
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert len((run_dir / "history.jsonl").read_text().splitlines()) == (
