@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfnas.train import summaries
 from tfnas.train.progress import progress_bar
+from tfnas.train.step import batch_sums
 
 
 @contextlib.contextmanager
@@ -255,12 +256,7 @@ EVAL_KEYS = ("eval/loss_sum", "eval/correct", "eval/count")
 
 def eval_metrics(loss_sum, logits, labels) -> dict[str, tf.Tensor]:
   """Per-replica sums of one evaluation batch (``EVAL_KEYS``)."""
-  correct = tf.reduce_sum(tf.cast(tf.equal(
-      tf.argmax(logits, -1, output_type=tf.int32),
-      tf.cast(labels, tf.int32)), tf.float32))
-  return {"eval/loss_sum": tf.cast(loss_sum, tf.float32),
-          "eval/correct": correct,
-          "eval/count": tf.cast(tf.shape(labels)[0], tf.float32)}
+  return batch_sums("eval", loss_sum, logits, labels)
 
 
 def summed_eval_step(strategy: tf.distribute.Strategy,

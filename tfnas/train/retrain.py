@@ -31,7 +31,7 @@ from tfnas.config import TrainConfig
 from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.train import loop, optim, rundir, summaries
-from tfnas.train.step import StepContext, cross_entropy
+from tfnas.train.step import StepContext, batch_sums, cross_entropy
 
 
 @dataclasses.dataclass
@@ -134,13 +134,6 @@ class Retrain:
         epoch=epoch, seed=self.config.seed, augment=self.augment,
         skip_batches=skip, drop_remainder=training)
 
-  def _metrics(self, prefix, loss_sum, logits, labels):
-    correct = tf.reduce_sum(tf.cast(tf.equal(
-        tf.argmax(logits, -1, output_type=tf.int32),
-        tf.cast(labels, tf.int32)), tf.float32))
-    return {f"{prefix}/loss_sum": loss_sum, f"{prefix}/correct": correct,
-            f"{prefix}/count": tf.cast(tf.shape(labels)[0], tf.float32)}
-
   def _make_train_loop(self):
     config, strategy, net = self.config, self.strategy, self.network
     optimizer = self.optimizer
@@ -166,7 +159,7 @@ class Retrain:
           loss += aux_weight * aux / global_batch
       grads = StepContext.gradients(tape, loss, variables)
       optimizer.apply(ordered_all_reduce(grads), variables)
-      return self._metrics("train", ce, logits, labels)
+      return batch_sums("train", ce, logits, labels)
 
     return loop.compiled_step_loop(strategy, keys,
                                    lambda batch: step(*batch))

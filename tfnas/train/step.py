@@ -35,6 +35,17 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return -tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=-1)
 
 
+def batch_sums(prefix: str, loss_sum, logits, labels) -> dict[str, tf.Tensor]:
+  """Per-replica sums of one batch: ``{prefix}/loss_sum``, ``/correct``,
+  ``/count``; the loops sum them over replicas and steps, then divide."""
+  correct = tf.reduce_sum(tf.cast(tf.equal(
+      tf.argmax(logits, -1, output_type=tf.int32),
+      tf.cast(labels, tf.int32)), tf.float32))
+  return {f"{prefix}/loss_sum": tf.cast(loss_sum, tf.float32),
+          f"{prefix}/correct": correct,
+          f"{prefix}/count": tf.cast(tf.shape(labels)[0], tf.float32)}
+
+
 @dataclasses.dataclass
 class StepContext:
   """What a per-replica step can touch.
@@ -104,12 +115,7 @@ class StepContext:
     self.arch_optimizer.apply(grads, self.arch_variables)
 
   def metrics(self, prefix: str, loss, logits, labels) -> dict[str, tf.Tensor]:
-    """Per-replica sums; the loop sums replicas and divides by the count."""
-    correct = tf.reduce_sum(tf.cast(
-        tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                 tf.cast(labels, tf.int32)), tf.float32))
-    count = tf.cast(tf.shape(labels)[0], tf.float32)
-    return {f"{prefix}/loss_sum": tf.cast(loss, tf.float32) *
-                                  float(self.global_batch_size),
-            f"{prefix}/correct": correct,
-            f"{prefix}/count": count}
+    """Per-replica sums (`batch_sums`) of a step whose ``loss`` is the
+    replica's share of the global-batch mean."""
+    return batch_sums(prefix, loss * float(self.global_batch_size), logits,
+                      labels)
