@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfnas import ops
-from tfnas.layers import shared_function
+from tfnas.layers import recompute, shared_function
 from tfnas.layers.mixed_op import MixedOp
 
 
@@ -40,7 +40,7 @@ class Cell(keras.layers.Layer):
       `MixedOp`); False traces every edge inline.
     recompute_edges: in training with mixing weights, recompute each edge's
       activations in backprop instead of storing them
-      (`shared_function.recompute`).
+      (`recompute.recompute`).
   """
 
   def __init__(self, num_nodes: int, prev_prev_channels: int,
@@ -130,7 +130,7 @@ class Cell(keras.layers.Layer):
       return mixed_op(x, weights=w, index=index, training=training,
                       recompute=True)
     # Keep only the edge input and weights; its ops run again in backprop.
-    return shared_function.recompute(
+    return recompute.recompute(
         lambda a, b: mixed_op(a, weights=b, index=index, training=training),
         [x, w], mixed_op.variables)
 

@@ -1,4 +1,4 @@
-"""Trace-once execution of structurally identical layers, and recomputation.
+"""Trace-once execution of structurally identical layers.
 
 Tracing a supernet is slow because Python builds every graph op of every
 edge: the DARTS supernet has 112 edges but only a handful of distinct edge
@@ -22,11 +22,7 @@ function also assigns the statistics; ``call_shared(recompute=True)`` there
 keeps no activations: its gradient is one call of a second shared function
 that recomputes the forward pass and backpropagates.
 
-`recompute` is the memory counterpart for traced callers: it drops a block's activations after
-the forward pass and recomputes them during backprop, with the variable
-values again passed explicitly so that gradients also reach substituted
-values (``tf.recompute_grad`` would silently miss tensors captured from an
-enclosing ``StatelessScope``).
+Traced callers that want the same memory saving use `tfnas.layers.recompute`.
 """
 
 from __future__ import annotations
@@ -348,67 +344,3 @@ def clear() -> None:
   """Forgets every shared function (later calls trace anew)."""
   with _LOCK:
     _FUNCTIONS.clear()
-
-
-def recompute(fn: Callable[..., Any], tensors: Sequence[tf.Tensor],
-              variables: Sequence[keras.Variable]):
-  """Runs ``fn(*tensors)`` keeping only its inputs for backprop.
-
-  The activations inside ``fn`` are not stored; the gradient recomputes them
-  (a second forward pass) and backpropagates through the recomputation.
-  ``variables`` must cover every variable ``fn`` reads: their values are
-  passed as explicit inputs, so their gradients come out as input gradients
-  (to the variables, or to the tensors an enclosing ``StatelessScope``
-  substitutes). Variables ``fn`` assigns (BN statistics) are assigned once,
-  from the forward pass; the recomputation's assignments are dropped.
-
-  Args:
-    fn: ``(*tensors) -> tensor``.
-    tensors: float tensor inputs of ``fn``.
-    variables: the variables ``fn`` reads or assigns.
-
-  Returns:
-    ``fn``'s output.
-  """
-  variables = list(variables)
-  tensors = [tf.convert_to_tensor(t) for t in tensors]
-  values = [current_value(v) for v in variables]
-  num = len(tensors)
-  updated = []
-
-  def forward(flat):
-    with keras.StatelessScope(list(zip(variables, flat[num:]))) as scope:
-      before = [scope.get_current_value(v) for v in variables]
-      output = fn(*flat[:num])
-      after = [scope.get_current_value(v) for v in variables]
-    changed = [i for i, (b, a) in enumerate(zip(before, after)) if a is not b]
-    return output, changed, [after[i] for i in changed]
-
-  @tf.custom_gradient
-  def run(*flat):
-    # Not recorded on any tape: the custom gradient below replaces it, and
-    # recording would only keep references to the activations.
-    with record.stop_recording():
-      output, changed, new_values = forward(list(flat))
-    updated.extend(changed)
-
-    def grad(d_output, *d_new_values):
-      del d_new_values  # Statistics are stop-gradient'ed in BatchNorm.
-      # Make the recomputation depend on the incoming gradient so it runs
-      # in the backward pass, not eagerly next to the forward one (a data
-      # dependency: XLA ignores control dependencies).
-      dep = tf.reduce_sum(tf.reshape(d_output, [-1])[:1]) * 0.0
-      inputs = [t + tf.cast(dep, t.dtype) for t in flat[:num]]
-      inputs += [tf.identity(v) for v in flat[num:]]
-      with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        recomputed, _, _ = forward(inputs)
-      return tape.gradient(recomputed, inputs, output_gradients=d_output,
-                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-    return (output, *new_values), grad
-
-  output, *new_values = run(*tensors, *values)
-  for i, value in zip(updated, new_values):
-    variables[i].assign(value)
-  return output

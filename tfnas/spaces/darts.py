@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfnas import ops
 from tfnas.arch import DecisionGroup
-from tfnas.layers import shared_function
+from tfnas.layers import recompute
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
 from tfnas.layers.cell import Cell, cell_edges
 
@@ -47,7 +47,7 @@ class DartsSpaceConfig:
     edge_ops: optional per-cell-type, per-edge op lists (S1-style spaces);
       maps ``"normal"``/``"reduce"`` to a list of ``num_edges`` op lists.
     recompute: recompute activations in the backward pass instead of
-      storing them (`shared_function.recompute`): less peak memory, one more
+      storing them (`recompute.recompute`): less peak memory, one more
       forward pass of the recomputed units.
     recompute_unit: what is recomputed as one unit: ``"edge"`` (each mixed
       edge; only node states and edge outputs are stored, backprop holds
@@ -227,7 +227,7 @@ class SearchNetwork(keras.Model):
     # them: peak memory drops to roughly the cell boundaries plus one cell.
     # The variable values go in explicitly so that gradients also reach
     # values substituted by a StatelessScope (2nd-order DARTS).
-    return shared_function.recompute(
+    return recompute.recompute(
         lambda a, b, w: cell(a, b, weights=w, indices=indices,
                              training=training),
         [s0, s1, weights], cell.variables)
