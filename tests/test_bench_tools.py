@@ -17,8 +17,9 @@ def _run(script, *args):
 
 
 def _row(stdout, name):
+  """The measurement's row of the main table (the first one)."""
   rows = [l for l in stdout.splitlines() if l.startswith(f"| {name} |")]
-  assert len(rows) == 1, stdout
+  assert rows, stdout
   return [c.strip() for c in rows[0].strip("|").split("|")]
 
 
@@ -43,7 +44,8 @@ def test_unknown_measurement_is_one_clear_error():
 
 
 def test_per_op_children_bound_has_one_time_per_candidate():
-  proc = _run("bench_single_path.py", "--quick", "--only=child_per_op_darts")
+  proc = _run("bench_single_path.py", "--quick", "--split",
+              "--only=child_per_op_darts")
   assert proc.returncode == 0, proc.stderr[-3000:]
   cells = _row(proc.stdout, "child_per_op_darts")
   assert cells[6] == "8 children"
@@ -57,3 +59,16 @@ def test_per_op_children_bound_has_one_time_per_candidate():
   # The row's s/step is the mean of the per-op times (rounded in print).
   mean = sum(float(t) for t in times.values()) / len(times)
   assert abs(float(cells[3]) - mean) < 2e-3
+  # --split: the parts of the step (forward, backward, optimizer) of the
+  # same children, timed as separately traced functions.
+  header = [l for l in proc.stdout.splitlines()
+            if l.startswith("| measurement | forward |")]
+  assert len(header) == 1, proc.stdout
+  parts = [l for l in proc.stdout.splitlines()
+           if l.startswith("| child_per_op_darts |")][-1]
+  forward, backward, opt, fwd_bwd, step = (
+      float(c) for c in parts.strip("|").split("|")[1:])
+  assert forward > 0 and fwd_bwd > 0
+  assert abs(forward + backward - fwd_bwd) < 2e-3
+  assert abs(fwd_bwd + opt - step) < 2e-3
+  assert abs(step - float(cells[3])) < 2e-3

@@ -35,12 +35,23 @@ children still trace shared functions and build their backward functions),
 ``peak GiB`` (peak resident memory), ``fns / ops`` (shared functions traced /
 graph ops).
 
+``--split`` also times the parts of a step as the DSNAS paper's Table 4 does
+(forward, backward, optimizer) for snas_darts, dsnas_darts and
+child_per_op_darts: ``forward`` is the training-mode forward pass (eager rows:
+recorded on a tape, as in a step), ``backward`` is forward+backward minus
+forward, ``opt`` is the whole step minus forward+backward (child_per_op_darts:
+the weight update only, as its step has no α update). Compiled rows trace each
+part as its own tf.function; eager rows time the parts on the same children.
+
 Examples (run from the repository root; CPU only):
   # DARTS C=16, 8 cells, batch 64, 32x32; ShuffleNet full widths at 64x64.
   python tools/bench_single_path.py
   python tools/bench_single_path.py --only=dsnas_darts,dsnas_shufflenet
   # DSNAS with each edge's activations recomputed in backprop (memory).
   python tools/bench_single_path.py --recompute --only=dsnas_darts
+  # Forward / backward / optimizer times, as in the DSNAS paper's Table 4.
+  python tools/bench_single_path.py --split --recompute \
+      --only=snas_darts,dsnas_darts,child_per_op_darts
   # A smoke run on tiny networks (seconds).
   python tools/bench_single_path.py --quick
 """
@@ -48,6 +59,7 @@ Examples (run from the repository root; CPU only):
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -78,6 +90,9 @@ def _parse_args(argv=None):
                       "child_traced_darts, child_per_op_darts): recompute "
                       "each chosen edge's activations in backprop (the "
                       "snas_darts row is unchanged)")
+  p.add_argument("--split", action="store_true",
+                 help="also time forward, backward and optimizer apart "
+                      "(snas_darts, dsnas_darts, child_per_op_darts)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -136,6 +151,31 @@ def _fixed_child_step(est, ctx, batch, indices, update_arch: bool):
   return body
 
 
+def _child_forward(ctx, batch, indices):
+  """The training-mode forward pass of the child ``indices``, recorded on a
+  tape as `DsnasEstimator.gradients` records it; returns the loss."""
+  import tensorflow as tf
+  from tfnas.arch import one_hot_weights
+  images, labels = batch
+  gates = one_hot_weights(ctx.arch, indices)
+  groups = ctx.arch.group_names
+  arch_indices = {g: tuple(int(i) for i in indices[g]) for g in groups}
+  with tf.GradientTape() as tape:
+    tape.watch([gates[g] for g in groups])
+    logits = ctx.forward(images, gates, arch_indices, training=True)
+    return ctx.loss(logits, labels)
+
+
+def _child_gradients(est, ctx, batch, indices):
+  """Forward and backward of the child ``indices``: its weight gradients."""
+  return est.gradients(ctx, batch, indices)[1]
+
+
+def _split(forward_s: float, fwd_bwd_s: float, step_s: float) -> dict:
+  return {"forward": forward_s, "backward": fwd_bwd_s - forward_s,
+          "opt": step_s - fwd_bwd_s}
+
+
 def _measure(args, which: str) -> dict:
   import numpy as np
   import tensorflow as tf
@@ -184,21 +224,30 @@ def _measure(args, which: str) -> dict:
     fn()
     return trace, ops, first, timed(lambda s: fn(), range(args.steps))
 
-  trace_s, count = 0.0, None
+  trace_s, count, split = 0.0, None, None
   if which == "child_per_op_darts":
     est = DsnasEstimator()
     drawn = est.sample(ctx, 0)
-    per_op, first = {}, 0.0
+    per_op, first, parts = {}, 0.0, []
     for k, name in enumerate(ctx.network.space.candidates):
+      child = {g: np.full_like(v, k) for g, v in drawn.items()}
       trace, _, first_k, times = compiled(_fixed_child_step(
-          est, ctx, batch, {g: np.full_like(v, k) for g, v in drawn.items()},
-          update_arch=False))
+          est, ctx, batch, child, update_arch=False))
       trace_s, first = trace_s + trace, first + first_k
       per_op[name] = statistics.median(times)
-    return {"measurement": which, "trace_s": trace_s, "first_s": first,
-            "step_s": statistics.mean(per_op.values()),
-            "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
-            "count": f"{len(per_op)} children", "per_op": per_op}
+      if args.split:
+        medians = [statistics.median(compiled(body)[3]) for body in (
+            functools.partial(_child_forward, ctx, batch, child),
+            functools.partial(_child_gradients, est, ctx, batch, child))]
+        parts.append(_split(*medians, per_op[name]))
+    result = {"measurement": which, "trace_s": trace_s, "first_s": first,
+              "step_s": statistics.mean(per_op.values()),
+              "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
+              "count": f"{len(per_op)} children", "per_op": per_op}
+    if parts:
+      result["split"] = {key: statistics.mean(p[key] for p in parts)
+                         for key in parts[0]}
+    return result
   if which in ("snas_darts", "supernet_shufflenet", "child_traced_darts"):
     if which == "snas_darts":
       est = SnasEstimator()
@@ -219,6 +268,15 @@ def _measure(args, which: str) -> dict:
       body = _fixed_child_step(est, ctx, batch, est.sample(ctx, 0),
                                update_arch=True)
     trace_s, count, first, times = compiled(body)
+    if args.split and which == "snas_darts":
+      def forward():
+        sample, _ = ctx.distribution.sample_with_log(ctx.arch, step0)
+        return ctx.loss(ctx.forward(images, sample, training=True), labels)
+      def fwd_bwd():
+        w_grads, a_grads, _ = est.gradients(ctx, batch, step0)
+        return w_grads + a_grads
+      split = _split(*[statistics.median(compiled(f)[3])
+                       for f in (forward, fwd_bwd)], statistics.median(times))
   else:
     est = DsnasEstimator()
     # A new child every step, as in a search (the step seeds the draw).
@@ -226,12 +284,24 @@ def _measure(args, which: str) -> dict:
     for s in range(1, 1 + args.warmup):
       est.step(ctx, batch, None, s)
     start = 1 + args.warmup
-    times = timed(lambda s: est.step(ctx, batch, None, s),
-                  range(start, start + args.steps))
+    steps = range(start, start + args.steps)
+    times = timed(lambda s: est.step(ctx, batch, None, s), steps)
     count = shared_function.num_shared_functions() - before
-  return {"measurement": which, "trace_s": trace_s, "first_s": first,
-          "step_s": statistics.median(times), "peak_gib": util.peak_rss_gib(),
-          "base_gib": base_gib, "count": count}
+    if args.split and which == "dsnas_darts":
+      # The same children as the timed steps (the step seeds the draw).
+      split = _split(
+          statistics.median(timed(lambda s: _child_forward(
+              ctx, batch, est.sample(ctx, s)), steps)),
+          statistics.median(timed(lambda s: est.gradients(
+              ctx, batch, est.sample(ctx, s))[1], steps)),
+          statistics.median(times))
+  result = {"measurement": which, "trace_s": trace_s, "first_s": first,
+            "step_s": statistics.median(times),
+            "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
+            "count": count}
+  if split is not None:
+    result["split"] = split
+  return result
 
 
 def main(argv=None):
@@ -252,6 +322,24 @@ def main(argv=None):
     per_op = results["child_per_op_darts"]["per_op"]
     print("\nchild_per_op_darts, s/step of the child with one op on every "
           "edge: " + ", ".join(f"{k} {v:.3f}" for k, v in per_op.items()))
+  split = {k: r["split"] for k, r in results.items() if "split" in r}
+  if split:
+    print("\nParts of a step (s; the DSNAS paper's Table 4):\n\n"
+          "| measurement | forward | backward | opt | fwd+bwd | step |\n"
+          "|---|---|---|---|---|---|")
+    for which, p in split.items():
+      print(f"| {which} | {p['forward']:.3f} | {p['backward']:.3f} | "
+            f"{p['opt']:.3f} | {p['forward'] + p['backward']:.3f} | "
+            f"{results[which]['step_s']:.3f} |")
+    for b in ("dsnas_darts", "child_per_op_darts"):
+      if "snas_darts" in split and b in split:
+        a, c = split["snas_darts"], split[b]
+        ratios = ", ".join(
+            f"{key} {a[key] / c[key]:.1f}x" for key in ("forward", "backward")
+            if c[key] > 0)
+        fb = ((a["forward"] + a["backward"]) / (c["forward"] + c["backward"]))
+        print(f"\n{b} vs snas_darts by part: {ratios}, forward+backward "
+              f"{fb:.1f}x faster")
   for a, b in (("snas_darts", "dsnas_darts"),
                ("snas_darts", "child_per_op_darts"),
                ("supernet_shufflenet", "dsnas_shufflenet")):
