@@ -25,10 +25,16 @@ def tiny_space(**overrides):
   return darts_space.DartsSpaceConfig(**kwargs)
 
 
+REPLICA_OPS = ("none", "skip_connect", "sep_conv_3x3")
+
+
 def replica_space(**overrides):
-  """`tiny_space` with one node per cell: for tests comparing replicas or
-  workers with one device, where more nodes only add trace time."""
-  return tiny_space(**dict(dict(num_nodes=1), **overrides))
+  """`tiny_space` with one node per cell and no pooling op: for tests
+  comparing replicas or workers with one device, where more nodes and
+  parameter-free ops only add trace time (`none` stays for single-path
+  steps, `sep_conv_3x3` brings weights and BatchNorm)."""
+  return tiny_space(**dict(dict(num_nodes=1, candidates=REPLICA_OPS),
+                           **overrides))
 
 
 def batch(n=4, size=8, channels=3, classes=3, seed=0, dtype=np.float32):
