@@ -17,9 +17,11 @@ def _run(script, *args):
 
 
 def _row(stdout, name):
-  """The measurement's row of the main table (the first one)."""
-  rows = [l for l in stdout.splitlines() if l.startswith(f"| {name} |")]
-  assert rows, stdout
+  """The measurement's row of the main table (``--split`` prints a second
+  table after it)."""
+  main_table = stdout.split("\nParts of a step")[0]
+  rows = [l for l in main_table.splitlines() if l.startswith(f"| {name} |")]
+  assert len(rows) == 1, stdout
   return [c.strip() for c in rows[0].strip("|").split("|")]
 
 

@@ -151,19 +151,12 @@ def _fixed_child_step(est, ctx, batch, indices, update_arch: bool):
   return body
 
 
-def _child_forward(ctx, batch, indices):
+def _child_forward(est, ctx, batch, indices):
   """The training-mode forward pass of the child ``indices``, recorded on a
-  tape as `DsnasEstimator.gradients` records it; returns the loss."""
+  tape as in a DSNAS step; returns the loss."""
   import tensorflow as tf
-  from tfnas.arch import one_hot_weights
-  images, labels = batch
-  gates = one_hot_weights(ctx.arch, indices)
-  groups = ctx.arch.group_names
-  arch_indices = {g: tuple(int(i) for i in indices[g]) for g in groups}
   with tf.GradientTape() as tape:
-    tape.watch([gates[g] for g in groups])
-    logits = ctx.forward(images, gates, arch_indices, training=True)
-    return ctx.loss(logits, labels)
+    return est.child_forward(ctx, batch, indices, tape)[2]
 
 
 def _child_gradients(est, ctx, batch, indices):
@@ -237,7 +230,7 @@ def _measure(args, which: str) -> dict:
       per_op[name] = statistics.median(times)
       if args.split:
         medians = [statistics.median(compiled(body)[3]) for body in (
-            functools.partial(_child_forward, ctx, batch, child),
+            functools.partial(_child_forward, est, ctx, batch, child),
             functools.partial(_child_gradients, est, ctx, batch, child))]
         parts.append(_split(*medians, per_op[name]))
     result = {"measurement": which, "trace_s": trace_s, "first_s": first,
@@ -291,9 +284,9 @@ def _measure(args, which: str) -> dict:
       # The same children as the timed steps (the step seeds the draw).
       split = _split(
           statistics.median(timed(lambda s: _child_forward(
-              ctx, batch, est.sample(ctx, s)), steps)),
-          statistics.median(timed(lambda s: est.gradients(
-              ctx, batch, est.sample(ctx, s))[1], steps)),
+              est, ctx, batch, est.sample(ctx, s)), steps)),
+          statistics.median(timed(lambda s: _child_gradients(
+              est, ctx, batch, est.sample(ctx, s)), steps)),
           statistics.median(times))
   result = {"measurement": which, "trace_s": trace_s, "first_s": first,
             "step_s": statistics.median(times),

@@ -134,6 +134,22 @@ class DsnasEstimator(Estimator):
     fixed = ctx.fixed_decisions.fixed() if ctx.fixed_decisions else None
     return dist.sample_indices(ctx.arch, int(step), fixed=fixed)
 
+  @staticmethod
+  def child_forward(ctx: StepContext, batch, indices, tape: tf.GradientTape):
+    """The training-mode forward pass of the child ``indices``, under
+    ``tape`` (which watches the one-hot gates).
+
+    Returns:
+      ``(gates, logits, loss)``: group → one-hot gates, the logits, the loss.
+    """
+    images, labels = batch
+    gates = one_hot_weights(ctx.arch, indices)
+    groups = ctx.arch.group_names
+    arch_indices = {g: tuple(int(i) for i in indices[g]) for g in groups}
+    tape.watch([gates[g] for g in groups])
+    logits = ctx.forward(images, gates, arch_indices, training=True)
+    return gates, logits, ctx.loss(logits, labels)
+
   def gradients(self, ctx: StepContext, batch, indices):
     """One forward/backward pass of the child given by ``indices``.
 
@@ -146,18 +162,14 @@ class DsnasEstimator(Estimator):
       child used and their all-reduced gradients, group → ``[E]`` costs
       ``C_e = ∂L/∂gate_e``, the one-hot gates, per-replica metric sums.
     """
-    images, labels = batch
-    gates = one_hot_weights(ctx.arch, indices)
+    _, labels = batch
     groups = ctx.arch.group_names
-    arch_indices = {g: tuple(int(i) for i in indices[g]) for g in groups}
     wvars = ctx.weight_variables
+    with tf.GradientTape() as tape:
+      gates, logits, loss = self.child_forward(ctx, batch, indices, tape)
     # Underlying tf.Variables: a tape asked about Keras variables that the
     # step did not use fails in TF 2.21 (WORKSPACE_NOTES.md, known gaps).
     sources = [v.value for v in wvars] + [gates[g] for g in groups]
-    with tf.GradientTape() as tape:
-      tape.watch([gates[g] for g in groups])
-      logits = ctx.forward(images, gates, arch_indices, training=True)
-      loss = ctx.loss(logits, labels)
     grads = tape.gradient(loss, sources)
     used = [i for i, g in enumerate(grads[:len(wvars)]) if g is not None]
     gate_grads = [tf.zeros_like(gates[g]) if gr is None else gr
