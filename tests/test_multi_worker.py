@@ -1,5 +1,6 @@
 """MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1 take the same
-DARTS step as the default strategy on the same global batch."""
+DARTS step as the default strategy on the same global batch, and
+``tfnas-search --strategy=multi_worker`` writes one run."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfnas import distribute
 from tfnas.estimators.darts import DartsFirstOrder
 from tests import helpers
 
@@ -27,6 +29,11 @@ def _free_ports(n):
   return ports
 
 
+def _tf_config(workers, index):
+  return json.dumps({"cluster": {"worker": workers},
+                     "task": {"type": "worker", "index": index}})
+
+
 @pytest.mark.slow
 def test_two_workers_equal_default_strategy(tmp_path):
   ctx = helpers.tiny_context(space=helpers.replica_space(), global_batch=4)
@@ -41,9 +48,7 @@ def test_two_workers_equal_default_strategy(tmp_path):
   procs = []
   for index in range(2):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", INIT_PATH=str(init_path),
-               TF_CONFIG=json.dumps({"cluster": {"worker": workers},
-                                     "task": {"type": "worker",
-                                              "index": index}}))
+               TF_CONFIG=_tf_config(workers, index))
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "multi_worker_step.py"),
          str(tmp_path / f"out{index}.npz")], env=env, cwd=ROOT,
@@ -58,3 +63,75 @@ def test_two_workers_equal_default_strategy(tmp_path):
     values = [got[f"arr_{i}"] for i in range(len(expected))]
     for a, b in zip(expected, values):
       np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cluster, task_type, task_id, expected", [
+    ({"worker": ["a:1", "b:2"]}, "worker", 0, None),
+    ({"worker": ["a:1", "b:2"]}, "worker", 1, "worker1"),
+    ({"chief": ["c:3"], "worker": ["a:1"]}, "chief", 0, None),
+    ({"chief": ["c:3"], "worker": ["a:1"]}, "worker", 0, "worker0"),
+])
+def test_the_chief_writes_the_run(cluster, task_type, task_id, expected):
+  resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+      tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+
+  class Strategy:
+    cluster_resolver = resolver
+  assert distribute.worker_name(Strategy()) == expected
+  assert distribute.worker_name(tf.distribute.get_strategy()) is None
+
+
+def _search_workers(tmp_path, *args):
+  """Runs tfnas-search as 2 workers on 127.0.0.1; their (stdout, stderr)."""
+  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  scratch = tmp_path / "tmp"
+  scratch.mkdir(exist_ok=True)
+  procs = []
+  for index in range(2):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+               TMPDIR=str(scratch), TF_CONFIG=_tf_config(workers, index))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "tfnas.apps.search", "--strategy=multi_worker",
+         "--dataset=digits", "--space=s3", "--num_cells=3", "--num_nodes=1",
+         "--channels=4", "--batch_size=32", "--max_steps_per_epoch=2",
+         "--steps_per_loop=2", "--noprogress", *args], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outputs = [proc.communicate(timeout=600) for proc in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  # The non-chief worker's scratch directory is gone.
+  assert not [p.name for p in scratch.iterdir() if p.name.startswith("tfnas")]
+  return outputs
+
+
+@pytest.mark.slow
+def test_cli_search_on_two_workers_writes_one_run_and_resumes(tmp_path):
+  run_dir = tmp_path / "run"
+  outputs = _search_workers(tmp_path, "--epochs=1", f"--run_dir={run_dir}")
+  # Both workers hold the same variables: same genotype, same metrics.
+  assert outputs[0][0] == outputs[1][0]
+  assert "final: val/acc=" in outputs[0][0]
+  assert sorted(os.listdir(run_dir)) == [
+      "arch.json", "ckpt", "config.json", "genotype.json", "history.jsonl",
+      "tb"]
+  assert len((run_dir / "history.jsonl").read_text().splitlines()) == 1
+  # Both resume from the chief's checkpoint and append one epoch.
+  outputs = _search_workers(tmp_path, "--epochs=2", "--resume",
+                            f"--run_dir={run_dir}")
+  for _, err in outputs:
+    assert f"resumed from {run_dir}/ckpt/ckpt-" in err, err[-2000:]
+  assert outputs[0][0] == outputs[1][0]
+  assert len((run_dir / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_bad_tf_config_is_one_clear_line(tmp_path):
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+             TF_CONFIG="{not json")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfnas.apps.search", "--strategy=multi_worker",
+       "--dataset=digits", f"--run_dir={tmp_path}/r"], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "--strategy=multi_worker: bad TF_CONFIG" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "r").exists()

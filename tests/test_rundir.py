@@ -32,3 +32,19 @@ def test_resume_compares_values_as_json_and_old_runs_by_default(tmp_path):
                      r"\[1, 1\]\)"):
     rundir.prepare(str(run_dir), dict(newer, stage_repeats=(1, 1)),
                    resume=True)
+
+
+def test_worker_scratch_writes_outside_the_run_and_needs_it_to_resume(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(rundir.tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  run_dir = tmp_path / "r"
+  scratch = rundir.worker_scratch(str(run_dir), resume=False, worker="worker1")
+  assert scratch.startswith(str(tmp_path / "tmp" / "tfnas-worker1-"))
+  assert not run_dir.exists()
+  # Resuming restores the chief's checkpoint: the run must be visible.
+  with pytest.raises(rundir.RunDirError,
+                     match=r"worker1: --resume .* same --run_dir on a shared"):
+    rundir.worker_scratch(str(run_dir), resume=True, worker="worker1")
+  assert not rundir.prepare(str(run_dir), {"epochs": 1}, resume=False)
+  assert rundir.worker_scratch(str(run_dir), resume=True, worker="worker1")

@@ -97,3 +97,19 @@ def mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:
       return cls(devices)
     finally:
       cls._collective_key_base = saved  # pylint: disable=protected-access
+
+
+def worker_name(strategy: tf.distribute.Strategy) -> str | None:
+  """``None`` for the process that writes the run: a single process, or
+  the chief of a multi-worker cluster (task ``chief``, else ``worker`` 0,
+  TensorFlow's convention); otherwise the task's name, e.g. ``worker1``.
+  """
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or resolver.task_type is None:
+    return None
+  cluster = resolver.cluster_spec().as_dict()
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                              "chief" not in cluster):
+    return None
+  return f"{task_type}{task_id}"

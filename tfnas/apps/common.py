@@ -33,15 +33,20 @@ def _native_stderr_silenced(enabled: bool):
     os.close(devnull)
 
 
-def import_tensorflow():
+def import_tensorflow(before_devices=None):
   """Imports TensorFlow and initialises its devices without log noise.
 
+  ``before_devices(tf)``, if given, runs between the import and the device
+  initialisation (MultiWorkerMirroredStrategy must be created there: it
+  configures collective ops, which TF refuses once its context is up).
   Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's native start-up logs.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1")
   with _native_stderr_silenced(quiet):
     import tensorflow as tf
+    if before_devices is not None:
+      before_devices(tf)
     tf.config.list_logical_devices()
   if quiet:
     # TensorFlow's own INFO chatter (e.g. the checkpoint saver's per-save
@@ -86,8 +91,32 @@ def clean_errors(prog: str):
   return wrap
 
 
+def start_tensorflow(strategy_name: str):
+  """Imports TensorFlow quietly and makes the strategy named by --strategy.
+
+  Returns ``(tf, strategy)``. Apps call this before anything else touches
+  TensorFlow: a multi-worker strategy can only be created first.
+  """
+  made = []
+  def multi_worker(tf):
+    # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
+    try:
+      made.append(tf.distribute.MultiWorkerMirroredStrategy())
+    except (ValueError, KeyError, TypeError) as e:
+      raise TfnasError(f"--strategy=multi_worker: bad TF_CONFIG ({e}); "
+                       "it must be JSON with a 'cluster' of 'worker' "
+                       "addresses and this process's 'task' (type, "
+                       "index)") from None
+  tf = import_tensorflow(
+      multi_worker if strategy_name == "multi_worker" else None)
+  if made:
+    return tf, made[0]
+  return tf, make_strategy(strategy_name)
+
+
 def make_strategy(name: str):
-  """The tf.distribute strategy named by --strategy."""
+  """The tf.distribute strategy named by --strategy (for ``multi_worker``
+  see `start_tensorflow`)."""
   tf = import_tensorflow()
   if name == "auto":
     gpus = tf.config.list_logical_devices("GPU")
@@ -98,6 +127,10 @@ def make_strategy(name: str):
     from tfnas.distribute import mirrored_strategy
     return mirrored_strategy()
   if name == "multi_worker":
-    # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+      return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as e:
+      raise TfnasError("--strategy=multi_worker must be set up before "
+                       f"TensorFlow starts ({e}); create it with "
+                       "tfnas.apps.common.start_tensorflow") from None
   raise TfnasError(f"unknown strategy {name!r}")

@@ -24,13 +24,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = tfnas_flags.search_config()  # Validated before TF loads.
-  tf = common.import_tensorflow()
+  tf, strategy = common.start_tensorflow(FLAGS.strategy)
   import keras
   from tfnas.train.search import Search
   if config.deterministic:
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-  strategy = common.make_strategy(FLAGS.strategy)
   search = Search(config, strategy, resume=FLAGS.resume,
                   show_progress=FLAGS.progress)
   result = search.run()

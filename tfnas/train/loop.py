@@ -19,6 +19,8 @@ from typing import Callable, Mapping, Sequence
 from absl import logging as log
 import tensorflow as tf
 
+from tfnas import distribute
+from tfnas.train import rundir
 from tfnas.train import summaries
 from tfnas.train.progress import progress_bar
 from tfnas.train.step import batch_sums
@@ -45,18 +47,40 @@ def sigterm_flag():
       signal.signal(signal.SIGTERM, previous)
 
 
+def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
+             prepare: Callable[[], bool]) -> tuple[bool, str]:
+  """``(resuming, write_dir)`` of this process.
+
+  The process that writes the run (see `distribute.worker_name`) calls
+  ``prepare()`` (``rundir.prepare`` with the run's config: returns whether
+  it resumes) and writes into ``run_dir``; the other workers of a
+  multi-worker run write into a scratch directory (`rundir.worker_scratch`)
+  and restore from ``run_dir``.
+  """
+  worker = distribute.worker_name(strategy)
+  if worker is None:
+    return prepare(), run_dir
+  return resume, rundir.worker_scratch(run_dir, resume, worker)
+
+
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
-                       resuming: bool, max_to_keep: int = 3):
-  """The run's CheckpointManager (``run_dir/ckpt``); restores when resuming."""
+                       resuming: bool, max_to_keep: int = 3,
+                       restore_dir: str | None = None):
+  """The run's CheckpointManager (``run_dir/ckpt``); restores when resuming,
+  from the latest checkpoint in ``restore_dir/ckpt`` (default ``run_dir``:
+  a non-chief worker saves into its scratch directory but restores the
+  chief's checkpoint)."""
   manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
   if resuming:
-    if manager.latest_checkpoint is None:
-      log.warning("no checkpoint in %s yet; starting from scratch", run_dir)
+    restore_dir = restore_dir or run_dir
+    latest = tf.train.latest_checkpoint(os.path.join(restore_dir, "ckpt"))
+    if latest is None:
+      log.warning("no checkpoint in %s yet; starting from scratch",
+                  restore_dir)
     else:
-      checkpoint.restore(
-          manager.latest_checkpoint).assert_existing_objects_matched()
-      log.info("resumed from %s", manager.latest_checkpoint)
+      checkpoint.restore(latest).assert_existing_objects_matched()
+      log.info("resumed from %s", latest)
   return manager
 
 

@@ -93,11 +93,12 @@ class Retrain:
     self.steps_per_epoch = steps
     self.augment = data_lib.AugmentConfig(
         pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
-    self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
-                                   TrainConfig.RESUMABLE_CHANGES,
-                                   defaults=TrainConfig().to_dict())
+    self.resuming, self.write_dir = loop.open_run(
+        self.strategy, config.run_dir, resume, lambda: rundir.prepare(
+            config.run_dir, config.to_dict(), resume,
+            TrainConfig.RESUMABLE_CHANGES, defaults=TrainConfig().to_dict()))
     if not has_saved:
-      self.genotype.save(os.path.join(config.run_dir, "genotype.json"))
+      self.genotype.save(os.path.join(self.write_dir, "genotype.json"))
     self._build()
 
   # ------------------------------------------------------------------ build
@@ -121,12 +122,13 @@ class Retrain:
     self.checkpoint = tf.train.Checkpoint(
         network=self.network, optimizer=self.optimizer, epoch=self.epoch,
         step_in_epoch=self.step_in_epoch)
-    self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
-                                           self.resuming)
+    self.manager = loop.checkpoint_manager(
+        self.checkpoint, self.write_dir, self.resuming,
+        restore_dir=config.run_dir)
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
     self.writer = tf.summary.create_file_writer(
-        os.path.join(config.run_dir, "tb"))
+        os.path.join(self.write_dir, "tb"))
 
   def _stream(self, split, training, epoch=0, skip=0):
     return split.distribute(
@@ -237,4 +239,4 @@ class Retrain:
                       if k.startswith(("train/", "val/"))},
         int(self.optimizer.iterations.numpy()))
     self.writer.flush()
-    return loop.finish_epoch(config.run_dir, epoch, metrics)
+    return loop.finish_epoch(self.write_dir, epoch, metrics)

@@ -8,8 +8,10 @@ Nothing already in a run directory is overwritten by a different run.
 from __future__ import annotations
 
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterable
 
@@ -33,6 +35,27 @@ def atomic_write(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def worker_scratch(run_dir: str, resume: bool, worker: str) -> str:
+  """The directory a non-chief worker of a multi-worker run writes to.
+
+  Every worker takes part in saving checkpoints (saving can read
+  synchronised variables, a collective), but only the chief's files are
+  the run: the others write into a private temporary directory, removed
+  when the process exits. Nothing is written into ``run_dir``. A resuming
+  worker restores the chief's checkpoint from ``run_dir``, so the workers
+  must share it (a shared filesystem, or a copy of the run on each
+  machine).
+  """
+  if resume and not os.path.exists(os.path.join(run_dir, "config.json")):
+    raise RunDirError(f"{worker}: --resume restores the chief's checkpoint "
+                      f"from {run_dir}, which this worker cannot see; give "
+                      "every worker the same --run_dir on a shared "
+                      "filesystem")
+  path = tempfile.mkdtemp(prefix=f"tfnas-{worker}-")
+  atexit.register(shutil.rmtree, path, True)
+  return path
 
 
 def prepare(run_dir: str, config: dict[str, Any], resume: bool,

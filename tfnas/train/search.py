@@ -141,9 +141,11 @@ class Search:
       raise TfnasError(f"--method={config.method} cannot search the {kind} "
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
-    self.resuming = rundir.prepare(config.run_dir, config.to_dict(), resume,
-                                   SearchConfig.RESUMABLE_CHANGES,
-                                   defaults=SearchConfig().to_dict())
+    self.resuming, self.write_dir = loop.open_run(
+        self.strategy, config.run_dir, resume, lambda: rundir.prepare(
+            config.run_dir, config.to_dict(), resume,
+            SearchConfig.RESUMABLE_CHANGES,
+            defaults=SearchConfig().to_dict()))
     self._build()
 
   # ------------------------------------------------------------------ build
@@ -193,15 +195,16 @@ class Search:
         network=ModelVariables(self.network), arch=self.arch,
         weight_optimizer=self.w_opt, arch_optimizer=self.a_opt,
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
-    self.manager = loop.checkpoint_manager(self.checkpoint, config.run_dir,
-                                           self.resuming)
+    self.manager = loop.checkpoint_manager(
+        self.checkpoint, self.write_dir, self.resuming,
+        restore_dir=config.run_dir)
     self._children = ChildCache(config.compiled_children, self.arch,
                                 self.early_stop)
     self._train_loop = self._make_train_loop()
     self._eval_steps = {child: self._make_eval_step(child)
                         for child in (False, True)}
     self.writer = tf.summary.create_file_writer(
-        os.path.join(config.run_dir, "tb"))
+        os.path.join(self.write_dir, "tb"))
 
   def _make_train_loop(self):
     """The step loop for this method's estimator (see ``tfnas.train.loop``):
@@ -324,7 +327,7 @@ class Search:
 
   def _save(self, epoch_done: bool):
     self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
-    run_dir = self.config.run_dir
+    run_dir = self.write_dir
     genotype = self.genotype()
     genotype.save(os.path.join(run_dir, "genotype.json"))
     arch_record = {
@@ -409,7 +412,7 @@ class Search:
         self.writer, self.arch, step, genotype,
         self.early_stop.fixed() if self.early_stop is not None else None)
     self.writer.flush()
-    return loop.finish_epoch(config.run_dir, epoch, metrics)
+    return loop.finish_epoch(self.write_dir, epoch, metrics)
 
   @staticmethod
   def _epoch_metrics(totals, num_steps):
