@@ -4,9 +4,11 @@ DARTS step as the default strategy on the same global batch, and
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -78,11 +80,13 @@ def test_the_chief_writes_the_run(cluster, task_type, task_id, expected):
   class Strategy:
     cluster_resolver = resolver
   assert distribute.worker_name(Strategy()) == expected
+  assert distribute.num_workers(Strategy()) == sum(map(len, cluster.values()))
   assert distribute.worker_name(tf.distribute.get_strategy()) is None
+  assert distribute.num_workers(tf.distribute.get_strategy()) == 1
 
 
-def _search_workers(tmp_path, *args):
-  """Runs tfnas-search as 2 workers on 127.0.0.1; their (stdout, stderr)."""
+def _start_search_workers(tmp_path, *args):
+  """Starts tfnas-search as 2 workers on 127.0.0.1 (tiny S3 space)."""
   workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
   scratch = tmp_path / "tmp"
   scratch.mkdir(exist_ok=True)
@@ -94,34 +98,54 @@ def _search_workers(tmp_path, *args):
         [sys.executable, "-m", "tfnas.apps.search", "--strategy=multi_worker",
          "--dataset=digits", "--space=s3", "--num_cells=3", "--num_nodes=1",
          "--channels=4", "--batch_size=32", "--max_steps_per_epoch=2",
-         "--steps_per_loop=2", "--noprogress", *args], env=env, cwd=ROOT,
+         "--steps_per_loop=1", "--noprogress", *args], env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _finish(tmp_path, procs, returncode):
+  """Both workers' (stdout, stderr) once they exit with ``returncode``."""
   outputs = [proc.communicate(timeout=600) for proc in procs]
   for proc, (_, err) in zip(procs, outputs):
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == returncode, err[-3000:]
   # The non-chief worker's scratch directory is gone.
-  assert not [p.name for p in scratch.iterdir() if p.name.startswith("tfnas")]
+  assert not [p.name for p in (tmp_path / "tmp").iterdir()
+              if p.name.startswith("tfnas")]
   return outputs
 
 
 @pytest.mark.slow
 def test_cli_search_on_two_workers_writes_one_run_and_resumes(tmp_path):
   run_dir = tmp_path / "run"
-  outputs = _search_workers(tmp_path, "--epochs=1", f"--run_dir={run_dir}")
-  # Both workers hold the same variables: same genotype, same metrics.
-  assert outputs[0][0] == outputs[1][0]
-  assert "final: val/acc=" in outputs[0][0]
+  history = run_dir / "history.jsonl"
+  procs = _start_search_workers(tmp_path, "--epochs=50",
+                                f"--run_dir={run_dir}")
+  deadline = time.time() + 300
+  while time.time() < deadline and not history.exists():
+    time.sleep(0.5)
+  assert history.exists(), "no epoch finished"
+  # SIGTERM reaches only the non-chief worker: both still stop after the
+  # same chunk and save (a worker stopping alone would leave the other in
+  # its next all-reduce).
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = _finish(tmp_path, procs, returncode=130)
+  for _, err in outputs:
+    assert "--resume" in err, err[-2000:]
+  epochs_done = len(history.read_text().splitlines())  # Only the chief's.
+  assert 1 <= epochs_done < 50
   assert sorted(os.listdir(run_dir)) == [
       "arch.json", "ckpt", "config.json", "genotype.json", "history.jsonl",
       "tb"]
-  assert len((run_dir / "history.jsonl").read_text().splitlines()) == 1
-  # Both resume from the chief's checkpoint and append one epoch.
-  outputs = _search_workers(tmp_path, "--epochs=2", "--resume",
-                            f"--run_dir={run_dir}")
+  # Both resume from the chief's checkpoint and finish one more epoch.
+  outputs = _finish(tmp_path, _start_search_workers(
+      tmp_path, f"--epochs={epochs_done + 1}", "--resume",
+      f"--run_dir={run_dir}"), returncode=0)
   for _, err in outputs:
     assert f"resumed from {run_dir}/ckpt/ckpt-" in err, err[-2000:]
+  # Both workers hold the same variables: same genotype, same metrics.
   assert outputs[0][0] == outputs[1][0]
-  assert len((run_dir / "history.jsonl").read_text().splitlines()) == 2
+  assert "final: val/acc=" in outputs[0][0]
+  assert len(history.read_text().splitlines()) == epochs_done + 1
 
 
 def test_cli_bad_tf_config_is_one_clear_line(tmp_path):

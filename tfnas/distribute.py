@@ -113,3 +113,13 @@ def worker_name(strategy: tf.distribute.Strategy) -> str | None:
                               "chief" not in cluster):
     return None
   return f"{task_type}{task_id}"
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """Processes taking part in ``strategy`` (1 without a cluster)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or resolver.task_type is None:
+    return 1
+  cluster = resolver.cluster_spec()
+  return sum(cluster.num_tasks(job) for job in ("chief", "worker")
+             if job in cluster.jobs)

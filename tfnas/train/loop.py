@@ -89,7 +89,8 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
               checkpoint_every_steps: int, step_in_epoch: tf.Variable,
               interrupted: list, save: Callable[[], None], desc: str,
               show_progress: bool,
-              loss_keys=("train/loss_sum", "train/count")) -> dict:
+              loss_keys=("train/loss_sum", "train/count"),
+              agree: Callable[[bool], bool] = bool) -> dict:
   """Runs the steps ``start..steps`` of one epoch in compiled chunks.
 
   Args:
@@ -106,6 +107,9 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
     desc: progress-bar label.
     show_progress: draw the bar.
     loss_keys: (sum, count) keys shown as the running loss.
+    agree: ``agree(stop)``: whether to stop after this chunk, given this
+      process's request (`stop_agreement`: any worker's request stops all
+      workers at the same chunk).
 
   Returns:
     The epoch's totals of every key ``run_chunk`` returns.
@@ -128,12 +132,33 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
       step_in_epoch.assign(done)
       loss_sum, count = loss_keys
       bar.update(n, loss=totals[loss_sum] / max(totals[count], 1.0))
-      if interrupted or (checkpoint_every_steps and
-                         done % checkpoint_every_steps == 0 and done < steps):
+      stop = agree(bool(interrupted))
+      if stop or (checkpoint_every_steps and
+                  done % checkpoint_every_steps == 0 and done < steps):
         save()
-      if interrupted:
+      if stop:
         raise KeyboardInterrupt
   return totals
+
+
+def stop_agreement(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
+  """``agree(stop)`` for `run_epoch`: True when any worker asks to stop.
+
+  A scheduler's SIGTERM reaches the workers of a multi-worker run at
+  different moments; a worker that stopped alone would save (a collective)
+  while the others run the next chunk's all-reduces. With several workers
+  the request is summed over them once per chunk, so all stop after the
+  same chunk; otherwise it is the request itself.
+  """
+  if distribute.num_workers(strategy) <= 1:
+    return bool
+
+  @tf.function
+  def requests(stop):
+    return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                           strategy.run(lambda: stop), axis=None)
+
+  return lambda stop: bool(requests(tf.constant(float(stop))) > 0)
 
 
 def chunk_runner(train_loop, iterators: tuple, optimizer, writer):

@@ -129,6 +129,7 @@ class Retrain:
     self._eval_step = self._make_eval_step()
     self.writer = tf.summary.create_file_writer(
         os.path.join(self.write_dir, "tb"))
+    self._agree = loop.stop_agreement(self.strategy)
 
   def _stream(self, split, training, epoch=0, skip=0):
     return split.distribute(
@@ -221,6 +222,7 @@ class Retrain:
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
+        agree=self._agree,
         save=self._save, desc=f"epoch {epoch + 1}/{config.epochs}",
         show_progress=self.show_progress)
     metrics = {}

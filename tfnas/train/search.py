@@ -205,6 +205,7 @@ class Search:
                         for child in (False, True)}
     self.writer = tf.summary.create_file_writer(
         os.path.join(self.write_dir, "tb"))
+    self._agree = loop.stop_agreement(self.strategy)
 
   def _make_train_loop(self):
     """The step loop for this method's estimator (see ``tfnas.train.loop``):
@@ -385,6 +386,7 @@ class Search:
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
+        agree=self._agree,
         save=lambda: self._save(epoch_done=False),
         desc=f"epoch {epoch + 1}/{config.epochs}",
         show_progress=self.show_progress)
