@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from tfnas import distribute
+from tfnas.apps import common
 from tfnas.estimators.darts import DartsFirstOrder
 from tests import helpers
 
@@ -156,6 +157,18 @@ def test_cli_bad_tf_config_is_one_clear_line(tmp_path):
        "--dataset=digits", f"--run_dir={tmp_path}/r"], env=env, cwd=ROOT,
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert "--strategy=multi_worker: bad TF_CONFIG" in proc.stderr
+  assert "bad TF_CONFIG for a multi-worker run" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("tf_config, tasks", [
+    (None, 0), ("", 0),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"index": 0}}', 1),
+    ('{"cluster": {"chief": ["c:1"], "worker": ["a:1", "b:2"]}}', 3),
+    ("{not json", -1), ('["a"]', -1),
+])
+def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
+  # --strategy=auto is multi_worker unless the count is 0 or 1 (a malformed
+  # TF_CONFIG then fails with multi_worker's one-line error).
+  assert common.cluster_tasks(tf_config) == tasks

@@ -35,8 +35,10 @@ def define_run_flags(defaults=_DEFAULTS):
                        "device give the same genotype).")
   flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored",
                                          "multi_worker"],
-                    "tf.distribute strategy: auto = mirrored when several "
-                    "GPUs are visible, else the default strategy.")
+                    "tf.distribute strategy: auto = multi_worker when "
+                    "TF_CONFIG describes a cluster of several tasks, "
+                    "mirrored when several GPUs are visible, else the "
+                    "default strategy.")
   flags.DEFINE_boolean("progress", True, "Show a progress bar per epoch.")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -91,19 +92,36 @@ def clean_errors(prog: str):
   return wrap
 
 
+def cluster_tasks(tf_config: str | None) -> int:
+  """Tasks in the cluster of a ``TF_CONFIG`` value (0 when unset; -1 when
+  it is not a JSON cluster description)."""
+  if not tf_config:
+    return 0
+  try:
+    cluster = json.loads(tf_config).get("cluster", {})
+    return sum(len(tasks) for tasks in cluster.values())
+  except (ValueError, AttributeError, TypeError):
+    return -1
+
+
 def start_tensorflow(strategy_name: str):
   """Imports TensorFlow quietly and makes the strategy named by --strategy.
 
   Returns ``(tf, strategy)``. Apps call this before anything else touches
-  TensorFlow: a multi-worker strategy can only be created first.
+  TensorFlow: a multi-worker strategy can only be created first. ``auto``
+  is ``multi_worker`` when ``TF_CONFIG`` describes a cluster (of more than
+  one task), so workers started without the flag still form one run.
   """
+  if strategy_name == "auto" and cluster_tasks(
+      os.environ.get("TF_CONFIG")) not in (0, 1):
+    strategy_name = "multi_worker"
   made = []
   def multi_worker(tf):
     # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
     try:
       made.append(tf.distribute.MultiWorkerMirroredStrategy())
     except (ValueError, KeyError, TypeError) as e:
-      raise TfnasError(f"--strategy=multi_worker: bad TF_CONFIG ({e}); "
+      raise TfnasError(f"bad TF_CONFIG for a multi-worker run ({e}); "
                        "it must be JSON with a 'cluster' of 'worker' "
                        "addresses and this process's 'task' (type, "
                        "index)") from None
