@@ -172,3 +172,31 @@ def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
   # --strategy=auto is multi_worker unless the count is 0 or 1 (a malformed
   # TF_CONFIG then fails with multi_worker's one-line error).
   assert common.cluster_tasks(tf_config) == tasks
+
+
+_SIGNALS = """
+import os, signal, time
+from tfnas.train import loop
+with loop.sigterm_flag(also_sigint=True) as interrupted:
+  os.kill(os.getpid(), signal.SIGINT)
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.2)
+print("requests", interrupted == [signal.SIGINT, signal.SIGTERM])
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+with loop.sigterm_flag() as interrupted:
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+  except KeyboardInterrupt:
+    print("ctrl-c raises", interrupted == [])
+"""
+
+
+def test_ctrl_c_is_a_stop_request_in_multi_worker_runs():
+  # Multi-worker runs (also_sigint) take Ctrl-C like SIGTERM, a request that
+  # stop_agreement shares; other runs keep Ctrl-C's KeyboardInterrupt.
+  proc = subprocess.run([sys.executable, "-c", _SIGNALS], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[:2] == ["requests True", "ctrl-c raises True"]

@@ -27,24 +27,32 @@ from tfnas.train.step import batch_sums
 
 
 @contextlib.contextmanager
-def sigterm_flag():
+def sigterm_flag(also_sigint: bool = False):
   """Yields a list that gets an entry when SIGTERM arrives.
 
   The loop checks it between compiled chunks, saves a checkpoint and stops
-  (a scheduler's SIGTERM then loses at most one chunk). The previous handler
-  is restored on exit; outside the main thread nothing is installed.
+  (a scheduler's SIGTERM then loses at most one chunk). With
+  ``also_sigint`` Ctrl-C does the same instead of raising wherever the
+  program is (multi-worker runs: a KeyboardInterrupt in one worker would
+  leave the others in a collective; see `stop_agreement`). The previous
+  handlers are restored on exit; outside the main thread nothing is
+  installed.
   """
   interrupted = []
+  signums = (signal.SIGTERM, signal.SIGINT) if also_sigint else (
+      signal.SIGTERM,)
+  previous = {}
   try:
-    previous = signal.signal(signal.SIGTERM,
-                             lambda signum, frame: interrupted.append(signum))
+    for signum in signums:
+      previous[signum] = signal.signal(
+          signum, lambda signum, frame: interrupted.append(signum))
   except ValueError:  # Not the main thread.
-    previous = None
+    pass
   try:
     yield interrupted
   finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
