@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tfnas.arch import ArchParams, SoftmaxDistribution
+from tfnas.arch import ArchParams, OneHotDistribution, SoftmaxDistribution
+from tfnas.estimators.dsnas import DsnasEstimator
 from tfnas.spaces import darts as darts_space
+from tfnas.spaces import shufflenet
 from tfnas.train import optim
 from tfnas.train.step import StepContext
 
@@ -58,6 +60,52 @@ def tiny_context(space=None, global_batch=4, input_shape=(8, 8, 3),
   a_opt.build(arch.variables_list)
   return StepContext(net, arch, SoftmaxDistribution(), w_opt, a_opt,
                      global_batch)
+
+
+def tiny_block_space(**overrides):
+  kwargs = dict(stage_channels=(8, 16, 32, 64), stem_channels=4,
+                head_channels=16, num_classes=3, dropout=0.0)
+  kwargs.update(overrides)
+  return shufflenet.ShuffleNetSpaceConfig.small(**kwargs)
+
+
+def block_context(space=None, arch_lr=3e-3, seed=0, arch_init_scale=0.5,
+                  dtype=tf.float32):
+  space = space or tiny_block_space()
+  net = shufflenet.build_shufflenet_supernet(space, (8, 8, 3))
+  arch = ArchParams(space.decision_groups(), init_scale=arch_init_scale,
+                    seed=seed, dtype=dtype)
+  w_opt = optim.SGD(0.05, momentum=0.9, weight_decay=3e-4, clip_norm=5.0)
+  w_opt.build(net.trainable_variables)
+  a_opt = optim.Adam(arch_lr, beta_1=0.5, beta_2=0.999, weight_decay=1e-3)
+  a_opt.build(arch.variables_list)
+  return StepContext(net, arch, OneHotDistribution(seed=seed), w_opt, a_opt,
+                     4)
+
+
+def dsnas_block_steps(strategy, init=None, task=None):
+  """Two eager DSNAS steps in the tiny block space (synchronized BN) under
+  ``strategy``, from ``init`` values if given; ``task`` (0 or 1) takes
+  that worker's half of each global batch of 4. Returns the weights and α.
+  """
+  with strategy.scope():
+    ctx = block_context(tiny_block_space(sync_batch_norm=True))
+    est = DsnasEstimator()
+  variables = ctx.weight_variables + ctx.arch_variables
+  for v, value in zip(variables, [] if init is None else init):
+    v.assign(value)
+  for step in range(2):
+    images, labels = batch(n=4, classes=3, seed=step)
+    if task is None:  # The global batch, split over local replicas.
+      dist = strategy.experimental_distribute_dataset(
+          tf.data.Dataset.from_tensors((images, labels)))
+    else:
+      half = (images[2 * task:2 * task + 2], labels[2 * task:2 * task + 2])
+      dist = strategy.distribute_datasets_from_function(
+          lambda _, b=half: tf.data.Dataset.from_tensors(b))
+    for b in dist:
+      strategy.run(est.step, args=(ctx, b, None, step))
+  return [np.asarray(v.numpy()) for v in variables]
 
 
 # Runs in a fresh interpreter: TensorFlow only, no tfnas.

@@ -1,8 +1,10 @@
-"""One worker of the MultiWorkerMirroredStrategy test (run by test_multi_worker).
+"""One worker of the MultiWorkerMirroredStrategy tests (run by test_multi_worker).
 
-Usage: python tests/multi_worker_step.py OUT.npz  (TF_CONFIG set by the test)
-Runs one DARTS first-order step on this worker's half of a fixed global
-batch and saves the updated weights and α.
+Usage: python tests/multi_worker_step.py darts|dsnas OUT.npz
+(TF_CONFIG and INIT_PATH set by the test). ``darts``: one DARTS first-order
+step on this worker's half of a fixed global batch; ``dsnas``: two eager
+DSNAS steps in the tiny block space (`helpers.dsnas_block_steps`). Saves the
+updated weights and α.
 """
 
 import json
@@ -21,9 +23,12 @@ from tests import helpers  # noqa: E402
 from tfnas.estimators.darts import DartsFirstOrder  # noqa: E402
 
 
-def main(out_path):
+def main(method, out_path):
   task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
   init = np.load(os.environ["INIT_PATH"], allow_pickle=True)["values"]
+  if method == "dsnas":
+    np.savez(out_path, *helpers.dsnas_block_steps(strategy, init, task))
+    return
   with strategy.scope():
     ctx = helpers.tiny_context(
         space=helpers.replica_space(sync_batch_norm=True), global_batch=4)
@@ -50,4 +55,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:])

@@ -9,6 +9,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from tests import helpers
+from tests.helpers import block_context, tiny_block_space
 from tfnas.arch import (ArchParams, DecisionGroup, OneHotDistribution,
                         one_hot_weights)
 from tfnas.distribute import mirrored_strategy
@@ -17,30 +18,8 @@ from tfnas.early_stop import (ProgressiveEarlyStop, decision_gaps,
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import choice_block
 from tfnas.spaces import shufflenet
-from tfnas.train import loop, optim
+from tfnas.train import loop
 from tfnas.train.child_cache import ChildCache
-from tfnas.train.step import StepContext
-
-
-def tiny_block_space(**overrides):
-  kwargs = dict(stage_channels=(8, 16, 32, 64), stem_channels=4,
-                head_channels=16, num_classes=3, dropout=0.0)
-  kwargs.update(overrides)
-  return shufflenet.ShuffleNetSpaceConfig.small(**kwargs)
-
-
-def block_context(space=None, arch_lr=3e-3, seed=0, arch_init_scale=0.5,
-                  dtype=tf.float32):
-  space = space or tiny_block_space()
-  net = shufflenet.build_shufflenet_supernet(space, (8, 8, 3))
-  arch = ArchParams(space.decision_groups(), init_scale=arch_init_scale,
-                    seed=seed, dtype=dtype)
-  w_opt = optim.SGD(0.05, momentum=0.9, weight_decay=3e-4, clip_norm=5.0)
-  w_opt.build(net.trainable_variables)
-  a_opt = optim.Adam(arch_lr, beta_1=0.5, beta_2=0.999, weight_decay=1e-3)
-  a_opt.build(arch.variables_list)
-  return StepContext(net, arch, OneHotDistribution(seed=seed), w_opt, a_opt,
-                     4)
 
 
 def cell_context(**kwargs):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -37,16 +38,11 @@ def _tf_config(workers, index):
                      "task": {"type": "worker", "index": index}})
 
 
-@pytest.mark.slow
-def test_two_workers_equal_default_strategy(tmp_path):
-  ctx = helpers.tiny_context(space=helpers.replica_space(), global_batch=4)
-  init = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
+def _run_workers(tmp_path, method, init):
+  """Runs tests/multi_worker_step.py METHOD as 2 workers from ``init``;
+  returns each worker's saved values."""
   init_path = tmp_path / "init.npz"
   np.savez(init_path, values=np.array(init, dtype=object))
-  DartsFirstOrder().step(ctx, helpers.batch(seed=1), helpers.batch(seed=2),
-                         tf.constant(0, tf.int64))
-  expected = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
-
   workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
   procs = []
   for index in range(2):
@@ -54,18 +50,51 @@ def test_two_workers_equal_default_strategy(tmp_path):
                TF_CONFIG=_tf_config(workers, index))
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "multi_worker_step.py"),
-         str(tmp_path / f"out{index}.npz")], env=env, cwd=ROOT,
+         method, str(tmp_path / f"out{index}.npz")], env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   for proc in procs:
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-  moved = max(np.abs(a - b).max() for a, b in zip(expected, init))
-  assert moved > 1e-4
+  outputs = []
   for index in range(2):
     got = np.load(tmp_path / f"out{index}.npz")
-    values = [got[f"arr_{i}"] for i in range(len(expected))]
+    outputs.append([got[f"arr_{i}"] for i in range(len(init))])
+  return outputs
+
+
+def _assert_workers_equal(expected, init, outputs):
+  moved = max(np.abs(a - b).max() for a, b in zip(expected, init))
+  assert moved > 1e-4
+  for values in outputs:
     for a, b in zip(expected, values):
       np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_workers_equal_default_strategy(tmp_path):
+  ctx = helpers.tiny_context(space=helpers.replica_space(), global_batch=4)
+  init = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
+  DartsFirstOrder().step(ctx, helpers.batch(seed=1), helpers.batch(seed=2),
+                         tf.constant(0, tf.int64))
+  expected = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
+  _assert_workers_equal(expected, init, _run_workers(tmp_path, "darts", init))
+
+
+@pytest.mark.slow
+def test_two_workers_dsnas_steps_equal_two_local_replicas(tmp_path):
+  # Eager single-path steps: weight and gate gradients and synchronized BN
+  # statistics all-reduced eagerly across the two processes give exactly
+  # what two replicas in one process give (whose equality with one device
+  # is tests/test_dsnas.py::MirroredDsnasStepTest).
+  keras.utils.set_random_seed(0)
+  init = helpers.dsnas_block_steps(tf.distribute.get_strategy())
+  expected = helpers.dsnas_block_steps(
+      distribute.mirrored_strategy(["/cpu:0", "/cpu:1"]), init)
+  outputs = _run_workers(tmp_path, "dsnas", init)
+  assert max(np.abs(a - b).max() for a, b in zip(expected, init)) > 1e-4
+  for values in outputs:
+    for a, b in zip(expected, values):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cluster, task_type, task_id, expected", [
