@@ -83,8 +83,8 @@ def block_context(space=None, arch_lr=3e-3, seed=0, arch_init_scale=0.5,
                      4)
 
 
-def dsnas_block_steps(strategy, init=None, task=None):
-  """Two eager DSNAS steps in the tiny block space (synchronized BN) under
+def dsnas_block_steps(strategy, init=None, task=None, steps=1):
+  """Eager DSNAS steps in the tiny block space (synchronized BN) under
   ``strategy``, from ``init`` values if given; ``task`` (0 or 1) takes
   that worker's half of each global batch of 4. Returns the weights and α.
   """
@@ -94,7 +94,7 @@ def dsnas_block_steps(strategy, init=None, task=None):
   variables = ctx.weight_variables + ctx.arch_variables
   for v, value in zip(variables, [] if init is None else init):
     v.assign(value)
-  for step in range(2):
+  for step in range(steps):
     images, labels = batch(n=4, classes=3, seed=step)
     if task is None:  # The global batch, split over local replicas.
       dist = strategy.experimental_distribute_dataset(
