@@ -82,10 +82,11 @@ def test_two_workers_equal_default_strategy(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_dsnas_steps_equal_two_local_replicas(tmp_path):
-  # Eager single-path steps: weight and gate gradients and synchronized BN
-  # statistics all-reduced eagerly across the two processes give exactly
+  # An eager single-path step: weight and gate gradients and synchronized
+  # BN statistics all-reduced eagerly across the two processes give exactly
   # what two replicas in one process give (whose equality with one device
-  # is tests/test_dsnas.py::MirroredDsnasStepTest).
+  # is tests/test_dsnas.py::MirroredDsnasStepTest). The start values are
+  # those after one single-device step (any values would do).
   keras.utils.set_random_seed(0)
   init = helpers.dsnas_block_steps(tf.distribute.get_strategy())
   expected = helpers.dsnas_block_steps(
