@@ -206,14 +206,19 @@ def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
 
 _SIGNALS = """
 import os, signal, time
+import tensorflow as tf
 from tfnas.train import loop
-with loop.sigterm_flag(also_sigint=True) as interrupted:
+class TwoWorkers:
+  cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+      tf.train.ClusterSpec({"worker": ["a:1", "b:2"]}), task_type="worker",
+      task_id=0)
+with loop.sigterm_flag(TwoWorkers()) as interrupted:
   os.kill(os.getpid(), signal.SIGINT)
   os.kill(os.getpid(), signal.SIGTERM)
   time.sleep(0.2)
 print("requests", interrupted == [signal.SIGINT, signal.SIGTERM])
 assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-with loop.sigterm_flag() as interrupted:
+with loop.sigterm_flag(tf.distribute.get_strategy()) as interrupted:
   try:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)
@@ -223,7 +228,7 @@ with loop.sigterm_flag() as interrupted:
 
 
 def test_ctrl_c_is_a_stop_request_in_multi_worker_runs():
-  # Multi-worker runs (also_sigint) take Ctrl-C like SIGTERM, a request that
+  # Multi-worker runs take Ctrl-C like SIGTERM, a request that
   # stop_agreement shares; other runs keep Ctrl-C's KeyboardInterrupt.
   proc = subprocess.run([sys.executable, "-c", _SIGNALS], cwd=ROOT,
                         capture_output=True, text=True, timeout=120,

@@ -27,19 +27,19 @@ from tfnas.train.step import batch_sums
 
 
 @contextlib.contextmanager
-def sigterm_flag(also_sigint: bool = False):
+def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   """Yields a list that gets an entry when SIGTERM arrives.
 
   The loop checks it between compiled chunks, saves a checkpoint and stops
-  (a scheduler's SIGTERM then loses at most one chunk). With
-  ``also_sigint`` Ctrl-C does the same instead of raising wherever the
-  program is (multi-worker runs: a KeyboardInterrupt in one worker would
-  leave the others in a collective; see `stop_agreement`). The previous
-  handlers are restored on exit; outside the main thread nothing is
-  installed.
+  (a scheduler's SIGTERM then loses at most one chunk). In a multi-worker
+  run of ``strategy`` Ctrl-C does the same instead of raising wherever the
+  program is (a KeyboardInterrupt in one worker would leave the others in
+  a collective; see `stop_agreement`). The previous handlers are restored
+  on exit; outside the main thread nothing is installed.
   """
   interrupted = []
-  signums = (signal.SIGTERM, signal.SIGINT) if also_sigint else (
+  multi_worker = strategy is not None and distribute.num_workers(strategy) > 1
+  signums = (signal.SIGTERM, signal.SIGINT) if multi_worker else (
       signal.SIGTERM,)
   previous = {}
   try:

@@ -25,7 +25,6 @@ import tensorflow as tf
 
 from tfnas import cost
 from tfnas import data as data_lib
-from tfnas import distribute
 from tfnas import genotypes
 from tfnas import models
 from tfnas.config import TrainConfig
@@ -191,8 +190,7 @@ class Retrain:
     config = self.config
     history = []
     epochs_run = 0
-    with loop.sigterm_flag(
-        also_sigint=distribute.num_workers(self.strategy) > 1) as interrupted:
+    with loop.sigterm_flag(self.strategy) as interrupted:
       try:
         while int(self.epoch.numpy()) < config.epochs:
           if stop_after_epochs is not None and epochs_run >= stop_after_epochs:

@@ -35,7 +35,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas import data as data_lib
-from tfnas import distribute
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
 from tfnas.arch import (ArchParams, ArgmaxDistribution, argmax_indices,
@@ -356,8 +355,7 @@ class Search:
     config = self.config
     epochs_run = 0
     history = []
-    with loop.sigterm_flag(
-        also_sigint=distribute.num_workers(self.strategy) > 1) as interrupted:
+    with loop.sigterm_flag(self.strategy) as interrupted:
       try:
         while int(self.epoch.numpy()) < config.epochs:
           if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
