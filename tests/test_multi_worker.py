@@ -117,7 +117,8 @@ def test_the_chief_writes_the_run(cluster, task_type, task_id, expected):
 
 
 def _start_search_workers(tmp_path, *args):
-  """Starts tfnas-search as 2 workers on 127.0.0.1 (tiny S3 space)."""
+  """Starts tfnas-search as 2 workers on 127.0.0.1 (tiny S3 space, BN
+  statistics synchronized over the workers)."""
   workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
   scratch = tmp_path / "tmp"
   scratch.mkdir(exist_ok=True)
@@ -129,7 +130,8 @@ def _start_search_workers(tmp_path, *args):
         [sys.executable, "-m", "tfnas.apps.search", "--strategy=multi_worker",
          "--dataset=digits", "--space=s3", "--num_cells=3", "--num_nodes=1",
          "--channels=4", "--batch_size=32", "--max_steps_per_epoch=2",
-         "--steps_per_loop=1", "--noprogress", *args], env=env, cwd=ROOT,
+         "--steps_per_loop=1", "--sync_batch_norm", "--noprogress", *args],
+        env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return procs
 

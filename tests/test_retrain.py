@@ -96,9 +96,13 @@ config = TrainConfig(run_dir=sys.argv[1], dataset="digits",
                      genotype="DARTS_V2", num_cells=2, channels=4,
                      batch_size=32, epochs=2, max_steps_per_epoch=2,
                      steps_per_loop=2, pad_crop=1, flip=False,
-                     drop_path_prob=0.3, seed=4)
+                     drop_path_prob=0.3, seed=4, sync_batch_norm=True)
 run = Retrain(config, strategy=strategy, show_progress=False)
-print(json.dumps([strategy.num_replicas_in_sync, run.run().history]))
+from tfnas.layers.batch_norm import BatchNorm
+bns = [l for l in run.network._flatten_layers() if isinstance(l, BatchNorm)]
+synchronized = len(bns) > 5 and all(l.synchronized for l in bns)
+print(json.dumps([strategy.num_replicas_in_sync, synchronized,
+                  run.run().history]))
 """
 
 
@@ -109,8 +113,10 @@ def test_two_replicas_train_and_evaluate(tmp_path):
                          str(tmp_path / "m")], cwd=root, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  replicas, history = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert replicas == 2 and len(history) == 2
+  replicas, synchronized, history = json.loads(
+      proc.stdout.strip().splitlines()[-1])
+  # With synchronized BN (--sync_batch_norm): statistics over both replicas.
+  assert replicas == 2 and synchronized and len(history) == 2
   for metrics in history:
     assert np.isfinite(metrics["train/loss"])
     assert 0.0 <= metrics["val/acc"] <= 1.0

@@ -58,6 +58,7 @@ class SearchConfig(_Config):
   steps_per_loop: int = 10
   checkpoint_every_steps: int = 0  # 0: once per epoch.
   deterministic: bool = True
+  sync_batch_norm: bool = False  # BN statistics over all replicas.
   # Data.
   dataset: str = "cifar10"
   data_dir: str | None = None
@@ -177,6 +178,7 @@ class TrainConfig(_Config):
   run_dir: str = "runs/train"
   seed: int = 0
   deterministic: bool = True
+  sync_batch_norm: bool = False  # BN statistics over all replicas.
   epochs: int = 600
   max_steps_per_epoch: int = 0  # 0: the whole training split.
   steps_per_loop: int = 50

@@ -115,6 +115,11 @@ def worker_name(strategy: tf.distribute.Strategy) -> str | None:
   return f"{task_type}{task_id}"
 
 
+def local_replicas(strategy: tf.distribute.Strategy) -> int:
+  """Replicas of ``strategy`` in this process."""
+  return max(strategy.num_replicas_in_sync // num_workers(strategy), 1)
+
+
 def num_workers(strategy: tf.distribute.Strategy) -> int:
   """Processes taking part in ``strategy`` (1 without a cluster)."""
   resolver = getattr(strategy, "cluster_resolver", None)

@@ -76,6 +76,13 @@ def _define_loop_flags(defaults):
                        defaults.checkpoint_every_steps,
                        "Also checkpoint every N steps inside an epoch (0: "
                        "only at epoch ends).")
+  flags.DEFINE_boolean("sync_batch_norm", defaults.sync_batch_norm,
+                       "With several replicas (--strategy=mirrored or "
+                       "multi_worker): batch-norm statistics over the global "
+                       "batch instead of each replica's share, so a step "
+                       "equals the one-device step on the global batch "
+                       "(costs one all-reduce per BN layer, forward and "
+                       "backward).")
   flags.DEFINE_integer("num_cells", defaults.num_cells, "Cells.")
   flags.DEFINE_integer("channels", defaults.channels, "Initial channels C.")
 

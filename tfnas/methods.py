@@ -66,6 +66,10 @@ class Method:
       exactly the sampled single-path children, so no retraining);
       ``tfnas-export`` exports it from the search run directory. Other
       methods' supernet weights are refused there: retrain the genotype.
+    eager_steps: its estimator's step runs eagerly at the Python level
+      (``compiled_step = False``: a single-path child chosen by Python ints
+      every step). Cross-replica sums inside such a step are issued eagerly
+      by each local replica's thread, in no fixed order across threads.
   """
   name: str
   description: str
@@ -79,6 +83,7 @@ class Method:
   space_kinds: tuple[str, ...] = ("cells",)
   early_stop: bool = False
   deploys_search_weights: bool = False
+  eager_steps: bool = False
 
 
 def magnitude_selector(alphas, candidates, num_nodes, masks=None):
@@ -175,7 +180,7 @@ register_method(Method(
     lambda setup: OneHotDistribution(seed=setup.config.seed),
     _dsnas_estimator, argmax_selector, single_level=True, child_eval=True,
     eval_batch_stats=True, space_kinds=("cells", "blocks"), early_stop=True,
-    deploys_search_weights=True))
+    deploys_search_weights=True, eager_steps=True))
 
 
 def get_method(name: str) -> Method:

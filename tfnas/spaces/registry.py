@@ -41,14 +41,15 @@ def space_config(config: Any, num_classes: int, image_size: int):
     return darts_space.search_space(
         name, num_cells=config.num_cells, num_nodes=config.num_nodes,
         channels=config.channels, num_classes=num_classes,
-        recompute=config.recompute, recompute_unit=config.recompute_unit)
+        recompute=config.recompute, recompute_unit=config.recompute_unit,
+        sync_batch_norm=config.sync_batch_norm)
   if name in names.BLOCK_SPACES:
     preset = (shufflenet.ShuffleNetSpaceConfig if name == "shufflenet" else
               shufflenet.ShuffleNetSpaceConfig.small)
     overrides = config.shufflenet_overrides()
     try:
       return preset(num_classes=num_classes, input_size=image_size,
-                    **overrides)
+                    sync_batch_norm=config.sync_batch_norm, **overrides)
     except ValueError as e:
       shown = " ".join(f"--{k}={_flag_value(v)}" for k, v in overrides.items())
       raise ConfigError(f"--space={name} {shown}: {e}") from None

@@ -28,6 +28,7 @@ from tfnas import data as data_lib
 from tfnas import genotypes
 from tfnas import models
 from tfnas.config import TrainConfig
+from tfnas.layers.batch_norm import synchronized_batch_norm
 from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.train import loop, optim, rundir, summaries
@@ -51,10 +52,11 @@ def load_genotype(config: TrainConfig, resuming: bool) -> Genotype:
 def build_network(config: TrainConfig, genotype: Genotype,
                   info: data_lib.DatasetInfo) -> models._EvalNetwork:
   """The evaluation network a config describes (also used by export)."""
-  return models.build_network(
-      config.network, genotype, info.input_shape, info.num_classes,
-      config.num_cells, config.channels,
-      auxiliary=config.auxiliary_weight > 0)
+  with synchronized_batch_norm(config.sync_batch_norm):
+    return models.build_network(
+        config.network, genotype, info.input_shape, info.num_classes,
+        config.num_cells, config.channels,
+        auxiliary=config.auxiliary_weight > 0)
 
 
 class Retrain:

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas import data as data_lib
+from tfnas import distribute
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
 from tfnas.arch import (ArchParams, ArgmaxDistribution, argmax_indices,
@@ -43,6 +44,7 @@ from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
 from tfnas.errors import TfnasError
+from tfnas.spaces import names as space_names
 from tfnas.spaces import registry as space_registry
 from tfnas.train import loop, optim, rundir, summaries
 from tfnas.train.checkpointing import ModelVariables
@@ -141,12 +143,34 @@ class Search:
       raise TfnasError(f"--method={config.method} cannot search the {kind} "
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
+    self._check_sync_batch_norm(kind)
     self.resuming, self.write_dir = loop.open_run(
         self.strategy, config.run_dir, resume, lambda: rundir.prepare(
             config.run_dir, config.to_dict(), resume,
             SearchConfig.RESUMABLE_CHANGES,
             defaults=SearchConfig().to_dict()))
     self._build()
+
+  def _check_sync_batch_norm(self, kind: str) -> None:
+    """Refuses synchronized BN where its collectives cannot be ordered.
+
+    An eager single-path step in a cell space issues each shared edge
+    function's BN all-reduces from every local replica's thread; the
+    threads reach them in different orders and the collectives abort
+    ("Shape mismatch in the collective instance"). Block spaces, compiled
+    steps and one replica per process are unaffected.
+    """
+    config = self.config
+    if (config.sync_batch_norm and self.method.eager_steps and
+        kind == space_names.CELLS and
+        distribute.local_replicas(self.strategy) > 1):
+      raise TfnasError(
+          f"--sync_batch_norm with --method={config.method} in the cell "
+          f"space --space={config.space} needs one replica per process "
+          f"(this process has {distribute.local_replicas(self.strategy)}): "
+          f"drop --sync_batch_norm (per-replica statistics), run one "
+          f"device per worker (--strategy=multi_worker), or search a block "
+          f"space")
 
   # ------------------------------------------------------------------ build
   def _build(self):
