@@ -28,9 +28,9 @@ from tfnas import data as data_lib
 from tfnas import genotypes
 from tfnas import models
 from tfnas.config import TrainConfig
-from tfnas.layers.batch_norm import synchronized_batch_norm
 from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
+from tfnas.layers.batch_norm import synchronized_batch_norm
 from tfnas.train import loop, optim, rundir, summaries
 from tfnas.train.step import StepContext, batch_sums, cross_entropy
 
