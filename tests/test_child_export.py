@@ -185,3 +185,12 @@ def test_bad_recalibrate_batches(tmp_path):
   assert proc.returncode == 2
   assert "applies to DSNAS search children only" in error_line(proc)
   assert not serving.exists()
+
+
+def test_a_config_json_that_is_not_a_run_config(tmp_path):
+  (tmp_path / "config.json").write_text("[1, 2]")
+  proc = app("export", f"--run_dir={tmp_path}",
+             f"--export_dir={tmp_path / 'serving'}")
+  assert proc.returncode == 2
+  assert "holds a JSON list, not a run config" in error_line(proc)
+  assert not (tmp_path / "serving").exists()

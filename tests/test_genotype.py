@@ -213,6 +213,8 @@ def test_corrupt_json_file(tmp_path):
   expect_error("not valid JSON", Genotype.load, path)
   path.write_text("[1, 2]")
   expect_error("expected a JSON object", Genotype.load, path)
+  path.write_text("[" * 100000 + "]" * 100000)  # Python's JSON recursion.
+  expect_error("not valid JSON (nested too deeply)", Genotype.load, path)
 
 
 def test_invalid_file_names_path(tmp_path):

@@ -1,6 +1,8 @@
 """Run directories: what a resumption must match (no TensorFlow needed)."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -48,3 +50,31 @@ def test_worker_scratch_writes_outside_the_run_and_needs_it_to_resume(
     rundir.worker_scratch(str(run_dir), resume=True, worker="worker1")
   assert not rundir.prepare(str(run_dir), {"epochs": 1}, resume=False)
   assert rundir.worker_scratch(str(run_dir), resume=True, worker="worker1")
+
+
+def test_a_run_dir_that_is_a_file_is_refused_and_kept(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("mine")
+  for resume in (False, True):
+    with pytest.raises(rundir.RunDirError, match="is a file, not a directory"):
+      rundir.prepare(str(path), {"a": 1}, resume=resume)
+  assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize("saved", ["[1]", "null", '"text"'])
+def test_resume_refuses_a_config_json_that_is_not_an_object(tmp_path, saved):
+  (tmp_path / "config.json").write_text(saved)
+  with pytest.raises(rundir.RunDirError, match="not a run config"):
+    rundir.prepare(str(tmp_path), {"a": 1}, resume=True)
+  assert (tmp_path / "config.json").read_text() == saved
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_new_file(tmp_path):
+  old = os.umask(0o027)
+  try:
+    rundir.atomic_write(str(tmp_path / "run" / "config.json"), "{}")
+    (tmp_path / "plain").write_text("")
+  finally:
+    os.umask(old)
+  mode = stat.S_IMODE(os.stat(tmp_path / "run" / "config.json").st_mode)
+  assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o640

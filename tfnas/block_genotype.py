@@ -90,7 +90,7 @@ class BlockGenotype:
                 ) -> "BlockGenotype":
     try:
       d = json.loads(s)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
       raise GenotypeError(f"{source}: not valid JSON ({e})") from None
     return cls.from_dict(d, source)
 

@@ -36,11 +36,17 @@ class _Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]):
+    if not isinstance(d, dict):
+      raise ConfigError(f"a run config must be a JSON object, not "
+                        f"{type(d).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ConfigError(f"unknown config keys {unknown}")
-    return cls(**d)
+    try:
+      return cls(**d)
+    except TypeError as e:  # A value of the wrong type (e.g. "abc" cells).
+      raise ConfigError(f"config values of the wrong type ({e})") from None
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
@@ -121,6 +127,9 @@ class SearchConfig(_Config):
         ("batch_size", self.batch_size >= 1),
         ("steps_per_loop", self.steps_per_loop >= 1),
         ("max_steps_per_epoch", self.max_steps_per_epoch >= 0),
+        ("checkpoint_every_steps", self.checkpoint_every_steps >= 0),
+        ("pad_crop", self.pad_crop >= 0),
+        ("cutout", self.cutout >= 0),
         ("stage_repeats", all(r >= 1 for r in self.stage_repeats)),
         ("stage_channels", all(c >= 2 for c in self.stage_channels)),
         ("stem_channels", self.stem_channels >= 0),
@@ -130,7 +139,14 @@ class SearchConfig(_Config):
         ("num_nodes", self.num_nodes >= 1),
         ("channels", self.channels >= 2 and self.channels % 2 == 0),
         ("w_lr", self.w_lr > 0),
+        ("w_lr_min", 0 <= self.w_lr_min <= self.w_lr),
+        ("w_momentum", 0 <= self.w_momentum < 1),
+        ("w_weight_decay", self.w_weight_decay >= 0),
+        ("grad_clip", self.grad_clip >= 0),
         ("arch_lr", self.arch_lr >= 0),
+        ("arch_beta1", 0 <= self.arch_beta1 < 1),
+        ("arch_beta2", 0 <= self.arch_beta2 < 1),
+        ("arch_weight_decay", self.arch_weight_decay >= 0),
         ("temperature_start", self.temperature_start > 0),
         ("temperature_end", self.temperature_end > 0),
         ("resource_weight", self.resource_weight >= 0),
@@ -215,6 +231,8 @@ class TrainConfig(_Config):
         ("steps_per_loop", self.steps_per_loop >= 1),
         ("max_steps_per_epoch", self.max_steps_per_epoch >= 0),
         ("checkpoint_every_steps", self.checkpoint_every_steps >= 0),
+        ("pad_crop", self.pad_crop >= 0),
+        ("cutout", self.cutout >= 0),
         ("num_cells", self.num_cells >= 1),
         ("channels", self.channels >= 2 and self.channels % 2 == 0),
         ("network", self.network in ("cifar", "imagenet")),
@@ -224,6 +242,9 @@ class TrainConfig(_Config):
         ("lr_min", 0 <= self.lr_min <= self.lr),
         ("lr_schedule", self.lr_schedule in ("cosine", "exponential")),
         ("lr_decay", 0 < self.lr_decay <= 1),
+        ("momentum", 0 <= self.momentum < 1),
+        ("weight_decay", self.weight_decay >= 0),
+        ("grad_clip", self.grad_clip >= 0),
         ("label_smoothing", 0 <= self.label_smoothing < 1),
         ("genotype", bool(self.genotype)),
     ]

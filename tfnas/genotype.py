@@ -444,9 +444,11 @@ class Genotype:
     """
     try:
       d = json.loads(s)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
       detail = (f"{e.msg} at line {e.lineno} column {e.colno}"
-                if isinstance(e, json.JSONDecodeError) else str(e))
+                if isinstance(e, json.JSONDecodeError) else
+                "nested too deeply" if isinstance(e, RecursionError) else
+                str(e))
       raise GenotypeError(f"{source}: not valid JSON ({detail}); the file "
                           f"may be truncated or not a genotype") from None
     return cls.from_dict(d, source=source, op_names=op_names)

@@ -59,12 +59,16 @@ def _read_run_config(run_dir: str) -> dict:
   path = os.path.join(run_dir, "config.json")
   try:
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
   except FileNotFoundError:
     raise TfnasError(f"{path} not found; --run_dir must be a tfnas-train or "
                      f"a DSNAS tfnas-search run directory") from None
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, RecursionError) as e:
     raise TfnasError(f"cannot read {path} ({e})") from None
+  if not isinstance(saved, dict):
+    raise TfnasError(f"{path} holds a JSON {type(saved).__name__}, not a "
+                     f"run config")
+  return saved
 
 
 def _signature_line(checkpoint_path: str, path: str, input_shape) -> str:

@@ -85,8 +85,8 @@ def prepared_tfds_builder(tfds_name: str, archives: Sequence[str], *,
         raise DataError(
             f"dataset {tfds_name!r} is not prepared in "
             f"{tfds_location(data_dir)} and --manual_dir {manual_dir} "
-            f"lacks {', '.join(missing)}; put the archives there, or "
-            "pass allow_download=True.")
+            f"lacks {', '.join(missing)}; put the archives there (tfds "
+            "reads them offline), or point --data_dir at a prepared copy.")
     config = tfds.download.DownloadConfig(
         manual_dir=manual_dir, try_download_gcs=allow_download)
     builder.download_and_prepare(download_config=config)

@@ -22,12 +22,34 @@ class RunDirError(TfnasError):
   """The run directory cannot be used as asked; the message says why."""
 
 
+def _file_mode() -> int:
+  """The mode ``open()`` would give a new file (0o666 less the umask).
+
+  Read from /proc, not by setting the umask, which is process-wide and
+  would briefly change it for other threads; 0o644 where /proc is absent.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return 0o666 & ~int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  return 0o644
+
+
 def atomic_write(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temp file and rename (no torn files)."""
+  """Writes ``text`` to ``path`` via a temp file and rename (no torn files).
+
+  The file gets the permissions of a plainly created one (a temp file's
+  are owner-only), so a run directory shared by several workers or users
+  stays readable like its checkpoints.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
+    os.chmod(tmp, _file_mode())
     with os.fdopen(fd, "w") as f:
       f.write(text)
     os.replace(tmp, path)
@@ -73,6 +95,9 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   config (a run written before the key existed) compares as its entry in
   ``defaults``.
   """
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise RunDirError(f"--run_dir {run_dir} is a file, not a directory; "
+                      "choose another --run_dir")
   config = json.loads(json.dumps(config))
   defaults = json.loads(json.dumps(defaults or {}))
   config_path = os.path.join(run_dir, "config.json")
@@ -81,7 +106,7 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   if not has_run:
     if resume:
       raise RunDirError(f"--resume given but {run_dir} holds no run to "
-                        "resume; drop --resume to start a new search")
+                        "resume; drop --resume to start a new run")
     if os.path.isdir(run_dir) and os.listdir(run_dir):
       raise RunDirError(f"run directory {run_dir} is not empty and holds no "
                         "tfnas run; choose another --run_dir")
@@ -96,6 +121,10 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   except (OSError, json.JSONDecodeError) as e:
     raise RunDirError(f"cannot read {config_path} ({e}); this directory "
                       "cannot be resumed, choose another --run_dir") from None
+  if not isinstance(saved, dict):
+    raise RunDirError(f"{config_path} holds a JSON {type(saved).__name__}, "
+                      "not a run config; this directory cannot be resumed, "
+                      "choose another --run_dir")
   saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
   allowed = set(allowed_changes) | {"resume"}
   differing = sorted(k for k in set(saved) | set(config)

@@ -1,0 +1,50 @@
+"""Run configs: every numeric flag is range-checked and config.json parsed
+strictly (no TensorFlow needed)."""
+
+import pytest
+
+from tfnas.config import ConfigError, SearchConfig, TrainConfig
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    # A negative interval made the loop's chunk size negative: it never ended.
+    (SearchConfig, "checkpoint_every_steps", -1),
+    (SearchConfig, "pad_crop", -2),
+    (SearchConfig, "cutout", -1),
+    (SearchConfig, "w_momentum", -0.5),
+    (SearchConfig, "w_momentum", 1.0),
+    (SearchConfig, "w_weight_decay", -1e-4),
+    (SearchConfig, "grad_clip", -1.0),
+    (SearchConfig, "w_lr_min", 0.5),  # Above --w_lr (0.025).
+    (SearchConfig, "arch_beta1", 1.0),
+    (SearchConfig, "arch_beta2", -0.1),
+    (SearchConfig, "arch_weight_decay", -1.0),
+    (TrainConfig, "checkpoint_every_steps", -1),
+    (TrainConfig, "pad_crop", -2),
+    (TrainConfig, "cutout", -1),
+    (TrainConfig, "momentum", -1.0),
+    (TrainConfig, "weight_decay", -3e-4),
+    (TrainConfig, "grad_clip", -5.0),
+])
+def test_out_of_range_values_name_their_flag(cls, field, value):
+  with pytest.raises(ConfigError, match=rf"^invalid --{field}={value!r}$"):
+    cls(**{field: value})
+
+
+def test_zero_turns_optional_terms_off():
+  SearchConfig(w_momentum=0.0, w_weight_decay=0.0, grad_clip=0.0,
+               arch_weight_decay=0.0, pad_crop=0, cutout=0, w_lr_min=0.0)
+  TrainConfig(momentum=0.0, weight_decay=0.0, grad_clip=0.0, pad_crop=0,
+              cutout=0)
+
+
+@pytest.mark.parametrize("cls", [SearchConfig, TrainConfig])
+def test_from_dict_refuses_what_is_not_a_config(cls):
+  for saved in ([1, 2], None, "text"):
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+      cls.from_dict(saved)
+  with pytest.raises(ConfigError, match="unknown config keys"):
+    cls.from_dict({"no_such_key": 1})
+  with pytest.raises(ConfigError, match="config values of the wrong type"):
+    cls.from_dict({"num_cells": "abc"})
+  assert cls.from_dict(cls().to_dict()) == cls()
