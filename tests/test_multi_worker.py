@@ -116,6 +116,21 @@ def test_the_chief_writes_the_run(cluster, task_type, task_id, expected):
   assert distribute.num_workers(tf.distribute.get_strategy()) == 1
 
 
+def test_mirrored_on_one_device_says_it_runs_one_replica(caplog,
+                                                        monkeypatch):
+  from tfnas.apps import common
+  # This process has two logical CPUs (conftest): quiet.
+  assert common.make_strategy("mirrored").num_replicas_in_sync == 2
+  assert "found one device" not in caplog.text
+  # A machine with one device (what tfnas-search sees on one CPU).
+  monkeypatch.setattr(distribute, "mirrored_strategy",
+                      lambda: distribute.tf.distribute.MirroredStrategy(
+                          ["/cpu:0"]))
+  assert common.make_strategy("mirrored").num_replicas_in_sync == 1
+  assert "--strategy=mirrored found one device (" in caplog.text
+  assert "running one replica" in caplog.text
+
+
 def _start_search_workers(tmp_path, *args):
   """Starts tfnas-search as 2 workers on 127.0.0.1 (tiny S3 space, BN
   statistics synchronized over the workers)."""

@@ -143,7 +143,13 @@ def make_strategy(name: str):
     return tf.distribute.get_strategy()
   if name == "mirrored":
     from tfnas.distribute import mirrored_strategy
-    return mirrored_strategy()
+    strategy = mirrored_strategy()
+    if strategy.num_replicas_in_sync == 1:
+      from absl import logging as log
+      log.warning("--strategy=mirrored found one device (%s): running one "
+                  "replica, like --strategy=default",
+                  ", ".join(strategy.extended.worker_devices))
+    return strategy
   if name == "multi_worker":
     try:
       return tf.distribute.MultiWorkerMirroredStrategy()
