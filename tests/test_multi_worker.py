@@ -145,7 +145,7 @@ def _start_search_workers(tmp_path, *args):
         [sys.executable, "-m", "tfnas.apps.search", "--strategy=multi_worker",
          "--dataset=digits", "--space=s3", "--num_cells=3", "--num_nodes=1",
          "--channels=4", "--batch_size=32", "--max_steps_per_epoch=2",
-         "--steps_per_loop=1", "--sync_batch_norm", "--noprogress", *args],
+         "--steps_per_loop=1", "--noprogress", *args],
         env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return procs
