@@ -132,8 +132,7 @@ def test_mirrored_on_one_device_says_it_runs_one_replica(caplog,
 
 
 def _start_search_workers(tmp_path, *args):
-  """Starts tfnas-search as 2 workers on 127.0.0.1 (tiny S3 space, BN
-  statistics synchronized over the workers)."""
+  """Starts tfnas-search as 2 workers on 127.0.0.1 (tiny S3 space)."""
   workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
   scratch = tmp_path / "tmp"
   scratch.mkdir(exist_ok=True)
@@ -145,8 +144,7 @@ def _start_search_workers(tmp_path, *args):
         [sys.executable, "-m", "tfnas.apps.search", "--strategy=multi_worker",
          "--dataset=digits", "--space=s3", "--num_cells=3", "--num_nodes=1",
          "--channels=4", "--batch_size=32", "--max_steps_per_epoch=2",
-         "--steps_per_loop=1", "--noprogress", *args],
-        env=env, cwd=ROOT,
+         "--steps_per_loop=1", "--noprogress", *args], env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return procs
 

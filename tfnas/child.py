@@ -14,8 +14,6 @@ app calls `load_search_child` on a finished run directory.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Iterable, Mapping, Sequence
 
 import keras
@@ -28,6 +26,7 @@ from tfnas.spaces import darts as darts_space
 from tfnas.spaces import names
 from tfnas.spaces import registry
 from tfnas.spaces import shufflenet
+from tfnas.train import rundir
 from tfnas.train.checkpointing import (ModelVariables, resolve_checkpoint,
                                        restore_problem)
 
@@ -225,8 +224,7 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
   if recalibrate_batches < 0:
     raise TfnasError(f"recalibrate_batches={recalibrate_batches} must be >= "
                      f"0 (0: keep the supernet's BN statistics)")
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = SearchConfig.from_dict(json.load(f))
+  config = SearchConfig.from_dict(rundir.read_config(run_dir))
   info = data_lib.dataset_info(config.dataset)
   space = registry.space_config(config, info.num_classes, info.image_size)
   input_shape = (info.image_size, info.image_size, info.channels)

@@ -30,6 +30,7 @@ from absl import flags
 
 from tfnas.apps import common
 from tfnas.errors import TfnasError
+from tfnas.train import rundir
 
 flags.DEFINE_string("run_dir", None,
                     "Retraining run directory (tfnas-train --run_dir) or a "
@@ -57,18 +58,10 @@ FLAGS = flags.FLAGS
 def _read_run_config(run_dir: str) -> dict:
   """config.json of a run directory, as saved (a search or a retraining)."""
   path = os.path.join(run_dir, "config.json")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
+  if not os.path.exists(path):
     raise TfnasError(f"{path} not found; --run_dir must be a tfnas-train or "
-                     f"a DSNAS tfnas-search run directory") from None
-  except (OSError, ValueError, RecursionError) as e:
-    raise TfnasError(f"cannot read {path} ({e})") from None
-  if not isinstance(saved, dict):
-    raise TfnasError(f"{path} holds a JSON {type(saved).__name__}, not a "
-                     f"run config")
-  return saved
+                     f"a DSNAS tfnas-search run directory")
+  return rundir.read_config(run_dir)
 
 
 def _signature_line(checkpoint_path: str, path: str, input_shape) -> str:

@@ -59,6 +59,25 @@ def atomic_write(path: str, text: str) -> None:
     raise
 
 
+def read_config(run_dir: str) -> dict[str, Any]:
+  """The ``config.json`` a run directory holds, as saved.
+
+  Raises:
+    RunDirError: it cannot be read (missing included), is not JSON, or is
+      not a JSON object.
+  """
+  path = os.path.join(run_dir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError, RecursionError) as e:
+    raise RunDirError(f"cannot read {path} ({e})") from None
+  if not isinstance(saved, dict):
+    raise RunDirError(f"{path} holds a JSON {type(saved).__name__}, not a "
+                      "run config")
+  return saved
+
+
 def worker_scratch(run_dir: str, resume: bool, worker: str) -> str:
   """The directory a non-chief worker of a multi-worker run writes to.
 
@@ -116,15 +135,10 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
     raise RunDirError(f"run directory {run_dir} already holds a run; pass "
                       "--resume to continue it or choose another --run_dir")
   try:
-    with open(config_path) as f:
-      saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise RunDirError(f"cannot read {config_path} ({e}); this directory "
-                      "cannot be resumed, choose another --run_dir") from None
-  if not isinstance(saved, dict):
-    raise RunDirError(f"{config_path} holds a JSON {type(saved).__name__}, "
-                      "not a run config; this directory cannot be resumed, "
-                      "choose another --run_dir")
+    saved = read_config(run_dir)
+  except RunDirError as e:
+    raise RunDirError(f"{e}; this directory cannot be resumed, choose "
+                      "another --run_dir") from None
   saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
   allowed = set(allowed_changes) | {"resume"}
   differing = sorted(k for k in set(saved) | set(config)

@@ -161,13 +161,13 @@ class Search:
     steps and one replica per process are unaffected.
     """
     config = self.config
+    replicas = distribute.local_replicas(self.strategy)
     if (config.sync_batch_norm and self.method.eager_steps and
-        kind == space_names.CELLS and
-        distribute.local_replicas(self.strategy) > 1):
+        kind == space_names.CELLS and replicas > 1):
       raise TfnasError(
           f"--sync_batch_norm with --method={config.method} in the cell "
           f"space --space={config.space} needs one replica per process "
-          f"(this process has {distribute.local_replicas(self.strategy)}): "
+          f"(this process has {replicas}): "
           f"drop --sync_batch_norm (per-replica statistics), run one "
           f"device per worker (--strategy=multi_worker), or search a block "
           f"space")
