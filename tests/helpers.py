@@ -69,6 +69,15 @@ def tiny_block_space(**overrides):
   return shufflenet.ShuffleNetSpaceConfig.small(**kwargs)
 
 
+def replica_block_space(**overrides):
+  """Three blocks (two stride-2, one stride-1): the multi-replica DSNAS
+  tests compare every variable after traced and eager steps, which scale
+  with the number of blocks."""
+  kwargs = dict(stage_repeats=(1, 2), stage_channels=(8, 16))
+  kwargs.update(overrides)
+  return tiny_block_space(**kwargs)
+
+
 def block_context(space=None, arch_lr=3e-3, seed=0, arch_init_scale=0.5,
                   dtype=tf.float32):
   space = space or tiny_block_space()
@@ -84,12 +93,12 @@ def block_context(space=None, arch_lr=3e-3, seed=0, arch_init_scale=0.5,
 
 
 def dsnas_block_steps(strategy, init=None, task=None, steps=1):
-  """Eager DSNAS steps in the tiny block space (synchronized BN) under
+  """Eager DSNAS steps in the replica block space (synchronized BN) under
   ``strategy``, from ``init`` values if given; ``task`` (0 or 1) takes
   that worker's half of each global batch of 4. Returns the weights and α.
   """
   with strategy.scope():
-    ctx = block_context(tiny_block_space(sync_batch_norm=True))
+    ctx = block_context(replica_block_space(sync_batch_norm=True))
     est = DsnasEstimator()
   variables = ctx.weight_variables + ctx.arch_variables
   for v, value in zip(variables, [] if init is None else init):

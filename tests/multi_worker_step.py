@@ -3,7 +3,7 @@
 Usage: python tests/multi_worker_step.py darts|dsnas OUT.npz
 (TF_CONFIG and INIT_PATH set by the test). ``darts``: one DARTS first-order
 step on this worker's half of a fixed global batch; ``dsnas``: one eager
-DSNAS step in the tiny block space (`helpers.dsnas_block_steps`). Saves the
+DSNAS step in the replica block space (`helpers.dsnas_block_steps`). Saves the
 updated weights and α.
 """
 

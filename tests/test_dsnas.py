@@ -324,7 +324,7 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
   def _steps(self, strategy, kind, init=None, traced=False):
     with strategy.scope():
       if kind == "blocks":
-        ctx = block_context(tiny_block_space(sync_batch_norm=True))
+        ctx = block_context(helpers.replica_block_space(sync_batch_norm=True))
       else:
         ctx = cell_context(sync_batch_norm=True)
       ctx.fixed_decisions = ProgressiveEarlyStop(ctx.arch, threshold=0.3)

@@ -108,10 +108,13 @@ class DsnasSearchTest(tf.test.TestCase):
 
   def test_resume_keeps_fixed_decisions_and_matches_a_straight_run(self):
     base = self.get_temp_dir()
-    straight = Search(dsnas_config(os.path.join(base, "a")),
+    # Narrow widths: the loop's resume is what is checked here.
+    narrow = dict(stage_channels=(8, 16, 32, 64), stem_channels=4,
+                  head_channels=16)
+    straight = Search(dsnas_config(os.path.join(base, "a"), **narrow),
                       show_progress=False)
     straight_result = straight.run()
-    config = dsnas_config(os.path.join(base, "b"))
+    config = dsnas_config(os.path.join(base, "b"), **narrow)
     first = Search(config, show_progress=False)
     first.run(stop_after_epochs=1)
     fixed = first.early_stop.fixed()["blocks"]
