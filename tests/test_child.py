@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -54,6 +55,12 @@ class ChildTest(tf.test.TestCase, parameterized.TestCase):
     child = child_lib.build_child(net, indices, (8, 8, 3))
     images, _ = helpers.batch(n=6, seed=9)
     expected = net(images, arch_indices=indices, training=False)
+    self.assertGreater(np.abs(expected).max(), 1e-3)
+    # Training moved BN statistics on the chosen path: the child must have
+    # inherited those, not fresh ones.
+    self.assertTrue(any(np.abs(v.numpy()).max() > 1e-6
+                        for v in child.non_trainable_variables
+                        if "moving_mean" in v.path))
     self.assertAllClose(child(images, training=False), expected, atol=1e-5)
     # Only the chosen ops exist in the child.
     self.assertLess(len(child.variables), len(net.variables))

@@ -43,6 +43,13 @@ class ChannelShuffleTest(tf.test.TestCase):
     # Shuffling with C / g groups undoes a shuffle with g groups.
     self.assertAllEqual(channel_shuffle(channel_shuffle(x, 2), 4), x)
 
+  def test_only_channels_move(self):
+    # Batch and spatial positions stay put; every pixel's channels are
+    # permuted as reshape(g, C/g) -> transpose -> flatten.
+    x = np.arange(2 * 3 * 3 * 8, dtype=np.float32).reshape(2, 3, 3, 8)
+    expected = x.reshape(2, 3, 3, 2, 4).swapaxes(-1, -2).reshape(2, 3, 3, 8)
+    self.assertAllEqual(channel_shuffle(tf.constant(x), 2), expected)
+
   def test_groups_must_divide_channels(self):
     with self.assertRaisesRegex(ValueError, "groups=3 for 8 channels"):
       channel_shuffle(tf.zeros([1, 2, 2, 8]), 3)

@@ -135,7 +135,7 @@ class DsnasGradientTest(tf.test.TestCase, parameterized.TestCase):
     a_grads = est.arch_gradients(ctx, gates, costs)
     eps = 1e-5
     for gi, name in enumerate(ctx.arch.group_names):
-      probs = ctx.arch.probabilities(name).numpy()
+      probs = tf.nn.softmax(ctx.arch.logits[name]).numpy()
       expected = np.zeros_like(probs)
       for e, k in enumerate(indices[name]):
         plus, minus = dict(gates), dict(gates)
@@ -164,9 +164,10 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
       calls.append(layer.path.split("/")[-2:])
       return original(layer, *args, **kwargs)
 
+    # The draw before the step changes α (the step draws the same child).
+    indices = DsnasEstimator.sample(ctx, 0)["blocks"]
     with mock.patch.object(choice_block._Candidate, "call", spy):
       DsnasEstimator().step(ctx, helpers.batch(classes=3), None, 0)
-    indices = DsnasEstimator.sample(ctx, 0)["blocks"]
     choices = ctx.network.space.choices
     self.assertEqual(calls, [[f"block_{b}", choices[k]]
                              for b, k in enumerate(indices)])
@@ -262,16 +263,25 @@ class EarlyStopTest(tf.test.TestCase):
                         [np.log(6.0), 0.5])
 
   def test_fixed_decision_is_never_resampled_and_its_alpha_frozen(self):
-    ctx = block_context(arch_lr=0.1)
+    ctx = block_context(arch_lr=0.1, arch_init_scale=0.0)
     logits = ctx.arch.logits["blocks"].numpy()
-    logits[2] = [0.0, 0.0, 3.0, 0.0]  # Probability gap ≈ 0.87 > 0.3.
+    # p = [0.215, 0.215, 0.355, 0.215]: gap 0.14 > 0.1, and a draw that
+    # ignored the fixed decision would pick 2 only about a third of the time.
+    logits[2] = [0.0, 0.0, 0.5, 0.0]
     ctx.arch.logits["blocks"].assign(logits)
-    stop = ProgressiveEarlyStop(ctx.arch, threshold=0.3)
+    stop = ProgressiveEarlyStop(ctx.arch, threshold=0.1)
     ctx.fixed_decisions = stop
     self.assertEqual(stop.check(), [("blocks", 2, 2)])
     self.assertEqual(stop.check(), [])  # Already fixed.
     frozen = ctx.arch.logits["blocks"].numpy()[2].copy()
     est = DsnasEstimator()
+    draws = range(100, 120)
+    self.assertEqual([est.sample(ctx, s)["blocks"][2] for s in draws],
+                     [2] * len(draws))
+    ctx.fixed_decisions = None  # The same draws, free: not all 2.
+    self.assertNotEqual([est.sample(ctx, s)["blocks"][2] for s in draws],
+                        [2] * len(draws))
+    ctx.fixed_decisions = stop
     seen = []
     for step in range(6):
       seen.append(est.sample(ctx, step)["blocks"][2])
