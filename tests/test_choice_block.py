@@ -212,20 +212,32 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0
                         for g in var_grads[name]))
 
-    # Independently: the candidate's own outputs o (branch; at stride 2 also
-    # its projection), rebuilt into the block output without a gate.
+    # Independently: the block output o rebuilt without a gate from the
+    # candidate's own outputs (branch; at stride 2 also its projection) and,
+    # at stride 1, the identity half; the gate multiplies all of o, so
+    # ∂L/∂gate = <∂L/∂o, o>.
     half = block.in_channels // 2
     part = x[..., half:] if stride == 1 else x
     with tf.GradientTape() as tape2:
       own = block.candidates[name](part, training=True)
-      tape2.watch(own)
       left = x[..., :half] if stride == 1 else own[0]
       manual = channel_shuffle(tf.concat([left, own[-1]], -1), 2)
+      tape2.watch(manual)
       manual_loss = tf.reduce_sum(manual * r)
     self.assertAllClose(manual, out, atol=1e-5)
-    d_own = tape2.gradient(manual_loss, own)
-    expected = sum(tf.reduce_sum(g * o) for g, o in zip(d_own, own))
+    expected = tf.reduce_sum(tape2.gradient(manual_loss, manual) * manual)
     self.assertAllClose(gate_grad, expected, rtol=1e-4, atol=1e-4)
+    if stride == 1:
+      # The identity half is part of the signal: a gate on the branch alone
+      # would give another value.
+      branch_gate = tf.constant(1.0)
+      with tf.GradientTape() as tape3:
+        tape3.watch(branch_gate)
+        branch_loss = tf.reduce_sum(r * channel_shuffle(tf.concat(
+            [x[..., :half], own[-1] * branch_gate], -1), 2))
+      self.assertGreater(
+          abs(float(gate_grad - tape3.gradient(branch_loss, branch_gate))),
+          1e-3)
 
   def test_mixed_mode_is_the_weighted_sum(self):
     block, x = _tiny_block(2)

@@ -235,13 +235,14 @@ class ChoiceBlock(keras.layers.Layer):
   ``call(inputs, index=None, gate=None, weights=None, training=None)``:
     * single path: ``index`` (Python int into ``choices``) selects one
       candidate; only its layers run, are traced and get built. ``gate``
-      (optional scalar tensor, value 1) multiplies that candidate's own
-      outputs (the main branch; at stride 2 also its projection) before the
-      concat: DSNAS's "dummy 1" (section 3.3, eq. 6), whose gradient
-      ``∂L/∂gate = <∂L/∂o, o>`` is the search signal.
-    * mixed: ``weights`` (``[len(choices)]``) gives ``Σ_k w_k o_k`` over every
-      candidate's own outputs (SNAS-style). The identity half is shared and
-      left unweighted, which equals weighting whole blocks when Σ w = 1.
+      (optional scalar tensor, value 1) multiplies the block's whole output
+      (at stride 1 the identity half as well as the branch): DSNAS's
+      "dummy 1" after the chosen feature map (section 3.3, eq. 6,
+      Algorithm 1), whose gradient ``∂L/∂gate = <∂L/∂o, o>`` is the
+      search signal.
+    * mixed: ``weights`` (``[len(choices)]``) gives ``Σ_k w_k o_k`` over the
+      candidates' whole block outputs (SNAS-style); the identity half they
+      share is weighted by ``Σ_k w_k``.
 
   Args:
     in_channels: input channels (even at stride 1).
@@ -344,7 +345,16 @@ class ChoiceBlock(keras.layers.Layer):
     else:
       raise ValueError(f"ChoiceBlock {self.name!r} needs an index (single "
                        f"path) or weights (mixed mode), got neither")
-    left = shortcut if self.stride == 1 else outs[0]
+    if self.stride == 2:
+      left = outs[0]
+    elif index is not None:
+      # The gate multiplies the whole block output (DSNAS Algorithm 1: a
+      # dummy 1 after each chosen feature map): the identity half too.
+      left = shortcut if gate is None else shortcut * tf.cast(
+          gate, shortcut.dtype)
+    else:
+      # Σ_k w_k · block_k(x): the shared identity half weighs Σ_k w_k.
+      left = shortcut * tf.cast(tf.reduce_sum(weights), shortcut.dtype)
     return channel_shuffle(tf.concat([left, outs[-1]], axis=-1), 2)
 
   def _can_share(self, candidate, training) -> bool:

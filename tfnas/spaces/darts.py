@@ -133,7 +133,8 @@ class DartsSpaceConfig:
 class SearchNetwork(keras.Model):
   """The DARTS-space supernet.
 
-  ``call(images, arch_weights, arch_indices=None, training=None)``:
+  ``call(images, arch_weights, arch_indices=None, training=None,
+  dropout=None)``:
     images: ``[B, H, W, channels]`` float.
     arch_weights: mapping cell type → ``[num_edges, num_candidates]`` weights
       shared by every cell of that type, or ``[cells_of_type, num_edges,
@@ -141,6 +142,8 @@ class SearchNetwork(keras.Model):
     arch_indices: optional mapping cell type → per-edge Python ints (single
       path; only those ops are built into the traced graph), or per cell a
       sequence of such tuples.
+    dropout: unused (the search network has no dropout); accepted so that
+      every supernet takes the same call.
   Returns ``[B, num_classes]`` logits.
   """
 
@@ -181,7 +184,9 @@ class SearchNetwork(keras.Model):
   def build(self, input_shape):
     self.built = True
 
-  def call(self, images, arch_weights=None, arch_indices=None, training=None):
+  def call(self, images, arch_weights=None, arch_indices=None, training=None,
+           dropout=None):
+    del dropout  # No dropout in the search network.
     if arch_weights is None and arch_indices is None:
       arch_indices = self._only_architecture()
     s = self.stem_bn(self.stem_conv(images), training=training)

@@ -150,7 +150,8 @@ class ShuffleNetSpaceConfig:
 class ShuffleNetSupernet(keras.Model):
   """The SPOS/DSNAS single-path supernet (DSNAS section 4.2).
 
-  ``call(images, arch_weights=None, arch_indices=None, training=None)``:
+  ``call(images, arch_weights=None, arch_indices=None, training=None,
+  dropout=None)``:
     images: ``[B, H, W, 3]`` float.
     arch_indices: ``{"blocks": ints}``, one index into ``choices`` per block:
       single path, only those candidates run and are traced. With it,
@@ -159,6 +160,9 @@ class ShuffleNetSupernet(keras.Model):
       (DSNAS's dummy 1).
     arch_weights: alone, ``{"blocks": [num_blocks, num_choices]}`` mixes every
       candidate of every block (SNAS-style).
+    dropout: whether the dropout before the classifier is active; None
+      follows ``training``. ``training=True, dropout=False`` evaluates with
+      batch statistics in BN and no dropout.
   Returns ``[B, num_classes]`` logits.
 
   Args:
@@ -208,7 +212,8 @@ class ShuffleNetSupernet(keras.Model):
   def build(self, input_shape):
     self.built = True
 
-  def call(self, images, arch_weights=None, arch_indices=None, training=None):
+  def call(self, images, arch_weights=None, arch_indices=None, training=None,
+           dropout=None):
     weights = None if arch_weights is None else arch_weights.get(GROUP)
     indices = None if arch_indices is None else arch_indices.get(GROUP)
     if indices is None and weights is None and self.block_choices is not None:
@@ -246,7 +251,8 @@ class ShuffleNetSupernet(keras.Model):
       else:
         x = block(x, weights=weights[b], training=training)
     x = tf.nn.relu(self.head_bn(self.head_conv(x), training=training))
-    x = self.dropout(self.pool(x), training=training)
+    x = self.dropout(self.pool(x),
+                     training=training if dropout is None else dropout)
     return self.classifier(x)
 
   def get_config(self):

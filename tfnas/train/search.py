@@ -296,7 +296,8 @@ class Search:
     def replica(images, labels):
       if batch_stats:
         with keras.StatelessScope():
-          logits = ctx.forward(images, gates, arch_indices, training=True)
+          logits = ctx.forward(images, gates, arch_indices, training=True,
+                               dropout=False)
       else:
         logits = ctx.forward(images, gates, arch_indices, training=False)
       return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,
@@ -319,7 +320,8 @@ class Search:
       if batch_stats:
         # Batch statistics; the scope swallows moving-statistic updates.
         with keras.StatelessScope():
-          logits = ctx.forward(images, weights, training=True)
+          logits = ctx.forward(images, weights, training=True,
+                               dropout=False)
       else:
         logits = ctx.forward(images, weights, training=False)
       return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,

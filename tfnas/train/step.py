@@ -86,9 +86,12 @@ class StepContext:
     return tf.reduce_sum(per_example) / tf.cast(self.global_batch_size,
                                                per_example.dtype)
 
-  def forward(self, images, arch_weights, arch_indices=None, training=True):
+  def forward(self, images, arch_weights, arch_indices=None, training=True,
+              dropout=None):
+    """The supernet's logits; ``dropout=None`` follows ``training``."""
+    extra = {} if dropout is None else {"dropout": dropout}
     return self.network(images, arch_weights=arch_weights,
-                        arch_indices=arch_indices, training=training)
+                        arch_indices=arch_indices, training=training, **extra)
 
   @staticmethod
   def gradients(tape: tf.GradientTape, target, sources: Sequence):
