@@ -132,6 +132,38 @@ class ResourceGradientTest(tf.test.TestCase):
     expected_cost = (p * cost[0]).sum(-1, keepdims=True)
     self.assertAllClose(grad, 2.0 * p * (cost[0] - expected_cost))
 
+  def test_policy_gradient_on_a_masked_decision(self):
+    # A decision offering candidates 0 and 2 of three is the K = 2 relaxed
+    # categorical over them: finite, the same mean gradient as the
+    # unmasked pair, nothing for the candidate it does not offer (whose
+    # logit and cost are large, so any leak would show).
+    lam, n = 0.6, 200000
+    group = DecisionGroup("normal", OPS[:3], 1,
+                          mask=((True, False, True),))
+    arch = arch_lib.ArchParams([group], init_scale=0.0, dtype=tf.float64)
+    arch.logits["normal"].assign([[0.4, 5.0, -0.3]])
+    dist = arch_lib.RelaxedOneHotDistribution(
+        constant_temperature(lam), seed=11, per_cell=True,
+        cells_per_group={"normal": n})
+    table = np.broadcast_to([1.0, 9.0, 0.2], (n, 1, 3)).copy()
+    resource = ResourceConstraint({"normal": table}, 1.0, "policy")
+    with tf.GradientTape() as tape:
+      sample, logs = dist.sample_with_log(arch, step=0)
+      surrogate = resource.surrogate(arch, sample, logs, dist, 0)
+    grad = tape.gradient(surrogate, arch.logits["normal"]).numpy()[0] / n
+    self.assertTrue(np.isfinite(float(surrogate)))
+    self.assertEqual(grad[1], 0.0)
+    self.assertAllClose(grad[[0, 2]],
+                        _exact_relaxed_gradient(0.7, lam, [1.0, 0.2]),
+                        atol=0.01)
+    # The density is TFP's over the offered pair.
+    import tensorflow_probability as tfp
+    pair = tfp.distributions.ExpRelaxedOneHotCategorical(
+        tf.constant(lam, tf.float64), logits=[[0.4, -0.3]])
+    self.assertAllClose(
+        dist.log_prob(arch, "normal", logs["normal"][:5], 0),
+        pair.log_prob(tf.gather(logs["normal"][:5], [0, 2], axis=-1)))
+
   def test_unknown_gradient_is_rejected(self):
     with self.assertRaisesRegex(ValueError, "resource_gradient"):
       ResourceConstraint({}, 1.0, "magic")

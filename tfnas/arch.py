@@ -193,8 +193,30 @@ class RelaxedOneHotDistribution(ArchDistribution):
                                                          logits=logits)
 
   def log_prob(self, arch: ArchParams, name: str, log_sample, step):
-    """log-density of a log-space sample (per edge, or per cell and edge)."""
-    return self._log_space(arch, name, step).log_prob(log_sample)
+    """log-density of a log-space sample (per edge, or per cell and edge).
+
+    A decision that offers only some candidates (a mask) is a relaxed
+    categorical over those K' candidates: its density is TFP's formula over
+    them alone (unoffered entries of the sample are -inf, where TFP's
+    density over all K would be NaN).
+    """
+    if arch.group(name).mask is None:
+      return self._log_space(arch, name, step).log_prob(log_sample)
+    logits = tf.convert_to_tensor(arch.logits[name])
+    mask = tf.constant(arch.group(name).mask_array())
+    lam = tf.cast(self.temperature(step), logits.dtype)
+    log_sample = tf.convert_to_tensor(log_sample, logits.dtype)
+    # Offered entries only; the others are replaced before any arithmetic
+    # so that no NaN reaches the gradient through tf.where.
+    terms = logits - lam * tf.where(mask, log_sample,
+                                    tf.zeros_like(log_sample))
+    k = tf.reduce_sum(tf.cast(mask, logits.dtype), axis=-1)
+    lse = tf.reduce_logsumexp(
+        tf.where(mask, terms, tf.constant(-np.inf, logits.dtype)), axis=-1)
+    total = tf.reduce_sum(tf.where(mask, terms, tf.zeros_like(terms)),
+                          axis=-1)
+    return (tf.math.lgamma(k) + (k - 1.0) * tf.math.log(lam) + total
+            - k * lse)
 
   def sample_with_log(self, arch: ArchParams, step=None):
     """(Z, log Z) per group; Z is reparameterised (carries α-gradients)."""
