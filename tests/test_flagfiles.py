@@ -112,3 +112,26 @@ def test_shufflenet_shape_flags_become_int_lists(tmp_path):
   assert (config["stage_repeats"], config["stage_channels"]) == ([1, 2],
                                                                  [8, 16])
   assert (config["stem_channels"], config["head_channels"]) == (4, 0)
+
+
+def test_snas_cifar_flagfiles_carry_the_paper_settings():
+  # snas.md 3.1 and appendix G.1: 8 cells, C=16, batch 64, 150 epochs; θ
+  # SGD 0.025 annealed to zero (cosine), momentum 0.9, wd 3e-4; α Adam 3e-4,
+  # β (0.5, 0.999), wd 1e-3; single level.
+  paths = [os.path.join(ROOT, "flags", f"snas_cifar10_{level}.cfg")
+           for level in ("mild", "moderate", "aggressive")]
+  results = _parse("search", paths)
+  weights = []
+  for path in paths:
+    c = results[path]
+    assert isinstance(c, dict), c
+    assert (c["method"], c["space"], c["dataset"]) == (
+        "snas", "darts", "cifar10")
+    assert (c["num_cells"], c["channels"], c["batch_size"], c["epochs"]) == (
+        8, 16, 64, 150)
+    assert (c["w_lr"], c["w_lr_min"], c["w_momentum"],
+            c["w_weight_decay"]) == (0.025, 0.0, 0.9, 3e-4)
+    assert (c["arch_lr"], c["arch_beta1"], c["arch_beta2"],
+            c["arch_weight_decay"]) == (3e-4, 0.5, 0.999, 1e-3)
+    weights.append(c["resource_weight"])
+  assert weights == sorted(weights) and len(set(weights)) == 3

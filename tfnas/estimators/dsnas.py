@@ -26,9 +26,11 @@ Options (all off by default, as in the paper's Algorithm 1):
 
 * reward normalisation: ``C_e`` is replaced by ``(C_e - m_e) / (s_e + ε)``
   with running (exponential moving) mean ``m_e`` and standard deviation
-  ``s_e`` of ``C_e`` per decision, estimated from previous steps — a
-  baseline that lowers the variance of the score-function estimate without
-  biasing it (the statistics do not depend on the current Z).
+  ``s_e`` of ``C_e`` per decision, estimated from previous steps. The
+  mean is a baseline: it lowers the variance of the score-function
+  estimate without biasing it (it does not depend on the current Z). The
+  division rescales each decision's gradient by its own ``1 / s_e``, which
+  changes the direction of the α update (not only its noise).
 * FLOPs penalty: the objective gains ``η · E_Z[F(Z)]`` with ``F(Z) =
   Σ_e f_e(Z_e)`` the analytic FLOPs of the child divided by those of the
   costliest child (so F ∈ [0, 1]); its α-gradient is taken exactly,
