@@ -54,9 +54,10 @@ class Method:
       for reporting.
     child_eval: also evaluate the argmax child (one-hot α) every epoch.
     eval_batch_stats: evaluate the supernet with batch statistics in BN
-      (moving statistics untouched) and no dropout. For methods that sample a different
-      architecture every step, moving averages mix many architectures and
-      fit none; batch statistics evaluate the architecture at hand.
+      (moving statistics untouched) and no dropout. For methods that sample
+      a different architecture every step, moving averages mix many
+      architectures and fit none; batch statistics evaluate the
+      architecture at hand.
     space_kinds: the kinds of space the method can search
       (`tfnas.spaces.names`: ``cells``, ``blocks``).
     early_stop: the method supports progressive early stop (DSNAS 3.5);
