@@ -89,9 +89,9 @@ class StepContext:
   def forward(self, images, arch_weights, arch_indices=None, training=True,
               dropout=None):
     """The supernet's logits; ``dropout=None`` follows ``training``."""
-    extra = {} if dropout is None else {"dropout": dropout}
     return self.network(images, arch_weights=arch_weights,
-                        arch_indices=arch_indices, training=training, **extra)
+                        arch_indices=arch_indices, training=training,
+                        dropout=dropout)
 
   @staticmethod
   def gradients(tape: tf.GradientTape, target, sources: Sequence):
