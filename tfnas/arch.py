@@ -79,10 +79,15 @@ class ArchParams(tf.Module):
         return g
     raise KeyError(f"unknown decision group {name!r}; have {self.group_names}")
 
+  def mask(self, name: str) -> tf.Tensor:
+    """``[num_decisions, num_candidates]`` booleans: what each decision
+    offers (all True without a mask)."""
+    return self._masks[name]
+
   def masked_logits(self, name: str) -> tf.Tensor:
     """Logits with unavailable candidates set to -inf."""
     logits = tf.convert_to_tensor(self.logits[name])
-    return tf.where(self._masks[name], logits,
+    return tf.where(self.mask(name), logits,
                     tf.constant(-np.inf, logits.dtype))
 
   def probabilities(self, name: str) -> tf.Tensor:
@@ -203,7 +208,7 @@ class RelaxedOneHotDistribution(ArchDistribution):
     if arch.group(name).mask is None:
       return self._log_space(arch, name, step).log_prob(log_sample)
     logits = tf.convert_to_tensor(arch.logits[name])
-    mask = tf.constant(arch.group(name).mask_array())
+    mask = arch.mask(name)
     lam = tf.cast(self.temperature(step), logits.dtype)
     log_sample = tf.convert_to_tensor(log_sample, logits.dtype)
     # Offered entries only; the others are replaced before any arithmetic
