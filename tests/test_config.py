@@ -48,3 +48,11 @@ def test_from_dict_refuses_what_is_not_a_config(cls):
   with pytest.raises(ConfigError, match="config values of the wrong type"):
     cls.from_dict({"num_cells": "abc"})
   assert cls.from_dict(cls().to_dict()) == cls()
+
+
+def test_flops_target_needs_the_penalty():
+  with pytest.raises(ConfigError, match="--flops_target=300 .*--flops_weight"):
+    SearchConfig(flops_target=300.0)
+  with pytest.raises(ConfigError, match=r"^invalid --flops_target=-1.0$"):
+    SearchConfig(flops_target=-1.0, flops_weight=0.1)
+  SearchConfig(flops_target=300.0, flops_weight=0.1)

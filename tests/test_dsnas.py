@@ -232,7 +232,91 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
                         f[np.arange(5), BLOCK_CHILD["blocks"]].sum())
 
 
+  def test_flops_target_gates_the_penalty_on_the_sampled_child(self):
+    space = tiny_block_space()
+    ctx = block_context(space)
+    f = shufflenet.block_costs(space, 8)[..., 1]
+    f = f / f.max(1).sum()
+    sampled = f[np.arange(5), BLOCK_CHILD["blocks"]].sum()
+    gates = one_hot_weights(ctx.arch, BLOCK_CHILD)
+    zero = {"blocks": tf.zeros([5])}
+    p = ctx.arch.probabilities("blocks").numpy()
+    penalty = 2.0 * p * (f - (p * f).sum(1, keepdims=True))
+    for target, over in ((sampled - 1e-4, 1.0), (sampled + 1e-4, 0.0)):
+      est = DsnasEstimator(flops_tables={"blocks": f}, flops_weight=2.0,
+                           flops_target=target)
+      metrics = {}
+      (grad,) = est.arch_gradients(ctx, gates, zero, metrics)
+      self.assertAllClose(grad, over * penalty, rtol=1e-5, atol=1e-8)
+      self.assertEqual(float(metrics["train/over_flops_target"]), over)
+      self.assertAllClose(metrics["train/flops"], sampled)
+    self.assertIn("train/over_flops_target", est.metric_keys())
+    with self.assertRaisesRegex(ValueError, "flops_weight"):
+      DsnasEstimator(flops_target=0.5)
+
+  def test_flops_budget_stops_pushing_once_children_meet_it(self):
+    """With no task signal, from α favouring the costliest child, the plain
+    penalty drives the expected FLOPs to the cheapest child's; with a budget
+    halfway, the push fades once sampled children meet the budget."""
+    from tfnas import objectives
+    space = tiny_block_space()
+    flops = objectives.decision_flops(space, 8)
+    table = flops.tables["blocks"]
+    low = flops.extreme_child(cheapest=True)
+    spread = flops.extreme_child(cheapest=False) - low
+    budget = low + 0.5 * spread
+    zero = {"blocks": tf.zeros([5])}
+
+    def search(target):
+      ctx = block_context(space, arch_lr=0.05, arch_init_scale=0.0)
+      ctx.arch.logits["blocks"].assign(2.0 * np.eye(4)[table.argmax(1)])
+      est = DsnasEstimator(flops_tables=flops.normalised_tables(),
+                           flops_weight=1.0, flops_target=target)
+      over = []
+      for step in range(300):
+        indices = est.sample(ctx, step)
+        metrics = {}
+        grads = est.arch_gradients(ctx, one_hot_weights(ctx.arch, indices),
+                                   zero, metrics)
+        ctx.apply_arch(grads)
+        over.append(float(metrics.get("train/over_flops_target", 1.0)))
+      p = ctx.arch.probabilities("blocks").numpy()
+      argmax = flops.fixed + table[np.arange(5), p.argmax(1)].sum()
+      return flops.fixed + (p * table).sum(), argmax, over
+
+    expected, _, _ = search(None)
+    self.assertLess(expected, low + 0.05 * spread)
+    expected, argmax, over = search(flops.normalise(budget))
+    self.assertBetween(expected, low + 0.15 * spread, budget)
+    self.assertLessEqual(argmax, budget)
+    self.assertGreater(np.mean(over[:30]), 0.4)  # Many start over budget...
+    self.assertLess(np.mean(over[-100:]), 0.2)  # ... few end over it.
+
+
 class FlopsTablesTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_decision_flops_add_up_to_the_childs_flops(self):
+    from tfnas import objectives
+    space = tiny_block_space()
+    flops = objectives.decision_flops(space, 16, in_channels=1)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+      choices = rng.integers(0, 4, size=5)
+      self.assertAllClose(
+          flops.fixed + sum(flops.tables["blocks"][b, k]
+                            for b, k in enumerate(choices)),
+          shufflenet.network_flops(space, choices, 16, in_channels=1))
+    table = flops.tables["blocks"]
+    self.assertAllClose(flops.extreme_child(cheapest=True),
+                        flops.fixed + table.min(1).sum())
+    self.assertAllClose(flops.normalise(flops.extreme_child(cheapest=False)),
+                        1.0)
+    # Masks restrict the extremes to the offered candidates.
+    mask = np.ones_like(table, bool)
+    mask[0, table[0].argmin()] = False
+    cheapest = flops.extreme_child(cheapest=True, masks={"blocks": mask})
+    self.assertAllClose(cheapest - flops.extreme_child(cheapest=True),
+                        np.sort(table[0])[1] - table[0].min())
 
   @parameterized.parameters("blocks", "cells")
   def test_costliest_child_costs_one(self, kind):

@@ -114,6 +114,35 @@ def test_batch_statistics_evaluation_runs_without_dropout(tmp_path):
   assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
+def test_flops_target_is_checked_against_the_space_and_normalised():
+  """A budget in M multiply-adds becomes the estimator's normalised target;
+  one below the cheapest child is refused with the cheapest child's FLOPs."""
+  from tfnas import objectives
+  from tfnas.spaces import shufflenet
+  base = dict(method="dsnas", space="shufflenet_small", flops_weight=0.5,
+              stage_repeats=(1, 1, 1, 1), stage_channels=(16, 24, 32, 48))
+
+  def setup(config):
+    space = registry.space_config(config, 10, 16)
+    return space, methods.SearchSetup(config, space, 10, 16, channels=1)
+
+  space, _ = setup(SearchConfig(**base))
+  table = shufflenet.block_costs(space, 16)[..., 1]
+  cheapest = shufflenet.network_flops(space, table.argmin(1), 16, 1)
+  costliest = shufflenet.network_flops(space, table.argmax(1), 16, 1)
+  budget = (cheapest + costliest) / 2e6
+  config = SearchConfig(**base, flops_target=budget)
+  est = methods.get_method("dsnas").estimator(setup(config)[1])
+  flops = objectives.decision_flops(space, 16, in_channels=1)
+  assert est.flops_target == pytest.approx(flops.normalise(budget * 1e6))
+  assert 0 < est.flops_target < 1
+  assert "train/over_flops_target" in est.metric_keys()
+  too_low = SearchConfig(**base, flops_target=cheapest / 1e6 * 0.99)
+  with pytest.raises(TfnasError, match=rf"below the cheapest child .*"
+                     rf"\({cheapest / 1e6:.2f}M at 16x16\)"):
+    methods.get_method("dsnas").estimator(setup(too_low)[1])
+
+
 def test_only_dsnas_steps_run_eagerly():
   for name, method in methods.METHODS.items():
     config = SearchConfig(method=name)
@@ -172,6 +201,7 @@ class DsnasSearchTest(tf.test.TestCase):
         num_nodes=2, channels=4, epochs=1, max_steps_per_epoch=3,
         early_stop_every_steps=1, reward_normalization=True,
         flops_weight=0.1, recompute=True,  # As flags/dsnas_cifar10.cfg.
+        flops_target=0.001,  # 1000 multiply-adds: above the all-`none` child.
         early_stop_threshold=1e-6)  # Fixes decisions at the first check.
     search = Search(config, show_progress=False)
     checked_at = []
@@ -186,11 +216,14 @@ class DsnasSearchTest(tf.test.TestCase):
     self.assertEqual(checked_at, [1, 2, 3])
     self.assertGreater(search.early_stop.num_fixed(), 0)
     # The options are wired: reward statistics are checkpointed state, and
-    # the sampled child's normalised FLOPs are reported.
+    # the sampled child's normalised FLOPs and whether it exceeded the budget
+    # are reported.
     self.assertIs(search.checkpoint.reward_normalizer,
                   search.estimator.reward_normalizer)
     self.assertEqual(int(search.estimator.reward_normalizer.count.numpy()), 3)
     self.assertBetween(result.history[-1]["train/flops"], 0.0, 1.0)
+    self.assertBetween(search.estimator.flops_target, 0.0, 1.0)
+    self.assertBetween(result.history[-1]["train/over_flops_target"], 0.0, 1.0)
     self.assertIsInstance(result.genotype, Genotype)
     self.assertEqual(result.genotype.normal.num_nodes, 2)
     self.assertTrue(np.isfinite(result.history[-1]["train/loss"]))

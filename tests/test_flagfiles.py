@@ -94,6 +94,15 @@ def test_dsnas_flagfiles_carry_the_paper_settings():
           imagenet["w_weight_decay"], imagenet["arch_lr"],
           imagenet["batch_size"], imagenet["label_smoothing"]) == (
               0.5, 0.9, 240, 4e-5, 1e-3, 1024, 0.1)
+  # "FLOPS <= 330M": the budget, and a weight the header derives as 64e-5
+  # per MFLOP times the costliest child's block FLOPs (360M).
+  from tfnas import objectives
+  from tfnas.config import SearchConfig
+  from tfnas.spaces import registry
+  space = registry.space_config(SearchConfig(space="shufflenet"), 1000, 224)
+  scale = objectives.decision_flops(space, 224).scale
+  assert imagenet["flops_target"] == 330
+  assert imagenet["flops_weight"] == round(64e-5 * scale / 1e6, 2) == 0.23
   # The CIFAR setting searches the DARTS cell space (C=16, 8 cells).
   assert cifar["space"] == "darts" and cifar["dataset"] == "cifar10"
   assert (cifar["channels"], cifar["num_cells"]) == (16, 8)

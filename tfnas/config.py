@@ -111,6 +111,8 @@ class SearchConfig(_Config):
   label_smoothing: float = 0.0
   reward_normalization: bool = False
   flops_weight: float = 0.0
+  # Budget in millions of multiply-adds per image (0: none); see flags.py.
+  flops_target: float = 0.0
   early_stop_threshold: float = 0.3  # 0: no progressive early stop.
   early_stop_on_logits: bool = False
   early_stop_every_steps: int = 0  # 0: check at the end of every epoch.
@@ -153,11 +155,16 @@ class SearchConfig(_Config):
         ("recompute_unit", self.recompute_unit in ("edge", "cell")),
         ("label_smoothing", 0.0 <= self.label_smoothing < 1.0),
         ("flops_weight", self.flops_weight >= 0),
+        ("flops_target", self.flops_target >= 0),
         ("early_stop_threshold", self.early_stop_threshold >= 0),
         ("early_stop_every_steps", self.early_stop_every_steps >= 0),
         ("compiled_children", self.compiled_children >= 0),
     ]
     self._check(checks)
+    if self.flops_target and not self.flops_weight:
+      raise ConfigError(
+          f"--flops_target={self.flops_target:g} is a budget for the FLOPs "
+          "penalty: set --flops_weight > 0 too")
     shaped = [name for name in self.SHUFFLENET_SHAPE if getattr(self, name)]
     if shaped and self.space not in space_names.BLOCK_SPACES:
       raise ConfigError(

@@ -152,6 +152,11 @@ def define_search_flags():
   flags.DEFINE_float("flops_weight", _DEFAULTS.flops_weight,
                      "DSNAS: η of a penalty η·E[FLOPs(Z)] / FLOPs of the "
                      "costliest child, exact α-gradient (0: off).")
+  flags.DEFINE_float("flops_target", _DEFAULTS.flops_target,
+                     "DSNAS: FLOPs budget in millions of multiply-adds per "
+                     "image, as tfnas-export reports a child's (0: none). "
+                     "The --flops_weight penalty then acts only on steps "
+                     "whose sampled child exceeds it.")
   flags.DEFINE_float("early_stop_threshold", _DEFAULTS.early_stop_threshold,
                      "DSNAS progressive early stop (eq. 8): fix a decision "
                      "once its best candidate leads the runner-up by this "

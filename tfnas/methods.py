@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import numpy as np
+from absl import logging
 
 from tfnas import block_genotype
 from tfnas import derive
@@ -33,11 +34,13 @@ class SearchSetup:
       ``ShuffleNetSpaceConfig``).
     steps_per_epoch: search steps per epoch.
     image_size: input height/width (for analytic costs).
+    channels: input image channels (for analytic costs).
   """
   config: Any
   space: Any
   steps_per_epoch: int
   image_size: int
+  channels: int = 3
 
   @property
   def total_steps(self) -> int:
@@ -139,14 +142,31 @@ def _dsnas_estimator(setup: SearchSetup):
   from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
   c = setup.config
   groups = {g.name: g.num_decisions for g in setup.space.decision_groups()}
-  tables = None
+  tables = target = None
   if c.flops_weight:
-    tables = objectives.decision_flops_tables(setup.space, setup.image_size)
+    flops = objectives.decision_flops(setup.space, setup.image_size,
+                                      setup.channels)
+    tables = flops.normalised_tables()
     for g in setup.space.decision_groups():  # A group no cell uses: free.
       tables.setdefault(g.name, np.zeros(
           (g.num_decisions, len(g.candidates)), np.float32))
+    if c.flops_target:
+      target = flops.normalise(c.flops_target * 1e6)
+      masks = {g.name: g.mask_array() for g in setup.space.decision_groups()
+               if g.mask is not None}
+      low, high = (flops.extreme_child(cheapest, masks) / 1e6
+                   for cheapest in (True, False))
+      if c.flops_target < low:
+        raise TfnasError(
+            f"--flops_target={c.flops_target:g} (M multiply-adds) is below "
+            f"the cheapest child of this space ({low:.2f}M at "
+            f"{setup.image_size}x{setup.image_size}): no child meets it")
+      if c.flops_target >= high:
+        logging.warning("--flops_target=%g M: even the costliest child "
+                        "(%.2fM) meets it; the FLOPs penalty never acts",
+                        c.flops_target, high)
   normalizer = RewardNormalizer(groups) if c.reward_normalization else None
-  return DsnasEstimator(normalizer, tables, c.flops_weight)
+  return DsnasEstimator(normalizer, tables, c.flops_weight, target)
 
 
 METHODS: dict[str, Method] = {}

@@ -133,23 +133,76 @@ class ResourceConstraint:
     return tf.cast(self.weight, terms[0].dtype) * tf.add_n(terms)
 
 
-def decision_flops_tables(space, image_size: int) -> dict[str, np.ndarray]:
-  """Group → ``[E, K]`` FLOPs of each candidate of each decision, divided by
-  the FLOPs of the costliest child (Σ over decisions of the largest entry).
+@dataclasses.dataclass(frozen=True)
+class DecisionFlops:
+  """A child's analytic FLOPs as a sum over its decisions.
 
-  A decision shared by several cells (the DARTS cell space samples once per
-  cell type) costs the sum over those cells. Works for cell spaces
-  (`edge_cost_tables`) and block spaces (`shufflenet.block_costs`).
+  ``fixed + Σ_g Σ_e tables[g][e, Z_e]`` equals the FLOPs
+  `tfnas.child.child_cost` reports for the child Z (multiply-adds per
+  image): for block spaces the whole network (``fixed``: stem, head conv
+  and classifier), for cell spaces the chosen op of every cell edge
+  (``fixed`` = 0; stem, preprocessing and classifier are not counted).
+
+  Attributes:
+    tables: group → ``[E, K]`` FLOPs of each candidate of each decision; a
+      decision shared by several cells (the DARTS cell space samples once
+      per cell type) costs the sum over those cells.
+    fixed: FLOPs every child has.
   """
+  tables: Mapping[str, np.ndarray]
+  fixed: float
+
+  @property
+  def scale(self) -> float:
+    """Decision FLOPs of the costliest child (the normalising constant)."""
+    return float(sum(t.max(axis=-1).sum() for t in self.tables.values()))
+
+  def normalised_tables(self) -> dict[str, np.ndarray]:
+    """``tables / scale``: the costliest child's decisions sum to 1."""
+    if self.scale <= 0:
+      raise TfnasError("the space's candidates have no FLOPs; a FLOPs "
+                       "penalty is meaningless")
+    return {g: (t / self.scale).astype(np.float32)
+            for g, t in self.tables.items()}
+
+  def normalise(self, flops: float) -> float:
+    """A child's FLOPs on the scale of `normalised_tables`."""
+    return (flops - self.fixed) / self.scale
+
+  def extreme_child(self, cheapest: bool,
+                    masks: Mapping[str, np.ndarray] | None = None) -> float:
+    """FLOPs of the cheapest (or costliest) child, choosing only among each
+    decision's offered candidates (``masks``: group → ``[E, K]`` bools)."""
+    total = self.fixed
+    for g, t in self.tables.items():
+      offered = t.astype(np.float64)
+      if masks is not None and g in masks:
+        offered = np.where(masks[g], offered, np.inf if cheapest else -np.inf)
+      pick = offered.min if cheapest else offered.max
+      total += float(pick(axis=-1).sum())
+    return total
+
+
+def decision_flops(space, image_size: int,
+                   in_channels: int = 3) -> DecisionFlops:
+  """The `DecisionFlops` of a cell space (`edge_cost_tables`) or block space
+  (`shufflenet.block_costs`, `shufflenet.network_flops`) for images of
+  ``image_size`` with ``in_channels`` channels."""
   from tfnas.spaces import shufflenet  # Only for block spaces.
   if isinstance(space, shufflenet.ShuffleNetSpaceConfig):
-    tables = {shufflenet.GROUP: shufflenet.block_costs(space,
-                                                       image_size)[..., 1]}
-  else:
-    tables = {g: t.sum(axis=0)[..., 1]
-              for g, t in edge_cost_tables(space, image_size).items()}
-  total = sum(t.max(axis=-1).sum() for t in tables.values())
-  if total <= 0:
-    raise TfnasError("the space's candidates have no FLOPs; a FLOPs penalty "
-                     "is meaningless")
-  return {g: (t / total).astype(np.float32) for g, t in tables.items()}
+    table = shufflenet.block_costs(space, image_size)[..., 1]
+    first = shufflenet.network_flops(space, [0] * space.num_blocks,
+                                     image_size, in_channels)
+    return DecisionFlops({shufflenet.GROUP: table},
+                         float(first - table[:, 0].sum()))
+  return DecisionFlops({g: t.sum(axis=0)[..., 1]
+                        for g, t in edge_cost_tables(space,
+                                                     image_size).items()},
+                       0.0)
+
+
+def decision_flops_tables(space, image_size: int) -> dict[str, np.ndarray]:
+  """Group → ``[E, K]`` FLOPs of each candidate of each decision, divided by
+  the FLOPs of the costliest child (Σ over decisions of the largest entry);
+  see `DecisionFlops`."""
+  return decision_flops(space, image_size).normalised_tables()

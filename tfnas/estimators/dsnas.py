@@ -35,6 +35,13 @@ Options (all off by default, as in the paper's Algorithm 1):
   Σ_e f_e(Z_e)`` the analytic FLOPs of the child divided by those of the
   costliest child (so F ∈ [0, 1]); its α-gradient is taken exactly,
   ``η ∇α Σ_e Σ_k p_ek f_ek`` (no sampling noise). θ is unaffected.
+* FLOPs budget (with the penalty): a child is meant to cost at most T FLOPs
+  (DSNAS 4.2 searches under "FLOPS ≤ 330M" without saying how). The penalty
+  gradient is applied only on steps whose sampled child costs more than T,
+  so its expected α update is ``P(F(Z) > T) · η ∇α E_Z[F(Z)]``: it fades
+  as the distribution settles on children within the budget, and never
+  pushes a search that already meets it. (The authors' code gates its
+  penalty the same way, on the sampled child's FLOPs.)
 """
 
 from __future__ import annotations
@@ -104,6 +111,9 @@ class DsnasEstimator(Estimator):
     flops_tables: optional group → ``[E, K]`` normalised FLOPs per
       candidate (see `tfnas.objectives.flops_tables`).
     flops_weight: η of the FLOPs penalty.
+    flops_target: optional budget T on the scale of ``flops_tables`` (see
+      `tfnas.objectives.DecisionFlops.normalise`): the penalty acts only
+      on steps whose sampled child exceeds it.
   """
 
   uses_val_batch = False
@@ -113,13 +123,21 @@ class DsnasEstimator(Estimator):
 
   def __init__(self, reward_normalizer: RewardNormalizer | None = None,
                flops_tables: Mapping[str, np.ndarray] | None = None,
-               flops_weight: float = 0.0):
+               flops_weight: float = 0.0,
+               flops_target: float | None = None):
     self.reward_normalizer = reward_normalizer
     self.flops_weight = flops_weight
     self.flops_tables = ({g: tf.constant(t, tf.float32)
                           for g, t in flops_tables.items()}
                          if flops_tables is not None and flops_weight else None)
-    self.extra_metrics = ("train/flops",) if self.flops_tables else ()
+    if flops_target is not None and self.flops_tables is None:
+      raise ValueError("flops_target needs flops_tables and flops_weight > 0")
+    self.flops_target = flops_target
+    self.extra_metrics = ()
+    if self.flops_tables:
+      self.extra_metrics = ("train/flops",)
+      if flops_target is not None:
+        self.extra_metrics += ("train/over_flops_target",)
 
   def checkpoint_objects(self) -> dict:
     """Trackable state the loop checkpoints with the run."""
@@ -190,24 +208,33 @@ class DsnasEstimator(Estimator):
       costs = self.reward_normalizer(costs)
     avars = ctx.arch_variables
     replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    weight = None
+    if self.flops_tables is not None:
+      # The sampled child's normalised FLOPs (the same on every replica).
+      flops = tf.add_n([tf.reduce_sum(gates[g] * self.flops_tables[g])
+                        for g in ctx.arch.group_names])
+      weight = tf.constant(self.flops_weight, tf.float32)
+      if self.flops_target is not None:
+        over = tf.cast(flops > self.flops_target, tf.float32)
+        weight *= over
     with tf.GradientTape() as tape:
       terms = []
       for g in ctx.arch.group_names:
         log_p = ctx.distribution.log_prob(ctx.arch, g, gates[g])
         terms.append(tf.reduce_sum(tf.stop_gradient(costs[g]) * log_p))
-        if self.flops_tables is not None:
+        if weight is not None:
           probs = ctx.arch.probabilities(g)
           expected = tf.reduce_sum(
               tf.where(probs > 0, probs * self.flops_tables[g], 0.0))
-          terms.append(self.flops_weight * expected)
+          terms.append(weight * expected)
       surrogate = tf.add_n(terms)
     a_grads = StepContext.gradients(tape, surrogate, avars)
     if ctx.fixed_decisions is not None:
       a_grads = ctx.fixed_decisions.mask_gradients(a_grads)
-    if self.flops_tables is not None and metrics is not None:
-      flops = tf.add_n([tf.reduce_sum(gates[g] * self.flops_tables[g])
-                        for g in ctx.arch.group_names])
+    if weight is not None and metrics is not None:
       metrics["train/flops"] = flops / float(replicas)
+      if self.flops_target is not None:
+        metrics["train/over_flops_target"] = over / float(replicas)
     return a_grads
 
   def step(self, ctx: StepContext, train_batch, val_batch, step):

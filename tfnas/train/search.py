@@ -202,7 +202,7 @@ class Search:
             self.arch, config.early_stop_threshold,
             on_logits=config.early_stop_on_logits)
       setup = methods_lib.SearchSetup(config, self.space, steps,
-                                      info.image_size)
+                                      info.image_size, info.channels)
       self.ctx = StepContext(self.network, self.arch,
                              self.method.distribution(setup), self.w_opt,
                              self.a_opt, config.batch_size,
