@@ -97,7 +97,7 @@ def _export_search_child(run_dir: str, method_name: str,
   print(exported.genotype)
   print(f"{meta['method']} child of {run_dir} ({meta['space']} space, "
         f"inherited weights, {bn}): {meta['params'] / 1e6:.3f}M "
-        f"parameters, {meta['flops'] / 1e6:.2f}M FLOPs "
+        f"parameters, {meta['flops'] / 1e6:.4g}M FLOPs "
         f"({meta['flops_scope']})")
   print(_signature_line(meta["checkpoint"], exported.path,
                         meta["input_shape"]))

@@ -39,9 +39,9 @@ Options (all off by default, as in the paper's Algorithm 1):
   (DSNAS 4.2 searches under "FLOPS ≤ 330M" without saying how). The penalty
   gradient is applied only on steps whose sampled child costs more than T,
   so its expected α update is ``P(F(Z) > T) · η ∇α E_Z[F(Z)]``: it fades
-  as the distribution settles on children within the budget, and never
-  pushes a search that already meets it. (The authors' code gates its
-  penalty the same way, on the sampled child's FLOPs.)
+  as the distribution settles on children within the budget, and stops
+  once no sampled child exceeds it. (The authors' code gates its penalty
+  the same way, on the sampled child's FLOPs.)
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class DsnasEstimator(Estimator):
   Args:
     reward_normalizer: optional `RewardNormalizer`.
     flops_tables: optional group → ``[E, K]`` normalised FLOPs per
-      candidate (see `tfnas.objectives.flops_tables`).
+      candidate (see `tfnas.objectives.decision_flops_tables`).
     flops_weight: η of the FLOPs penalty.
     flops_target: optional budget T on the scale of ``flops_tables`` (see
       `tfnas.objectives.DecisionFlops.normalise`): the penalty acts only
