@@ -281,7 +281,7 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
         ctx.apply_arch(grads)
         over.append(float(metrics.get("train/over_flops_target", 1.0)))
       p = ctx.arch.probabilities("blocks").numpy()
-      argmax = flops.fixed + table[np.arange(5), p.argmax(1)].sum()
+      argmax = flops.child({"blocks": p.argmax(1)})
       return flops.fixed + (p * table).sum(), argmax, over
 
     expected, _, _ = search(None)
@@ -303,8 +303,7 @@ class FlopsTablesTest(tf.test.TestCase, parameterized.TestCase):
     for _ in range(5):
       choices = rng.integers(0, 4, size=5)
       self.assertAllClose(
-          flops.fixed + sum(flops.tables["blocks"][b, k]
-                            for b, k in enumerate(choices)),
+          flops.child({"blocks": choices}),
           shufflenet.network_flops(space, choices, 16, in_channels=1))
     table = flops.tables["blocks"]
     self.assertAllClose(flops.extreme_child(cheapest=True),
@@ -322,7 +321,7 @@ class FlopsTablesTest(tf.test.TestCase, parameterized.TestCase):
   def test_costliest_child_costs_one(self, kind):
     from tfnas import objectives
     space = tiny_block_space() if kind == "blocks" else helpers.tiny_space()
-    tables = objectives.decision_flops_tables(space, 8)
+    tables = objectives.decision_flops(space, 8).normalised_tables()
     groups = {g.name: g for g in space.decision_groups()}
     for name, table in tables.items():
       self.assertEqual(table.shape, (groups[name].num_decisions,

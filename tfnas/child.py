@@ -161,10 +161,10 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
   """Parameters and FLOPs (multiply-adds per image) of the child.
 
   ``params`` counts the child's trainable weights exactly (``child`` built
-  from ``indices``, or built here). FLOPs are analytic: for block spaces the
-  whole network (`shufflenet.network_flops`); for cell spaces the chosen
-  ops of every edge (`tfnas.objectives.edge_cost_tables`; stem,
-  preprocessing convs and classifier not included, as in SNAS appendix F).
+  from ``indices``, or built here). FLOPs are analytic
+  (`tfnas.objectives.DecisionFlops`): for block spaces the whole network;
+  for cell spaces the chosen ops of every edge (stem, preprocessing convs
+  and classifier not included, as in SNAS appendix F).
   """
   from tfnas import objectives  # Cost tables only when needed.
   space = supernet.space
@@ -172,16 +172,9 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
     child = build_child(supernet, indices, (image_size, image_size,
                                             supernet.variables[0].shape[2]))
   params = sum(int(np.prod(v.shape)) for v in child.trainable_variables)
-  if registry.space_kind(space) == names.BLOCKS:
-    in_channels = int(supernet.stem_conv.kernel.shape[2])
-    flops = shufflenet.network_flops(space, indices[shufflenet.GROUP],
-                                     image_size, in_channels)
-  else:
-    tables = objectives.edge_cost_tables(space, image_size)
-    flops = 0.0
-    for cell_type, table in tables.items():
-      for e, k in enumerate(indices[cell_type]):
-        flops += table[:, e, int(k), 1].sum()
+  in_channels = int(supernet.variables[0].shape[2])
+  flops = objectives.decision_flops(space, image_size,
+                                    in_channels).child(indices)
   return {"params": float(params), "flops": float(flops)}
 
 

@@ -9,7 +9,7 @@ analytically from the op type, channels, stride and feature-map size.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -159,11 +159,18 @@ class DecisionFlops:
 
   def normalised_tables(self) -> dict[str, np.ndarray]:
     """``tables / scale``: the costliest child's decisions sum to 1."""
-    if self.scale <= 0:
+    scale = self.scale
+    if scale <= 0:
       raise TfnasError("the space's candidates have no FLOPs; a FLOPs "
                        "penalty is meaningless")
-    return {g: (t / self.scale).astype(np.float32)
-            for g, t in self.tables.items()}
+    return {g: (t / scale).astype(np.float32) for g, t in self.tables.items()}
+
+  def child(self, indices: Mapping[str, Sequence[int]]) -> float:
+    """FLOPs of the child taking candidate ``indices[g][e]`` at every
+    decision."""
+    return self.fixed + sum(
+        float(t[np.arange(len(t)), np.asarray(indices[g], int)].sum())
+        for g, t in self.tables.items())
 
   def normalise(self, flops: float) -> float:
     """A child's FLOPs on the scale of `normalised_tables`."""
@@ -199,10 +206,3 @@ def decision_flops(space, image_size: int,
                         for g, t in edge_cost_tables(space,
                                                      image_size).items()},
                        0.0)
-
-
-def decision_flops_tables(space, image_size: int) -> dict[str, np.ndarray]:
-  """Group → ``[E, K]`` FLOPs of each candidate of each decision, divided by
-  the FLOPs of the costliest child (Σ over decisions of the largest entry);
-  see `DecisionFlops`."""
-  return decision_flops(space, image_size).normalised_tables()

@@ -109,7 +109,7 @@ class DsnasEstimator(Estimator):
   Args:
     reward_normalizer: optional `RewardNormalizer`.
     flops_tables: optional group → ``[E, K]`` normalised FLOPs per
-      candidate (see `tfnas.objectives.decision_flops_tables`).
+      candidate (`tfnas.objectives.DecisionFlops.normalised_tables`).
     flops_weight: η of the FLOPs penalty.
     flops_target: optional budget T on the scale of ``flops_tables`` (see
       `tfnas.objectives.DecisionFlops.normalise`): the penalty acts only
