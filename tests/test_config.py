@@ -16,6 +16,7 @@ from tfnas.config import ConfigError, SearchConfig, TrainConfig
     (SearchConfig, "w_weight_decay", -1e-4),
     (SearchConfig, "grad_clip", -1.0),
     (SearchConfig, "w_lr_min", 0.5),  # Above --w_lr (0.025).
+    (SearchConfig, "w_lr_warmup_epochs", -1),
     (SearchConfig, "arch_beta1", 1.0),
     (SearchConfig, "arch_beta2", -0.1),
     (SearchConfig, "arch_weight_decay", -1.0),
@@ -29,6 +30,13 @@ from tfnas.config import ConfigError, SearchConfig, TrainConfig
 def test_out_of_range_values_name_their_flag(cls, field, value):
   with pytest.raises(ConfigError, match=rf"^invalid --{field}={value!r}$"):
     cls(**{field: value})
+
+
+def test_warm_up_must_leave_epochs_to_anneal():
+  with pytest.raises(ConfigError, match=r"--w_lr_warmup_epochs=5 leaves no "
+                     r"epoch .* below --epochs=5"):
+    SearchConfig(epochs=5, w_lr_warmup_epochs=5)
+  assert SearchConfig(epochs=5, w_lr_warmup_epochs=4).w_lr_warmup_epochs == 4
 
 
 def test_zero_turns_optional_terms_off():

@@ -67,6 +67,27 @@ def test_sync_batch_norm_reaches_every_batch_norm_of_both_space_kinds(
     assert [layer.synchronized for layer in bns] == [sync] * len(bns)
 
 
+def test_imagenet_recipe_options_reach_the_weight_optimizer(tmp_path):
+  """--exclude_bn_from_weight_decay skips exactly the BN scales and shifts;
+  --w_lr_warmup_epochs starts the rate at w_lr / warm-up steps."""
+  config = dsnas_config(tmp_path / "r", stage_channels=(8, 16, 32, 64),
+                        stem_channels=4, head_channels=16, epochs=3,
+                        w_weight_decay=4e-5, exclude_bn_from_weight_decay=True,
+                        w_lr_warmup_epochs=1, w_lr_per_step=True)
+  search = Search(config, show_progress=False)
+  bn = {id(w.value) for layer in search.network._flatten_layers()
+        if isinstance(layer, BatchNorm) for w in layer.trainable_weights}
+  decays = {id(v.value): search.w_opt.decay_of(v)
+            for v in search.network.trainable_variables}
+  assert len(bn) > 10
+  assert {decays[i] for i in bn} == {0.0}
+  assert {d for i, d in decays.items() if i not in bn} == {4e-5}
+  assert float(search.w_opt.current_lr()) == pytest.approx(0.05 / 4)
+  default = Search(dsnas_config(tmp_path / "d"), show_progress=False)
+  assert {default.w_opt.decay_of(v)
+          for v in default.network.trainable_variables} == {3e-4}
+
+
 def test_sync_batch_norm_refused_for_eager_cell_steps_on_local_replicas(
     tmp_path):
   # Eager single-path steps issue BN all-reduces from each local replica's

@@ -94,6 +94,10 @@ def test_dsnas_flagfiles_carry_the_paper_settings():
           imagenet["w_weight_decay"], imagenet["arch_lr"],
           imagenet["batch_size"], imagenet["label_smoothing"]) == (
               0.5, 0.9, 240, 4e-5, 1e-3, 1024, 0.1)
+  # The authors' released search config: 5 warm-up epochs, cosine per
+  # iteration, no weight decay on batch-norm parameters.
+  assert (imagenet["w_lr_warmup_epochs"], imagenet["w_lr_per_step"],
+          imagenet["exclude_bn_from_weight_decay"]) == (5, True, True)
   # "FLOPS <= 330M": the budget, and a weight the header derives as 64e-5
   # per MFLOP times the costliest child's block FLOPs (360M).
   from tfnas import objectives

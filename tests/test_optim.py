@@ -82,6 +82,50 @@ class OptimTest(tf.test.TestCase):
     self.assertAllClose(lr(tf.constant(25, tf.int64)), 0.013)
     self.assertAllClose(lr(tf.constant(50, tf.int64)), 0.001)
 
+  def test_cosine_schedule_with_warm_up_and_per_step(self):
+    """Linear warm-up over 2 epochs of 5 steps, then cosine over the other 8
+    epochs (per epoch), or over the other 40 steps (per step)."""
+    def at(lr, step):
+      return float(lr(tf.constant(step, tf.int64)))
+    per_epoch = optim.cosine_schedule(0.5, 0.0, total_epochs=10,
+                                      steps_per_epoch=5, warmup_epochs=2)
+    for t in range(10):
+      self.assertAllClose(at(per_epoch, t), 0.5 * (t + 1) / 10)
+    for t in range(10, 51):
+      e = (t - 10) // 5
+      self.assertAllClose(at(per_epoch, t),
+                          0.25 * (1 + np.cos(np.pi * min(e / 8, 1.0))),
+                          atol=1e-7)
+    per_step = optim.cosine_schedule(0.5, 0.1, total_epochs=10,
+                                     steps_per_epoch=5, warmup_epochs=2,
+                                     per_step=True)
+    self.assertAllClose(at(per_step, 9), 0.5)  # The last warm-up step.
+    for t in range(10, 51):
+      self.assertAllClose(at(per_step, t), 0.1 + 0.2 * (
+          1 + np.cos(np.pi * min((t - 10) / 40, 1.0))), atol=1e-7)
+    plain = optim.cosine_schedule(0.5, 0.0, total_epochs=10,
+                                  steps_per_epoch=5, per_step=True)
+    self.assertAllClose(at(plain, 0), 0.5)
+    self.assertAllClose(at(plain, 25), 0.25)
+    self.assertAllClose(at(plain, 7), 0.25 * (1 + np.cos(np.pi * 7 / 50)))
+
+  def test_no_decay_variables_skip_weight_decay_only(self):
+    """With zero gradients only decayed variables move, eagerly, traced and
+    in the second-order virtual step's coefficient."""
+    w, gamma = tf.Variable([3.0, 4.0]), tf.Variable([1.0, 2.0])
+    opt = optim.SGD(0.1, momentum=0.9, weight_decay=0.01)
+    opt.build([w, gamma], no_decay=[gamma])
+    self.assertEqual((opt.decay_of(w), opt.decay_of(gamma)), (0.01, 0.0))
+    zeros = [tf.zeros(2), tf.zeros(2)]
+    opt.apply(zeros, [w, gamma])
+    tf.function(lambda: opt.apply(zeros, [w, gamma]))()
+    w1 = np.array([3.0, 4.0]) * (1 - 0.1 * 0.01)
+    self.assertAllClose(w, w1 - 0.1 * (0.9 * 0.01 * np.array([3.0, 4.0]) +
+                                       0.01 * w1))
+    self.assertAllClose(gamma, [1.0, 2.0])
+    with self.assertRaisesRegex(ValueError, "no_decay"):
+      optim.SGD(0.1).build([w], no_decay=[gamma])
+
   def test_apply_requires_build(self):
     with self.assertRaisesRegex(RuntimeError, "build"):
       optim.SGD(0.1).apply([tf.ones(2)], [tf.Variable([0.0, 0.0])])

@@ -89,8 +89,11 @@ class SearchConfig(_Config):
   # Weight optimiser.
   w_lr: float = 0.025
   w_lr_min: float = 0.001
+  w_lr_warmup_epochs: int = 0  # Linear warm-up before the cosine.
+  w_lr_per_step: bool = False  # Cosine per step instead of per epoch.
   w_momentum: float = 0.9
   w_weight_decay: float = 3e-4
+  exclude_bn_from_weight_decay: bool = False
   grad_clip: float = 5.0
   # Architecture optimiser.
   arch_lr: float = 3e-4
@@ -142,6 +145,7 @@ class SearchConfig(_Config):
         ("channels", self.channels >= 2 and self.channels % 2 == 0),
         ("w_lr", self.w_lr > 0),
         ("w_lr_min", 0 <= self.w_lr_min <= self.w_lr),
+        ("w_lr_warmup_epochs", self.w_lr_warmup_epochs >= 0),
         ("w_momentum", 0 <= self.w_momentum < 1),
         ("w_weight_decay", self.w_weight_decay >= 0),
         ("grad_clip", self.grad_clip >= 0),
@@ -161,6 +165,10 @@ class SearchConfig(_Config):
         ("compiled_children", self.compiled_children >= 0),
     ]
     self._check(checks)
+    if self.w_lr_warmup_epochs >= self.epochs:
+      raise ConfigError(
+          f"--w_lr_warmup_epochs={self.w_lr_warmup_epochs} leaves no epoch "
+          f"of the cosine schedule: keep it below --epochs={self.epochs}")
     if self.flops_target and not self.flops_weight:
       raise ConfigError(
           f"--flops_target={self.flops_target:g} is a budget for the FLOPs "

@@ -111,9 +111,19 @@ def define_search_flags():
   flags.DEFINE_float("w_lr", _DEFAULTS.w_lr, "Weight SGD learning rate.")
   flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
                      "Final learning rate of the cosine schedule.")
+  flags.DEFINE_integer("w_lr_warmup_epochs", _DEFAULTS.w_lr_warmup_epochs,
+                       "Epochs of linear learning-rate warm-up (per step, "
+                       "from w_lr/steps up to --w_lr) before the cosine "
+                       "schedule, which then spans the remaining epochs.")
+  flags.DEFINE_boolean("w_lr_per_step", _DEFAULTS.w_lr_per_step,
+                       "Anneal the cosine schedule every step instead of "
+                       "once per epoch.")
   flags.DEFINE_float("w_momentum", _DEFAULTS.w_momentum, "SGD momentum.")
   flags.DEFINE_float("w_weight_decay", _DEFAULTS.w_weight_decay,
                      "Weight decay (L2) of the weights.")
+  flags.DEFINE_boolean("exclude_bn_from_weight_decay",
+                       _DEFAULTS.exclude_bn_from_weight_decay,
+                       "No weight decay on batch-norm scales and shifts.")
   flags.DEFINE_float("grad_clip", _DEFAULTS.grad_clip,
                      "Global-norm gradient clip of the weights (0: off).")
   flags.DEFINE_float("arch_lr", _DEFAULTS.arch_lr, "α Adam learning rate.")

@@ -109,7 +109,7 @@ class DartsSecondOrder(_AlphaThenWeights):
     unrolled = []
     for i, (v, g) in enumerate(zip(wvars, grads)):
       w = tf.convert_to_tensor(v)
-      d = g + tf.cast(opt.weight_decay, w.dtype) * w
+      d = g + tf.cast(opt.decay_of(v), w.dtype) * w
       d += tf.cast(opt.momentum, w.dtype) * tf.convert_to_tensor(
           opt.momentum_buffer(i))
       unrolled.append(w - tf.cast(xi, w.dtype) * d)

@@ -133,3 +133,9 @@ class BatchNorm(keras.layers.Layer):
     config.update(affine=self.affine, momentum=self.momentum,
                   epsilon=self.epsilon, synchronized=self.synchronized)
     return config
+
+
+def batch_norm_parameters(model) -> list:
+  """The scales and shifts of every affine ``BatchNorm`` inside ``model``."""
+  return [w for layer in model._flatten_layers()  # pylint: disable=protected-access
+          if isinstance(layer, BatchNorm) for w in layer.trainable_weights]

@@ -26,12 +26,34 @@ def _variable(v):
 
 
 def cosine_schedule(base_lr: float, min_lr: float, total_epochs: int,
-                    steps_per_epoch: int) -> Callable[[tf.Tensor], tf.Tensor]:
-  """Per-epoch cosine annealing from ``base_lr`` to ``min_lr`` (DARTS)."""
+                    steps_per_epoch: int, warmup_epochs: int = 0,
+                    per_step: bool = False
+                    ) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Cosine annealing from ``base_lr`` to ``min_lr``.
+
+  By default the rate changes once per epoch (DARTS: epoch e of E takes
+  ``min + (base - min) (1 + cos(pi e / E)) / 2``); ``per_step`` anneals every
+  step instead. ``warmup_epochs`` > 0 first raises the rate linearly, step t
+  of the W warm-up steps taking ``base_lr (t + 1) / W``, then anneals over the
+  remaining epochs (the ImageNet recipe of large-batch single-path search).
+  """
+  warmup_steps = warmup_epochs * steps_per_epoch
+  anneal_epochs = max(total_epochs - warmup_epochs, 1)
+  anneal_steps = max(total_epochs * steps_per_epoch - warmup_steps, 1)
+
   def lr(step):
-    epoch = tf.cast(step // steps_per_epoch, tf.float32)
-    frac = tf.minimum(epoch / float(max(total_epochs, 1)), 1.0)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + tf.cos(math.pi * frac))
+    step = tf.cast(step, tf.int64)
+    since = tf.maximum(step - warmup_steps, 0)
+    if per_step:
+      frac = tf.cast(since, tf.float32) / float(anneal_steps)
+    else:
+      frac = tf.cast(since // steps_per_epoch, tf.float32) / anneal_epochs
+    frac = tf.minimum(frac, 1.0)
+    rate = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + tf.cos(math.pi * frac))
+    if not warmup_steps:
+      return rate
+    warm = base_lr * tf.cast(step + 1, tf.float32) / float(warmup_steps)
+    return tf.where(step < warmup_steps, warm, rate)
   return lr
 
 
@@ -69,10 +91,21 @@ class _Optimizer(tf.Module):
     self.slots = {}
     self._built_for = None
 
-  def build(self, variables: Sequence) -> None:
-    """Creates slot variables; call inside ``strategy.scope()``."""
+  def build(self, variables: Sequence, no_decay: Sequence = ()) -> None:
+    """Creates slot variables; call inside ``strategy.scope()``.
+
+    ``no_decay``: variables (among ``variables``) that weight decay skips,
+    e.g. batch-norm scales and shifts.
+    """
     self._built_for = [_variable(v) for v in variables]
     self._position = {id(v): i for i, v in enumerate(self._built_for)}
+    skipped = {id(_variable(v)) for v in no_decay}
+    unknown = skipped - set(self._position)
+    if unknown:
+      raise ValueError(f"{self.name}: {len(unknown)} no_decay variable(s) "
+                       "are not among the variables to build for")
+    self._decays = [0.0 if id(v) in skipped else self.weight_decay
+                    for v in self._built_for]
     for slot in self._slot_names:
       self.slots[slot] = [
           tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
@@ -82,12 +115,20 @@ class _Optimizer(tf.Module):
   def current_lr(self):
     return self.learning_rate(self.iterations)
 
+  def decay_of(self, variable) -> float:
+    """The coupled L2 coefficient of ``variable`` (0 if built as no_decay)."""
+    i = None if self._built_for is None else self._position.get(
+        id(_variable(variable)))
+    return self.weight_decay if i is None else self._decays[i]
+
   def prepare(self, grads, variables):
     """Clip (global norm) then add coupled L2 weight decay, like PyTorch."""
     grads = clip_by_global_norm(grads, self.clip_norm)
     if self.weight_decay:
-      grads = [g + tf.cast(self.weight_decay, g.dtype) * tf.convert_to_tensor(v)
-               for g, v in zip(grads, variables)]
+      grads = [g + tf.cast(decay, g.dtype) * tf.convert_to_tensor(v)
+               if decay else g
+               for g, v, decay in zip(grads, variables,
+                                      map(self.decay_of, variables))]
     return grads
 
   def apply(self, grads, variables) -> None:

@@ -44,6 +44,7 @@ from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
 from tfnas.errors import TfnasError
+from tfnas.layers.batch_norm import batch_norm_parameters
 from tfnas.spaces import names as space_names
 from tfnas.spaces import registry as space_registry
 from tfnas.train import loop, optim, rundir, summaries
@@ -186,10 +187,14 @@ class Search:
                              seed=config.seed)
       self.w_opt = optim.SGD(
           optim.cosine_schedule(config.w_lr, config.w_lr_min, config.epochs,
-                                steps),
+                                steps, config.w_lr_warmup_epochs,
+                                config.w_lr_per_step),
           momentum=config.w_momentum, weight_decay=config.w_weight_decay,
           clip_norm=config.grad_clip, name="weight_sgd")
-      self.w_opt.build(self.network.trainable_variables)
+      self.w_opt.build(
+          self.network.trainable_variables,
+          no_decay=(batch_norm_parameters(self.network)
+                    if config.exclude_bn_from_weight_decay else ()))
       self.a_opt = optim.Adam(
           config.arch_lr, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
           weight_decay=config.arch_weight_decay, name="arch_adam")
