@@ -94,6 +94,41 @@ class BatchNormTest(tf.test.TestCase, parameterized.TestCase):
                           (x - mean) / np.sqrt(var + EPS), atol=1e-5)
     self.assertAllClose(bn.moving_mean, mean, rtol=1e-5)  # Not updated.
 
+  @parameterized.parameters(True, False)
+  def test_fused_kernel_equals_the_reductions_to_second_order(self, affine):
+    """float32 NHWC training takes the fused kernel: its output, moving
+    statistics, gradients and a Hessian-vector product equal the plain
+    reductions' (the float64 layer, which never fuses)."""
+    x = rand(4, 5, 5, 3) * 2.0 + 0.5
+    v = rand(4, 5, 5, 3, seed=5)
+    w = rand(4, 5, 5, 3, seed=6)
+    results = []
+    for dtype in ("float32", "float64"):
+      bn = BatchNorm(affine=affine, dtype=dtype)
+      xt = tf.constant(x.astype(dtype))
+      bn.build(xt.shape)
+      if affine:
+        bn.gamma.assign(rand(3, seed=1).astype(dtype) + 1.0)
+        bn.beta.assign(rand(3, seed=2).astype(dtype))
+      fn = tf.function(lambda t, bn=bn: bn(t, training=True))
+      ops_used = {op.type for op in
+                  fn.get_concrete_function(xt).graph.get_operations()}
+      self.assertEqual("FusedBatchNormV3" in ops_used, dtype == "float32")
+      with tf.GradientTape() as outer:
+        outer.watch(xt)
+        with tf.GradientTape() as inner:
+          inner.watch(xt)
+          y = bn(xt, training=True)
+          f = tf.reduce_sum(tf.constant(w.astype(dtype)) * y ** 3)
+        grads = inner.gradient(f, [xt] + bn.trainable_weights)
+        gv = tf.reduce_sum(grads[0] * tf.constant(v.astype(dtype)))
+      hvp = outer.gradient(gv, xt)
+      results.append([np.asarray(t, np.float64) for t in (
+          y, bn.moving_mean, bn.moving_variance, hvp, *grads)])
+    for fused, exact in zip(*results):
+      scale = max(np.abs(exact).max(), 1.0)
+      self.assertAllClose(fused / scale, exact / scale, atol=2e-5)
+
   def test_weights_and_float64(self):
     with floatx("float64"):
       bn = BatchNorm(affine=False)
