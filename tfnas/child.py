@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.errors import TfnasError
-from tfnas.layers.batch_norm import BatchNorm
+from tfnas.layers.batch_norm import batch_norm_layers
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import names
 from tfnas.spaces import registry
@@ -139,7 +139,7 @@ def recalibrate_batch_norm(model, batches: Iterable) -> int:
   Returns:
     The number of batches used (0 leaves the statistics untouched).
   """
-  bns = [l for l in model._flatten_layers() if isinstance(l, BatchNorm)]
+  bns = batch_norm_layers(model)
   momenta = [bn.momentum for bn in bns]
   count = 0
   try:

@@ -112,9 +112,10 @@ def define_search_flags():
   flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
                      "Final learning rate of the cosine schedule.")
   flags.DEFINE_integer("w_lr_warmup_epochs", _DEFAULTS.w_lr_warmup_epochs,
-                       "Epochs of linear learning-rate warm-up (per step, "
-                       "from w_lr/steps up to --w_lr) before the cosine "
-                       "schedule, which then spans the remaining epochs.")
+                       "Epochs of linear learning-rate warm-up before the "
+                       "cosine schedule, which then spans the remaining "
+                       "epochs: step t of the warm-up's steps T takes "
+                       "w_lr * (t + 1) / T.")
   flags.DEFINE_boolean("w_lr_per_step", _DEFAULTS.w_lr_per_step,
                        "Anneal the cosine schedule every step instead of "
                        "once per epoch.")

@@ -126,12 +126,15 @@ class BatchNorm(keras.layers.Layer):
       outputs = outputs * self.gamma + self.beta
     return tf.cast(outputs, self.compute_dtype)
 
-  def _fuses(self, x) -> bool:
+  def _across_replicas(self) -> bool:
+    """Whether batch statistics are all-reduced over several replicas."""
     ctx = tf.distribute.get_replica_context()
-    across_replicas = (self.synchronized and ctx is not None and
-                       ctx.num_replicas_in_sync > 1)
+    return (self.synchronized and ctx is not None and
+            ctx.num_replicas_in_sync > 1)
+
+  def _fuses(self, x) -> bool:
     return (x.shape.rank == 4 and x.dtype == tf.float32 and
-            not across_replicas and _fused_kernel_allowed())
+            not self._across_replicas() and _fused_kernel_allowed())
 
   def _fused_training(self, x):
     """Training-mode normalisation by the fused kernel, which also returns
@@ -147,9 +150,7 @@ class BatchNorm(keras.layers.Layer):
   def _batch_statistics(self, x, axes):
     """Mean, biased variance and element count per channel (two-pass)."""
     count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
-    ctx = tf.distribute.get_replica_context()
-    if (self.synchronized and ctx is not None and
-        ctx.num_replicas_in_sync > 1):
+    if self._across_replicas():
       total, count = ordered_all_reduce([tf.reduce_sum(x, axis=axes),
                                          tf.reshape(count, [1])])
       count = count[0]
@@ -184,7 +185,13 @@ class BatchNorm(keras.layers.Layer):
     return config
 
 
+def batch_norm_layers(model) -> list[BatchNorm]:
+  """Every ``BatchNorm`` inside ``model``."""
+  return [layer for layer in model._flatten_layers()  # pylint: disable=protected-access
+          if isinstance(layer, BatchNorm)]
+
+
 def batch_norm_parameters(model) -> list:
   """The scales and shifts of every affine ``BatchNorm`` inside ``model``."""
-  return [w for layer in model._flatten_layers()  # pylint: disable=protected-access
-          if isinstance(layer, BatchNorm) for w in layer.trainable_weights]
+  return [w for layer in batch_norm_layers(model)
+          for w in layer.trainable_weights]
