@@ -254,6 +254,32 @@ class DsnasSearchTest(tf.test.TestCase):
       frozen = search.early_stop.fixed_logits[name].numpy()
       self.assertAllEqual(result.alphas[name][rows], frozen[rows])
 
+  def test_switched_steps_equal_eager_steps_in_the_cell_space(self):
+    """--single_path_step=switch: every step's child runs through one
+    traced graph, with the eager path's results."""
+    runs = {}
+    for mode in ("eager", "switch"):
+      config = dsnas_config(
+          os.path.join(self.get_temp_dir(), mode), space="darts",
+          num_cells=3, num_nodes=2, channels=4, epochs=1,
+          max_steps_per_epoch=3, early_stop_threshold=0.0,
+          reward_normalization=True, flops_weight=0.1,
+          single_path_step=mode)
+      search = Search(config, show_progress=False)
+      runs[mode] = (search, search.run())
+    (eager, eager_result), (switched, result) = runs["eager"], runs["switch"]
+    self.assertIsNone(eager._switch_step)
+    self.assertEqual(switched._switch_step.experimental_get_tracing_count(),
+                     1)
+    for a, b in zip(eager.network.variables, switched.network.variables):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+    for name in eager_result.alphas:
+      self.assertAllClose(eager_result.alphas[name], result.alphas[name],
+                          atol=1e-6)
+    for key in ("train/loss", "train/flops", "val/acc", "val/child_acc"):
+      self.assertAllClose(eager_result.history[-1][key],
+                          result.history[-1][key], atol=1e-5)
+
   def test_compiled_child_steps_equal_eager_steps(self):
     """Once every decision is fixed, steps and evaluations run as one traced
     graph of the child, with the eager path's results."""

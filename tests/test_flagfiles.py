@@ -107,7 +107,9 @@ def test_dsnas_flagfiles_carry_the_paper_settings():
   scale = objectives.decision_flops(space, 224).scale
   assert imagenet["flops_target"] == 330
   assert imagenet["flops_weight"] == round(64e-5 * scale / 1e6, 2) == 0.23
-  # The CIFAR setting searches the DARTS cell space (C=16, 8 cells).
+  # The CIFAR setting searches the DARTS cell space (C=16, 8 cells), every
+  # child through one switched step graph.
+  assert cifar["single_path_step"] == "switch"
   assert cifar["space"] == "darts" and cifar["dataset"] == "cifar10"
   assert (cifar["channels"], cifar["num_cells"]) == (16, 8)
   assert digits["space"] == "shufflenet_small"

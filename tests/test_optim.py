@@ -59,6 +59,58 @@ class OptimTest(tf.test.TestCase):
     self.assertAllClose(run(tf.float32, mirrored, compiled=True), expected,
                         rtol=1e-6)
 
+  def test_masked_apply_skips_inactive_variables_exactly(self):
+    """A run-time mask (switched single-path steps): inactive variables and
+    their slots stay bit-for-bit, active ones get the unmasked update, and
+    clipping sees the inactive gradients as zero; eager, traced, mirrored,
+    for SGD and Adam."""
+    g = [np.array([6.0, 8.0]), np.array([-1.0, 0.5]), np.array([2.0, 2.0])]
+    def run(make, mask, strategy=None, compiled=False):
+      strategy = strategy or tf.distribute.get_strategy()
+      with strategy.scope():
+        ws = [tf.Variable([3.0, 4.0]), tf.Variable([-1.0, 2.0]),
+              tf.Variable([0.5, 0.5])]
+        opt = make()
+        opt.build(ws)
+      def step(flags):
+        active = [None, flags[0], flags[1]]
+        grads = [tf.constant(r, tf.float32) for r in g]
+        if mask:
+          opt.apply(grads, ws, active=active)
+        else:  # The reference: only the active variables, as a subset.
+          keep = [i for i, a in enumerate(mask_values) if a]
+          opt.apply([grads[i] * 1.0 if i in keep else grads[i] * 0.0
+                     for i in keep], [ws[i] for i in keep])
+      if compiled:
+        step = tf.function(step)
+      for flags in ([True, False], [False, True], [True, False]):
+        mask_values[:] = [True, *flags]
+        if strategy is tf.distribute.get_strategy():
+          step(tf.constant(flags))
+        else:
+          strategy.run(step, args=(tf.constant(flags),))
+      slots = [s.numpy() for name in opt.slots for s in opt.slots[name]]
+      return [w.numpy() for w in ws] + slots
+
+    mask_values = []
+    for make in (lambda: optim.SGD(0.1, momentum=0.9, weight_decay=0.01),
+                 lambda: optim.Adam(0.1, weight_decay=0.01)):
+      expected = run(make, mask=False)
+      self.assertAllEqual(run(make, mask=True), expected)
+      self.assertAllClose(run(make, mask=True, compiled=True), expected,
+                          rtol=1e-6)
+      mirrored = mirrored_strategy(["/cpu:0", "/cpu:1"])
+      self.assertAllClose(run(make, True, mirrored, compiled=True), expected,
+                          rtol=1e-6)
+    # With clipping, the masked global norm counts active gradients only.
+    clipped = optim.SGD(1.0, momentum=0.0, clip_norm=1.0)
+    w = [tf.Variable([0.0, 0.0]), tf.Variable([0.0])]
+    clipped.build(w)
+    clipped.apply([tf.constant([3.0, 4.0]), tf.constant([100.0])], w,
+                  active=[None, tf.constant(False)])
+    self.assertAllClose(w[0].numpy(), [-0.6, -0.8])
+    self.assertAllEqual(w[1].numpy(), [0.0])
+
   def test_adam_with_coupled_decay(self):
     w = tf.Variable([1.0, -2.0])
     opt = optim.Adam(0.01, beta_1=0.5, beta_2=0.999, weight_decay=0.1)

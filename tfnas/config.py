@@ -122,6 +122,10 @@ class SearchConfig(_Config):
   # Single-path steps run as one traced graph per child once at most this
   # many children remain possible (1: once every decision is fixed; 0: off).
   compiled_children: int = 1
+  # How a single-path step runs before that: "eager" (the chosen ops as
+  # shared functions called from Python) or "switch" (one traced graph for
+  # every child, the op chosen at run time: `tfnas.layers.switch_path`).
+  single_path_step: str = "eager"
 
   def __post_init__(self):
     # Lists from config.json become tuples, so equal configs compare equal.
@@ -163,8 +167,15 @@ class SearchConfig(_Config):
         ("early_stop_threshold", self.early_stop_threshold >= 0),
         ("early_stop_every_steps", self.early_stop_every_steps >= 0),
         ("compiled_children", self.compiled_children >= 0),
+        ("single_path_step", self.single_path_step in ("eager", "switch")),
     ]
     self._check(checks)
+    if self.single_path_step == "switch" and (
+        self.method != "dsnas" or self.space in space_names.BLOCK_SPACES):
+      raise ConfigError(
+          "--single_path_step=switch runs DSNAS in a cell space (darts, "
+          f"s1-s4); got --method={self.method} --space={self.space} (the "
+          "ShuffleNet spaces run eagerly: leave --single_path_step=eager)")
     if self.w_lr_warmup_epochs >= self.epochs:
       raise ConfigError(
           f"--w_lr_warmup_epochs={self.w_lr_warmup_epochs} leaves no epoch "
@@ -193,7 +204,7 @@ class SearchConfig(_Config):
   #: Recomputation changes memory and time, not the maths.
   RESUMABLE_CHANGES = ("epochs", "steps_per_loop", "checkpoint_every_steps",
                        "data_dir", "manual_dir", "recompute", "recompute_unit",
-                       "compiled_children")
+                       "compiled_children", "single_path_step")
 
 
 @dataclasses.dataclass(frozen=True)

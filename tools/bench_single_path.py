@@ -9,6 +9,11 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
   dsnas_darts: one DSNAS step (one op per edge), run eagerly with the chosen
     ops as shared traced functions — the library's DSNAS path. Every timed
     step draws a NEW child (step seeds differ), as in a search.
+  dsnas_switch_darts: the same DSNAS step with ``--single_path_step=switch``:
+    ONE tf.function serves every child (each edge picks its op at run time
+    and recomputes it in backprop, `tfnas.layers.switch_path`); a new child
+    every step, passed as tensors (``trace s`` / ``first s`` are paid once
+    per search).
   child_traced_darts: the rejected alternative, one tf.function per child:
     ``trace s`` + ``first s`` is what every new child would cost; ``s/step``
     repeats the same child.
@@ -47,6 +52,8 @@ Examples (run from the repository root; CPU only):
   # DARTS C=16, 8 cells, batch 64, 32x32; ShuffleNet full widths at 64x64.
   python tools/bench_single_path.py
   python tools/bench_single_path.py --only=dsnas_darts,dsnas_shufflenet
+  # The switched DSNAS step (one graph for every child) against SNAS.
+  python tools/bench_single_path.py --only=snas_darts,dsnas_switch_darts
   # DSNAS with each edge's activations recomputed in backprop (memory).
   python tools/bench_single_path.py --recompute --only=dsnas_darts
   # Forward / backward / optimizer times, as in the DSNAS paper's Table 4.
@@ -65,7 +72,8 @@ import time
 
 import _bench_util as util
 
-MEASUREMENTS = ("snas_darts", "dsnas_darts", "child_traced_darts",
+MEASUREMENTS = ("snas_darts", "dsnas_darts", "dsnas_switch_darts",
+                "child_traced_darts",
                 "child_per_op_darts", "supernet_shufflenet",
                 "dsnas_shufflenet")
 
@@ -241,6 +249,25 @@ def _measure(args, which: str) -> dict:
       result["split"] = {key: statistics.mean(p[key] for p in parts)
                          for key in parts[0]}
     return result
+  if which == "dsnas_switch_darts":
+    est = DsnasEstimator()
+    fn = tf.function(lambda child: est.switch_step(ctx, batch, child))
+
+    def child(s):  # A new child per step (the step seeds the draw).
+      return {g: tf.constant(v, tf.int32)
+              for g, v in est.sample(ctx, s).items()}
+    start = time.perf_counter()
+    count = len(fn.get_concrete_function(child(0)).graph.get_operations())
+    trace_s = time.perf_counter() - start
+    first = timed(lambda s: fn(child(s)), [0])[0]
+    for s in range(1, 1 + args.warmup):
+      fn(child(s))
+    start = 1 + args.warmup
+    times = timed(lambda s: fn(child(s)), range(start, start + args.steps))
+    return {"measurement": which, "trace_s": trace_s, "first_s": first,
+            "step_s": statistics.median(times),
+            "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
+            "count": count}
   if which in ("snas_darts", "supernet_shufflenet", "child_traced_darts"):
     if which == "snas_darts":
       est = SnasEstimator()
@@ -334,6 +361,7 @@ def main(argv=None):
         print(f"\n{b} vs snas_darts by part: {ratios}, forward+backward "
               f"{fb:.1f}x faster")
   for a, b in (("snas_darts", "dsnas_darts"),
+               ("snas_darts", "dsnas_switch_darts"),
                ("snas_darts", "child_per_op_darts"),
                ("supernet_shufflenet", "dsnas_shufflenet")):
     if a in results and b in results:

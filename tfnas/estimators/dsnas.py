@@ -16,7 +16,11 @@ The step runs eagerly at the Python level (``compiled_step = False``): the
 child is chosen by Python ints, while each chosen op runs as an already
 traced shared ``tf.function`` (`tfnas.layers.shared_function`), so tracing is
 bounded by (op structures × input shapes), and time and memory are the
-child's. Once progressive early stop leaves few possible children
+child's. With ``--single_path_step=switch`` (cell spaces) the loop instead
+traces `DsnasEstimator.switch_step` once: the child comes in as tensors and
+every edge picks its op at run time (`tfnas.layers.switch_path`), nearly
+as fast per step as a graph traced for one child. Once progressive early stop
+leaves few possible children
 (``--compiled_children``, default: every decision fixed), the loop traces
 `DsnasEstimator.child_step` of each child met as one graph instead, which
 runs about twice as fast per step. WORKSPACE_NOTES.md records the
@@ -236,6 +240,46 @@ class DsnasEstimator(Estimator):
       if self.flops_target is not None:
         metrics["train/over_flops_target"] = over / float(replicas)
     return a_grads
+
+  def switch_step(self, ctx: StepContext, train_batch, indices):
+    """The same step as `child_step`, for a child given as tensors
+    (group → ``[E]`` int32), so that ONE traced graph serves every child
+    (``--single_path_step=switch``; `tfnas.layers.switch_path`).
+
+    Every weight gets a gradient (zeros off the child); the update of the
+    candidates' weights is masked at run time to the chosen ops
+    (``network.choice_variables``), so it equals `child_step`'s, which
+    updates exactly the weights that get a gradient: the chosen ops' and
+    the shared ones (a ``none`` edge passes zero gradients back).
+    """
+    images, labels = train_batch
+    groups = ctx.arch.group_names
+    gates = {g: tf.one_hot(indices[g], len(ctx.arch.group(g).candidates),
+                           dtype=ctx.arch.logits[g].dtype) for g in groups}
+    wvars = ctx.weight_variables
+    with tf.GradientTape() as tape:
+      tape.watch([gates[g] for g in groups])
+      logits = ctx.forward(images, gates, indices, training=True)
+      loss = ctx.loss(logits, labels)
+    grads = StepContext.gradients(
+        tape, loss, [v.value for v in wvars] + [gates[g] for g in groups])
+    reduced = ctx.all_reduce(grads)
+    w_grads = reduced[:len(wvars)]
+    costs = {g: tf.reduce_sum(gr * gates[g], axis=-1)
+             for g, gr in zip(groups, reduced[len(wvars):])}
+    metrics = ctx.metrics("train", loss, logits, labels)
+    a_grads = self.arch_gradients(ctx, gates, costs, metrics)
+    masks, active = {}, {}  # One comparison per (group, decision, op).
+    for v, g, e, k in ctx.network.choice_variables():
+      if (g, e, k) not in masks:
+        masks[g, e, k] = tf.equal(indices[g][e], k)
+      active[id(v.value)] = masks[g, e, k]
+    ctx.weight_optimizer.apply(w_grads, wvars,
+                               active=[active.get(id(v.value)) for v in wvars])
+    ctx.apply_arch(a_grads)
+    if ctx.fixed_decisions is not None:
+      ctx.fixed_decisions.restore_fixed()
+    return metrics
 
   def step(self, ctx: StepContext, train_batch, val_batch, step):
     del val_batch  # Single level: θ and α learn from the same batch.

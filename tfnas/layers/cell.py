@@ -94,7 +94,8 @@ class Cell(keras.layers.Layer):
       weights: ``[num_edges, num_candidates]`` mixing weights, or the gates
         in single-path mode.
       indices: optional per-edge Python ints (single path: only these ops
-        run); ``None`` entries fall back to mixed mode for that edge.
+        run), or scalar int tensors (switched single path, see `MixedOp`);
+        ``None`` entries fall back to mixed mode for that edge.
       training: passed to every op.
     """
     states = [self._preprocess(self.preprocess0, s0, training),
@@ -121,7 +122,8 @@ class Cell(keras.layers.Layer):
     return shared_function.call_layer(layer, x, training)
 
   def _run_edge(self, mixed_op, x, w, index, training):
-    if not self.recompute_edges or not training or w is None:
+    if (not self.recompute_edges or not training or w is None or
+        isinstance(index, tf.Tensor)):  # A switched edge recomputes anyway.
       return mixed_op(x, weights=w, index=index, training=training)
     if (index is not None and self.shared_functions and
         shared_function.eager_outside_scopes()):

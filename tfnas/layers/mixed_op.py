@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfnas import ops
-from tfnas.layers import shared_function
+from tfnas.layers import shared_function, switch_path
 from tfnas.layers.batch_norm import BatchNorm
 
 
@@ -41,6 +41,9 @@ class MixedOp(keras.layers.Layer):
     * single path (``index`` a Python int into ``candidates``): only that op
       runs and is traced; if ``weights`` is given its entry acts as a gate
       (DSNAS's "dummy 1": value 1, gradient ∂L/∂gate).
+    * switched single path (``index`` an int tensor, in a traced step): one
+      graph serves every choice; only the chosen op executes
+      (`switch_path.call_switch`), recomputed in backprop.
 
   Pooling ops are followed by a non-affine BN, as in the DARTS search code.
 
@@ -92,6 +95,8 @@ class MixedOp(keras.layers.Layer):
            recompute=False):
     """See the class docstring; ``recompute`` is `call_shared`'s (eager
     shared calls only)."""
+    if isinstance(index, tf.Tensor):
+      return self._switched(inputs, weights, index, training)
     if index is not None:
       index = int(index)
       name = self.candidates[index]
@@ -105,6 +110,29 @@ class MixedOp(keras.layers.Layer):
           self, _mixed_op_body, _mixed_op_variables, (inputs, weights),
           (index, bool(training)), recompute=recompute)
     return self._forward(inputs, weights, index, training)
+
+  def switch_branches(self) -> list[keras.layers.Layer]:
+    """This edge's ops in ``edge_ops`` order (`switch_path`)."""
+    return [self.ops[name] for name in self.edge_ops]
+
+  def _switched(self, inputs, weights, index, training):
+    """The op ``index`` (a tensor into ``candidates``) run by
+    `switch_path.call_switch`; ``weights[index]`` gates it."""
+    # As in mixed mode, `none` (no weights) may still be unbuilt.
+    if not self._can_share(None, training):
+      raise ValueError(f"{self.name}: a tensor index needs built ops, a "
+                       "Python `training` and shared functions")
+    # Candidate index -> position in edge_ops (-1: not offered here).
+    table = tf.constant([self.edge_ops.index(c) if c in self.edge_ops else -1
+                         for c in self.candidates], tf.int32)
+    position = tf.gather(table, index)
+    if len(self.edge_ops) < len(self.candidates):
+      tf.debugging.assert_non_negative(
+          position, message=f"{self.name}: sampled an op it does not offer")
+    out = switch_path.call_switch(self, inputs, position, training)
+    if weights is not None:
+      out = out * tf.cast(tf.gather(weights, index), out.dtype)
+    return out
 
   def _can_share(self, index, training) -> bool:
     """Whether this call may go through a shared function."""

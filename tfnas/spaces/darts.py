@@ -9,7 +9,7 @@ set; the architecture sample is a call argument, never a network weight.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -141,7 +141,8 @@ class SearchNetwork(keras.Model):
       num_candidates]`` for a separate sample per cell.
     arch_indices: optional mapping cell type → per-edge Python ints (single
       path; only those ops are built into the traced graph), or per cell a
-      sequence of such tuples.
+      sequence of such tuples, or an ``[num_edges]`` int tensor (switched
+      single path: one traced graph serves every child, see `MixedOp`).
     dropout: unused (the search network has no dropout); accepted so that
       every supernet takes the same call.
   Returns ``[B, num_classes]`` logits.
@@ -193,6 +194,7 @@ class SearchNetwork(keras.Model):
     s0 = s1 = s
     seen = {t: 0 for t in CELL_TYPES}
     per_cell = {}  # Per-cell weights: unstacked once (one op, not one per cell).
+    switched = {}  # Tensor indices per cell type, unstacked once.
     for cell, cell_type in zip(self.cells, self.space.cell_types()):
       k = seen[cell_type]
       seen[cell_type] += 1
@@ -206,7 +208,11 @@ class SearchNetwork(keras.Model):
       indices = None
       if arch_indices is not None and arch_indices.get(cell_type) is not None:
         indices = arch_indices[cell_type]
-        if indices and isinstance(indices[0], (tuple, list)):
+        if isinstance(indices, tf.Tensor):  # Switched single path: [E].
+          if cell_type not in switched:
+            switched[cell_type] = tf.unstack(indices)
+          indices = switched[cell_type]
+        elif indices and isinstance(indices[0], (tuple, list)):
           indices = indices[k]
       s0, s1 = s1, self._run_cell(cell, s0, s1, weights, indices, training)
     return self.classifier(self.pool(s1))
@@ -253,6 +259,20 @@ class SearchNetwork(keras.Model):
     """Trainable network weights (never α)."""
     return self.trainable_variables
 
+  def choice_variables(self) -> list[tuple[Any, str, int, int]]:
+    """``(variable, group, decision, candidate)`` for every trainable
+    variable that belongs to one candidate op of one edge: a single-path
+    child uses it only when that decision picks that candidate. Every
+    other weight (stem, cell preprocessing, classifier) is used by every
+    child: a ``none`` edge multiplies its input by zero, so gradients reach
+    them (zeros through ``none``), as in the papers' code."""
+    out = []
+    for cell, cell_type in zip(self.cells, self.space.cell_types()):
+      for e, mixed_op in enumerate(cell.mixed_ops):
+        for name, op in mixed_op.ops.items():
+          k = self.space.candidates.index(name)
+          out.extend((v, cell_type, e, k) for v in op.trainable_variables)
+    return out
 
 def search_space(name: str, **overrides) -> DartsSpaceConfig:
   """A named space (``darts``, ``s2``, ``s3``, ``s4``) with field overrides."""

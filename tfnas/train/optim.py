@@ -121,23 +121,39 @@ class _Optimizer(tf.Module):
         id(_variable(variable)))
     return self.weight_decay if i is None else self._decays[i]
 
-  def prepare(self, grads, variables):
-    """Clip (global norm) then add coupled L2 weight decay, like PyTorch."""
-    grads = clip_by_global_norm(grads, self.clip_norm)
-    if self.weight_decay:
-      grads = [g + tf.cast(decay, g.dtype) * tf.convert_to_tensor(v)
-               if decay else g
-               for g, v, decay in zip(grads, variables,
-                                      map(self.decay_of, variables))]
-    return grads
+  def prepare(self, grads, variables, active=None):
+    """Clip (global norm) then add coupled L2 weight decay, like PyTorch.
 
-  def apply(self, grads, variables) -> None:
+    ``active``: optional per-variable ``None`` or boolean scalar tensor;
+    an inactive variable's gradient becomes 0 before clipping (so the
+    global norm is the active variables'), and gets no decay term.
+    """
+    active = active or [None] * len(grads)
+    # Scalar zeros broadcast: one op per masked gradient.
+    grads = [g if a is None else tf.where(a, g, tf.zeros([], g.dtype))
+             for g, a in zip(grads, active)]
+    grads = clip_by_global_norm(grads, self.clip_norm)
+    out = []
+    for g, v, a in zip(grads, variables, active):
+      decay = self.decay_of(v) if self.weight_decay else 0.0
+      if decay:
+        term = tf.cast(decay, g.dtype) * tf.convert_to_tensor(v)
+        if a is not None:
+          term = tf.where(a, term, tf.zeros([], term.dtype))
+        g = g + term
+      out.append(g)
+    return out
+
+  def apply(self, grads, variables, active=None) -> None:
     """Applies already all-reduced gradients (same on every replica).
 
     ``variables`` may be a subset of the built list (a single-path step
     passes only the variables its child used): the others are left exactly
     as they are, slots and weight decay included, as PyTorch does for
-    parameters without a gradient. The step counter advances once.
+    parameters without a gradient. ``active`` does the same at run time: a
+    per-variable ``None`` (always updated) or boolean scalar tensor (a
+    switched single-path step, whose graph serves every child). The step
+    counter advances once.
     """
     if self._built_for is None:
       raise RuntimeError(f"{self.name}: call build(variables) before apply")
@@ -148,53 +164,88 @@ class _Optimizer(tf.Module):
         raise ValueError(f"{self.name}: variable {getattr(v, 'path', v.name)}"
                          f" is not among the variables it was built for")
       positions.append(i)
+    active = list(active) if active is not None else [None] * len(positions)
     if tf.executing_eagerly() and not tf.distribute.has_strategy():
-      self._apply_eager(grads, positions)
+      self._apply_eager(grads, positions, active)
       return
-    grads = self.prepare(grads, variables)
+    grads = self.prepare(grads, variables, active)
     ctx = tf.distribute.get_replica_context()
     if ctx is not None and tf.distribute.has_strategy():
-      ctx.merge_call(self._apply_cross_replica, args=(grads, positions))
+      ctx.merge_call(self._apply_cross_replica,
+                     args=(grads, positions, active))
     else:
       self._apply_cross_replica(tf.distribute.get_strategy(), grads,
-                                positions)
+                                positions, active)
 
-  def _apply_cross_replica(self, strategy, grads, positions):
+  def _apply_cross_replica(self, strategy, grads, positions, active):
     lr = self.current_lr()
     step = self.iterations + 1
-    for i, g in zip(positions, grads):
+    # Under a strategy the masks are per-replica values, unwrapped only by
+    # ``extended.update``: `_update` derives its arguments there.
+    masked = (_MaskedArgs(self, lr) if not tf.distribute.has_strategy() else
+              (lambda a: {} if a is None else {"active": a}))
+    for i, g, a in zip(positions, grads, active):
       var = self._built_for[i]
       slots = [self.slots[s][i] for s in self._slot_names]
       strategy.extended.update(
-          var, self._update, args=(g, lr, step, *slots), group=False)
+          var, self._update, args=(g, lr, step, *slots),
+          kwargs=masked(a), group=False)
     strategy.extended.update(self.iterations,
                              lambda v: v.assign_add(1), group=False)
 
-  def _apply_eager(self, grads, positions) -> None:
+  def _apply_eager(self, grads, positions, active) -> None:
     """Eager `apply` without a strategy: plain per-variable updates.
 
     ``strategy.extended.update`` costs ~1 ms of Python per variable; a
     single-path step updates a few hundred variables eagerly every step.
     """
-    grads = self.prepare(grads, [self._built_for[i] for i in positions])
+    grads = self.prepare(grads, [self._built_for[i] for i in positions],
+                         active)
     lr = self.current_lr()
     step = self.iterations + 1
-    for i, g in zip(positions, grads):
+    masked = _MaskedArgs(self, lr)
+    for i, g, a in zip(positions, grads, active):
       self._update(self._built_for[i], g, lr, step,
-                   *[self.slots[s][i] for s in self._slot_names])
+                   *[self.slots[s][i] for s in self._slot_names], **masked(a))
     self.iterations.assign_add(1)
 
   _slot_names: tuple[str, ...] = ()
+
+  def _masked_kwargs(self, active, lr) -> dict:
+    """Keyword arguments of `_update` for variables masked by ``active``
+    (computed once per mask, shared by the variables it covers)."""
+    del lr
+    return {"active": active}
 
   def _new_values(self, var, grad, lr, step, *slots):
     """``(new var, *new slots)`` from values (pure)."""
     raise NotImplementedError
 
-  def _update(self, var, grad, lr, step, *slots):
-    new = self._new_values(tf.convert_to_tensor(var), grad, lr, step,
-                           *[tf.convert_to_tensor(s) for s in slots])
-    for target, value in zip((*slots, var), (*new[1:], new[0])):
-      target.assign(value)
+  def _update(self, var, grad, lr, step, *slots, active=None):
+    old = [tf.convert_to_tensor(t) for t in (var, *slots)]
+    new = self._new_values(old[0], grad, lr, step, *old[1:])
+    for target, before, value in zip((var, *slots), old, new):
+      target.assign(value if active is None else
+                    tf.where(active, value, before))
+
+
+class _MaskedArgs:
+  """``masked(active)``: `_update` keyword arguments for a mask, built once
+  per distinct mask tensor within one `apply`."""
+
+  def __init__(self, optimizer: _Optimizer, lr):
+    self._optimizer = optimizer
+    self._lr = lr
+    self._cache = {}
+
+  def __call__(self, active) -> dict:
+    if active is None:
+      return {}
+    key = id(active)
+    if key not in self._cache:
+      self._cache[key] = (active,
+                          self._optimizer._masked_kwargs(active, self._lr))
+    return self._cache[key][1]
 
 
 class SGD(_Optimizer):
@@ -215,7 +266,17 @@ class SGD(_Optimizer):
     new_buf = tf.cast(self.momentum, grad.dtype) * buf + grad
     return var - tf.cast(lr, grad.dtype) * new_buf, new_buf
 
-  def _update(self, var, grad, lr, step, buf):
+  def _masked_kwargs(self, active, lr) -> dict:
+    """An inactive variable runs the same kernel as the identity: rate 0,
+    momentum 1 (its gradient is already 0, see `prepare`)."""
+    dtype = lr.dtype if isinstance(lr, tf.Tensor) else tf.float32
+    lr = tf.cast(lr, dtype)
+    return {"masked": (
+        tf.where(active, lr, tf.zeros_like(lr)),
+        tf.where(active, tf.constant(self.momentum, dtype),
+                 tf.constant(1.0, dtype)))}
+
+  def _update(self, var, grad, lr, step, buf, active=None, masked=None):
     """One fused kernel per variable: ``buf = μ buf + g; w -= lr * buf``.
 
     TensorFlow's ``ApplyMomentum`` is exactly the PyTorch rule (``accum =
@@ -223,13 +284,22 @@ class SGD(_Optimizer):
     reads, four arithmetic ops and two assigns per variable keeps the step
     graph small (a DARTS supernet has ~1400 weight variables), which
     shortens tracing and TF's graph optimisation and lowers its memory.
+    ``masked``: ``(rate, momentum)`` of a masked variable
+    (`_masked_kwargs`, or derived here from its mask ``active``): an
+    inactive one gets rate 0, momentum 1 and gradient 0, so ``buf * 1 + 0``
+    and ``w - 0 * buf`` leave both exact.
     """
     del step
     dtype = grad.dtype
+    if active is not None:
+      masked = self._masked_kwargs(active, lr)["masked"]
+    lr = tf.cast(lr, dtype)
+    momentum = tf.constant(self.momentum, dtype)
+    if masked is not None:
+      lr, momentum = (tf.cast(t, dtype) for t in masked)
     tf.raw_ops.ResourceApplyMomentum(
-        var=var.handle, accum=buf.handle, lr=tf.cast(lr, dtype), grad=grad,
-        momentum=tf.constant(self.momentum, dtype), use_locking=False,
-        use_nesterov=False)
+        var=var.handle, accum=buf.handle, lr=lr, grad=grad,
+        momentum=momentum, use_locking=False, use_nesterov=False)
 
 
 class Adam(_Optimizer):

@@ -13,7 +13,8 @@ chunks with a Python loop instead of one tf.function: it picks the child with
 Python ints every step, and the chosen ops run as shared traced functions
 (see ``tfnas/estimators/dsnas.py``); once early stop leaves at most
 ``--compiled_children`` possible children, each child's step is traced as
-one graph and kept. The three step loops live in
+one graph and kept (before that, ``--single_path_step=switch`` runs every
+child through one traced graph whose edges choose their op at run time). The three step loops live in
 ``tfnas.train.loop``, shared with retraining. Progressive early stop (methods
 with ``early_stop``) is checked at epoch ends or every N steps.
 
@@ -229,6 +230,7 @@ class Search:
         restore_dir=config.run_dir)
     self._children = ChildCache(config.compiled_children, self.arch,
                                 self.early_stop)
+    self._switch_step = None  # Traced on first use (--single_path_step).
     self._train_loop = self._make_train_loop()
     self._eval_steps = {child: self._make_eval_step(child)
                         for child in (False, True)}
@@ -268,10 +270,23 @@ class Search:
 
   def _compiled_child_step(self, step: int):
     """The traced step of this step's child once few children are left
-    (`ChildCache.active`), else ``None``: the step runs eagerly."""
+    (`ChildCache.active`); else, with ``--single_path_step=switch``, the
+    one switched step given this child; else ``None``: the step runs
+    eagerly."""
     estimator, ctx = self.estimator, self.ctx
-    if not (estimator.child_steps and self._children.active()):
+    if not estimator.child_steps:
       return None
+    if not self._children.active():
+      if self.config.single_path_step != "switch":
+        return None
+      if self._switch_step is None:
+        self._switch_step = loop.compiled_replica_step(
+            self.strategy,
+            lambda train, val, indices: estimator.switch_step(
+                ctx, train, indices))
+      child = {g: tf.constant(v, tf.int32)
+               for g, v in estimator.sample(ctx, step).items()}
+      return lambda batches: self._switch_step((*batches, child))
     indices = estimator.sample(ctx, step)
     return self._children.get("step", indices, lambda: (
         loop.compiled_replica_step(

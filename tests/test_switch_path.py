@@ -1,0 +1,161 @@
+"""Switched single-path DSNAS steps: one traced graph for every child."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tests import helpers
+from tfnas.arch import OneHotDistribution
+from tfnas.distribute import mirrored_strategy
+from tfnas.early_stop import ProgressiveEarlyStop
+from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
+from tfnas.layers import switch_path
+from tfnas.layers.mixed_op import MixedOp
+from tfnas.train import loop
+
+
+def _context(**kwargs):
+  ctx = helpers.tiny_context(**kwargs)
+  ctx.distribution = OneHotDistribution(seed=0)
+  return ctx
+
+
+def _state(ctx):
+  """Every variable a step may change, as numpy: weights, BN statistics,
+  momentum buffers, α and its Adam slots."""
+  opt = ctx.weight_optimizer
+  a_opt = ctx.arch_optimizer
+  values = (ctx.network.variables + ctx.arch_variables +
+            opt.slots["momentum"] + a_opt.slots["m"] + a_opt.slots["v"] +
+            [opt.iterations, a_opt.iterations])
+  return [np.asarray(v.numpy()) for v in values]
+
+
+def _tensors(indices):
+  return {g: tf.constant(v, tf.int32) for g, v in indices.items()}
+
+
+class SwitchedStepTest(tf.test.TestCase):
+
+  def test_switched_steps_equal_eager_child_steps(self):
+    # Four steps, four children (with `none` edges): the traced
+    # switched step and the eager per-child step leave every weight, BN
+    # statistic, momentum buffer, α and Adam slot equal, so unchosen ops
+    # stay untouched in both.
+    children = [
+        {"normal": np.array([3, 1, 2, 3, 3]), "reduce": np.array([1, 3, 3, 2, 3])},
+        {"normal": np.array([0, 3, 3, 1, 2]), "reduce": np.array([3, 0, 2, 3, 1])},
+        {"normal": np.array([2, 2, 3, 3, 0]), "reduce": np.array([3, 3, 1, 1, 2])},
+        # Both edges from s0 `none`: the normal cells' preprocess0 gets a
+        # zero gradient (still decayed, as in the papers' code) in both.
+        {"normal": np.array([0, 1, 0, 2, 3]), "reduce": np.array([2, 3, 1, 3, 3])},
+    ]
+    results = []
+    for switched in (False, True):
+      keras.utils.set_random_seed(1)
+      ctx = _context()
+      est = DsnasEstimator(RewardNormalizer(
+          {g.name: g.num_decisions for g in ctx.arch.groups}))
+      start = _state(ctx)
+      step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
+      for s, indices in enumerate(children):
+        batch = helpers.batch(classes=3, seed=s)
+        if switched:
+          step(batch, _tensors(indices))
+        else:
+          est.child_step(ctx, batch, indices)
+      if switched:  # One trace served every child.
+        self.assertEqual(step.experimental_get_tracing_count(), 1)
+      results.append(_state(ctx))
+    eager, switched = results
+    changed = 0
+    for a, b, s in zip(eager, switched, start):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+      changed += not np.array_equal(a, s)
+      if np.array_equal(a, s):  # Untouched by the eager steps: bit-exact.
+        self.assertAllEqual(b, s)
+    unchanged = len(start) - changed
+    self.assertGreater(changed, 10)
+    self.assertGreater(unchanged, 10)  # Unchosen ops' weights and slots.
+
+  def test_only_the_chosen_branch_runs_and_gets_gradients(self):
+    ctx = _context()
+    net = ctx.network
+    op = next(m for m in net.cells[0].mixed_ops if m.stride == 1)
+    self.assertIsInstance(op, MixedOp)
+    x = tf.random.normal([4, 8, 8, op.channels], seed=3)
+    branch_vars = switch_path.branch_variables(op)
+    sep = op.edge_ops.index("sep_conv_3x3")
+    # A random projection: sum(y * y) is nearly constant after a BN.
+    r = tf.random.normal([4, 8, 8, op.channels], seed=4)
+    for k in range(len(op.edge_ops)):
+      index = op.candidates.index(op.edge_ops[k])
+      before = [v.numpy() for v in op.non_trainable_variables]
+
+      @tf.function
+      def run(x, i):
+        with tf.GradientTape() as tape:
+          tape.watch(x)
+          y = op(x, index=i, training=True)
+          loss = tf.reduce_sum(y * r)
+        return y, tape.gradient(loss, [x] + op.trainable_variables)
+      y, grads = run(x, tf.constant(index))
+      inline = op.ops[op.edge_ops[k]]
+      for v, b in zip(op.non_trainable_variables, before):
+        v.assign(b)  # The switched call updated the chosen op's statistics.
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        expected = inline(x, training=True)
+        loss = tf.reduce_sum(expected * r)
+      want = tape.gradient(loss, [x] + inline.trainable_variables)
+      self.assertAllClose(y, expected, atol=1e-5)
+      self.assertAllClose(grads[0], want[0], atol=1e-4)
+      chosen = {id(v) for v in branch_vars[k]}
+      got = dict(zip(map(id, op.trainable_variables), grads[1:]))
+      for v in op.trainable_variables:
+        if id(v) not in chosen:
+          self.assertAllEqual(got[id(v)], tf.zeros_like(v))
+      for v, g in zip(inline.trainable_variables, want[1:]):
+        self.assertAllClose(got[id(v)], g, atol=1e-4)
+      if k == sep:
+        self.assertGreater(float(tf.reduce_max(tf.abs(grads[-1]))), 0.0)
+
+  def test_mirrored_switched_step_equals_eager_child_step(self):
+    # Two replicas (per-replica BN, so both sides run mirrored): the
+    # switched step traced under MirroredStrategy gives the eager child
+    # step's update, with early stop's restore in the step too.
+    children = [{"normal": np.array([2, 1]), "reduce": np.array([1, 2])},
+                {"normal": np.array([0, 2]), "reduce": np.array([2, 0])}]
+    strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
+
+    def run(switched, init=None):
+      with strategy.scope():
+        ctx = _context(space=helpers.replica_space())
+        ctx.fixed_decisions = ProgressiveEarlyStop(ctx.arch, threshold=0.3)
+        est = DsnasEstimator()
+      variables = ctx.weight_variables + ctx.arch_variables
+      for v, value in zip(variables, init or []):
+        v.assign(value)
+      step = loop.compiled_replica_step(
+          strategy, lambda t, v, i: est.switch_step(ctx, t, i))
+      for s, indices in enumerate(children):
+        batch = helpers.batch(n=4, classes=3, seed=s)
+        for b in strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(batch)):
+          if switched:
+            step((b, None, _tensors(indices)))
+          else:
+            strategy.run(est.child_step, args=(ctx, b, indices))
+      return [np.asarray(v.numpy()) for v in variables]
+
+    init = run(False)
+    eager = run(False, init)
+    switched = run(True, init)
+    self.assertGreater(max(np.abs(a - b).max()
+                           for a, b in zip(eager, init)), 1e-4)
+    for a, b in zip(eager, switched):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,188 @@
+"""Single-path edges whose op is chosen at run time inside one graph.
+
+A single-path step (DSNAS) meets a new child almost every step. Tracing one
+graph per child costs seconds per step; running the chosen ops eagerly pays
+a per-call cost on every edge (WORKSPACE_NOTES.md, "The bound on any
+single-path step"). `call_switch` instead lets ONE traced step serve every
+child: the edge's op index is a tensor, and the edge runs as a call of two
+functions shared by every edge of the same structure:
+
+* forward ``(x, index, values) -> (y, new statistics)``: ``tf.switch_case``
+  over the edge's ops; only the chosen branch executes;
+* backward ``(x, index, dy, values) -> (dx, d values)``: the same switch,
+  whose chosen branch recomputes the op's forward pass and backpropagates
+  through it (zeros for the other ops' weights).
+
+Both are kept as real function calls (``_noinline``): inlined into the step,
+every branch of every edge would join one huge graph (a probe of the DARTS
+CIFAR configuration: 4 GiB and 26 s to instantiate, against 1.6 GiB and 8 s
+as calls), while as calls each is instantiated once per structure and the
+step runs close to a graph traced for one fixed child (WORKSPACE_NOTES.md,
+"One graph for every child"). The forward
+call keeps no activations (the backward one recomputes them), so memory is
+that of the edge inputs, as with ``--recompute``.
+
+BatchNorm statistics: with one replica they go in as variables and the
+chosen branch assigns its op's. Under a tf.distribute strategy (a mirrored
+assign must synchronise replicas from the caller) every branch returns the
+current values of all the edge's statistics (the chosen op's updated, the
+others as they came in) and the caller assigns them all.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+import keras
+import tensorflow as tf
+# The public API has no tape-wide "stop recording"; tf.recompute_grad uses
+# this same internal.
+from tensorflow.python.eager import record
+
+from tfnas.layers.shared_function import (_tf_variable, current_value,
+                                          structure_key)
+
+_LOCK = threading.Lock()
+_FUNCTIONS: dict[tuple, tuple] = {}
+_NO_INLINE = {"_noinline": True}
+
+
+def _branch_layers(layer) -> list[keras.layers.Layer]:
+  """The layer's choices in candidate order (``layer.switch_branches``)."""
+  return list(layer.switch_branches())
+
+
+def _make_functions(template, training: bool, assign_inside: bool):
+  template_ref = weakref.ref(template)  # The cache must not keep nets alive.
+
+  def parts():
+    layer = template_ref()
+    variables = list(layer.variables)
+    stats = [i for i, v in enumerate(variables) if not v.trainable]
+    return layer, variables, stats
+
+  def forward(x, index, values):
+    layer, variables, stats = parts()
+
+    def branch(op):
+      def run():
+        with keras.StatelessScope(list(zip(variables, values))) as scope:
+          y = op(x, training=training)
+          new = [scope.get_current_value(variables[i]) for i in stats]
+        if not assign_inside:
+          return [y] + [tf.convert_to_tensor(v) for v in new]
+        # Statistics came in as variables: the chosen op assigns its own.
+        for i, value in zip(stats, new):
+          if value is not values[i]:
+            values[i].assign(value)
+        return [y]
+      return run
+    out = tf.switch_case(index, [branch(op) for op in _branch_layers(layer)])
+    return out[0], out[1:]
+
+  def backward(x, index, dy, values):
+    layer, variables, _ = parts()
+    trainable = [i for i, v in enumerate(variables) if v.trainable]
+
+    def branch(op):
+      def run():
+        watched = [values[i] for i in trainable]
+        with tf.GradientTape() as tape:
+          tape.watch([x] + watched)
+          with keras.StatelessScope(list(zip(variables, values))):
+            y = op(x, training=training)
+        grads = tape.gradient(
+            y, [x] + watched, output_gradients=dy,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return grads
+      return run
+    return tf.switch_case(index, [branch(op) for op in _branch_layers(layer)])
+
+  return (tf.function(forward, autograph=False,
+                      experimental_attributes=_NO_INLINE),
+          tf.function(backward, autograph=False,
+                      experimental_attributes=_NO_INLINE))
+
+
+def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
+                training: bool) -> tf.Tensor:
+  """Runs choice ``index`` of ``layer`` (see the module docstring).
+
+  Args:
+    layer: a built layer with ``switch_branches()``: its choices in index
+      order, each called as ``choice(x, training=training)``, all with the
+      same output shape; every variable of ``layer`` belongs to one choice.
+    x: the input tensor.
+    index: int32 scalar tensor, the choice to run.
+    training: Python bool.
+
+  Returns:
+    The chosen op's output. Its gradient reaches ``x`` and the chosen op's
+    weights (the other weights get zeros); the chosen op's BatchNorm
+    statistics are updated.
+  """
+  x = tf.convert_to_tensor(x)
+  index = tf.cast(index, tf.int32)
+  training = bool(training)
+  variables = list(layer.variables)
+  # One replica: the statistics go in as variables and only the chosen op
+  # assigns them. Several: a mirrored assign must be made by the caller.
+  assign_inside = not tf.distribute.has_strategy()
+  key = (structure_key(layer), training, assign_inside, tuple(x.shape),
+         x.dtype)
+  with _LOCK:
+    cached = _FUNCTIONS.get(key)
+    template = cached[0]() if cached is not None else None
+    if template is None:
+      template = layer
+      cached = (weakref.ref(layer),
+                *_make_functions(layer, training, assign_inside))
+      _FUNCTIONS[key] = cached
+  _, forward, backward = cached
+  trainable = [i for i, v in enumerate(variables) if v.trainable]
+  stats = [i for i, v in enumerate(variables) if not v.trainable]
+  values = [current_value(v) for v in variables]
+  if assign_inside:
+    for i in stats:
+      values[i] = _tf_variable(variables[i])
+    stats = []
+  keep = template  # Alive until the gradient has been traced.
+
+  @tf.custom_gradient
+  def run(x_in, *weights):
+    current = list(values)
+    for i, w in zip(trainable, weights):
+      current[i] = w
+    with record.stop_recording():
+      y, new_stats = forward(x_in, index, current)
+
+    def grad(dy, *d_stats, variables=None):
+      del d_stats  # Statistics are stop-gradient'ed in BatchNorm.
+      assert keep is not None
+      if variables:
+        raise ValueError("a switched call read variables it was not given: "
+                         f"{[v.name for v in variables]}")
+      return backward(x_in, index, dy, current)
+    return (y, *new_stats), grad
+
+  y, *new_stats = run(x, *[values[i] for i in trainable])
+  for i, value in zip(stats, new_stats):
+    variables[i].assign(value)
+  return y
+
+
+def num_switch_functions() -> int:
+  """How many structures have switch functions (for tests)."""
+  return len(_FUNCTIONS)
+
+
+def branch_variables(layer: keras.layers.Layer) -> list[list]:
+  """The variables of each choice of ``layer``, in choice order."""
+  return [list(op.variables) for op in _branch_layers(layer)]
+
+
+def clear() -> None:
+  """Forgets every switch function."""
+  with _LOCK:
+    _FUNCTIONS.clear()
+
