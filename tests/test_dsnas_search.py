@@ -109,6 +109,15 @@ def test_sync_batch_norm_refused_for_eager_cell_steps_on_local_replicas(
                   config.replace(sync_batch_norm=False,
                                  run_dir=str(tmp_path / "p"))):
     Search(allowed, strategy=strategy, show_progress=False)
+  # Switched steps cannot all-reduce BN statistics from their shared edge
+  # functions at all: refused with several replicas, before any writing.
+  switched = config.replace(single_path_step="switch", run_dir=str(
+      tmp_path / "s"))
+  with pytest.raises(TfnasError, match=r"--sync_batch_norm with "
+                     r"--single_path_step=switch needs a single replica "
+                     r"\(this run has 2\)"):
+    Search(switched, strategy=strategy, show_progress=False)
+  assert not (tmp_path / "s").exists()
 
 
 def test_batch_statistics_evaluation_runs_without_dropout(tmp_path):

@@ -163,6 +163,15 @@ class Search:
     steps and one replica per process are unaffected.
     """
     config = self.config
+    if (config.sync_batch_norm and config.single_path_step == "switch" and
+        self.strategy.num_replicas_in_sync > 1):
+      # Switched edges run as functions traced once for all replicas; a
+      # synchronized BN's all-reduce cannot be issued from inside them.
+      raise TfnasError(
+          f"--sync_batch_norm with --single_path_step=switch needs a single "
+          f"replica (this run has {self.strategy.num_replicas_in_sync}): "
+          f"drop --sync_batch_norm (per-replica statistics) or use "
+          f"--single_path_step=eager")
     replicas = distribute.local_replicas(self.strategy)
     if (config.sync_batch_norm and self.method.eager_steps and
         kind == space_names.CELLS and replicas > 1):
