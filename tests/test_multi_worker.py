@@ -221,6 +221,9 @@ def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
 
 _SIGNALS = """
 import os, signal, time
+# A process started in the background inherits SIGINT ignored: start from
+# Python's own Ctrl-C handler, as an interactive run does.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import tensorflow as tf
 from tfnas.train import loop
 class TwoWorkers:
