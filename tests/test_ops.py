@@ -222,6 +222,61 @@ class OpValueTest(tf.test.TestCase, parameterized.TestCase):
                     for i in range(out)], 1)
     self.assertAllEqual(ops.get_op("max_pool_3x3", 4, 2)(x), ref)
 
+  @parameterized.parameters((8, 2, 0), (7, 2, 0), (7, 2, 1), (8, 2, 1),
+                            (7, 3, 0), (9, 3, 2))
+  def test_subsample_equals_strided_slicing(self, size, stride, offset):
+    x = rand(2, size, size + 1, 3)
+    pad = [(0, 0), (0, stride), (0, stride), (0, 0)]
+    rows, cols = -(-size // stride), -(-(size + 1) // stride)
+    ref = np.pad(x, pad)[:, offset::stride, offset::stride][:, :rows, :cols]
+    self.assertAllEqual(ops._subsample(x, stride, offset), ref)
+    # Unknown batch (SavedModel signatures), and unknown height and width.
+    for spec in (tf.TensorSpec([None, size, size + 1, 3]),
+                 tf.TensorSpec([None, None, None, 3])):
+      fn = tf.function(lambda t: ops._subsample(t, stride, offset),
+                       input_signature=[spec])
+      self.assertAllEqual(fn(x), ref)
+    # Its gradient scatters back to the sampled pixels only.
+    with tf.GradientTape() as tape:
+      t = tf.constant(x)
+      tape.watch(t)
+      y = ops._subsample(t, stride, offset)
+    grad = tape.gradient(y, t).numpy()
+    expected = np.zeros_like(np.pad(x, pad))
+    expected[:, offset::stride, offset::stride][:, :rows, :cols] = 1.0
+    self.assertAllEqual(grad, expected[:, :size, :size + 1])
+
+  def test_dil_conv_stride_2_reads_a_substituted_kernel(self):
+    # The stride-2 path convolves with the depthwise kernel directly: inside
+    # a StatelessScope (shared functions, DARTS's unrolled weights) it must
+    # read, and differentiate, the substituted value.
+    x = rand(2, 7, 7, 4)
+    op = ops.DilConv(4, 4, 3, 2)
+    op(x)
+    other = tf.constant(np.random.default_rng(5).standard_normal(
+        op.dw.kernel.shape).astype(np.float32))
+    with tf.GradientTape() as tape:
+      tape.watch(other)
+      with keras.StatelessScope([(op.dw.kernel, other)]):
+        y = op(x)
+      loss = tf.reduce_sum(y * rand(2, 4, 4, 4))
+    self.assertIsNotNone(tape.gradient(loss, other))
+    op.dw.kernel.assign(other)
+    self.assertAllClose(y, op(x), atol=1e-6)
+
+  @parameterized.parameters(8, 7)
+  def test_dil_conv_stride_2_odd_sizes(self, size):
+    x = rand(2, size, size, 4)
+    op = ops.DilConv(4, 4, 5, 2)
+    y = op(x)
+    kernel = op.dw.kernel.numpy()
+    dilated = np.zeros((9, 9, 4, 1), np.float32)
+    dilated[::2, ::2] = kernel
+    r = tf.pad(tf.nn.relu(x), [[0, 0], [4, 4], [4, 4], [0, 0]])
+    r = tf.nn.depthwise_conv2d(r, dilated, [1, 2, 2, 1], "VALID")
+    ref = bn_at_init(np.einsum("bhwc,cd->bhwd", r, op.pw.kernel[0, 0]))
+    self.assertAllClose(y, ref, atol=1e-5)
+
   def test_dil_conv_stride_2(self):
     x = rand(2, 8, 8, 4)
     s1, s2 = ops.DilConv(4, 4, 3, 1), ops.DilConv(4, 4, 3, 2)
