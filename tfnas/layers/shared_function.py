@@ -115,7 +115,9 @@ def _in_stateless_scope() -> bool:
   return stateless_scope.in_stateless_scope()
 
 
-def _tf_variable(variable):
+def tf_variable(variable):
+  """The tf.Variable behind a Keras variable when its dtype matches (so a
+  function may read and assign it in place), else its current value."""
   value = getattr(variable, "value", variable)
   if isinstance(value, tf.Variable) and value.dtype == variable.dtype:
     return value
@@ -239,7 +241,7 @@ def _eager_argument(variable, read: bool):
   function; the caller assigns the returned statistics instead."""
   if read or tf.distribute.has_strategy():
     return current_value(variable)
-  return _tf_variable(variable)
+  return tf_variable(variable)
 
 
 def _assign_returned(entry, variables, values, new_values):

@@ -39,8 +39,8 @@ import tensorflow as tf
 # this same internal.
 from tensorflow.python.eager import record
 
-from tfnas.layers.shared_function import (_tf_variable, current_value,
-                                          structure_key)
+from tfnas.layers.shared_function import (current_value, structure_key,
+                                          tf_variable)
 
 _LOCK = threading.Lock()
 _FUNCTIONS: dict[tuple, tuple] = {}
@@ -144,7 +144,7 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   values = [current_value(v) for v in variables]
   if assign_inside:
     for i in stats:
-      values[i] = _tf_variable(variables[i])
+      values[i] = tf_variable(variables[i])
     stats = []
   keep = template  # Alive until the gradient has been traced.
 
