@@ -42,6 +42,17 @@ def bn_at_init(x):
   return x / np.sqrt(1.0 + EPS)
 
 
+def dilated_stride_2_reference(op, x):
+  """Independent reference of a stride-2, dilation-2 DilConv at init: an
+  explicitly dilated kernel, symmetric padding, a strided 'VALID' conv."""
+  k = op.kernel_size
+  dilated = np.zeros((2 * k - 1, 2 * k - 1, x.shape[-1], 1), np.float32)
+  dilated[::2, ::2] = op.dw.kernel.numpy()
+  r = tf.pad(tf.nn.relu(x), [[0, 0], [k - 1, k - 1], [k - 1, k - 1], [0, 0]])
+  r = tf.nn.depthwise_conv2d(r, dilated, [1, 2, 2, 1], "VALID")
+  return bn_at_init(np.einsum("bhwc,cd->bhwd", r, op.pw.kernel[0, 0]))
+
+
 class BatchNormTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_hessian_vector_product_matches_finite_differences(self):
@@ -268,14 +279,7 @@ class OpValueTest(tf.test.TestCase, parameterized.TestCase):
   def test_dil_conv_stride_2_odd_sizes(self, size):
     x = rand(2, size, size, 4)
     op = ops.DilConv(4, 4, 5, 2)
-    y = op(x)
-    kernel = op.dw.kernel.numpy()
-    dilated = np.zeros((9, 9, 4, 1), np.float32)
-    dilated[::2, ::2] = kernel
-    r = tf.pad(tf.nn.relu(x), [[0, 0], [4, 4], [4, 4], [0, 0]])
-    r = tf.nn.depthwise_conv2d(r, dilated, [1, 2, 2, 1], "VALID")
-    ref = bn_at_init(np.einsum("bhwc,cd->bhwd", r, op.pw.kernel[0, 0]))
-    self.assertAllClose(y, ref, atol=1e-5)
+    self.assertAllClose(op(x), dilated_stride_2_reference(op, x), atol=1e-5)
 
   def test_dil_conv_stride_2(self):
     x = rand(2, 8, 8, 4)
@@ -285,14 +289,7 @@ class OpValueTest(tf.test.TestCase, parameterized.TestCase):
     # BN in inference is per-channel affine, so it commutes with subsampling.
     y2 = s2(x).numpy()
     self.assertAllClose(y2, s1(x)[:, ::2, ::2], atol=1e-5)
-    # Independent reference: explicitly dilated kernel, padding 2, stride 2.
-    kernel = s2.dw.kernel.numpy()
-    dilated = np.zeros((5, 5, 4, 1), np.float32)
-    dilated[::2, ::2] = kernel
-    r = tf.pad(tf.nn.relu(x), [[0, 0], [2, 2], [2, 2], [0, 0]])
-    r = tf.nn.depthwise_conv2d(r, dilated, [1, 2, 2, 1], "VALID")
-    ref = bn_at_init(np.einsum("bhwc,cd->bhwd", r, s2.pw.kernel[0, 0]))
-    self.assertAllClose(y2, ref, atol=1e-5)
+    self.assertAllClose(y2, dilated_stride_2_reference(s2, x), atol=1e-5)
 
   @parameterized.parameters(8, 7)
   def test_sep_conv_stride_2_pads_symmetrically(self, size):

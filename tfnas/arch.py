@@ -317,8 +317,11 @@ class OneHotDistribution(ArchDistribution):
 
 def one_hot_weights(arch: ArchParams, indices: Mapping[str, np.ndarray]
                     ) -> dict[str, tf.Tensor]:
-  """Group → ``[E, K]`` one-hot tensor of the given indices (α's dtype)."""
-  return {name: tf.one_hot(np.asarray(indices[name]),
+  """Group → ``[E, K]`` one-hot tensor of the given indices (α's dtype):
+  Python or numpy ints, or int tensors (a switched single-path step)."""
+  return {name: tf.one_hot(indices[name] if isinstance(indices[name],
+                                                       tf.Tensor)
+                           else np.asarray(indices[name]),
                            len(arch.group(name).candidates),
                            dtype=arch.logits[name].dtype)
           for name in arch.group_names}

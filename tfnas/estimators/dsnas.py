@@ -60,6 +60,13 @@ from tfnas.estimators.base import Estimator
 from tfnas.train.step import StepContext
 
 
+def _gate_costs(groups, gate_grads, gates) -> dict[str, tf.Tensor]:
+  """Group → ``[E]`` costs ``C_e = ∂L/∂gate`` at each chosen entry (the
+  other entries are not used)."""
+  return {g: tf.reduce_sum(gr * gates[g], axis=-1)
+          for g, gr in zip(groups, gate_grads)}
+
+
 class RewardNormalizer(tf.Module):
   """Running mean / std of the per-decision costs C_e (checkpointed).
 
@@ -200,9 +207,7 @@ class DsnasEstimator(Estimator):
                   for g, gr in zip(groups, grads[len(wvars):])]
     reduced = ctx.all_reduce([grads[i] for i in used] + gate_grads)
     w_grads = reduced[:len(used)]
-    # C_e = ∂L/∂gate at the chosen entry (other entries are not used).
-    costs = {g: tf.reduce_sum(gr * gates[g], axis=-1)
-             for g, gr in zip(groups, reduced[len(used):])}
+    costs = _gate_costs(groups, reduced[len(used):], gates)
     metrics = ctx.metrics("train", loss, logits, labels)
     return [wvars[i] for i in used], w_grads, costs, gates, metrics
 
@@ -254,8 +259,7 @@ class DsnasEstimator(Estimator):
     """
     images, labels = train_batch
     groups = ctx.arch.group_names
-    gates = {g: tf.one_hot(indices[g], len(ctx.arch.group(g).candidates),
-                           dtype=ctx.arch.logits[g].dtype) for g in groups}
+    gates = one_hot_weights(ctx.arch, indices)
     wvars = ctx.weight_variables
     with tf.GradientTape() as tape:
       tape.watch([gates[g] for g in groups])
@@ -265,20 +269,15 @@ class DsnasEstimator(Estimator):
         tape, loss, [v.value for v in wvars] + [gates[g] for g in groups])
     reduced = ctx.all_reduce(grads)
     w_grads = reduced[:len(wvars)]
-    costs = {g: tf.reduce_sum(gr * gates[g], axis=-1)
-             for g, gr in zip(groups, reduced[len(wvars):])}
+    costs = _gate_costs(groups, reduced[len(wvars):], gates)
     metrics = ctx.metrics("train", loss, logits, labels)
-    a_grads = self.arch_gradients(ctx, gates, costs, metrics)
     masks, active = {}, {}  # One comparison per (group, decision, op).
     for v, g, e, k in ctx.network.choice_variables():
       if (g, e, k) not in masks:
         masks[g, e, k] = tf.equal(indices[g][e], k)
       active[id(v.value)] = masks[g, e, k]
-    ctx.weight_optimizer.apply(w_grads, wvars,
-                               active=[active.get(id(v.value)) for v in wvars])
-    ctx.apply_arch(a_grads)
-    if ctx.fixed_decisions is not None:
-      ctx.fixed_decisions.restore_fixed()
+    self._update(ctx, wvars, w_grads, gates, costs, metrics,
+                 active=[active.get(id(v.value)) for v in wvars])
     return metrics
 
   def step(self, ctx: StepContext, train_batch, val_batch, step):
@@ -293,9 +292,16 @@ class DsnasEstimator(Estimator):
     """
     used, w_grads, costs, gates, metrics = self.gradients(ctx, train_batch,
                                                           indices)
+    self._update(ctx, used, w_grads, gates, costs, metrics)
+    return metrics
+
+  def _update(self, ctx: StepContext, variables, w_grads, gates, costs,
+              metrics, active=None):
+    """The end of every step: α-gradients from the costs, then θ (masked by
+    ``active``, see `_Optimizer.apply`) and α updates, then fixed decisions
+    restored."""
     a_grads = self.arch_gradients(ctx, gates, costs, metrics)
-    ctx.weight_optimizer.apply(w_grads, used)
+    ctx.weight_optimizer.apply(w_grads, variables, active=active)
     ctx.apply_arch(a_grads)
     if ctx.fixed_decisions is not None:
       ctx.fixed_decisions.restore_fixed()
-    return metrics

@@ -171,18 +171,6 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   return y
 
 
-def num_switch_functions() -> int:
-  """How many structures have switch functions (for tests)."""
-  return len(_FUNCTIONS)
-
-
 def branch_variables(layer: keras.layers.Layer) -> list[list]:
   """The variables of each choice of ``layer``, in choice order."""
   return [list(op.variables) for op in _branch_layers(layer)]
-
-
-def clear() -> None:
-  """Forgets every switch function."""
-  with _LOCK:
-    _FUNCTIONS.clear()
-

@@ -274,6 +274,7 @@ class SearchNetwork(keras.Model):
           out.extend((v, cell_type, e, k) for v in op.trainable_variables)
     return out
 
+
 def search_space(name: str, **overrides) -> DartsSpaceConfig:
   """A named space (``darts``, ``s2``, ``s3``, ``s4``) with field overrides."""
   if name not in SPACE_CANDIDATES:
