@@ -111,6 +111,71 @@ class OptimTest(tf.test.TestCase):
     self.assertAllClose(w[0].numpy(), [-0.6, -0.8])
     self.assertAllEqual(w[1].numpy(), [0.0])
 
+  def test_switched_apply_updates_only_the_chosen_choice(self):
+    """`Switch`es (one choice of each updated, picked at run time) give the
+    update of the chosen variables alone, with clipping over the chosen
+    gradients and coupled decay; the others and their slots stay exact.
+    Traced (shared functions), eager and mirrored (masks), SGD and Adam."""
+    shapes = [(2,), (2,), (2, 2), (3,), (2,), (2, 2), (3,)]
+    rng = np.random.default_rng(0)
+    inits = [rng.standard_normal(s) for s in shapes]
+    grads_np = [4.0 * rng.standard_normal(s) for s in shapes]
+    # Variable 0 always; switches over [[1, 2], [], [3]] and [[4, 5], [], [6]].
+    choices = ([[1, 2], [], [3]], [[4, 5], [], [6]])
+    draws = ([0, 2], [1, 0], [2, 2], [0, 1])
+
+    def run(make, mode, strategy=None):
+      strategy = strategy or tf.distribute.get_strategy()
+      with strategy.scope():
+        ws = [tf.Variable(v, dtype=tf.float32) for v in inits]
+        opt = make()
+        opt.build(ws)
+      grads = [tf.constant(g, tf.float32) for g in grads_np]
+
+      def switched(idx):
+        opt.apply(grads, ws, switches=[
+            optim.Switch(idx[0], choices[0]), optim.Switch(idx[1], choices[1])])
+      def state():
+        return [[w.numpy()] + [opt.slots[n][i].numpy() for n in opt.slots]
+                for i, w in enumerate(ws)]
+      for draw in draws:
+        keep = [0] + choices[0][draw[0]] + choices[1][draw[1]]
+        before = state()
+        if mode == "reference":  # The chosen variables as a subset.
+          opt.apply([grads[i] for i in keep], [ws[i] for i in keep])
+        elif mode == "eager":
+          switched(tf.constant(draw))
+        elif strategy is tf.distribute.get_strategy():
+          tf.function(switched)(tf.constant(draw))
+        else:
+          strategy.run(tf.function(switched), args=(tf.constant(draw),))
+        after = state()
+        for i in range(len(ws)):  # Not chosen: bit-for-bit, slots too.
+          if i not in keep:
+            for x, y in zip(before[i], after[i]):
+              self.assertAllEqual(x, y)
+          else:
+            self.assertNotAllClose(before[i][0], after[i][0])
+      if mode == "traced" and strategy is tf.distribute.get_strategy():
+        # Both switches share one pair of functions.
+        self.assertLen(opt._switch_functions, 1)
+      slots = [s.numpy() for name in opt.slots for s in opt.slots[name]]
+      return [w.numpy() for w in ws] + slots
+
+    for make in (lambda: optim.SGD(0.1, momentum=0.9, weight_decay=0.01,
+                                   clip_norm=1.0),
+                 lambda: optim.Adam(0.1, weight_decay=0.01, clip_norm=1.0)):
+      expected = run(make, "reference")
+      mirrored = mirrored_strategy(["/cpu:0", "/cpu:1"])
+      for got, exact in ((run(make, "eager"), True),
+                         (run(make, "traced"), False),
+                         (run(make, "traced", mirrored), False)):
+        for x, y in zip(got, expected):
+          if exact:
+            self.assertAllEqual(x, y)
+          else:
+            self.assertAllClose(x, y, rtol=1e-6)
+
   def test_adam_with_coupled_decay(self):
     w = tf.Variable([1.0, -2.0])
     opt = optim.Adam(0.01, beta_1=0.5, beta_2=0.999, weight_decay=0.1)

@@ -88,27 +88,36 @@ class SwitchedStepTest(tf.test.TestCase):
     sep = op.edge_ops.index("sep_conv_3x3")
     # A random projection: sum(y * y) is nearly constant after a BN.
     r = tf.random.normal([4, 8, 8, op.channels], seed=4)
-    for k in range(len(op.edge_ops)):
+    # Gate 1 (DSNAS) skips multiplying by it; another value may not.
+    for k, gate in [(k, 1.0) for k in range(len(op.edge_ops))] + [
+        (sep, 0.7), (op.edge_ops.index("none"), 0.7)]:
       index = op.candidates.index(op.edge_ops[k])
       before = [v.numpy() for v in op.non_trainable_variables]
+      weights = gate * tf.one_hot(index, len(op.candidates))
 
       @tf.function
-      def run(x, i):
+      def run(x, i, weights):
         with tf.GradientTape() as tape:
-          tape.watch(x)
-          y = op(x, index=i, training=True)
+          tape.watch([x, weights])
+          y = op(x, weights, index=i, training=True)
           loss = tf.reduce_sum(y * r)
-        return y, tape.gradient(loss, [x] + op.trainable_variables)
-      y, grads = run(x, tf.constant(index))
+        return y, tape.gradient(loss, [x, weights] + op.trainable_variables)
+      y, grads = run(x, tf.constant(index), weights)
+      d_weights = tf.convert_to_tensor(grads.pop(1))  # From a gather.
       inline = op.ops[op.edge_ops[k]]
       for v, b in zip(op.non_trainable_variables, before):
         v.assign(b)  # The switched call updated the chosen op's statistics.
       with tf.GradientTape() as tape:
         tape.watch(x)
-        expected = inline(x, training=True)
+        ungated = inline(x, training=True)
+        expected = ungated * gate
         loss = tf.reduce_sum(expected * r)
       want = tape.gradient(loss, [x] + inline.trainable_variables)
       self.assertAllClose(y, expected, atol=1e-5)
+      # d loss / d gate = sum(r * op output); zero for the other entries.
+      self.assertAllClose(
+          d_weights, tf.one_hot(index, len(op.candidates)) *
+          tf.reduce_sum(r * ungated), atol=1e-4, rtol=1e-5)
       self.assertAllClose(grads[0], want[0], atol=1e-4)
       chosen = {id(v) for v in branch_vars[k]}
       got = dict(zip(map(id, op.trainable_variables), grads[1:]))

@@ -163,6 +163,10 @@ class Zero(keras.layers.Layer):
     **kwargs: Forwarded to ``keras.layers.Layer``.
   """
 
+  # Its output and every gradient through it are zeros (`switch_path`'s
+  # backward skips recomputing it).
+  output_is_zero = True
+
   def __init__(self, stride: int = 1, **kwargs):
     super().__init__(**kwargs)
     self.stride = stride

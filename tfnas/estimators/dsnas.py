@@ -57,6 +57,7 @@ import tensorflow as tf
 
 from tfnas.arch import OneHotDistribution, one_hot_weights
 from tfnas.estimators.base import Estimator
+from tfnas.train import optim
 from tfnas.train.step import StepContext
 
 
@@ -271,13 +272,17 @@ class DsnasEstimator(Estimator):
     w_grads = reduced[:len(wvars)]
     costs = _gate_costs(groups, reduced[len(wvars):], gates)
     metrics = ctx.metrics("train", loss, logits, labels)
-    masks, active = {}, {}  # One comparison per (group, decision, op).
+    # One switch per edge: only the chosen op's weights are updated.
+    position = {id(v.value): i for i, v in enumerate(wvars)}
+    num_ops = len(ctx.network.space.candidates)
+    choices = {}
     for v, g, e, k in ctx.network.choice_variables():
-      if (g, e, k) not in masks:
-        masks[g, e, k] = tf.equal(indices[g][e], k)
-      active[id(v.value)] = masks[g, e, k]
+      choices.setdefault((g, e), [[] for _ in range(num_ops)])[k].append(
+          position[id(v.value)])
+    switches = [optim.Switch(indices[g][e], c)
+                for (g, e), c in choices.items()]
     self._update(ctx, wvars, w_grads, gates, costs, metrics,
-                 active=[active.get(id(v.value)) for v in wvars])
+                 switches=switches)
     return metrics
 
   def step(self, ctx: StepContext, train_batch, val_batch, step):
@@ -296,12 +301,12 @@ class DsnasEstimator(Estimator):
     return metrics
 
   def _update(self, ctx: StepContext, variables, w_grads, gates, costs,
-              metrics, active=None):
+              metrics, switches=None):
     """The end of every step: α-gradients from the costs, then θ (masked by
-    ``active``, see `_Optimizer.apply`) and α updates, then fixed decisions
-    restored."""
+    ``switches``, see `_Optimizer.apply`) and α updates, then fixed
+    decisions restored."""
     a_grads = self.arch_gradients(ctx, gates, costs, metrics)
-    ctx.weight_optimizer.apply(w_grads, variables, active=active)
+    ctx.weight_optimizer.apply(w_grads, variables, switches=switches)
     ctx.apply_arch(a_grads)
     if ctx.fixed_decisions is not None:
       ctx.fixed_decisions.restore_fixed()

@@ -129,10 +129,8 @@ class MixedOp(keras.layers.Layer):
     if len(self.edge_ops) < len(self.candidates):
       tf.debugging.assert_non_negative(
           position, message=f"{self.name}: sampled an op it does not offer")
-    out = switch_path.call_switch(self, inputs, position, training)
-    if weights is not None:
-      out = out * tf.cast(tf.gather(weights, index), out.dtype)
-    return out
+    gate = None if weights is None else tf.gather(weights, index)
+    return switch_path.call_switch(self, inputs, position, training, gate)
 
   def _can_share(self, index, training) -> bool:
     """Whether this call may go through a shared function."""

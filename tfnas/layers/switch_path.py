@@ -61,7 +61,7 @@ def _make_functions(template, training: bool, assign_inside: bool):
     stats = [i for i, v in enumerate(variables) if not v.trainable]
     return layer, variables, stats
 
-  def forward(x, index, values):
+  def forward(x, index, values, gate):
     layer, variables, stats = parts()
 
     def branch(op):
@@ -78,23 +78,30 @@ def _make_functions(template, training: bool, assign_inside: bool):
         return [y]
       return run
     out = tf.switch_case(index, [branch(op) for op in _branch_layers(layer)])
-    return out[0], out[1:]
+    return _gated(out[0], gate), out[1:]
 
-  def backward(x, index, dy, values):
+  def backward(x, index, dy, values, gate):
     layer, variables, _ = parts()
     trainable = [i for i, v in enumerate(variables) if v.trainable]
+
+    dy_gated = _gated(dy, gate)
 
     def branch(op):
       def run():
         watched = [values[i] for i in trainable]
+        if getattr(op, "output_is_zero", False):
+          # `none`: nothing to recompute; every gradient is zero.
+          return ([tf.zeros([], gate.dtype), tf.zeros_like(x)] +
+                  [tf.zeros_like(w) for w in watched])
         with tf.GradientTape() as tape:
           tape.watch([x] + watched)
           with keras.StatelessScope(list(zip(variables, values))):
             y = op(x, training=training)
         grads = tape.gradient(
-            y, [x] + watched, output_gradients=dy,
+            y, [x] + watched, output_gradients=dy_gated,
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return grads
+        d_gate = tf.cast(tf.reduce_sum(dy * y), gate.dtype)
+        return [d_gate] + grads
       return run
     return tf.switch_case(index, [branch(op) for op in _branch_layers(layer)])
 
@@ -104,9 +111,17 @@ def _make_functions(template, training: bool, assign_inside: bool):
                       experimental_attributes=_NO_INLINE))
 
 
+def _gated(t: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
+  """``t * gate``, skipping the multiplication when the gate is 1 (a DSNAS
+  gate always is: it exists for its gradient)."""
+  return tf.cond(tf.equal(gate, 1), lambda: tf.identity(t),
+                 lambda: t * tf.cast(gate, t.dtype))
+
+
 def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
-                training: bool) -> tf.Tensor:
-  """Runs choice ``index`` of ``layer`` (see the module docstring).
+                training: bool, gate: tf.Tensor | None = None) -> tf.Tensor:
+  """Runs choice ``index`` of ``layer`` times ``gate`` (see the module
+  docstring).
 
   Args:
     layer: a built layer with ``switch_branches()``: its choices in index
@@ -115,11 +130,15 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
     x: the input tensor.
     index: int32 scalar tensor, the choice to run.
     training: Python bool.
+    gate: optional float scalar tensor multiplying the output (the DSNAS
+      "dummy 1"). Applied inside the functions, whose backward recomputes
+      the op's output for the gate's gradient ``sum(dy * y)``: the step keeps
+      no copy of the edge's output.
 
   Returns:
-    The chosen op's output. Its gradient reaches ``x`` and the chosen op's
-    weights (the other weights get zeros); the chosen op's BatchNorm
-    statistics are updated.
+    The chosen op's output (times ``gate``). Its gradient reaches ``x``,
+    ``gate`` and the chosen op's weights (the other weights get zeros); the
+    chosen op's BatchNorm statistics are updated.
   """
   x = tf.convert_to_tensor(x)
   index = tf.cast(index, tf.int32)
@@ -141,20 +160,24 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   _, forward, backward = cached
   trainable = [i for i, v in enumerate(variables) if v.trainable]
   stats = [i for i, v in enumerate(variables) if not v.trainable]
-  values = [current_value(v) for v in variables]
   if assign_inside:
-    for i in stats:
-      values[i] = tf_variable(variables[i])
+    values = [tf_variable(v) if i in stats else current_value(v)
+              for i, v in enumerate(variables)]
     stats = []
+  else:
+    values = [current_value(v) for v in variables]
   keep = template  # Alive until the gradient has been traced.
 
+  gated = gate is not None
+  gate = tf.constant(1.0) if gate is None else tf.convert_to_tensor(gate)
+
   @tf.custom_gradient
-  def run(x_in, *weights):
+  def run(x_in, gate_in, *weights):
     current = list(values)
     for i, w in zip(trainable, weights):
       current[i] = w
     with record.stop_recording():
-      y, new_stats = forward(x_in, index, current)
+      y, new_stats = forward(x_in, index, current, gate_in)
 
     def grad(dy, *d_stats, variables=None):
       del d_stats  # Statistics are stop-gradient'ed in BatchNorm.
@@ -162,10 +185,11 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
       if variables:
         raise ValueError("a switched call read variables it was not given: "
                          f"{[v.name for v in variables]}")
-      return backward(x_in, index, dy, current)
+      d_gate, *grads = backward(x_in, index, dy, current, gate_in)
+      return [grads[0], d_gate if gated else None, *grads[1:]]
     return (y, *new_stats), grad
 
-  y, *new_stats = run(x, *[values[i] for i in trainable])
+  y, *new_stats = run(x, gate, *[values[i] for i in trainable])
   for i, value in zip(stats, new_stats):
     variables[i].assign(value)
   return y

@@ -15,7 +15,7 @@ mirrored copy receives the same update.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
@@ -144,7 +144,7 @@ class _Optimizer(tf.Module):
       out.append(g)
     return out
 
-  def apply(self, grads, variables, active=None) -> None:
+  def apply(self, grads, variables, active=None, switches=None) -> None:
     """Applies already all-reduced gradients (same on every replica).
 
     ``variables`` may be a subset of the built list (a single-path step
@@ -154,9 +154,23 @@ class _Optimizer(tf.Module):
     per-variable ``None`` (always updated) or boolean scalar tensor (a
     switched single-path step, whose graph serves every child). The step
     counter advances once.
+
+    ``switches``: optional `Switch` es, the run-time form of ``active`` for
+    such a step: of each switch's choices exactly one (its ``index``) has
+    its variables updated, the others are left untouched. Traced without a
+    strategy, each switch is updated by one call of a function shared by
+    every switch of the same structure, whose ``tf.switch_case`` touches
+    only the chosen variables: a DARTS supernet's ~1400 masked per-variable
+    updates become 112 calls (a third of the step's time and a tenth of its
+    memory, WORKSPACE_NOTES.md "One graph for every child"). Elsewhere
+    (eagerly, under a strategy) they become ``active`` masks; the result is
+    the same update.
     """
     if self._built_for is None:
       raise RuntimeError(f"{self.name}: call build(variables) before apply")
+    if switches and (tf.executing_eagerly() or tf.distribute.has_strategy()):
+      active = _switch_masks(variables, active, switches)
+      switches = None
     positions = []
     for v in variables:
       i = self._position.get(id(_variable(v)))
@@ -165,6 +179,9 @@ class _Optimizer(tf.Module):
                          f" is not among the variables it was built for")
       positions.append(i)
     active = list(active) if active is not None else [None] * len(positions)
+    if switches:
+      self._apply_switched(grads, positions, active, switches)
+      return
     if tf.executing_eagerly() and not tf.distribute.has_strategy():
       self._apply_eager(grads, positions, active)
       return
@@ -209,6 +226,98 @@ class _Optimizer(tf.Module):
                    *[self.slots[s][i] for s in self._slot_names], **masked(a))
     self.iterations.assign_add(1)
 
+  def _apply_switched(self, grads, positions, active, switches) -> None:
+    """Traced `apply` without a strategy, with ``switches``.
+
+    The same arithmetic as `prepare` + `_update`: the global norm is that of
+    the always-updated gradients and the chosen choices' (the others count
+    as zeros), the clipped gradient gets its coupled decay, then the plain
+    update; each switch's part runs in its shared function.
+    """
+    switched = {p for sw in switches for choice in sw.choices for p in choice}
+    always = [j for j in range(len(positions)) if j not in switched]
+    if any(active[j] is not None for j in always):
+      raise ValueError(f"{self.name}: pass either masks or switches")
+    functions = [self._switch_function(sw, positions) for sw in switches]
+
+    def args(sw):
+      index = tf.cast(sw.index, tf.int32)
+      flat = [p for choice in sw.choices for p in choice]
+      return (index, [grads[p] for p in flat],
+              [self._built_for[positions[p]] for p in flat],
+              [self.slots[s][positions[p]]
+               for p in flat for s in self._slot_names])
+    scale = None
+    if self.clip_norm:
+      halves = [tf.nn.l2_loss(grads[j]) for j in always]
+      halves += [fn[0](*args(sw)[:2]) for fn, sw in zip(functions, switches)]
+      norm = tf.sqrt(2.0 * tf.add_n(halves))
+      # The scale of tf.clip_by_global_norm (NaN if the norm is not finite).
+      scale = self.clip_norm * tf.minimum(
+          1.0 / norm, tf.constant(1.0, norm.dtype) / self.clip_norm)
+      scale = scale + (norm - norm)
+    lr = self.current_lr()
+    step = self.iterations + 1
+    for j in always:
+      i = positions[j]
+      g = grads[j] if scale is None else grads[j] * tf.cast(scale,
+                                                            grads[j].dtype)
+      decay = self._decays[i] if self.weight_decay else 0.0
+      if decay:
+        g = g + tf.cast(decay, g.dtype) * tf.convert_to_tensor(
+            self._built_for[i])
+      self._update(self._built_for[i], g, lr, step,
+                   *[self.slots[s][i] for s in self._slot_names])
+    one = tf.constant(1.0)
+    for fn, sw in zip(functions, switches):
+      index, g, variables, slots = args(sw)
+      fn[1](index, g, variables, slots, one if scale is None else scale,
+            tf.cast(lr, tf.float32), step)
+    self.iterations.assign_add(1)
+
+  def _switch_function(self, switch, positions):
+    """``(half squared norm, update)`` functions of switches shaped like
+    ``switch`` (shared by all such switches of this optimizer)."""
+    decays = [[self._decays[positions[p]] if self.weight_decay else 0.0
+               for p in choice] for choice in switch.choices]
+    key = tuple(tuple((tuple(self._built_for[positions[p]].shape),
+                       self._built_for[positions[p]].dtype, d)
+                      for p, d in zip(choice, ds))
+                for choice, ds in zip(switch.choices, decays))
+    cache = self.__dict__.setdefault("_switch_functions", {})
+    if key in cache:
+      return cache[key]
+    sizes = [len(choice) for choice in switch.choices]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    num_slots = len(self._slot_names)
+
+    def half_norm(index, grads):
+      def branch(k):
+        part = grads[starts[k]:starts[k] + sizes[k]]
+        return lambda: (tf.add_n([tf.nn.l2_loss(g) for g in part]) if part
+                        else tf.constant(0.0))
+      return tf.switch_case(index, [branch(k) for k in range(len(sizes))])
+
+    def update(index, grads, variables, slots, scale, lr, step):
+      def branch(k):
+        def run():
+          for j in range(starts[k], starts[k] + sizes[k]):
+            g = grads[j] * tf.cast(scale, grads[j].dtype)
+            if decays[k][j - starts[k]]:
+              g = g + tf.cast(decays[k][j - starts[k]],
+                              g.dtype) * tf.convert_to_tensor(variables[j])
+            self._update(variables[j], g, lr, step,
+                         *slots[j * num_slots:(j + 1) * num_slots])
+          return tf.constant(0)
+        return run
+      return tf.switch_case(index, [branch(k) for k in range(len(sizes))])
+
+    cache[key] = tuple(
+        tf.function(f, autograph=False,
+                    experimental_attributes={"_noinline": True})
+        for f in (half_norm, update))
+    return cache[key]
+
   _slot_names: tuple[str, ...] = ()
 
   def _masked_kwargs(self, active, lr) -> dict:
@@ -227,6 +336,30 @@ class _Optimizer(tf.Module):
     for target, before, value in zip((var, *slots), old, new):
       target.assign(value if active is None else
                     tf.where(active, value, before))
+
+
+class Switch(NamedTuple):
+  """Variables of which one group, chosen at run time, is updated.
+
+  ``index``: int scalar tensor; ``choices[k]``: positions (in the
+  ``variables`` given to `_Optimizer.apply`) of choice k's variables, e.g.
+  the weights of candidate op k of one edge of a single-path supernet.
+  """
+  index: tf.Tensor
+  choices: Sequence[Sequence[int]]
+
+
+def _switch_masks(variables, active, switches) -> list:
+  """``switches`` as per-variable ``active`` masks (merged with ``active``)."""
+  active = list(active) if active is not None else [None] * len(variables)
+  for sw in switches:
+    for k, choice in enumerate(sw.choices):
+      mask = tf.equal(tf.cast(sw.index, tf.int32), k)
+      for p in choice:
+        if active[p] is not None:
+          raise ValueError("a variable is both masked and switched")
+        active[p] = mask
+  return active
 
 
 class _MaskedArgs:
