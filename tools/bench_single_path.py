@@ -266,6 +266,7 @@ def _measure(args, which: str) -> dict:
     times = timed(lambda s: fn(child(s)), range(start, start + args.steps))
     return {"measurement": which, "trace_s": trace_s, "first_s": first,
             "step_s": statistics.median(times),
+            "mean_s": statistics.mean(times),
             "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
             "count": count}
   if which in ("snas_darts", "supernet_shufflenet", "child_traced_darts"):
@@ -360,6 +361,13 @@ def main(argv=None):
         fb = ((a["forward"] + a["backward"]) / (c["forward"] + c["backward"]))
         print(f"\n{b} vs snas_darts by part: {ratios}, forward+backward "
               f"{fb:.1f}x faster")
+  if "dsnas_switch_darts" in results:
+    # Children differ in cost: the mean over them is the search's step.
+    mean = results["dsnas_switch_darts"]["mean_s"]
+    vs = (f", {results['snas_darts']['step_s'] / mean:.1f}x faster than "
+          "snas_darts" if "snas_darts" in results else "")
+    print(f"\ndsnas_switch_darts: mean {mean:.3f} s/step over {args.steps} "
+          f"children{vs}")
   for a, b in (("snas_darts", "dsnas_darts"),
                ("snas_darts", "dsnas_switch_darts"),
                ("snas_darts", "child_per_op_darts"),
