@@ -253,10 +253,11 @@ class DsnasEstimator(Estimator):
     (``--single_path_step=switch``; `tfnas.layers.switch_path`).
 
     Every weight gets a gradient (zeros off the child); the update of the
-    candidates' weights is masked at run time to the chosen ops
-    (``network.choice_variables``), so it equals `child_step`'s, which
-    updates exactly the weights that get a gradient: the chosen ops' and
-    the shared ones (a ``none`` edge passes zero gradients back).
+    candidates' weights is switched at run time to the chosen ops (one
+    `optim.Switch` per edge over ``network.choice_variables``), so it equals
+    `child_step`'s, which updates exactly the weights that get a gradient:
+    the chosen ops' and the shared ones (a ``none`` edge passes zero
+    gradients back).
     """
     images, labels = train_batch
     groups = ctx.arch.group_names

@@ -7,11 +7,13 @@ single-path step"). `call_switch` instead lets ONE traced step serve every
 child: the edge's op index is a tensor, and the edge runs as a call of two
 functions shared by every edge of the same structure:
 
-* forward ``(x, index, values) -> (y, new statistics)``: ``tf.switch_case``
-  over the edge's ops; only the chosen branch executes;
-* backward ``(x, index, dy, values) -> (dx, d values)``: the same switch,
-  whose chosen branch recomputes the op's forward pass and backpropagates
-  through it (zeros for the other ops' weights).
+* forward ``(x, index, values, gate) -> (y * gate, new statistics)``:
+  ``tf.switch_case`` over the edge's ops; only the chosen branch executes;
+* backward ``(x, index, dy, values, gate) -> (d gate, dx, d values)``: the
+  same switch, whose chosen branch recomputes the op's forward pass ``y`` and
+  backpropagates through it (zeros for the other ops' weights); the gate's
+  gradient ``sum(dy * y)`` comes from the recomputed ``y``, so the step keeps
+  no edge output for it.
 
 Both are kept as real function calls (``_noinline``): inlined into the step,
 every branch of every edge would join one huge graph (a probe of the DARTS
@@ -20,7 +22,8 @@ as calls), while as calls each is instantiated once per structure and the
 step runs close to a graph traced for one fixed child (WORKSPACE_NOTES.md,
 "One graph for every child"). The forward
 call keeps no activations (the backward one recomputes them), so memory is
-that of the edge inputs, as with ``--recompute``.
+that of the edge inputs, as with ``--recompute`` (WORKSPACE_NOTES.md,
+"Single-path weight updates and gates").
 
 BatchNorm statistics: with one replica they go in as variables and the
 chosen branch assigns its op's. Under a tf.distribute strategy (a mirrored
