@@ -115,21 +115,23 @@ class OptimTest(tf.test.TestCase):
     """`Switch`es (one choice of each updated, picked at run time) give the
     update of the chosen variables alone, with clipping over the chosen
     gradients and coupled decay; the others and their slots stay exact.
-    Traced (shared functions), eager and mirrored (masks), SGD and Adam."""
+    Traced (shared functions), eager and mirrored (masks), SGD and Adam,
+    clipped or not, with and without decay (one variable exempt); an index
+    past the choices updates none of them."""
     shapes = [(2,), (2,), (2, 2), (3,), (2,), (2, 2), (3,)]
     rng = np.random.default_rng(0)
     inits = [rng.standard_normal(s) for s in shapes]
     grads_np = [4.0 * rng.standard_normal(s) for s in shapes]
     # Variable 0 always; switches over [[1, 2], [], [3]] and [[4, 5], [], [6]].
     choices = ([[1, 2], [], [3]], [[4, 5], [], [6]])
-    draws = ([0, 2], [1, 0], [2, 2], [0, 1])
+    draws = ([0, 2], [1, 0], [2, 2], [0, 1], [3, 1])
 
     def run(make, mode, strategy=None):
       strategy = strategy or tf.distribute.get_strategy()
       with strategy.scope():
         ws = [tf.Variable(v, dtype=tf.float32) for v in inits]
         opt = make()
-        opt.build(ws)
+        opt.build(ws, no_decay=[ws[3]])
       grads = [tf.constant(g, tf.float32) for g in grads_np]
 
       def switched(idx):
@@ -139,7 +141,8 @@ class OptimTest(tf.test.TestCase):
         return [[w.numpy()] + [opt.slots[n][i].numpy() for n in opt.slots]
                 for i, w in enumerate(ws)]
       for draw in draws:
-        keep = [0] + choices[0][draw[0]] + choices[1][draw[1]]
+        keep = [0] + [p for c, d in zip(choices, draw) if d < len(c)
+                      for p in c[d]]
         before = state()
         if mode == "reference":  # The chosen variables as a subset.
           opt.apply([grads[i] for i in keep], [ws[i] for i in keep])
@@ -157,14 +160,21 @@ class OptimTest(tf.test.TestCase):
           else:
             self.assertNotAllClose(before[i][0], after[i][0])
       if mode == "traced" and strategy is tf.distribute.get_strategy():
-        # Both switches share one pair of functions.
-        self.assertLen(opt._switch_functions, 1)
+        # Switches of one structure share a pair of functions, each traced
+        # once; with decay on, variable 3's exemption tells the two apart.
+        self.assertLen(opt._switch_functions, 2 if opt.weight_decay else 1)
+        for norm, update in opt._switch_functions.values():
+          self.assertEqual(norm.experimental_get_tracing_count(),
+                           1 if opt.clip_norm else 0)  # Norm: clip only.
+          self.assertEqual(update.experimental_get_tracing_count(), 1)
       slots = [s.numpy() for name in opt.slots for s in opt.slots[name]]
-      return [w.numpy() for w in ws] + slots
+      return [w.numpy() for w in ws] + slots + [opt.iterations.numpy()]
 
     for make in (lambda: optim.SGD(0.1, momentum=0.9, weight_decay=0.01,
                                    clip_norm=1.0),
-                 lambda: optim.Adam(0.1, weight_decay=0.01, clip_norm=1.0)):
+                 lambda: optim.SGD(0.1, momentum=0.9),
+                 lambda: optim.Adam(0.1, weight_decay=0.01, clip_norm=1.0),
+                 lambda: optim.Adam(0.1, clip_norm=100.0)):
       expected = run(make, "reference")
       mirrored = mirrored_strategy(["/cpu:0", "/cpu:1"])
       for got, exact in ((run(make, "eager"), True),
@@ -175,6 +185,17 @@ class OptimTest(tf.test.TestCase):
             self.assertAllEqual(x, y)
           else:
             self.assertAllClose(x, y, rtol=1e-6)
+
+  def test_switches_refuse_masks_and_shared_positions(self):
+    ws = [tf.Variable([1.0]), tf.Variable([2.0])]
+    opt = optim.SGD(0.1)
+    opt.build(ws)
+    grads = [tf.constant([1.0]), tf.constant([1.0])]
+    with self.assertRaisesRegex(ValueError, "either masks"):
+      opt.apply(grads, ws, active=[tf.constant(True), None],
+                switches=[optim.Switch(0, [[1], []])])
+    with self.assertRaisesRegex(ValueError, "more than one choice"):
+      opt.apply(grads, ws, switches=[optim.Switch(0, [[1], [1]])])
 
   def test_adam_with_coupled_decay(self):
     w = tf.Variable([1.0, -2.0])

@@ -128,6 +128,23 @@ class SwitchedStepTest(tf.test.TestCase):
         self.assertAllClose(got[id(v)], g, atol=1e-4)
       if k == sep:
         self.assertGreater(float(tf.reduce_max(tf.abs(grads[-1]))), 0.0)
+    # Without weights there is no gate: the op's output and gradients.
+    index = op.candidates.index("sep_conv_3x3")
+
+    @tf.function
+    def ungated(x, i):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(op(x, index=i, training=True) * r)
+      return tape.gradient(loss, x)
+    before = [v.numpy() for v in op.non_trainable_variables]
+    dx = ungated(x, tf.constant(index))
+    for v, b in zip(op.non_trainable_variables, before):
+      v.assign(b)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      loss = tf.reduce_sum(op.ops["sep_conv_3x3"](x, training=True) * r)
+    self.assertAllClose(dx, tape.gradient(loss, x), atol=1e-4)
 
   def test_mirrored_switched_step_equals_eager_child_step(self):
     # Two replicas (per-replica BN, so both sides run mirrored): the

@@ -164,7 +164,8 @@ class Zero(keras.layers.Layer):
   """
 
   # Its output and every gradient through it are zeros (`switch_path`'s
-  # backward skips recomputing it).
+  # backward skips recomputing it and returns zeros even where dy is not
+  # finite, which would make ``dy * 0`` NaN).
   output_is_zero = True
 
   def __init__(self, stride: int = 1, **kwargs):

@@ -377,7 +377,8 @@ def main(argv=None):
       memory = results[a]["peak_gib"] / results[b]["peak_gib"]
       step_memory = ((results[a]["peak_gib"] - results[a]["base_gib"]) /
                      (results[b]["peak_gib"] - results[b]["base_gib"]))
-      print(f"\n{b} vs {a}: {speed:.1f}x faster per step, {memory:.1f}x "
+      print(f"\n{b} vs {a}: {speed:.1f}x faster per step (medians), "
+            f"{memory:.1f}x "
             f"less peak memory ({step_memory:.1f}x less above the built "
             f"network)")
   raise SystemExit(1 if failed else 0)

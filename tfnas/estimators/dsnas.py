@@ -273,7 +273,8 @@ class DsnasEstimator(Estimator):
     w_grads = reduced[:len(wvars)]
     costs = _gate_costs(groups, reduced[len(wvars):], gates)
     metrics = ctx.metrics("train", loss, logits, labels)
-    # One switch per edge: only the chosen op's weights are updated.
+    # One switch per decision (an edge of every cell of its type): only
+    # the chosen op's weights are updated.
     position = {id(v.value): i for i, v in enumerate(wvars)}
     num_ops = len(ctx.network.space.candidates)
     choices = {}

@@ -164,8 +164,8 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   trainable = [i for i, v in enumerate(variables) if v.trainable]
   stats = [i for i, v in enumerate(variables) if not v.trainable]
   if assign_inside:
-    values = [tf_variable(v) if i in stats else current_value(v)
-              for i, v in enumerate(variables)]
+    values = [current_value(v) if v.trainable else tf_variable(v)
+              for v in variables]
     stats = []
   else:
     values = [current_value(v) for v in variables]

@@ -158,19 +158,23 @@ class _Optimizer(tf.Module):
     ``switches``: optional `Switch` es, the run-time form of ``active`` for
     such a step: of each switch's choices exactly one (its ``index``) has
     its variables updated, the others are left untouched. Traced without a
-    strategy, each switch is updated by one call of a function shared by
-    every switch of the same structure, whose ``tf.switch_case`` touches
-    only the chosen variables: a DARTS supernet's ~1400 masked per-variable
-    updates (~20k graph ops) become 224 calls (norm and update per edge),
-    a smaller step graph that holds less memory (WORKSPACE_NOTES.md
-    "Single-path weight updates and gates"). Elsewhere
-    (eagerly, under a strategy) they become ``active`` masks; the result is
-    the same update.
+    strategy, each switch is updated by calls of functions shared by every
+    switch of the same structure (its gradients' norm for the clip, then
+    the update), whose ``tf.switch_case`` touches only the chosen
+    variables: the ~1400 masked per-variable updates of a DARTS supernet
+    (~20k graph ops) become 56 calls (one switch per decision), a smaller
+    step graph that holds less memory (WORKSPACE_NOTES.md "Single-path
+    weight updates and gates"). Elsewhere (eagerly, under a strategy) they
+    become ``active`` masks; the result is the same update. An index
+    outside the choices updates none of them. Masks and switches do not
+    mix; a variable belongs to one choice of one switch at most.
     """
     if self._built_for is None:
       raise RuntimeError(f"{self.name}: call build(variables) before apply")
+    if switches:
+      _check_switches(self.name, len(variables), active, switches)
     if switches and (tf.executing_eagerly() or tf.distribute.has_strategy()):
-      active = _switch_masks(variables, active, switches)
+      active = _switch_masks(variables, switches)
       switches = None
     positions = []
     for v in variables:
@@ -237,8 +241,6 @@ class _Optimizer(tf.Module):
     """
     switched = {p for sw in switches for choice in sw.choices for p in choice}
     always = [j for j in range(len(positions)) if j not in switched]
-    if any(active[j] is not None for j in always):
-      raise ValueError(f"{self.name}: pass either masks or switches")
     functions = [self._switch_function(sw, positions) for sw in switches]
 
     def args(sw):
@@ -278,7 +280,9 @@ class _Optimizer(tf.Module):
 
   def _switch_function(self, switch, positions):
     """``(half squared norm, update)`` functions of switches shaped like
-    ``switch`` (shared by all such switches of this optimizer)."""
+    ``switch`` (shared by all such switches of this optimizer). The
+    optimizer's hyper-parameters other than the learning rate (momentum,
+    betas, epsilon) are read when a function is first traced."""
     decays = [[self._decays[positions[p]] if self.weight_decay else 0.0
                for p in choice] for choice in switch.choices]
     key = tuple(tuple((tuple(self._built_for[positions[p]].shape),
@@ -291,13 +295,17 @@ class _Optimizer(tf.Module):
     sizes = [len(choice) for choice in switch.choices]
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     num_slots = len(self._slot_names)
+    dtypes = {self._built_for[positions[p]].dtype
+              for choice in switch.choices for p in choice}
+    dtype = dtypes.pop() if len(dtypes) == 1 else tf.float32
 
     def half_norm(index, grads):
       def branch(k):
         part = grads[starts[k]:starts[k] + sizes[k]]
         return lambda: (tf.add_n([tf.nn.l2_loss(g) for g in part]) if part
-                        else tf.constant(0.0))
-      return tf.switch_case(index, [branch(k) for k in range(len(sizes))])
+                        else tf.zeros([], dtype))
+      return tf.switch_case(index, [branch(k) for k in range(len(sizes))],
+                            default=lambda: tf.zeros([], dtype))
 
     def update(index, grads, variables, slots, scale, lr, step):
       def branch(k):
@@ -311,7 +319,8 @@ class _Optimizer(tf.Module):
                          *slots[j * num_slots:(j + 1) * num_slots])
           return tf.constant(0)
         return run
-      return tf.switch_case(index, [branch(k) for k in range(len(sizes))])
+      return tf.switch_case(index, [branch(k) for k in range(len(sizes))],
+                            default=lambda: tf.constant(0))
 
     cache[key] = tuple(
         tf.function(f, autograph=False,
@@ -350,15 +359,27 @@ class Switch(NamedTuple):
   choices: Sequence[Sequence[int]]
 
 
-def _switch_masks(variables, active, switches) -> list:
-  """``switches`` as per-variable ``active`` masks (merged with ``active``)."""
-  active = list(active) if active is not None else [None] * len(variables)
+def _check_switches(name: str, num_variables: int, active, switches) -> None:
+  if active is not None and any(a is not None for a in active):
+    raise ValueError(f"{name}: pass either masks (active) or switches")
+  seen = set()
+  for sw in switches:
+    for choice in sw.choices:
+      for p in choice:
+        if not 0 <= p < num_variables or p in seen:
+          raise ValueError(f"{name}: switch position {p} is out of range or "
+                           "in more than one choice")
+        seen.add(p)
+
+
+def _switch_masks(variables, switches) -> list:
+  """``switches`` (checked by `_check_switches`) as per-variable ``active``
+  masks: an index outside the choices matches none of them."""
+  active = [None] * len(variables)
   for sw in switches:
     for k, choice in enumerate(sw.choices):
       mask = tf.equal(tf.cast(sw.index, tf.int32), k)
       for p in choice:
-        if active[p] is not None:
-          raise ValueError("a variable is both masked and switched")
         active[p] = mask
   return active
 
