@@ -185,7 +185,7 @@ class _Optimizer(tf.Module):
       positions.append(i)
     active = list(active) if active is not None else [None] * len(positions)
     if switches:
-      self._apply_switched(grads, positions, active, switches)
+      self._apply_switched(grads, positions, switches)
       return
     if tf.executing_eagerly() and not tf.distribute.has_strategy():
       self._apply_eager(grads, positions, active)
@@ -231,7 +231,7 @@ class _Optimizer(tf.Module):
                    *[self.slots[s][i] for s in self._slot_names], **masked(a))
     self.iterations.assign_add(1)
 
-  def _apply_switched(self, grads, positions, active, switches) -> None:
+  def _apply_switched(self, grads, positions, switches) -> None:
     """Traced `apply` without a strategy, with ``switches``.
 
     The same arithmetic as `prepare` + `_update`: the global norm is that of
@@ -250,10 +250,11 @@ class _Optimizer(tf.Module):
               [self._built_for[positions[p]] for p in flat],
               [self.slots[s][positions[p]]
                for p in flat for s in self._slot_names])
+    switch_args = [args(sw) for sw in switches]
     scale = None
     if self.clip_norm:
       halves = [tf.nn.l2_loss(grads[j]) for j in always]
-      halves += [fn[0](*args(sw)[:2]) for fn, sw in zip(functions, switches)]
+      halves += [fn[0](*a[:2]) for fn, a in zip(functions, switch_args)]
       norm = tf.sqrt(2.0 * tf.add_n(halves))
       # The scale of tf.clip_by_global_norm (NaN if the norm is not finite).
       scale = self.clip_norm * tf.minimum(
@@ -263,17 +264,11 @@ class _Optimizer(tf.Module):
     step = self.iterations + 1
     for j in always:
       i = positions[j]
-      g = grads[j] if scale is None else grads[j] * tf.cast(scale,
-                                                            grads[j].dtype)
-      decay = self._decays[i] if self.weight_decay else 0.0
-      if decay:
-        g = g + tf.cast(decay, g.dtype) * tf.convert_to_tensor(
-            self._built_for[i])
-      self._update(self._built_for[i], g, lr, step,
-                   *[self.slots[s][i] for s in self._slot_names])
+      var = self._built_for[i]
+      self._update(var, _clipped_decayed(grads[j], var, self._decays[i], scale),
+                   lr, step, *[self.slots[s][i] for s in self._slot_names])
     one = tf.constant(1.0)
-    for fn, sw in zip(functions, switches):
-      index, g, variables, slots = args(sw)
+    for fn, (index, g, variables, slots) in zip(functions, switch_args):
       fn[1](index, g, variables, slots, one if scale is None else scale,
             tf.cast(lr, tf.float32), step)
     self.iterations.assign_add(1)
@@ -283,8 +278,8 @@ class _Optimizer(tf.Module):
     ``switch`` (shared by all such switches of this optimizer). The
     optimizer's hyper-parameters other than the learning rate (momentum,
     betas, epsilon) are read when a function is first traced."""
-    decays = [[self._decays[positions[p]] if self.weight_decay else 0.0
-               for p in choice] for choice in switch.choices]
+    decays = [[self._decays[positions[p]] for p in choice]
+              for choice in switch.choices]
     key = tuple(tuple((tuple(self._built_for[positions[p]].shape),
                        self._built_for[positions[p]].dtype, d)
                       for p, d in zip(choice, ds))
@@ -311,10 +306,8 @@ class _Optimizer(tf.Module):
       def branch(k):
         def run():
           for j in range(starts[k], starts[k] + sizes[k]):
-            g = grads[j] * tf.cast(scale, grads[j].dtype)
-            if decays[k][j - starts[k]]:
-              g = g + tf.cast(decays[k][j - starts[k]],
-                              g.dtype) * tf.convert_to_tensor(variables[j])
+            g = _clipped_decayed(grads[j], variables[j],
+                                 decays[k][j - starts[k]], scale)
             self._update(variables[j], g, lr, step,
                          *slots[j * num_slots:(j + 1) * num_slots])
           return tf.constant(0)
@@ -346,6 +339,17 @@ class _Optimizer(tf.Module):
     for target, before, value in zip((var, *slots), old, new):
       target.assign(value if active is None else
                     tf.where(active, value, before))
+
+
+def _clipped_decayed(grad, var, decay: float, scale=None):
+  """``grad * scale + decay * var`` (`prepare`'s clip, then coupled decay)
+  with the clip scale of the whole step; no term when ``scale`` is None or
+  ``decay`` is 0."""
+  if scale is not None:
+    grad = grad * tf.cast(scale, grad.dtype)
+  if decay:
+    grad = grad + tf.cast(decay, grad.dtype) * tf.convert_to_tensor(var)
+  return grad
 
 
 class Switch(NamedTuple):
