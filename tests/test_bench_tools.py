@@ -27,6 +27,7 @@ def _row(stdout, name):
 
 @pytest.mark.parametrize("script,row,peak_column", [
     ("bench_single_path.py", "dsnas_darts", 5),
+    ("bench_single_path.py", "dsnas_switch_shufflenet", 5),
     ("bench_search_step.py", "fwd_bwd", 4),
 ])
 def test_quick_run_prints_a_measured_row(script, row, peak_column):

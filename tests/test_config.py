@@ -39,14 +39,14 @@ def test_warm_up_must_leave_epochs_to_anneal():
   assert SearchConfig(epochs=5, w_lr_warmup_epochs=4).w_lr_warmup_epochs == 4
 
 
-def test_switched_single_path_step_is_for_dsnas_in_cell_spaces():
-  assert SearchConfig(method="dsnas", space="darts",
-                      single_path_step="switch").single_path_step == "switch"
-  for method, space in (("snas", "darts"), ("dsnas", "shufflenet")):
-    with pytest.raises(ConfigError, match=r"--single_path_step=switch runs "
-                       rf"DSNAS in a cell space .* --method={method} "
-                       rf"--space={space}"):
-      SearchConfig(method=method, space=space, single_path_step="switch")
+def test_switched_single_path_step_is_for_dsnas():
+  for space in ("darts", "s3", "shufflenet", "shufflenet_small"):
+    assert SearchConfig(method="dsnas", space=space,
+                        single_path_step="switch").single_path_step == "switch"
+  for method in ("snas", "darts"):
+    with pytest.raises(ConfigError, match=r"--single_path_step=switch is a "
+                       rf"DSNAS step .* got --method={method}$"):
+      SearchConfig(method=method, space="darts", single_path_step="switch")
   with pytest.raises(ConfigError, match=r"^invalid --single_path_step='jit'$"):
     SearchConfig(single_path_step="jit")
 

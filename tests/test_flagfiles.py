@@ -114,6 +114,7 @@ def test_dsnas_flagfiles_carry_the_paper_settings():
   assert (cifar["channels"], cifar["num_cells"]) == (16, 8)
   assert digits["space"] == "shufflenet_small"
   assert digits["dataset"] == "digits"
+  assert digits["single_path_step"] == "switch"
 
 
 def test_shufflenet_shape_flags_become_int_lists(tmp_path):

@@ -10,6 +10,7 @@ from tfnas.distribute import mirrored_strategy
 from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import switch_path
+from tfnas.layers.choice_block import ChoiceBlock
 from tfnas.layers.mixed_op import MixedOp
 from tfnas.train import loop
 
@@ -77,6 +78,104 @@ class SwitchedStepTest(tf.test.TestCase):
     unchanged = len(start) - changed
     self.assertGreater(changed, 10)
     self.assertGreater(unchanged, 10)  # Unchosen ops' weights and slots.
+
+  def test_block_space_switched_steps_equal_eager_child_steps(self):
+    # The ShuffleNet space: one switched graph for every child, the eager
+    # per-child step's weights, statistics, slots and α (unchosen
+    # candidates bit-exact); stride-1 and stride-2 blocks alike.
+    space = helpers.replica_block_space()  # Stride 2, stride 2, stride 1.
+    # Two steps: tiny BN batches (4 images, 2x2 pixels after two strides)
+    # amplify float rounding chaotically after that (1e-4 at step 3).
+    children = [np.array(c) for c in ([0, 3, 1], [2, 1, 3])]
+    self.assertEqual(len(children[0]), space.num_blocks)
+    results = []
+    for switched in (False, True):
+      keras.utils.set_random_seed(1)
+      ctx = helpers.block_context(space)
+      # No reward normalisation: its std from one or two samples scales
+      # the α-gradient (a sum over the block output with cancellations) by
+      # ~1e4, which rounding differences of 1e-6 then show.
+      est = DsnasEstimator()
+      start = _state(ctx)
+      step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
+      for s, blocks in enumerate(children):
+        batch = helpers.batch(classes=3, seed=s)
+        if switched:
+          step(batch, _tensors({"blocks": blocks}))
+        else:
+          est.child_step(ctx, batch, {"blocks": blocks})
+      if switched:
+        self.assertEqual(step.experimental_get_tracing_count(), 1)
+      results.append(_state(ctx))
+    eager, switched = results
+    for a, b in zip(eager, switched):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+    # Candidates no step chose: weights and BN statistics bit-exact.
+    chosen = {(b, int(c[b])) for c in children for b in range(len(c))}
+    unchosen = {id(v) for b, block in enumerate(ctx.network.blocks)
+                for k, name in enumerate(block.choices)
+                if (b, k) not in chosen
+                for v in block.candidates[name].variables}
+    checked = trained = 0
+    for v, a, b, s in zip(ctx.network.variables, eager, switched, start):
+      if id(v) in unchosen:
+        self.assertAllEqual(a, s)
+        self.assertAllEqual(b, s)
+        checked += 1
+      else:  # Chosen or shared.
+        trained += not np.array_equal(b, s)
+    self.assertGreater(checked, 10)
+    self.assertGreater(trained, 10)
+
+  def test_choice_block_switched_call_equals_the_chosen_candidate(self):
+    net = helpers.block_context().network
+    for block in net.blocks[:2]:  # Stride 2, then stride 1.
+      self.assertIsInstance(block, ChoiceBlock)
+      x = tf.random.normal([4, 8, 8, block.in_channels], seed=3)
+
+      def r_of(y):
+        return tf.random.stateless_normal(tf.shape(y), [5, 6])
+
+      @tf.function
+      def run(x, i, g, block=block):
+        with tf.GradientTape() as tape:
+          tape.watch([x, g])
+          y = block(x, index=i, gate=g, training=True)
+          loss = tf.reduce_sum(y * r_of(y))
+        return y, tape.gradient(loss, [x, g] + block.trainable_variables)
+      for k in range(len(block.choices)):
+        for gate in (1.0, 0.7):
+          before = [v.numpy() for v in block.non_trainable_variables]
+          y, grads = run(x, tf.constant(k), tf.constant(gate))
+          after = [v.numpy() for v in block.non_trainable_variables]
+          for v, b in zip(block.non_trainable_variables, before):
+            v.assign(b)
+          g = tf.constant(gate)
+          with tf.GradientTape() as tape:
+            tape.watch([x, g])
+            want_y = block(x, index=k, gate=g, training=True)
+            r = r_of(want_y)
+            loss = tf.reduce_sum(want_y * r)
+          want = tape.gradient(loss, [x, g] + block.trainable_variables)
+          want = [tf.zeros_like(v) if w is None else w
+                  for v, w in zip([x, g] + block.trainable_variables, want)]
+          self.assertAllClose(y, want_y, atol=1e-5)
+          self.assertAllClose(grads[0], want[0], atol=1e-4)
+          self.assertAllClose(grads[1], want[1], atol=1e-3, rtol=1e-4)
+          chosen = {id(v) for v in
+                    block.candidates[block.choices[k]].trainable_variables}
+          for v, got, w in zip(block.trainable_variables, grads[2:],
+                               want[2:]):
+            if id(v) not in chosen:
+              self.assertAllEqual(got, tf.zeros_like(v))
+            self.assertAllClose(got, w, atol=1e-4)
+          # The chosen candidate's statistics moved as inline.
+          for a, b in zip(after, block.non_trainable_variables):
+            self.assertAllClose(a, b, atol=1e-6)
+      self.assertEqual(run.experimental_get_tracing_count(), 1)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "index out of range for 4 choices"):
+      net.blocks[1](x, index=tf.constant(4), training=True)
 
   def test_only_the_chosen_branch_runs_and_gets_gradients(self):
     ctx = _context()

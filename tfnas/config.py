@@ -170,12 +170,10 @@ class SearchConfig(_Config):
         ("single_path_step", self.single_path_step in ("eager", "switch")),
     ]
     self._check(checks)
-    if self.single_path_step == "switch" and (
-        self.method != "dsnas" or self.space in space_names.BLOCK_SPACES):
+    if self.single_path_step == "switch" and self.method != "dsnas":
       raise ConfigError(
-          "--single_path_step=switch runs DSNAS in a cell space (darts, "
-          f"s1-s4); got --method={self.method} --space={self.space} (the "
-          "ShuffleNet spaces run eagerly: leave --single_path_step=eager)")
+          "--single_path_step=switch is a DSNAS step (one sampled op per "
+          f"edge or block); got --method={self.method}")
     if self.w_lr_warmup_epochs >= self.epochs:
       raise ConfigError(
           f"--w_lr_warmup_epochs={self.w_lr_warmup_epochs} leaves no epoch "

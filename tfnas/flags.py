@@ -188,8 +188,8 @@ def define_search_flags():
                        "one shared traced function per op).")
   flags.DEFINE_enum("single_path_step", _DEFAULTS.single_path_step,
                     ["eager", "switch"],
-                    "DSNAS in a cell space: 'switch' traces ONE step graph "
-                    "that serves every child (each edge picks its op at run "
+                    "DSNAS: 'switch' traces ONE step graph that serves "
+                    "every child (each edge or block picks its op at run "
                     "time and recomputes it in backprop): nearly as fast "
                     "per step as a graph traced for one child, with memory "
                     "close to --recompute's; 'eager' runs the chosen ops "

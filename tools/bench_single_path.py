@@ -30,6 +30,9 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
     mixed mode (all four candidates of every block), compiled.
   dsnas_shufflenet: one DSNAS step in the ShuffleNet space (eager, shared
     traced candidates, a new child per step).
+  dsnas_switch_shufflenet: the same step switched (``--single_path_step=
+    switch``): one tf.function for every child, each block picking its
+    candidate at run time.
 
 Columns: ``trace s`` (building the graph; eager rows: 0), ``first s`` (first
 execution; eager rows: the first step, which traces the shared functions it
@@ -75,7 +78,7 @@ import _bench_util as util
 MEASUREMENTS = ("snas_darts", "dsnas_darts", "dsnas_switch_darts",
                 "child_traced_darts",
                 "child_per_op_darts", "supernet_shufflenet",
-                "dsnas_shufflenet")
+                "dsnas_shufflenet", "dsnas_switch_shufflenet")
 
 
 def _parse_args(argv=None):
@@ -249,7 +252,7 @@ def _measure(args, which: str) -> dict:
       result["split"] = {key: statistics.mean(p[key] for p in parts)
                          for key in parts[0]}
     return result
-  if which == "dsnas_switch_darts":
+  if which in ("dsnas_switch_darts", "dsnas_switch_shufflenet"):
     est = DsnasEstimator()
     fn = tf.function(lambda child: est.switch_step(ctx, batch, child))
 
@@ -361,17 +364,21 @@ def main(argv=None):
         fb = ((a["forward"] + a["backward"]) / (c["forward"] + c["backward"]))
         print(f"\n{b} vs snas_darts by part: {ratios}, forward+backward "
               f"{fb:.1f}x faster")
-  if "dsnas_switch_darts" in results:
+  for switched, base in (("dsnas_switch_darts", "snas_darts"),
+                         ("dsnas_switch_shufflenet", "supernet_shufflenet")):
+    if switched not in results:
+      continue
     # Children differ in cost: the mean over them is the search's step.
-    mean = results["dsnas_switch_darts"]["mean_s"]
-    vs = (f", {results['snas_darts']['step_s'] / mean:.1f}x faster than "
-          "snas_darts" if "snas_darts" in results else "")
-    print(f"\ndsnas_switch_darts: mean {mean:.3f} s/step over {args.steps} "
+    mean = results[switched]["mean_s"]
+    vs = (f", {results[base]['step_s'] / mean:.1f}x faster than {base}"
+          if base in results else "")
+    print(f"\n{switched}: mean {mean:.3f} s/step over {args.steps} "
           f"children{vs}")
   for a, b in (("snas_darts", "dsnas_darts"),
                ("snas_darts", "dsnas_switch_darts"),
                ("snas_darts", "child_per_op_darts"),
-               ("supernet_shufflenet", "dsnas_shufflenet")):
+               ("supernet_shufflenet", "dsnas_shufflenet"),
+               ("supernet_shufflenet", "dsnas_switch_shufflenet")):
     if a in results and b in results:
       speed = results[a]["step_s"] / results[b]["step_s"]
       memory = results[a]["peak_gib"] / results[b]["peak_gib"]

@@ -16,9 +16,10 @@ The step runs eagerly at the Python level (``compiled_step = False``): the
 child is chosen by Python ints, while each chosen op runs as an already
 traced shared ``tf.function`` (`tfnas.layers.shared_function`), so tracing is
 bounded by (op structures × input shapes), and time and memory are the
-child's. With ``--single_path_step=switch`` (cell spaces) the loop instead
-traces `DsnasEstimator.switch_step` once: the child comes in as tensors and
-every edge picks its op at run time (`tfnas.layers.switch_path`), nearly
+child's. With ``--single_path_step=switch`` the loop instead traces
+`DsnasEstimator.switch_step` once: the child comes in as tensors and every
+edge (cell spaces) or block (ShuffleNet) picks its op at run time
+(`tfnas.layers.switch_path`), nearly
 as fast per step as a graph traced for one child. Once progressive early stop
 leaves few possible children
 (``--compiled_children``, default: every decision fixed), the loop traces
@@ -254,7 +255,8 @@ class DsnasEstimator(Estimator):
 
     Every weight gets a gradient (zeros off the child); the update of the
     candidates' weights is switched at run time to the chosen ops (one
-    `optim.Switch` per edge over ``network.choice_variables``), so it equals
+    `optim.Switch` per decision over ``network.choice_variables``: an edge
+    of every cell of its type, or a block), so it equals
     `child_step`'s, which updates exactly the weights that get a gradient:
     the chosen ops' and the shared ones (a ``none`` edge passes zero
     gradients back).
@@ -276,9 +278,9 @@ class DsnasEstimator(Estimator):
     # One switch per decision (an edge of every cell of its type): only
     # the chosen op's weights are updated.
     position = {id(v.value): i for i, v in enumerate(wvars)}
-    num_ops = len(ctx.network.space.candidates)
     choices = {}
     for v, g, e, k in ctx.network.choice_variables():
+      num_ops = len(ctx.arch.group(g).candidates)
       choices.setdefault((g, e), [[] for _ in range(num_ops)])[k].append(
           position[id(v.value)])
     switches = [optim.Switch(indices[g][e], c)

@@ -29,7 +29,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from tfnas.layers import shared_function
+from tfnas.layers import shared_function, switch_path
 from tfnas.layers.batch_norm import BatchNorm
 
 #: Candidate names of the SPOS/DSNAS space and their depthwise kernel size.
@@ -218,6 +218,22 @@ class _Candidate(keras.layers.Layer):
     return config
 
 
+class _JoinedCandidate:
+  """A candidate as one `switch_path` branch: its outputs concatenated
+  along channels (one tensor; at stride 1 it has one output anyway)."""
+
+  def __init__(self, candidate: _Candidate):
+    self.candidate = candidate
+
+  @property
+  def variables(self) -> list:
+    return self.candidate.variables
+
+  def __call__(self, inputs, training=None):
+    outs = self.candidate(inputs, training=training)
+    return outs[0] if len(outs) == 1 else tf.concat(outs, axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="tfnas")
 class ChoiceBlock(keras.layers.Layer):
   """A searchable ShuffleNetV2 block (DSNAS section 4.2, SPOS section 3.3).
@@ -240,6 +256,10 @@ class ChoiceBlock(keras.layers.Layer):
       "dummy 1" after the chosen feature map (section 3.3, eq. 6,
       Algorithm 1), whose gradient ``∂L/∂gate = <∂L/∂o, o>`` is the
       search signal.
+    * switched single path: ``index`` an int32 scalar tensor; the candidate
+      is chosen at run time (`switch_path.call_switch`: one traced graph
+      serves every choice, only the chosen one executes and it is
+      recomputed in backprop). Every candidate must be built.
     * mixed: ``weights`` (``[len(choices)]``) gives ``Σ_k w_k o_k`` over the
       candidates' whole block outputs (SNAS-style); the identity half they
       share is weighted by ``Σ_k w_k``.
@@ -324,6 +344,13 @@ class ChoiceBlock(keras.layers.Layer):
       shortcut, x = inputs[..., :half], inputs[..., half:]
     else:
       shortcut, x = None, inputs
+    if isinstance(index, (tf.Tensor, tf.Variable)):
+      out = self._switched(x, index, gate, training)
+      if self.stride == 1:
+        left = shortcut if gate is None else shortcut * tf.cast(
+            gate, shortcut.dtype)
+        out = tf.concat([left, out], axis=-1)
+      return channel_shuffle(out, 2)
     if index is not None:
       index = int(index)
       if not 0 <= index < len(self.choices):
@@ -356,6 +383,29 @@ class ChoiceBlock(keras.layers.Layer):
       # Σ_k w_k · block_k(x): the shared identity half weighs Σ_k w_k.
       left = shortcut * tf.cast(tf.reduce_sum(weights), shortcut.dtype)
     return channel_shuffle(tf.concat([left, outs[-1]], axis=-1), 2)
+
+  def switch_branches(self) -> list["_JoinedCandidate"]:
+    """The candidates in ``choices`` order, each giving one tensor
+    (`switch_path`): the main branch at stride 1; at stride 2 the projection
+    and the main branch concatenated, as the block concatenates them."""
+    return [_JoinedCandidate(self.candidates[name]) for name in self.choices]
+
+  def _switched(self, x, index, gate, training):
+    """The candidate ``index`` (an int32 tensor into ``choices``) through
+    `switch_path.call_switch`, times ``gate``."""
+    if not (self.shared_functions and shared_function.shareable(
+        list(self.candidates.values()), training)):
+      raise ValueError(f"ChoiceBlock {self.name!r}: a tensor index needs "
+                       "every candidate built, a Python `training` and "
+                       "shared functions")
+    index = tf.cast(index, tf.int32)
+    n = len(self.choices)
+    # An index past the choices would silently run the last one.
+    tf.debugging.Assert(
+        tf.logical_and(index >= 0, index < n),
+        [f"ChoiceBlock {self.name}: index out of range for {n} choices:",
+         index])
+    return switch_path.call_switch(self, x, index, training, gate)
 
   def _can_share(self, candidate, training) -> bool:
     """Whether a single-path call may go through a shared function."""

@@ -5,7 +5,9 @@ graph per child costs seconds per step; running the chosen ops eagerly pays
 a per-call cost on every edge (WORKSPACE_NOTES.md, "The bound on any
 single-path step"). `call_switch` instead lets ONE traced step serve every
 child: the edge's op index is a tensor, and the edge runs as a call of two
-functions shared by every edge of the same structure:
+functions shared by every edge of the same structure (a DARTS-space
+`MixedOp`; a ShuffleNet `ChoiceBlock`, whose candidates are its ops, works
+the same way):
 
 * forward ``(x, index, values, gate) -> (y * gate, new statistics)``:
   ``tf.switch_case`` over the edge's ops; only the chosen branch executes;

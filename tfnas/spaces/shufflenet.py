@@ -18,7 +18,7 @@ The architecture is a call argument (DESIGN.md): one decision group
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -157,7 +157,9 @@ class ShuffleNetSupernet(keras.Model):
       single path, only those candidates run and are traced. With it,
       ``arch_weights["blocks"]`` (``[num_blocks, num_choices]``, e.g. a hard
       one-hot sample) supplies the gates ``arch_weights["blocks"][b, index]``
-      (DSNAS's dummy 1).
+      (DSNAS's dummy 1). An int32 ``[num_blocks]`` tensor instead chooses at
+      run time (`ChoiceBlock`'s switched single path): one traced graph
+      serves every child.
     arch_weights: alone, ``{"blocks": [num_blocks, num_choices]}`` mixes every
       candidate of every block (SNAS-style).
     dropout: whether the dropout before the classifier is active; None
@@ -225,7 +227,9 @@ class ShuffleNetSupernet(keras.Model):
                        f"got arch_indices={arch_indices}, "
                        f"arch_weights keys={keys}")
     n = self.space.num_blocks
-    if indices is not None and len(indices) != n:
+    if indices is not None and (
+        tuple(indices.shape) if isinstance(indices, (tf.Tensor, tf.Variable))
+        else (len(indices),)) != (n,):
       raise ValueError(f"arch_indices[{GROUP!r}] has {len(indices)} entries, "
                        f"expected one per block ({n}): {tuple(indices)}")
     if weights is not None and self.block_choices is not None:
@@ -237,6 +241,9 @@ class ShuffleNetSupernet(keras.Model):
                        f"{tuple(weights.shape)}, expected "
                        f"{(n, len(self.space.choices))}")
 
+    switched = isinstance(indices, (tf.Tensor, tf.Variable))
+    if switched:  # One op, not one per block.
+      indices = tf.unstack(tf.cast(indices, tf.int32), num=n)
     x = images
     if self.space.stem_stride != 1:
       x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])  # Symmetric, as PyTorch.
@@ -244,7 +251,11 @@ class ShuffleNetSupernet(keras.Model):
     if self.stem_pool is not None:
       x = self.stem_pool(x)
     for b, block in enumerate(self.blocks):
-      if indices is not None:
+      if switched:
+        k = indices[b]
+        gate = None if weights is None else tf.gather(weights[b], k)
+        x = block(x, index=k, gate=gate, training=training)
+      elif indices is not None:
         k = int(indices[b])
         gate = None if weights is None else weights[b, k]
         x = block(x, index=k, gate=gate, training=training)
@@ -272,6 +283,18 @@ class ShuffleNetSupernet(keras.Model):
   def weight_variables(self) -> list:
     """Trainable network weights (never α)."""
     return self.trainable_variables
+
+  def choice_variables(self) -> list[tuple[Any, str, int, int]]:
+    """``(variable, group, decision, candidate)`` for every trainable
+    variable of one candidate of one block: a single-path child uses it only
+    when that block picks that candidate. The stem, head and classifier are
+    used by every child."""
+    out = []
+    for b, block in enumerate(self.blocks):
+      for k, name in enumerate(block.choices):
+        out.extend((v, GROUP, b, k)
+                   for v in block.candidates[name].trainable_variables)
+    return out
 
 
 def build_shufflenet_supernet(space: ShuffleNetSpaceConfig,

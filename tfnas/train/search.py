@@ -14,7 +14,8 @@ Python ints every step, and the chosen ops run as shared traced functions
 (see ``tfnas/estimators/dsnas.py``); once early stop leaves at most
 ``--compiled_children`` possible children, each child's step is traced as
 one graph and kept (before that, ``--single_path_step=switch`` runs every
-child through one traced graph whose edges choose their op at run time).
+child through one traced graph whose edges or blocks choose their op at run
+time).
 The three step loops live in ``tfnas.train.loop``, shared with retraining.
 Progressive early stop (methods with ``early_stop``) is checked at epoch
 ends or every N steps.
