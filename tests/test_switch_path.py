@@ -281,6 +281,41 @@ class SwitchedStepTest(tf.test.TestCase):
     for a, b in zip(eager, switched):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
 
+  def test_mirrored_block_space_switched_step_equals_eager_child_step(self):
+    # The ShuffleNet space under two replicas (per-replica BN): stride-2
+    # and stride-1 blocks, statistics assigned by the caller.
+    children = [{"blocks": np.array([0, 3, 1])},
+                {"blocks": np.array([2, 1, 3])}]
+    strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
+
+    def run(switched):
+      keras.utils.set_random_seed(1)
+      with strategy.scope():
+        ctx = helpers.block_context(helpers.replica_block_space())
+        est = DsnasEstimator()
+      start = [np.asarray(v.numpy()) for v in ctx.network.variables]
+      step = loop.compiled_replica_step(
+          strategy, lambda t, v, i: est.switch_step(ctx, t, i))
+      for s, indices in enumerate(children):
+        batch = helpers.batch(n=4, classes=3, seed=s)
+        for b in strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(batch)):
+          if switched:
+            step((b, None, _tensors(indices)))
+          else:
+            strategy.run(est.child_step, args=(ctx, b, indices))
+      return start, [np.asarray(v.numpy())
+                     for v in ctx.network.variables + ctx.arch_variables]
+
+    start, eager = run(False)
+    start_switched, switched = run(True)
+    for a, b in zip(start, start_switched):
+      self.assertAllEqual(a, b)
+    moved = sum(not np.array_equal(a, b) for a, b in zip(start, eager))
+    self.assertGreater(moved, 10)
+    for a, b in zip(eager, switched):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+
 
 if __name__ == "__main__":
   tf.test.main()
