@@ -354,6 +354,13 @@ class ShuffleNetSpaceTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "has 3 entries, expected one per "
                                 "block \\(5\\)"):
       self.net(images, arch_indices={"blocks": (0, 1, 2)})
+    # Switched indices: a [5] integer tensor.
+    for bad, got in ((tf.constant([0, 1]), r"int32 of shape \(2,\)"),
+                     (tf.constant(1), r"int32 of shape \(\)"),
+                     (tf.zeros([5]), r"float32 of shape \(5,\)")):
+      with self.assertRaisesRegex(ValueError, r"as a tensor must be a \[5\] "
+                                  r"integer vector .* got " + got):
+        self.net(images, arch_indices={"blocks": bad})
     with self.assertRaisesRegex(ValueError, r"shape \(5, 3\)"):
       self.net(images, arch_weights={"blocks": tf.zeros([5, 3])})
     with self.assertRaisesRegex(ValueError, "needs arch_indices"):

@@ -113,11 +113,15 @@ def test_sync_batch_norm_refused_for_eager_cell_steps_on_local_replicas(
   # functions at all: refused with several replicas, before any writing.
   switched = config.replace(single_path_step="switch", run_dir=str(
       tmp_path / "s"))
-  with pytest.raises(TfnasError, match=r"--sync_batch_norm with "
-                     r"--single_path_step=switch needs a single replica "
-                     r"\(this run has 2\)"):
-    Search(switched, strategy=strategy, show_progress=False)
+  blocks = switched.replace(space="shufflenet_small", run_dir=str(
+      tmp_path / "b"))
+  for refused in (switched, blocks):
+    with pytest.raises(TfnasError, match=r"--sync_batch_norm with "
+                       r"--single_path_step=switch needs a single replica "
+                       r"\(this run has 2\)"):
+      Search(refused, strategy=strategy, show_progress=False)
   assert not (tmp_path / "s").exists()
+  assert not (tmp_path / "b").exists()
 
 
 def test_batch_statistics_evaluation_runs_without_dropout(tmp_path):
@@ -288,6 +292,33 @@ class DsnasSearchTest(tf.test.TestCase):
     for key in ("train/loss", "train/flops", "val/acc", "val/child_acc"):
       self.assertAllClose(eager_result.history[-1][key],
                           result.history[-1][key], atol=1e-5)
+
+  def test_switched_steps_equal_eager_steps_in_the_block_space(self):
+    """The same in the ShuffleNet space (three blocks: stride 2, 2, 1),
+    with the FLOPs penalty and the evaluations."""
+    runs = {}
+    for mode in ("eager", "switch"):
+      config = dsnas_config(
+          os.path.join(self.get_temp_dir(), "b" + mode), epochs=1,
+          max_steps_per_epoch=3, stage_repeats=(1, 2),
+          stage_channels=(8, 16), stem_channels=4, head_channels=16,
+          early_stop_threshold=0.0, flops_weight=0.1,
+          single_path_step=mode)
+      search = Search(config, show_progress=False)
+      runs[mode] = (search, search.run())
+    (eager, eager_result), (switched, result) = runs["eager"], runs["switch"]
+    self.assertIsNone(eager._switch_step)
+    self.assertEqual(switched._switch_step.experimental_get_tracing_count(),
+                     1)
+    self.assertLen(switched.network.blocks, 3)
+    for a, b in zip(eager.network.variables, switched.network.variables):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+    for name in eager_result.alphas:
+      self.assertAllClose(eager_result.alphas[name], result.alphas[name],
+                          atol=1e-5)
+    for key in ("train/loss", "train/flops", "val/acc", "val/child_acc"):
+      self.assertAllClose(eager_result.history[-1][key],
+                          result.history[-1][key], atol=1e-4)
 
   def test_compiled_child_steps_equal_eager_steps(self):
     """Once every decision is fixed, steps and evaluations run as one traced

@@ -19,8 +19,8 @@ bounded by (op structures × input shapes), and time and memory are the
 child's. With ``--single_path_step=switch`` the loop instead traces
 `DsnasEstimator.switch_step` once: the child comes in as tensors and every
 edge (cell spaces) or block (ShuffleNet) picks its op at run time
-(`tfnas.layers.switch_path`), nearly
-as fast per step as a graph traced for one child. Once progressive early stop
+(`tfnas.layers.switch_path`); in the DARTS space that is nearly as fast per
+step as a graph traced for one child. Once progressive early stop
 leaves few possible children
 (``--compiled_children``, default: every decision fixed), the loop traces
 `DsnasEstimator.child_step` of each child met as one graph instead, which
@@ -275,13 +275,13 @@ class DsnasEstimator(Estimator):
     w_grads = reduced[:len(wvars)]
     costs = _gate_costs(groups, reduced[len(wvars):], gates)
     metrics = ctx.metrics("train", loss, logits, labels)
-    # One switch per decision (an edge of every cell of its type): only
-    # the chosen op's weights are updated.
+    # One switch per decision (an edge of every cell of its type, or a
+    # block): only the chosen op's weights are updated.
     position = {id(v.value): i for i, v in enumerate(wvars)}
+    num_ops = {g: len(ctx.arch.group(g).candidates) for g in groups}
     choices = {}
     for v, g, e, k in ctx.network.choice_variables():
-      num_ops = len(ctx.arch.group(g).candidates)
-      choices.setdefault((g, e), [[] for _ in range(num_ops)])[k].append(
+      choices.setdefault((g, e), [[] for _ in range(num_ops[g])])[k].append(
           position[id(v.value)])
     switches = [optim.Switch(indices[g][e], c)
                 for (g, e), c in choices.items()]

@@ -259,7 +259,9 @@ class ChoiceBlock(keras.layers.Layer):
     * switched single path: ``index`` an int32 scalar tensor; the candidate
       is chosen at run time (`switch_path.call_switch`: one traced graph
       serves every choice, only the chosen one executes and it is
-      recomputed in backprop). Every candidate must be built.
+      recomputed in backprop). Every candidate must be built. An index
+      outside ``choices`` fails when the step runs
+      (``tf.errors.InvalidArgumentError``), not when it is traced.
     * mixed: ``weights`` (``[len(choices)]``) gives ``Σ_k w_k o_k`` over the
       candidates' whole block outputs (SNAS-style); the identity half they
       share is weighted by ``Σ_k w_k``.
@@ -396,8 +398,9 @@ class ChoiceBlock(keras.layers.Layer):
     if not (self.shared_functions and shared_function.shareable(
         list(self.candidates.values()), training)):
       raise ValueError(f"ChoiceBlock {self.name!r}: a tensor index needs "
-                       "every candidate built, a Python `training` and "
-                       "shared functions")
+                       "every candidate built, a Python `training`, shared "
+                       "functions and, under several replicas, per-replica "
+                       "(not synchronized) batch norm")
     index = tf.cast(index, tf.int32)
     n = len(self.choices)
     # An index past the choices would silently run the last one.

@@ -227,9 +227,13 @@ class ShuffleNetSupernet(keras.Model):
                        f"got arch_indices={arch_indices}, "
                        f"arch_weights keys={keys}")
     n = self.space.num_blocks
-    if indices is not None and (
-        tuple(indices.shape) if isinstance(indices, (tf.Tensor, tf.Variable))
-        else (len(indices),)) != (n,):
+    if isinstance(indices, (tf.Tensor, tf.Variable)):
+      if (not indices.dtype.is_integer or indices.shape.rank != 1 or
+          indices.shape[0] not in (None, n)):
+        raise ValueError(f"arch_indices[{GROUP!r}] as a tensor must be a "
+                         f"[{n}] integer vector (one index per block), got "
+                         f"{indices.dtype.name} of shape {indices.shape}")
+    elif indices is not None and len(indices) != n:
       raise ValueError(f"arch_indices[{GROUP!r}] has {len(indices)} entries, "
                        f"expected one per block ({n}): {tuple(indices)}")
     if weights is not None and self.block_choices is not None:

@@ -162,7 +162,9 @@ class Search:
     function's BN all-reduces from every local replica's thread; the
     threads reach them in different orders and the collectives abort
     ("Shape mismatch in the collective instance"). Block spaces, compiled
-    steps and one replica per process are unaffected.
+    steps and one replica per process are unaffected. Switched steps
+    (``--single_path_step=switch``, any space) are refused with several
+    replicas.
     """
     config = self.config
     if (config.sync_batch_norm and config.single_path_step == "switch" and
