@@ -267,17 +267,17 @@ class DsnasSearchTest(tf.test.TestCase):
       frozen = search.early_stop.fixed_logits[name].numpy()
       self.assertAllEqual(result.alphas[name][rows], frozen[rows])
 
-  def test_switched_steps_equal_eager_steps_in_the_cell_space(self):
-    """--single_path_step=switch: every step's child runs through one
-    traced graph, with the eager path's results."""
+  def _switched_and_eager_runs(self, prefix, alpha_atol, metric_atol,
+                               **overrides):
+    """Searches once with eager and once with switched steps; checks that
+    only the switched run traced its step, once, and that both end with the
+    same weights, α and metrics. Returns the two searches."""
     runs = {}
     for mode in ("eager", "switch"):
       config = dsnas_config(
-          os.path.join(self.get_temp_dir(), mode), space="darts",
-          num_cells=3, num_nodes=2, channels=4, epochs=1,
-          max_steps_per_epoch=3, early_stop_threshold=0.0,
-          reward_normalization=True, flops_weight=0.1,
-          single_path_step=mode)
+          os.path.join(self.get_temp_dir(), prefix + mode), epochs=1,
+          max_steps_per_epoch=3, early_stop_threshold=0.0, flops_weight=0.1,
+          single_path_step=mode, **overrides)
       search = Search(config, show_progress=False)
       runs[mode] = (search, search.run())
     (eager, eager_result), (switched, result) = runs["eager"], runs["switch"]
@@ -288,37 +288,26 @@ class DsnasSearchTest(tf.test.TestCase):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
     for name in eager_result.alphas:
       self.assertAllClose(eager_result.alphas[name], result.alphas[name],
-                          atol=1e-6)
+                          atol=alpha_atol)
     for key in ("train/loss", "train/flops", "val/acc", "val/child_acc"):
       self.assertAllClose(eager_result.history[-1][key],
-                          result.history[-1][key], atol=1e-5)
+                          result.history[-1][key], atol=metric_atol)
+    return eager, switched
+
+  def test_switched_steps_equal_eager_steps_in_the_cell_space(self):
+    """--single_path_step=switch: every step's child runs through one
+    traced graph, with the eager path's results."""
+    self._switched_and_eager_runs(
+        "c", alpha_atol=1e-6, metric_atol=1e-5, space="darts", num_cells=3,
+        num_nodes=2, channels=4, reward_normalization=True)
 
   def test_switched_steps_equal_eager_steps_in_the_block_space(self):
     """The same in the ShuffleNet space (three blocks: stride 2, 2, 1),
     with the FLOPs penalty and the evaluations."""
-    runs = {}
-    for mode in ("eager", "switch"):
-      config = dsnas_config(
-          os.path.join(self.get_temp_dir(), "b" + mode), epochs=1,
-          max_steps_per_epoch=3, stage_repeats=(1, 2),
-          stage_channels=(8, 16), stem_channels=4, head_channels=16,
-          early_stop_threshold=0.0, flops_weight=0.1,
-          single_path_step=mode)
-      search = Search(config, show_progress=False)
-      runs[mode] = (search, search.run())
-    (eager, eager_result), (switched, result) = runs["eager"], runs["switch"]
-    self.assertIsNone(eager._switch_step)
-    self.assertEqual(switched._switch_step.experimental_get_tracing_count(),
-                     1)
+    _, switched = self._switched_and_eager_runs(
+        "b", alpha_atol=1e-5, metric_atol=1e-4, stage_repeats=(1, 2),
+        stage_channels=(8, 16), stem_channels=4, head_channels=16)
     self.assertLen(switched.network.blocks, 3)
-    for a, b in zip(eager.network.variables, switched.network.variables):
-      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
-    for name in eager_result.alphas:
-      self.assertAllClose(eager_result.alphas[name], result.alphas[name],
-                          atol=1e-5)
-    for key in ("train/loss", "train/flops", "val/acc", "val/child_acc"):
-      self.assertAllClose(eager_result.history[-1][key],
-                          result.history[-1][key], atol=1e-4)
 
   def test_compiled_child_steps_equal_eager_steps(self):
     """Once every decision is fixed, steps and evaluations run as one traced

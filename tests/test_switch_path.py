@@ -255,25 +255,15 @@ class SwitchedStepTest(tf.test.TestCase):
                 {"normal": np.array([0, 2]), "reduce": np.array([2, 0])}]
     strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
 
+    def context():
+      ctx = _context(space=helpers.replica_space())
+      ctx.fixed_decisions = ProgressiveEarlyStop(ctx.arch, threshold=0.3)
+      return ctx
+
     def run(switched, init=None):
-      with strategy.scope():
-        ctx = _context(space=helpers.replica_space())
-        ctx.fixed_decisions = ProgressiveEarlyStop(ctx.arch, threshold=0.3)
-        est = DsnasEstimator()
-      variables = ctx.weight_variables + ctx.arch_variables
-      for v, value in zip(variables, init or []):
-        v.assign(value)
-      step = loop.compiled_replica_step(
-          strategy, lambda t, v, i: est.switch_step(ctx, t, i))
-      for s, indices in enumerate(children):
-        batch = helpers.batch(n=4, classes=3, seed=s)
-        for b in strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensors(batch)):
-          if switched:
-            step((b, None, _tensors(indices)))
-          else:
-            strategy.run(est.child_step, args=(ctx, b, indices))
-      return [np.asarray(v.numpy()) for v in variables]
+      ctx, _ = _mirrored_steps(strategy, context, children, switched, init)
+      return [np.asarray(v.numpy())
+              for v in ctx.weight_variables + ctx.arch_variables]
 
     init = run(False)
     eager = run(False, init)
@@ -292,20 +282,9 @@ class SwitchedStepTest(tf.test.TestCase):
 
     def run(switched):
       keras.utils.set_random_seed(1)
-      with strategy.scope():
-        ctx = helpers.block_context(helpers.replica_block_space())
-        est = DsnasEstimator()
-      start = [np.asarray(v.numpy()) for v in ctx.network.variables]
-      step = loop.compiled_replica_step(
-          strategy, lambda t, v, i: est.switch_step(ctx, t, i))
-      for s, indices in enumerate(children):
-        batch = helpers.batch(n=4, classes=3, seed=s)
-        for b in strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensors(batch)):
-          if switched:
-            step((b, None, _tensors(indices)))
-          else:
-            strategy.run(est.child_step, args=(ctx, b, indices))
+      ctx, start = _mirrored_steps(
+          strategy, lambda: helpers.block_context(
+              helpers.replica_block_space()), children, switched)
       return start, [np.asarray(v.numpy())
                      for v in ctx.network.variables + ctx.arch_variables]
 
@@ -317,6 +296,32 @@ class SwitchedStepTest(tf.test.TestCase):
     self.assertGreater(moved, 10)
     for a, b in zip(eager, switched):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _mirrored_steps(strategy, make_context, children, switched, init=None):
+  """Builds ``make_context()`` and a DSNAS estimator under ``strategy``,
+  sets the weights and α to ``init`` if given, then runs one step per child
+  (group -> indices) on a batch of 4 split over the replicas: the traced
+  switched step, or the eager child step. Returns the context and the
+  network's variables (BN statistics included) as they were before the
+  steps."""
+  with strategy.scope():
+    ctx = make_context()
+    est = DsnasEstimator()
+  for v, value in zip(ctx.weight_variables + ctx.arch_variables, init or []):
+    v.assign(value)
+  start = [np.asarray(v.numpy()) for v in ctx.network.variables]
+  step = loop.compiled_replica_step(
+      strategy, lambda t, v, i: est.switch_step(ctx, t, i))
+  for s, indices in enumerate(children):
+    batch = helpers.batch(n=4, classes=3, seed=s)
+    for b in strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(batch)):
+      if switched:
+        step((b, None, _tensors(indices)))
+      else:
+        strategy.run(est.child_step, args=(ctx, b, indices))
+  return ctx, start
 
 
 if __name__ == "__main__":

@@ -348,18 +348,16 @@ class ChoiceBlock(keras.layers.Layer):
       shortcut, x = None, inputs
     if isinstance(index, (tf.Tensor, tf.Variable)):
       out = self._switched(x, index, gate, training)
-      if self.stride == 1:
-        left = shortcut if gate is None else shortcut * tf.cast(
-            gate, shortcut.dtype)
-        out = tf.concat([left, out], axis=-1)
-      return channel_shuffle(out, 2)
-    if index is not None:
+      if self.stride == 2:  # Projection and main branch, already joined.
+        return channel_shuffle(out, 2)
+      outs = [out]  # The identity half is gated below, as for an int.
+    elif index is not None:
       index = int(index)
       if not 0 <= index < len(self.choices):
         raise ValueError(f"index {index} out of range for "
                          f"{len(self.choices)} choices {self.choices}")
       candidate = self.candidates[self.choices[index]]
-      if self._can_share(candidate, training):
+      if self._can_share([candidate], training):
         outs = shared_function.call_shared(
             candidate, _candidate_body, _candidate_variables, (x, gate),
             (bool(training),))
@@ -395,8 +393,7 @@ class ChoiceBlock(keras.layers.Layer):
   def _switched(self, x, index, gate, training):
     """The candidate ``index`` (an int32 tensor into ``choices``) through
     `switch_path.call_switch`, times ``gate``."""
-    if not (self.shared_functions and shared_function.shareable(
-        list(self.candidates.values()), training)):
+    if not self._can_share(list(self.candidates.values()), training):
       raise ValueError(f"ChoiceBlock {self.name!r}: a tensor index needs "
                        "every candidate built, a Python `training`, shared "
                        "functions and, under several replicas, per-replica "
@@ -410,11 +407,12 @@ class ChoiceBlock(keras.layers.Layer):
          index])
     return switch_path.call_switch(self, x, index, training, gate)
 
-  def _can_share(self, candidate, training) -> bool:
-    """Whether a single-path call may go through a shared function."""
+  def _can_share(self, candidates, training) -> bool:
+    """Whether a single-path call of ``candidates`` may go through shared
+    (or switched) functions."""
     if not self.shared_functions:
       return False
-    return shared_function.shareable([candidate], training)
+    return shared_function.shareable(candidates, training)
 
   def compute_output_shape(self, input_shape):
     def down(n):

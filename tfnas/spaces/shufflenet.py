@@ -227,7 +227,8 @@ class ShuffleNetSupernet(keras.Model):
                        f"got arch_indices={arch_indices}, "
                        f"arch_weights keys={keys}")
     n = self.space.num_blocks
-    if isinstance(indices, (tf.Tensor, tf.Variable)):
+    switched = isinstance(indices, (tf.Tensor, tf.Variable))
+    if switched:
       if (not indices.dtype.is_integer or indices.shape.rank != 1 or
           indices.shape[0] not in (None, n)):
         raise ValueError(f"arch_indices[{GROUP!r}] as a tensor must be a "
@@ -245,7 +246,6 @@ class ShuffleNetSupernet(keras.Model):
                        f"{tuple(weights.shape)}, expected "
                        f"{(n, len(self.space.choices))}")
 
-    switched = isinstance(indices, (tf.Tensor, tf.Variable))
     if switched:  # One op, not one per block.
       indices = tf.unstack(tf.cast(indices, tf.int32), num=n)
     x = images
