@@ -75,3 +75,39 @@ def test_per_op_children_bound_has_one_time_per_candidate():
   assert abs(forward + backward - fwd_bwd) < 2e-3
   assert abs(fwd_bwd + opt - step) < 2e-3
   assert abs(step - float(cells[3])) < 2e-3
+
+
+def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
+  proc = _run("bench_single_path.py", "--quick", "--rounds=2",
+              "--only=snas_darts,dsnas_switch_darts")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rounds = proc.stdout.split("## Round ")[1:]
+  assert [r.split("\n")[0] for r in rounds] == ["1 of 2", "2 of 2"]
+  speed = []
+  for r in rounds:
+    table = r.split("## Over")[0]
+    snas, switched = (_row(table, n) for n in ("snas_darts",
+                                               "dsnas_switch_darts"))
+    mean = float(re.search(r"dsnas_switch_darts: mean (\d+\.\d+)",
+                           table).group(1))
+    step = float(snas[3])
+    assert step > 0 and mean > 0
+    # Both are printed to 3 decimals: the ratio lies within these bounds.
+    speed.append(((step - 5e-4) / (mean + 5e-4),
+                  (step + 5e-4) / max(mean - 5e-4, 1e-9)))
+  line = [l for l in proc.stdout.splitlines()
+          if l.startswith("dsnas_switch_darts vs snas_darts: faster by ")]
+  assert len(line) == 1, proc.stdout
+  reported = [float(x) for x in re.findall(r"(\d+\.\d+)x", line[0])]
+  # Two per-round speed-ups and their median, then the memory ratios
+  # (printed values are rounded: compare loosely).
+  assert len(reported) == 6, line[0]
+  for got, (low, high) in zip(reported[:2], speed):
+    assert low - 0.005 <= got <= high + 0.005, (got, low, high)
+  assert abs(reported[2] - (reported[0] + reported[1]) / 2) < 0.011
+
+
+def test_rounds_must_be_positive():
+  proc = _run("bench_single_path.py", "--rounds=0")
+  assert proc.returncode == 2
+  assert "--rounds must be at least 1, got 0" in proc.stderr, proc.stderr

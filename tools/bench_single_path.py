@@ -57,6 +57,9 @@ Examples (run from the repository root; CPU only):
   python tools/bench_single_path.py --only=dsnas_darts,dsnas_shufflenet
   # The switched DSNAS step (one graph for every child) against SNAS.
   python tools/bench_single_path.py --only=snas_darts,dsnas_switch_darts
+  # The same, three rounds in alternation: ratios per round and median.
+  python tools/bench_single_path.py --only=snas_darts,dsnas_switch_darts \
+      --rounds=3 --steps=20 --warmup=6
   # DSNAS with each edge's activations recomputed in backprop (memory).
   python tools/bench_single_path.py --recompute --only=dsnas_darts
   # Forward / backward / optimizer times, as in the DSNAS paper's Table 4.
@@ -104,6 +107,12 @@ def _parse_args(argv=None):
   p.add_argument("--split", action="store_true",
                  help="also time forward, backward and optimizer apart "
                       "(snas_darts, dsnas_darts, child_per_op_darts)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="measure the selected rows this many times, "
+                      "alternating (A, B, A, B, ...); speed-ups are then "
+                      "also given per round and as their median: this "
+                      "machine's speed drifts by ~10%% over minutes, and "
+                      "rows of the same round share the drift")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -116,6 +125,8 @@ def _parse_args(argv=None):
     args.warmup = 2
     args.shufflenet, args.shufflenet_image_size = "small", 8
   only = util.select_measurements(p, args.only, MEASUREMENTS)
+  if args.rounds < 1:
+    p.error(f"--rounds must be at least 1, got {args.rounds}")
   args.only = only
   return args
 
@@ -328,20 +339,23 @@ def _measure(args, which: str) -> dict:
   return result
 
 
-def main(argv=None):
-  args = _parse_args(argv)
-  if args.child:
-    util.child_main(lambda which: _measure(args, which), args.only[0])
-    return
-  print(f"# DARTS: batch {args.batch_size}, C={args.channels}, {args.cells} "
-        f"cells, {args.nodes} nodes, {args.image_size}x{args.image_size}; "
-        f"ShuffleNet: {args.shufflenet}, {args.shufflenet_image_size}x"
-        f"{args.shufflenet_image_size}, batch {args.batch_size}\n")
-  results, failed = util.run_rows(__file__, argv, args.only, [
-      ("measurement", "measurement", ""), ("trace s", "trace_s", ".1f"),
-      ("first s", "first_s", ".1f"), ("s/step", "step_s", ".3f"),
-      ("base GiB", "base_gib", ".2f"), ("peak GiB", "peak_gib", ".2f"),
-      ("fns / ops", "count", "")])
+PAIRS = (("snas_darts", "dsnas_darts"), ("snas_darts", "dsnas_switch_darts"),
+         ("snas_darts", "child_per_op_darts"),
+         ("supernet_shufflenet", "dsnas_shufflenet"),
+         ("supernet_shufflenet", "dsnas_switch_shufflenet"))
+
+
+def _speedup(results: dict, base: str, row: str) -> float:
+  """How many times faster ``row``'s step is than ``base``'s: medians, but
+  the mean over children for a switched row (children differ in cost, and
+  the mean is the search's step)."""
+  return results[base]["step_s"] / results[row].get(
+      "mean_s", results[row]["step_s"])
+
+
+def _report(args, results: dict) -> None:
+  """The notes below one round's table: per-op times, parts of a step,
+  speed and memory ratios."""
   if "child_per_op_darts" in results:
     per_op = results["child_per_op_darts"]["per_op"]
     print("\nchild_per_op_darts, s/step of the child with one op on every "
@@ -368,17 +382,12 @@ def main(argv=None):
                          ("dsnas_switch_shufflenet", "supernet_shufflenet")):
     if switched not in results:
       continue
-    # Children differ in cost: the mean over them is the search's step.
     mean = results[switched]["mean_s"]
-    vs = (f", {results[base]['step_s'] / mean:.1f}x faster than {base}"
+    vs = (f", {_speedup(results, base, switched):.1f}x faster than {base}"
           if base in results else "")
     print(f"\n{switched}: mean {mean:.3f} s/step over {args.steps} "
           f"children{vs}")
-  for a, b in (("snas_darts", "dsnas_darts"),
-               ("snas_darts", "dsnas_switch_darts"),
-               ("snas_darts", "child_per_op_darts"),
-               ("supernet_shufflenet", "dsnas_shufflenet"),
-               ("supernet_shufflenet", "dsnas_switch_shufflenet")):
+  for a, b in PAIRS:
     if a in results and b in results:
       speed = results[a]["step_s"] / results[b]["step_s"]
       memory = results[a]["peak_gib"] / results[b]["peak_gib"]
@@ -388,6 +397,49 @@ def main(argv=None):
             f"{memory:.1f}x "
             f"less peak memory ({step_memory:.1f}x less above the built "
             f"network)")
+
+
+def _report_rounds(rounds: list[dict]) -> None:
+  """Each pair's speed-up and memory ratio per round, and their medians."""
+  print(f"\n## Over {len(rounds)} rounds\n")
+  for a, b in PAIRS:
+    both = [r for r in rounds if a in r and b in r]
+    if not both:
+      continue
+    speed = [_speedup(r, a, b) for r in both]
+    memory = [r[a]["peak_gib"] / r[b]["peak_gib"] for r in both]
+    print(f"{b} vs {a}: faster by "
+          + ", ".join(f"{x:.2f}x" for x in speed)
+          + f" (median {statistics.median(speed):.2f}x); less peak memory by "
+          + ", ".join(f"{x:.2f}x" for x in memory)
+          + f" (median {statistics.median(memory):.2f}x)")
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  if args.child:
+    util.child_main(lambda which: _measure(args, which), args.only[0])
+    return
+  print(f"# DARTS: batch {args.batch_size}, C={args.channels}, {args.cells} "
+        f"cells, {args.nodes} nodes, {args.image_size}x{args.image_size}; "
+        f"ShuffleNet: {args.shufflenet}, {args.shufflenet_image_size}x"
+        f"{args.shufflenet_image_size}, batch {args.batch_size}\n")
+  rounds, failed = [], False
+  for r in range(args.rounds):
+    if args.rounds > 1:
+      print(f"## Round {r + 1} of {args.rounds}\n")
+    results, round_failed = util.run_rows(__file__, argv, args.only, [
+        ("measurement", "measurement", ""), ("trace s", "trace_s", ".1f"),
+        ("first s", "first_s", ".1f"), ("s/step", "step_s", ".3f"),
+        ("base GiB", "base_gib", ".2f"), ("peak GiB", "peak_gib", ".2f"),
+        ("fns / ops", "count", "")])
+    failed = failed or round_failed
+    _report(args, results)
+    rounds.append(results)
+    if args.rounds > 1:
+      print()
+  if args.rounds > 1:
+    _report_rounds(rounds)
   raise SystemExit(1 if failed else 0)
 
 
