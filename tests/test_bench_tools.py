@@ -25,14 +25,17 @@ def _row(stdout, name):
   return [c.strip() for c in rows[0].strip("|").split("|")]
 
 
-@pytest.mark.parametrize("script,row,peak_column", [
-    ("bench_single_path.py", "dsnas_darts", 5),
-    ("bench_single_path.py", "dsnas_switch_shufflenet", 5),
-    ("bench_search_step.py", "fwd_bwd", 4),
+@pytest.mark.parametrize("script,row,peak_column,extra", [
+    ("bench_single_path.py", "dsnas_darts", 5, ()),
+    ("bench_single_path.py", "dsnas_switch_shufflenet", 5,
+     ("--intra_op_threads=1", "--inter_op_threads=3")),
+    ("bench_search_step.py", "fwd_bwd", 4, ()),
 ])
-def test_quick_run_prints_a_measured_row(script, row, peak_column):
-  proc = _run(script, "--quick", f"--only={row}")
+def test_quick_run_prints_a_measured_row(script, row, peak_column, extra):
+  proc = _run(script, "--quick", f"--only={row}", *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  if extra:
+    assert "threads intra/inter 1/3" in proc.stdout.splitlines()[0]
   cells = _row(proc.stdout, row)
   step_s, peak = float(cells[3]), float(cells[peak_column])
   assert step_s > 0
@@ -107,7 +110,12 @@ def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
   assert abs(reported[2] - (reported[0] + reported[1]) / 2) < 0.011
 
 
-def test_rounds_must_be_positive():
-  proc = _run("bench_single_path.py", "--rounds=0")
+@pytest.mark.parametrize("arg, message", [
+    ("--rounds=0", "--rounds must be at least 1, got 0"),
+    ("--intra_op_threads=-1", "--intra_op_threads and --inter_op_threads "
+     "must be 0"),
+])
+def test_bad_arguments_are_one_clear_error(arg, message):
+  proc = _run("bench_single_path.py", arg)
   assert proc.returncode == 2
-  assert "--rounds must be at least 1, got 0" in proc.stderr, proc.stderr
+  assert message in proc.stderr, proc.stderr

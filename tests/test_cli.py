@@ -36,7 +36,8 @@ def error_line(proc):
 def test_end_to_end_writes_events_checkpoint_genotype(tmp_path):
   run_dir = tmp_path / "run"
   proc = search(f"--flagfile={ROOT}/flags/darts_digits.cfg", *TINY,
-                "--epochs=2", f"--run_dir={run_dir}")
+                "--epochs=2", f"--run_dir={run_dir}",
+                "--intra_op_threads=1", "--inter_op_threads=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   genotype = Genotype.load(run_dir / "genotype.json")
   assert genotype.normal.num_nodes == 2
@@ -107,6 +108,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     (["--channels=5"], "channels"),
     (["--stage_repeats=1,x"], "--stage_repeats"),
     (["--stage_channels=8,16"], "--stage_channels shapes the ShuffleNet"),
+    (["--intra_op_threads=-1"], "--intra_op_threads"),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
   proc = search(*TINY, f"--run_dir={tmp_path}/r", *args)
@@ -114,6 +116,33 @@ def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
   assert fragment in error_line(proc), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "r" / "ckpt").exists()
+
+
+THREADS_PROBE = """
+from tfnas.apps import common
+from tfnas.errors import TfnasError
+tf, _ = common.start_tensorflow("default", ({intra}, {inter}))
+print(tf.config.threading.get_intra_op_parallelism_threads(),
+      tf.config.threading.get_inter_op_parallelism_threads())
+common.import_tensorflow(threads=({intra}, {inter}))  # Same sizes: fine.
+try:
+  common.import_tensorflow(threads=(7, 0))
+except TfnasError as e:
+  print(e)
+"""
+
+
+@pytest.mark.parametrize("intra, inter", [(1, 3), (0, 2), (0, 0)])
+def test_thread_flags_size_tensorflows_pools_before_it_starts(intra, inter):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run(
+      [sys.executable, "-c", THREADS_PROBE.format(intra=intra, inter=inter)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  sizes, refusal = proc.stdout.strip().splitlines()
+  assert sizes == f"{intra} {inter}"  # 0: TensorFlow's default, untouched.
+  assert refusal.startswith("--intra_op_threads=7 must be set before "
+                            "TensorFlow starts"), refusal
 
 
 def test_unprepared_tfds_dataset_fails_fast(tmp_path):

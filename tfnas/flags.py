@@ -40,6 +40,15 @@ def define_run_flags(defaults=_DEFAULTS):
                     "mirrored when several GPUs are visible, else the "
                     "default strategy.")
   flags.DEFINE_boolean("progress", True, "Show a progress bar per epoch.")
+  flags.DEFINE_integer("intra_op_threads", 0,
+                       "Threads one TensorFlow op may use (0: TensorFlow's "
+                       "default, one per core). Small networks on few "
+                       "cores can run faster with 1 (WORKSPACE_NOTES.md, "
+                       "\"CPU threads\").",
+                       lower_bound=0)
+  flags.DEFINE_integer("inter_op_threads", 0,
+                       "TensorFlow ops run at once (0: TensorFlow's "
+                       "default).", lower_bound=0)
 
 
 def define_data_flags(defaults=_DEFAULTS):

@@ -113,6 +113,11 @@ def _parse_args(argv=None):
                       "also given per round and as their median: this "
                       "machine's speed drifts by ~10%% over minutes, and "
                       "rows of the same round share the drift")
+  p.add_argument("--intra_op_threads", type=int, default=0,
+                 help="threads one TF op may use, every row (0: TF's "
+                      "default, one per core)")
+  p.add_argument("--inter_op_threads", type=int, default=0,
+                 help="TF ops run at once, every row (0: TF's default)")
   p.add_argument("--only", default=",".join(MEASUREMENTS),
                  help=f"comma-separated subset of {MEASUREMENTS}")
   p.add_argument("--quick", action="store_true",
@@ -127,6 +132,9 @@ def _parse_args(argv=None):
   only = util.select_measurements(p, args.only, MEASUREMENTS)
   if args.rounds < 1:
     p.error(f"--rounds must be at least 1, got {args.rounds}")
+  if min(args.intra_op_threads, args.inter_op_threads) < 0:
+    p.error("--intra_op_threads and --inter_op_threads must be 0 (TF's "
+            "default) or more")
   args.only = only
   return args
 
@@ -418,12 +426,17 @@ def _report_rounds(rounds: list[dict]) -> None:
 def main(argv=None):
   args = _parse_args(argv)
   if args.child:
+    from tfnas.apps import common
+    common.import_tensorflow(
+        threads=(args.intra_op_threads, args.inter_op_threads))
     util.child_main(lambda which: _measure(args, which), args.only[0])
     return
   print(f"# DARTS: batch {args.batch_size}, C={args.channels}, {args.cells} "
         f"cells, {args.nodes} nodes, {args.image_size}x{args.image_size}; "
         f"ShuffleNet: {args.shufflenet}, {args.shufflenet_image_size}x"
-        f"{args.shufflenet_image_size}, batch {args.batch_size}\n")
+        f"{args.shufflenet_image_size}, batch {args.batch_size}; threads "
+        f"intra/inter {args.intra_op_threads}/{args.inter_op_threads} "
+        "(0: TF's default)\n")
   rounds, failed = [], False
   for r in range(args.rounds):
     if args.rounds > 1:

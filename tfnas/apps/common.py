@@ -34,18 +34,21 @@ def _native_stderr_silenced(enabled: bool):
     os.close(devnull)
 
 
-def import_tensorflow(before_devices=None):
+def import_tensorflow(before_devices=None, threads=(0, 0)):
   """Imports TensorFlow and initialises its devices without log noise.
 
   ``before_devices(tf)``, if given, runs between the import and the device
   initialisation (MultiWorkerMirroredStrategy must be created there: it
   configures collective ops, which TF refuses once its context is up).
+  ``threads`` is ``(intra_op, inter_op)``, each 0 for TensorFlow's default;
+  like ``before_devices`` it needs the first call of the process.
   Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's native start-up logs.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1")
   with _native_stderr_silenced(quiet):
     import tensorflow as tf
+    _set_threads(tf, *threads)
     if before_devices is not None:
       before_devices(tf)
     tf.config.list_logical_devices()
@@ -61,6 +64,24 @@ def import_tensorflow(before_devices=None):
   logging.getLogger("absl").addFilter(_drop_shared_function_retracing)
   logging.getLogger("tensorflow").addFilter(_drop_shared_function_retracing)
   return tf
+
+
+def _set_threads(tf, intra_op: int, inter_op: int) -> None:
+  """Sizes TensorFlow's thread pools (0 leaves a pool at its default)."""
+  threading = tf.config.threading
+  for which, n in (("intra_op", intra_op), ("inter_op", inter_op)):
+    if n < 0:
+      raise TfnasError(f"--{which}_threads must be 0 (TensorFlow's default) "
+                       f"or more, got {n}")
+    current = getattr(threading, f"get_{which}_parallelism_threads")()
+    if not n or n == current:
+      continue
+    try:
+      getattr(threading, f"set_{which}_parallelism_threads")(n)
+    except RuntimeError:
+      raise TfnasError(f"--{which}_threads={n} must be set before TensorFlow "
+                       "starts; this process started it with "
+                       f"{current or 'the default'}") from None
 
 
 def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
@@ -104,11 +125,12 @@ def cluster_tasks(tf_config: str | None) -> int:
     return -1
 
 
-def start_tensorflow(strategy_name: str):
+def start_tensorflow(strategy_name: str, threads=(0, 0)):
   """Imports TensorFlow quietly and makes the strategy named by --strategy.
 
   Returns ``(tf, strategy)``. Apps call this before anything else touches
-  TensorFlow: a multi-worker strategy can only be created first. ``auto``
+  TensorFlow: a multi-worker strategy and ``threads`` (``(intra_op,
+  inter_op)``, 0 for TensorFlow's default) can only be set first. ``auto``
   is ``multi_worker`` when ``TF_CONFIG`` describes a cluster (of more than
   one task), so workers started without the flag still form one run.
   """
@@ -126,7 +148,7 @@ def start_tensorflow(strategy_name: str):
                        "addresses and this process's 'task' (type, "
                        "index)") from None
   tf = import_tensorflow(
-      multi_worker if strategy_name == "multi_worker" else None)
+      multi_worker if strategy_name == "multi_worker" else None, threads)
   if made:
     return tf, made[0]
   return tf, make_strategy(strategy_name)

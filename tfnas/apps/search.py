@@ -24,7 +24,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = tfnas_flags.search_config()  # Validated before TF loads.
-  tf, strategy = common.start_tensorflow(FLAGS.strategy)
+  tf, strategy = common.start_tensorflow(
+      FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads))
   import keras
   from tfnas.train.search import Search
   if config.deterministic:
