@@ -286,9 +286,12 @@ class DsnasSearchTest(tf.test.TestCase):
                      1)
     for a, b in zip(eager.network.variables, switched.network.variables):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+    # α moves by ~0.1-0.6 in these steps; the two paths sum in different
+    # orders, and how far apart they end depends on TF's thread count
+    # (one intra-op thread: 1.3e-5 on an α of 0.12 in the block space).
     for name in eager_result.alphas:
       self.assertAllClose(eager_result.alphas[name], result.alphas[name],
-                          atol=alpha_atol)
+                          atol=alpha_atol, rtol=1e-4)
     for key in ("train/loss", "train/flops", "val/acc", "val/child_acc"):
       self.assertAllClose(eager_result.history[-1][key],
                           result.history[-1][key], atol=metric_atol)
