@@ -95,10 +95,9 @@ def _measure(args, which: str) -> dict:
   off = [o for o in args.grappler_off.split(",") if o]
   if off:
     tf.config.optimizer.set_experimental_options({o: False for o in off})
-  if args.inter_op_threads:
-    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
-  if args.intra_op_threads:
-    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+  from tfnas.apps import common
+  common.import_tensorflow(
+      threads=(args.intra_op_threads, args.inter_op_threads))
 
   from tfnas.arch import ArchParams, SoftmaxDistribution
   from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
