@@ -7,7 +7,8 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from tfnas.layers.choice_block import (CHOICE_KERNELS, SHUFFLENET_CHOICES,
-                                       ChoiceBlock, channel_shuffle)
+                                       ChoiceBlock, block_shuffle,
+                                       channel_shuffle)
 from tfnas.spaces import shufflenet
 
 CHOICES = SHUFFLENET_CHOICES  # choice_3, choice_5, choice_7, choice_x
@@ -26,6 +27,12 @@ def _build_all(block, x):
   """Creates every candidate's variables with one eager mixed call."""
   k = len(block.choices)
   block(x, weights=tf.fill([k], 1.0 / k), training=False)
+
+
+def _even_then_odd(z):
+  """The official code's channel routing, written out: even channels, then
+  odd ones."""
+  return tf.concat([z[..., 0::2], z[..., 1::2]], -1)
 
 
 def _num_params(variables):
@@ -49,6 +56,11 @@ class ChannelShuffleTest(tf.test.TestCase):
     x = np.arange(2 * 3 * 3 * 8, dtype=np.float32).reshape(2, 3, 3, 8)
     expected = x.reshape(2, 3, 3, 2, 4).swapaxes(-1, -2).reshape(2, 3, 3, 8)
     self.assertAllEqual(channel_shuffle(tf.constant(x), 2), expected)
+
+  def test_block_shuffle_puts_even_channels_first(self):
+    x = tf.reshape(tf.range(12.0), [1, 1, 1, 12])
+    self.assertAllEqual(block_shuffle(x)[0, 0, 0],
+                        [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11])
 
   def test_groups_must_divide_channels(self):
     with self.assertRaisesRegex(ValueError, "groups=3 for 8 channels"):
@@ -221,7 +233,7 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
     with tf.GradientTape() as tape2:
       own = block.candidates[name](part, training=True)
       left = x[..., :half] if stride == 1 else own[0]
-      manual = channel_shuffle(tf.concat([left, own[-1]], -1), 2)
+      manual = _even_then_odd(tf.concat([left, own[-1]], -1))
       tape2.watch(manual)
       manual_loss = tf.reduce_sum(manual * r)
     self.assertAllClose(manual, out, atol=1e-5)
@@ -233,11 +245,42 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
       branch_gate = tf.constant(1.0)
       with tf.GradientTape() as tape3:
         tape3.watch(branch_gate)
-        branch_loss = tf.reduce_sum(r * channel_shuffle(tf.concat(
-            [x[..., :half], own[-1] * branch_gate], -1), 2))
+        branch_loss = tf.reduce_sum(r * _even_then_odd(tf.concat(
+            [x[..., :half], own[-1] * branch_gate], -1)))
       self.assertGreater(
           abs(float(gate_grad - tape3.gradient(branch_loss, branch_gate))),
           1e-3)
+
+  @parameterized.parameters((16, 64), (64, 160), (8, 16))
+  def test_blocks_route_channels_as_the_official_code(self, c_in, c_out):
+    # The official ShuffleNetV2/SPOS wiring, written out from the candidates:
+    # a stride-2 block concatenates its projection and main branch (no
+    # shuffle); a stride-1 block sends the even input channels to the
+    # identity half and the odd ones to its branch. Projection and main
+    # branch differ in width at 16 -> 64 and 64 -> 160 (the first two
+    # stages), where a 2-group shuffle would route differently.
+    x = tf.random.stateless_normal([2, 5, 5, c_in], seed=[4, c_in])
+    blocks = [ChoiceBlock(c_in, c_out, 2), ChoiceBlock(c_out, c_out, 1),
+              ChoiceBlock(c_out, c_out, 1)]
+    picks = [3, 1, 0]
+    y = x
+    for block in blocks:  # Every candidate built, on inputs of its shape.
+      _build_all(block, y)
+      y = block(y, index=0, training=False)
+    ours, official = x, None
+    for block, k in zip(blocks, picks):
+      ours = block(ours, index=k, training=False)
+      candidate = block.candidates[block.choices[k]]
+      if block.stride == 2:
+        official = tf.concat(candidate(x, training=False), -1)
+      else:
+        official = tf.concat(
+            [official[..., 0::2],
+             candidate(official[..., 1::2], training=False)[-1]], -1)
+    # Block by block the output here is the official one with its even
+    # channels first; the head's 1x1 conv absorbs that last permutation.
+    self.assertAllClose(ours, _even_then_odd(official), atol=1e-5)
+    self.assertNotAllClose(ours, channel_shuffle(official, 2))
 
   def test_mixed_mode_is_the_weighted_sum(self):
     block, x = _tiny_block(2)

@@ -27,6 +27,14 @@ leaves few possible children
 runs about twice as fast per step. WORKSPACE_NOTES.md records the
 measurements behind both choices.
 
+Weight decay and momentum act on the weights the step's child used (its
+chosen ops' and the shared ones), as its gradient does: a candidate not drawn
+this step keeps its weights and its momentum. The paper does not say; the
+authors' public code instead gives every candidate a zero gradient each step,
+so there every candidate also decays and moves on its old momentum (over a
+240-epoch ImageNet search with four candidates per block, ~4x the decay a
+candidate gets here).
+
 Options (all off by default, as in the paper's Algorithm 1):
 
 * reward normalisation: ``C_e`` is replaced by ``(C_e - m_e) / (s_e + ε)``

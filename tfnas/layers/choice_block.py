@@ -16,10 +16,18 @@ Layouts follow the official DSNAS/SPOS code (``SNAS-Series/DSNAS/blocks.py``,
   ``choice_3`` = 13 396 992 multiply-adds only with a 3×3 projection and
   ``choice_5`` = 15 805 440 only with a 5×5 one.
 
-The channel shuffle follows the ShuffleNetV2 paper's form (split into halves,
-concat, shuffle with 2 groups at the end of every block) rather than the
-official code's shuffle-then-split at the start; the two differ only by a
-fixed channel permutation that the following 1×1 convs absorb.
+Channel routing is the official code's. There a stride-1 block starts by
+sending the even channels of its input to the identity half and the odd ones
+to the branch, and no block shuffles its output. Here every block ends with
+`block_shuffle` (even channels first, then odd: a channel shuffle with
+``C / 2`` groups) and a stride-1 block splits its input into first and second
+halves, which is the same routing: block by block each output here is the
+official block's output with that one permutation applied, and the last one
+only reorders the input channels of the head's 1×1 conv. (The ShuffleNetV2
+paper's shuffle with 2 groups would route differently after a stride-2 block
+whose projection and main branch differ in width, 16 + 48 and 64 + 96
+channels in the first two stages: the next block's branch would see none of
+the 16 projected channels instead of 8 of them.)
 """
 
 from __future__ import annotations
@@ -65,6 +73,14 @@ def channel_shuffle(x, groups: int):
   rank = y.shape.rank
   y = tf.transpose(y, list(range(rank - 2)) + [rank - 1, rank - 2])
   return tf.reshape(y, tf.shape(x))
+
+
+def block_shuffle(x):
+  """The permutation ending every `ChoiceBlock`: even channels, then odd
+  ones (`channel_shuffle` with ``C / 2`` groups), so that the next stride-1
+  block's halves are the official code's even/odd split (module docstring).
+  With 8 channels ``[0..7]`` becomes ``[0, 2, 4, 6, 1, 3, 5, 7]``."""
+  return channel_shuffle(x, x.shape[-1] // 2)
 
 
 def _candidate_body(layer, static, inputs, gate):
@@ -240,10 +256,10 @@ class ChoiceBlock(keras.layers.Layer):
 
   Stride 1 (``out_channels`` must equal ``in_channels``): the input is split
   into halves; the first half passes unchanged, the chosen candidate maps the
-  second half ``in/2 → out - in/2``; concat, channel shuffle (2 groups).
+  second half ``in/2 → out - in/2``; concat, `block_shuffle`.
   Stride 2: the chosen candidate's projection maps the whole input
   ``in → in`` and its main branch ``in → out - in``, both at stride 2;
-  concat, channel shuffle.
+  concat, `block_shuffle`. (The official code's routing; module docstring.)
 
   Input ``[B, H, W, in_channels]``; output
   ``[B, ceil(H/s), ceil(W/s), out_channels]``.
@@ -301,7 +317,7 @@ class ChoiceBlock(keras.layers.Layer):
       raise ValueError(f"a stride-2 ChoiceBlock must widen: out_channels="
                        f"{out_channels} <= in_channels={in_channels}")
     if out_channels % 2:
-      raise ValueError(f"channel shuffle with 2 groups needs even "
+      raise ValueError(f"the channel shuffle after a block needs even "
                        f"out_channels, got {out_channels}")
     choices = tuple(choices)
     unknown = [c for c in choices if c not in CHOICE_KERNELS]
@@ -349,7 +365,7 @@ class ChoiceBlock(keras.layers.Layer):
     if isinstance(index, (tf.Tensor, tf.Variable)):
       out = self._switched(x, index, gate, training)
       if self.stride == 2:  # Projection and main branch, already joined.
-        return channel_shuffle(out, 2)
+        return block_shuffle(out)
       outs = [out]  # The identity half is gated below, as for an int.
     elif index is not None:
       index = int(index)
@@ -382,7 +398,7 @@ class ChoiceBlock(keras.layers.Layer):
     else:
       # Σ_k w_k · block_k(x): the shared identity half weighs Σ_k w_k.
       left = shortcut * tf.cast(tf.reduce_sum(weights), shortcut.dtype)
-    return channel_shuffle(tf.concat([left, outs[-1]], axis=-1), 2)
+    return block_shuffle(tf.concat([left, outs[-1]], axis=-1))
 
   def switch_branches(self) -> list["_JoinedCandidate"]:
     """The candidates in ``choices`` order, each giving one tensor
