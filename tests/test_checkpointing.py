@@ -1,5 +1,9 @@
 """Search checkpoints hold every network variable (layers in lists too);
-a checkpoint that does not fit is explained in one line."""
+a checkpoint that does not fit is explained in one line; a resume skips
+unreadable checkpoints for the newest one that reads."""
+
+import glob
+import os
 
 import keras
 import numpy as np
@@ -9,7 +13,9 @@ from absl.testing import parameterized
 from tests import helpers
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import shufflenet
-from tfnas.train.checkpointing import ModelVariables, restore_problem
+from tfnas.errors import TfnasError
+from tfnas.train.checkpointing import (ModelVariables, resolve_checkpoint,
+                                       restore_latest, restore_problem)
 
 
 def _network(kind):
@@ -76,6 +82,93 @@ class RestoreProblemTest(tf.test.TestCase):
     deeper = _dense_stack(3, 2)
     problem = restore_problem(self.path, network=ModelVariables(deeper))
     self.assertStartsWith(problem, "it holds no value for 2 variables")
+
+
+  def test_a_truncated_data_file_is_one_line(self):
+    data = glob.glob(self.path + ".data-*")[0]
+    with open(data, "r+b") as f:
+      f.truncate(10)
+    problem = restore_problem(self.path,
+                              network=ModelVariables(_dense_stack(3)))
+    self.assertIsNotNone(problem)
+    self.assertNotIn("\n", problem)
+
+
+class RestoreLatestTest(tf.test.TestCase):
+  """Resuming: the newest checkpoint that reads and fits."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = os.path.join(self.get_temp_dir(), "ckpt")
+    self.model = _dense_stack(3)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(network=ModelVariables(self.model)), self.dir,
+        max_to_keep=3)
+    self.paths = []
+    for value in (1.0, 2.0, 3.0):
+      for v in self.model.variables:
+        v.assign(tf.fill(v.shape, value))
+      self.paths.append(manager.save())
+
+  def _restore(self, model):
+    return restore_latest(tf.train.Checkpoint(network=ModelVariables(model)),
+                          self.dir)
+
+  def test_the_newest_is_restored(self):
+    target = _dense_stack(3)
+    self.assertEqual(self._restore(target), self.paths[-1])
+    self.assertAllEqual(target.variables[0], tf.fill((4, 3), 3.0))
+
+  def test_an_empty_directory_has_nothing_to_restore(self):
+    empty = os.path.join(self.get_temp_dir(), "empty")
+    self.assertIsNone(restore_latest(
+        tf.train.Checkpoint(network=ModelVariables(_dense_stack(3))), empty))
+
+  def test_unreadable_checkpoints_give_way_to_the_newest_readable(self):
+    # The newest cut short, the one before lost its data file: the oldest
+    # is restored (with a warning), not a traceback.
+    with open(glob.glob(self.paths[2] + ".data-*")[0], "r+b") as f:
+      f.truncate(10)
+    for name in glob.glob(self.paths[1] + ".data-*"):
+      os.remove(name)
+    target = _dense_stack(3)
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertEqual(self._restore(target), self.paths[0])
+    self.assertAllEqual(target.variables[0], tf.fill((4, 3), 1.0))
+    self.assertLen([r for r in logs.output if "cannot be read" in r], 2)
+
+  def test_no_readable_checkpoint_is_an_error(self):
+    for path in self.paths:
+      os.remove(path + ".index")
+    with self.assertRaisesRegex(TfnasError, "no checkpoint in .* can be "
+                                            "read"):
+      self._restore(_dense_stack(3))
+
+  def test_export_names_a_checkpoint_by_its_prefix_or_one_of_its_files(self):
+    run = os.path.dirname(self.dir)
+    self.assertEqual(resolve_checkpoint(run, None, "train first"),
+                     self.paths[-1])
+    for name in (self.paths[0] + ".index",
+                 glob.glob(self.paths[0] + ".data-*")[0], self.paths[0]):
+      self.assertEqual(resolve_checkpoint(run, name, "-"), self.paths[0])
+
+  def test_export_of_an_unreadable_checkpoint_names_the_older_ones(self):
+    with open(glob.glob(self.paths[2] + ".data-*")[0], "r+b") as f:
+      f.truncate(10)
+    with self.assertRaisesRegex(
+        TfnasError, r"ckpt-3 cannot be read \(.*\); pass an older one with "
+                    r"--checkpoint: .*ckpt-1, .*ckpt-2$"):
+      resolve_checkpoint(os.path.dirname(self.dir), None, "-")
+
+  def test_another_network_is_an_error_without_trying_older_ones(self):
+    wider = _dense_stack(5)
+    before = [v.numpy() for v in wider.variables]
+    with self.assertRaisesRegex(
+        TfnasError, r"cannot resume from .*ckpt-3: .* has shape .*start a "
+                    r"new --run_dir"):
+      self._restore(wider)
+    for v, value in zip(wider.variables, before):
+      self.assertAllEqual(v, value)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err[-2000:]
-  assert "--resume" in err
+  assert f"{run_dir} holds the last checkpoint: rerun with --resume" in err
   epochs_done = len((run_dir / "history.jsonl").read_text().splitlines())
   assert epochs_done < 50
   resumed = search(*TINY, "--num_nodes=1", "--epochs=50",
@@ -98,6 +98,22 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert len((run_dir / "history.jsonl").read_text().splitlines()) == (
       epochs_done + 1)
+
+
+def test_the_interrupt_line_says_what_a_rerun_continues(tmp_path):
+  from tfnas.apps import common
+  run = tmp_path / "run"
+  assert common.interrupted_line(None) == "interrupted"
+  assert "nothing was saved" in common.interrupted_line(str(run))
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  assert "before the first checkpoint; rerun with --resume to start" in (
+      common.interrupted_line(str(run)))
+  (run / "ckpt").mkdir()
+  (run / "ckpt" / "checkpoint").write_text("")
+  assert common.interrupted_line(str(run)) == (
+      f"interrupted; {run} holds the last checkpoint: rerun with --resume "
+      "to continue")
 
 
 @pytest.mark.parametrize("args, fragment", [

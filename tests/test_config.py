@@ -28,8 +28,16 @@ from tfnas.config import ConfigError, SearchConfig, TrainConfig
     (TrainConfig, "grad_clip", -5.0),
 ])
 def test_out_of_range_values_name_their_flag(cls, field, value):
-  with pytest.raises(ConfigError, match=rf"^invalid --{field}={value!r}$"):
+  # The message also says what the value must be.
+  with pytest.raises(ConfigError,
+                     match=rf"^invalid --{field}={value!r}: must \S"):
     cls(**{field: value})
+
+
+def test_a_bound_from_another_flag_names_it():
+  with pytest.raises(ConfigError, match=r"^invalid --w_lr_min=0.5: must be "
+                     r"between 0 and --w_lr=0.025$"):
+    SearchConfig(w_lr_min=0.5)
 
 
 def test_warm_up_must_leave_epochs_to_anneal():
@@ -47,7 +55,8 @@ def test_switched_single_path_step_is_for_dsnas():
     with pytest.raises(ConfigError, match=r"--single_path_step=switch is a "
                        rf"DSNAS step .* got --method={method}$"):
       SearchConfig(method=method, space="darts", single_path_step="switch")
-  with pytest.raises(ConfigError, match=r"^invalid --single_path_step='jit'$"):
+  with pytest.raises(ConfigError, match=r"^invalid --single_path_step='jit': "
+                     r"must be eager or switch$"):
     SearchConfig(single_path_step="jit")
 
 
@@ -73,6 +82,7 @@ def test_from_dict_refuses_what_is_not_a_config(cls):
 def test_flops_target_needs_the_penalty():
   with pytest.raises(ConfigError, match="--flops_target=300 .*--flops_weight"):
     SearchConfig(flops_target=300.0)
-  with pytest.raises(ConfigError, match=r"^invalid --flops_target=-1.0$"):
+  with pytest.raises(ConfigError, match=r"^invalid --flops_target=-1.0: "
+                     r"must be 0 \(no budget\) or more$"):
     SearchConfig(flops_target=-1.0, flops_weight=0.1)
   SearchConfig(flops_target=300.0, flops_weight=0.1)

@@ -297,3 +297,15 @@ def test_tfds_manual_dir_without_archive_fails_fast(tmp_path):
         data.load_split("cifar100", "test", data_dir=str(tmp_path / "data"),
                         manual_dir=str(manual))
     assert time.monotonic() - start < 5.0
+
+
+def test_tfds_manual_dir_with_a_bad_archive_is_one_clear_error(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "cifar-10-binary.tar.gz").write_bytes(b"not an archive\n")
+    with pytest.raises(data.DataError,
+                       match=r"preparing dataset 'cifar10' .* from the "
+                             r"archives in --manual_dir .* failed \(.*\); "
+                             r"check that cifar-10-binary.tar.gz is the original"):
+        data.load_split("cifar10", "train", data_dir=str(tmp_path / "data"),
+                        manual_dir=str(manual))

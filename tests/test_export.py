@@ -127,6 +127,17 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   assert not [d for d in os.listdir(base) if d.startswith(".tmp")]
 
 
+def test_an_export_path_under_a_file_is_one_clear_error(tmp_path):
+  (tmp_path / "afile").write_text("mine")
+  with pytest.raises(export.ExportError,
+                     match=r"cannot create the export path .*afile/m: Not a "
+                           r"directory"):
+    export.export_saved_model(trained_like_network(),
+                              str(tmp_path / "afile" / "m"),
+                              metadata=METADATA)
+  assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_bad_metadata(tmp_path):
   net = trained_like_network()
   with pytest.raises(export.ExportError, match="mean"):

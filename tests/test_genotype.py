@@ -142,6 +142,14 @@ def test_missing_key():
   expect_error("missing key 'normal.nodes'", Genotype.from_dict, d)
 
 
+def test_a_block_genotype_says_where_it_belongs(tmp_path):
+  from tfnas.block_genotype import BlockGenotype
+  path = str(tmp_path / "genotype.json")
+  BlockGenotype(("choice_3", "choice_x")).save(path)
+  expect_error("block genotype (a ShuffleNet child of a DSNAS search), not a "
+               "cell genotype", Genotype.load, path)
+
+
 def test_unknown_key():
   d = valid_dict()
   d["nomal"] = d["normal"]

@@ -61,6 +61,30 @@ def test_a_run_dir_that_is_a_file_is_refused_and_kept(tmp_path):
   assert path.read_text() == "mine"
 
 
+def test_a_run_dir_under_a_file_is_one_clear_error(tmp_path):
+  (tmp_path / "afile").write_text("mine")
+  with pytest.raises(rundir.RunDirError,
+                     match=r"cannot write the run to --run_dir .*afile/sub: "
+                           r"Not a directory; choose another"):
+    rundir.prepare(str(tmp_path / "afile" / "sub"), {"a": 1}, resume=False)
+  assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_the_same_run_resumes_under_another_spelling_or_place(tmp_path):
+  run = tmp_path / "r"
+  assert not rundir.prepare(str(run), {"run_dir": str(run), "a": 1},
+                            resume=False)
+  # A trailing slash, or the run moved: the directory is the run.
+  for where in (str(run) + "/", str(tmp_path / "moved")):
+    if where.endswith("moved"):
+      os.rename(run, where)
+    assert rundir.prepare(where, {"run_dir": where, "a": 1}, resume=True)
+    assert json.loads(open(os.path.join(where, "config.json")).read())[
+        "run_dir"] == where
+  with pytest.raises(rundir.RunDirError, match=r"different config \(a: 1 -> 2"):
+    rundir.prepare(where, {"run_dir": where, "a": 2}, resume=True)
+
+
 @pytest.mark.parametrize("saved", ["[1]", "null", '"text"'])
 def test_resume_refuses_a_config_json_that_is_not_an_object(tmp_path, saved):
   (tmp_path / "config.json").write_text(saved)

@@ -159,7 +159,11 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
   if os.path.exists(base_path) and not os.path.isdir(base_path):
     raise ExportError(f"export path {base_path} exists and is not a "
                       f"directory")
-  os.makedirs(base_path, exist_ok=True)
+  try:
+    os.makedirs(base_path, exist_ok=True)
+  except OSError as e:  # A file on the way, read-only, no space left...
+    raise ExportError(f"cannot create the export path {base_path}: "
+                      f"{e.strerror or e}") from None
   shape = metadata["input_shape"]
   full_metadata = dict(metadata)
   full_metadata.update(
@@ -171,7 +175,11 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
                "probabilities": "float32 [batch, num_classes], softmax"},
       version=version, fingerprint=fingerprint)
   module = _ServingModule(model, shape, metadata["mean"], metadata["std"])
-  tmp = tempfile.mkdtemp(dir=base_path, prefix=f".tmp-{version}-")
+  try:
+    tmp = tempfile.mkdtemp(dir=base_path, prefix=f".tmp-{version}-")
+  except OSError as e:
+    raise ExportError(f"cannot write into the export path {base_path}: "
+                      f"{e.strerror or e}") from None
   try:
     signature = module.serve.get_concrete_function()
     tf.saved_model.save(module, tmp, signatures={SIGNATURE: signature})

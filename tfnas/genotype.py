@@ -395,6 +395,11 @@ class Genotype:
       if not isinstance(d, Mapping):
         raise GenotypeError(f"expected a JSON object with keys 'version', "
                             f"'normal', 'reduce', got {type(d).__name__}")
+      if d.get("kind") == "blocks":  # block_genotype.KIND
+        raise GenotypeError(
+            "this is a block genotype (a ShuffleNet child of a DSNAS search), "
+            "not a cell genotype: such a child keeps its search weights, "
+            "export it with tfnas-export --run_dir=<its search run>")
       _check_keys(d, required=("version", "normal", "reduce"), optional=(),
                   where="")
       version = d["version"]

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable
 
 from tfnas.errors import TfnasError
 
@@ -95,8 +96,14 @@ def _drop_shared_function_retracing(record: logging.LogRecord) -> bool:
               "_make_function.<locals>.run" in message)
 
 
-def clean_errors(prog: str):
-  """Decorator for an app main: bad input → one line on stderr, exit 2."""
+def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
+  """Decorator for an app main: bad input → one line on stderr, exit 2;
+  Ctrl-C (or SIGTERM) → one line on what a rerun can continue, exit 130.
+
+  Args:
+    prog: the app's name, first on each line.
+    run_dir: for apps that resume: returns the run directory (--run_dir).
+  """
   def wrap(main):
     @functools.wraps(main)
     def wrapped(argv):
@@ -106,11 +113,26 @@ def clean_errors(prog: str):
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
       except KeyboardInterrupt:
-        print(f"{prog}: interrupted; state was saved, rerun with --resume "
-              "to continue", file=sys.stderr)
+        print(f"{prog}: {interrupted_line(run_dir() if run_dir else None)}",
+              file=sys.stderr)
         sys.exit(130)
     return wrapped
   return wrap
+
+
+def interrupted_line(run_dir: str | None) -> str:
+  """What an interrupted run left: a checkpoint to resume, a run directory
+  without one yet, or nothing (``run_dir`` None: an app that does not
+  resume)."""
+  if run_dir is None:
+    return "interrupted"
+  if os.path.exists(os.path.join(run_dir, "ckpt", "checkpoint")):
+    return (f"interrupted; {run_dir} holds the last checkpoint: rerun with "
+            "--resume to continue")
+  if os.path.exists(os.path.join(run_dir, "config.json")):
+    return (f"interrupted before the first checkpoint; rerun with --resume "
+            f"to start {run_dir} over")
+  return "interrupted before the run started; nothing was saved"
 
 
 def cluster_tasks(tf_config: str | None) -> int:

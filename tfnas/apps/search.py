@@ -19,7 +19,7 @@ tfnas_flags.define_search_flags()
 FLAGS = tfnas_flags.FLAGS
 
 
-@common.clean_errors("tfnas-search")
+@common.clean_errors("tfnas-search", run_dir=lambda: FLAGS.run_dir)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

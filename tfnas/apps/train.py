@@ -28,7 +28,7 @@ def describe_cost(network_cost) -> str:
           f"image")
 
 
-@common.clean_errors("tfnas-train")
+@common.clean_errors("tfnas-train", run_dir=lambda: FLAGS.run_dir)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

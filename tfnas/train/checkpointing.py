@@ -16,13 +16,16 @@ process-wide counter).
 
 `restore_problem` restores objects from a checkpoint prefix given by a user,
 or says in one line why it does not fit (without TensorFlow's flood of
-"unrestored value" warnings).
+"unrestored value" warnings); `restore_latest` resumes a run from its newest
+readable checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -44,16 +47,29 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None,
 
   Raises:
     TfnasError: no checkpoint there yet (the message ends with ``remedy``),
-      or ``checkpoint`` has no ``.index`` file.
+      ``checkpoint`` has no ``.index`` file, or its values cannot be read
+      (the message names the older checkpoints of ``run_dir``).
   """
   if checkpoint is None:
     latest = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
     if latest is None:
       raise TfnasError(f"{run_dir}/ckpt holds no checkpoint yet; {remedy}")
-    return latest
+    checkpoint = latest
+  else:
+    # A prefix given as one of its files (tab completion) means the prefix.
+    checkpoint = re.sub(r"\.(index|data-\d+-of-\d+)$", "", checkpoint)
   if not tf.io.gfile.exists(checkpoint + ".index"):
     raise TfnasError(f"checkpoint {checkpoint} not found (no "
                      f"{os.path.basename(checkpoint)}.index)")
+  problem = unreadable(checkpoint)
+  if problem is not None:
+    state = tf.train.get_checkpoint_state(os.path.join(run_dir, "ckpt"))
+    others = [p for p in (state.all_model_checkpoint_paths if state else [])
+              if p != checkpoint]
+    hint = (f"; pass an older one with --checkpoint: {', '.join(others)}"
+            if others else "")
+    raise TfnasError(f"checkpoint {checkpoint} cannot be read "
+                     f"({problem}){hint}")
   return checkpoint
 
 
@@ -114,6 +130,69 @@ def restore_problem(path: str, **objects) -> str | None:
     problem = _mismatch(path, root)
     if problem is None:
       root.restore(path).expect_partial().assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
+  except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
+    # IndexError: a data file cut short.
     problem = str(e).strip().splitlines()[0][:300]
   return problem
+
+
+def unreadable(path: str) -> str | None:
+  """Why the values of checkpoint ``path`` cannot all be read (a missing or
+  truncated data file), in one line; None when every value reads."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+  except (tf.errors.OpError, IndexError, ValueError) as e:
+    return str(e).strip().splitlines()[0][:300]
+  return None
+
+
+def restore_latest(checkpoint: tf.train.Checkpoint,
+                   directory: str) -> str | None:
+  """Restores the newest checkpoint in ``directory`` that can be read into
+  ``checkpoint``, for a resumed run; returns its path (None: no checkpoint
+  there yet).
+
+  A checkpoint whose files are missing or cut short (a crash while saving,
+  a full disk) is skipped, with a warning, for the newest older one that
+  reads, so a resume loses at most the steps since then. One that reads but
+  does not fit the network (another architecture or width) stops the
+  resume: the older ones would not fit either.
+
+  Raises:
+    TfnasError: the newest readable checkpoint does not fit, or none reads.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  paths = ([] if state is None else
+           list(state.all_model_checkpoint_paths) or
+           [state.model_checkpoint_path])
+  paths.reverse()  # Newest first.
+  skipped = []
+  for path in paths:
+    problem = (None if tf.io.gfile.exists(path + ".index") else
+               f"{os.path.basename(path)}.index is missing")
+    if problem is None:
+      try:
+        misfit = _mismatch(path, checkpoint)
+      except (tf.errors.OpError, IndexError, ValueError) as e:
+        misfit, problem = None, str(e).strip().splitlines()[0][:300]
+      if misfit is not None:
+        raise TfnasError(
+            f"cannot resume from {path}: {misfit}; this run's network does "
+            "not match its checkpoint (was config.json edited?): start a new "
+            "--run_dir")
+      problem = problem or unreadable(path)
+    if problem is not None:
+      skipped.append((path, problem))
+      continue
+    checkpoint.restore(path).assert_existing_objects_matched()
+    for bad, why in skipped:
+      logging.warning("checkpoint %s cannot be read (%s); resuming from the "
+                      "older %s", bad, why, path)
+    return path
+  if skipped:
+    bad, why = skipped[0]
+    raise TfnasError(f"cannot resume: no checkpoint in {directory} can be "
+                     f"read ({bad}: {why}); start a new --run_dir")
+  return None

@@ -20,6 +20,7 @@ from absl import logging as log
 import tensorflow as tf
 
 from tfnas import distribute
+from tfnas.train import checkpointing
 from tfnas.train import rundir
 from tfnas.train import summaries
 from tfnas.train.progress import progress_bar
@@ -82,12 +83,12 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
       checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
   if resuming:
     restore_dir = restore_dir or run_dir
-    latest = tf.train.latest_checkpoint(os.path.join(restore_dir, "ckpt"))
+    latest = checkpointing.restore_latest(
+        checkpoint, os.path.join(restore_dir, "ckpt"))
     if latest is None:
       log.warning("no checkpoint in %s yet; starting from scratch",
                   restore_dir)
     else:
-      checkpoint.restore(latest).assert_existing_objects_matched()
       log.info("resumed from %s", latest)
   return manager
 

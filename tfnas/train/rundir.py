@@ -129,7 +129,7 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
     if os.path.isdir(run_dir) and os.listdir(run_dir):
       raise RunDirError(f"run directory {run_dir} is not empty and holds no "
                         "tfnas run; choose another --run_dir")
-    atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True))
+    _write_config(run_dir, config)
     return False
   if not resume:
     raise RunDirError(f"run directory {run_dir} already holds a run; pass "
@@ -140,7 +140,9 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
     raise RunDirError(f"{e}; this directory cannot be resumed, choose "
                       "another --run_dir") from None
   saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
-  allowed = set(allowed_changes) | {"resume"}
+  # The directory is the run: a path spelt differently (a trailing slash,
+  # relative) or a run moved or copied elsewhere resumes.
+  allowed = set(allowed_changes) | {"resume", "run_dir"}
   differing = sorted(k for k in set(saved) | set(config)
                      if k not in allowed and saved.get(k) != config.get(k))
   if differing:
@@ -151,5 +153,14 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
                       "choose another --run_dir")
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
-  atomic_write(config_path, json.dumps(merged, indent=2, sort_keys=True))
+  _write_config(run_dir, merged)
   return True
+
+
+def _write_config(run_dir: str, config: dict[str, Any]) -> None:
+  try:
+    atomic_write(os.path.join(run_dir, "config.json"),
+                 json.dumps(config, indent=2, sort_keys=True))
+  except OSError as e:  # Not a directory, read-only, no space left...
+    raise RunDirError(f"cannot write the run to --run_dir {run_dir}: "
+                      f"{e.strerror or e}; choose another --run_dir") from None
