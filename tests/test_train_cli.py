@@ -76,10 +76,16 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   ckpts = sorted((run_dir / "ckpt").glob("ckpt-*.index"),
                  key=lambda p: int(p.stem.split("-")[1]))
   before = snapshot(export_dir)
-  again = app("export", f"--checkpoint={str(ckpts[0])[:-len('.index')]}",
+  # (Named by its .index file: the prefix is meant.)
+  again = app("export", f"--checkpoint={ckpts[0]}",
               f"--export_dir={export_dir}", "--version=1")
   assert again.returncode == 2
   assert "already holds a different model" in error_line(again)
+  assert snapshot(export_dir) == before
+  # A folder as --checkpoint: its run's latest checkpoint, version 1 again.
+  same = app("export", f"--checkpoint={run_dir / 'ckpt'}",
+             f"--export_dir={export_dir}", "--version=1")
+  assert same.returncode == 0, same.stderr[-3000:]
   assert snapshot(export_dir) == before
 
   # A run directory whose config describes another network than its

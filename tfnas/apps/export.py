@@ -176,6 +176,13 @@ def main(argv):
                      f"statistics or a positive number of batches")
   checkpoint_path = FLAGS.checkpoint
   run_dir = FLAGS.run_dir
+  if checkpoint_path and os.path.isdir(checkpoint_path):
+    # A folder: a run directory, or its ckpt/ folder; the latest checkpoint.
+    folder = os.path.abspath(checkpoint_path)
+    if run_dir is None:
+      run_dir = (os.path.dirname(folder) if os.path.exists(
+          os.path.join(folder, "checkpoint")) else folder)
+    checkpoint_path = None
   if run_dir is None:
     if not checkpoint_path:
       raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
