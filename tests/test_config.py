@@ -60,6 +60,13 @@ def test_switched_single_path_step_is_for_dsnas():
     SearchConfig(single_path_step="jit")
 
 
+def test_update_unsampled_is_for_dsnas():
+  assert SearchConfig(method="dsnas", update_unsampled=True).update_unsampled
+  with pytest.raises(ConfigError, match=r"--update_unsampled is for DSNAS .* "
+                     r"got --method=snas$"):
+    SearchConfig(method="snas", update_unsampled=True)
+
+
 def test_zero_turns_optional_terms_off():
   SearchConfig(w_momentum=0.0, w_weight_decay=0.0, grad_clip=0.0,
                arch_weight_decay=0.0, pad_crop=0, cutout=0, w_lr_min=0.0)

@@ -194,6 +194,34 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
     # Both chosen and unchosen candidates' weights were checked.
     self.assertEqual(on_path_seen, {True, False})
 
+  @parameterized.product(kind=["blocks", "cells"], switched=[False, True])
+  def test_update_unsampled_decays_every_candidate(self, kind, switched):
+    # As in the authors' code: a candidate not drawn gets a zero gradient,
+    # so its first update is w - lr * wd * w (its momentum buffer wd * w);
+    # the drawn child's weights move by their gradients as usual.
+    ctx = make_context(kind)
+    est = DsnasEstimator(update_unsampled=True)
+    indices = child(kind)
+    before = [v.numpy() for v in ctx.weight_variables]
+    lr = float(ctx.weight_optimizer.current_lr())
+    batch = helpers.batch(classes=3)
+    if switched:
+      tf.function(lambda b, i: est.switch_step(ctx, b, i))(
+          batch, {g: tf.constant(v, tf.int32) for g, v in indices.items()})
+    else:
+      est.child_step(ctx, batch, indices)
+    seen = set()
+    for i, (v, old) in enumerate(zip(ctx.weight_variables, before)):
+      if _on_chosen_path(ctx, indices, v.path) is not False:
+        continue
+      decay = ctx.weight_optimizer.decay_of(v)
+      self.assertAllClose(v.numpy(), old - lr * decay * old, rtol=1e-6,
+                          atol=1e-8, msg=v.path)
+      self.assertAllClose(ctx.weight_optimizer.momentum_buffer(i).numpy(),
+                          decay * old, rtol=1e-6, atol=1e-8, msg=v.path)
+      seen.add(decay > 0 and bool(np.any(old)))
+    self.assertIn(True, seen)  # Some unsampled weight did decay.
+
   def test_reward_normalizer_standardises_after_the_first_step(self):
     norm = RewardNormalizer({"g": 2}, decay=0.5)
     first = norm({"g": tf.constant([1.0, -2.0])})

@@ -115,6 +115,9 @@ class SearchConfig(_Config):
   # DSNAS (dsnas.md 3.2-3.5).
   label_smoothing: float = 0.0
   reward_normalization: bool = False
+  # Weight decay and momentum also move the candidates a step did not draw
+  # (zero gradient), as in the authors' code; off: only the child's weights.
+  update_unsampled: bool = False
   flops_weight: float = 0.0
   # Budget in millions of multiply-adds per image (0: none); see flags.py.
   flops_target: float = 0.0
@@ -188,6 +191,10 @@ class SearchConfig(_Config):
          "must be eager or switch"),
     ]
     self._check(checks)
+    if self.update_unsampled and self.method != "dsnas":
+      raise ConfigError(
+          "--update_unsampled is for DSNAS (the candidates a step did not "
+          f"draw); got --method={self.method}")
     if self.single_path_step == "switch" and self.method != "dsnas":
       raise ConfigError(
           "--single_path_step=switch is a DSNAS step (one sampled op per "

@@ -169,6 +169,11 @@ def define_search_flags():
                        "DSNAS: normalise each decision's cost dL/dgate by "
                        "its running mean and standard deviation (a baseline "
                        "for the score-function α-gradient).")
+  flags.DEFINE_boolean("update_unsampled", _DEFAULTS.update_unsampled,
+                       "DSNAS: weight decay and momentum also move the "
+                       "candidates a step did not draw (a zero gradient), as "
+                       "in the authors' code; off: a step updates only its "
+                       "child's weights.")
   flags.DEFINE_float("flops_weight", _DEFAULTS.flops_weight,
                      "DSNAS: η of a penalty η·E[FLOPs(Z)] / FLOPs of the "
                      "costliest child, exact α-gradient (0: off).")

@@ -166,7 +166,8 @@ def _dsnas_estimator(setup: SearchSetup):
                         "(%.2fM) meets it; the FLOPs penalty never acts",
                         c.flops_target, high)
   normalizer = RewardNormalizer(groups) if c.reward_normalization else None
-  return DsnasEstimator(normalizer, tables, c.flops_weight, target)
+  return DsnasEstimator(normalizer, tables, c.flops_weight, target,
+                       update_unsampled=c.update_unsampled)
 
 
 METHODS: dict[str, Method] = {}

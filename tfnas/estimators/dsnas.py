@@ -33,7 +33,8 @@ this step keeps its weights and its momentum. The paper does not say; the
 authors' public code instead gives every candidate a zero gradient each step,
 so there every candidate also decays and moves on its old momentum (over a
 240-epoch ImageNet search with four candidates per block, ~4x the decay a
-candidate gets here).
+candidate gets here). ``update_unsampled`` (``--update_unsampled``) does the
+same here.
 
 Options (all off by default, as in the paper's Algorithm 1):
 
@@ -145,8 +146,10 @@ class DsnasEstimator(Estimator):
   def __init__(self, reward_normalizer: RewardNormalizer | None = None,
                flops_tables: Mapping[str, np.ndarray] | None = None,
                flops_weight: float = 0.0,
-               flops_target: float | None = None):
+               flops_target: float | None = None,
+               update_unsampled: bool = False):
     self.reward_normalizer = reward_normalizer
+    self.update_unsampled = update_unsampled
     self.flops_weight = flops_weight
     self.flops_tables = ({g: tf.constant(t, tf.float32)
                           for g, t in flops_tables.items()}
@@ -200,7 +203,8 @@ class DsnasEstimator(Estimator):
 
     Returns:
       ``(used, w_grads, costs, gates, metrics)``: the weight variables the
-      child used and their all-reduced gradients, group → ``[E]`` costs
+      child used (all of them with ``update_unsampled``; zero gradients for
+      the others) and their all-reduced gradients, group → ``[E]`` costs
       ``C_e = ∂L/∂gate_e``, the one-hot gates, per-replica metric sums.
     """
     _, labels = batch
@@ -212,6 +216,9 @@ class DsnasEstimator(Estimator):
     # step did not use fails in TF 2.21 (WORKSPACE_NOTES.md, known gaps).
     sources = [v.value for v in wvars] + [gates[g] for g in groups]
     grads = tape.gradient(loss, sources)
+    if self.update_unsampled:  # Zero gradients: decay and momentum move all.
+      grads[:len(wvars)] = [tf.zeros_like(s) if g is None else g
+                            for s, g in zip(sources, grads[:len(wvars)])]
     used = [i for i, g in enumerate(grads[:len(wvars)]) if g is not None]
     gate_grads = [tf.zeros_like(gates[g]) if gr is None else gr
                   for g, gr in zip(groups, grads[len(wvars):])]
@@ -291,8 +298,9 @@ class DsnasEstimator(Estimator):
     for v, g, e, k in ctx.network.choice_variables():
       choices.setdefault((g, e), [[] for _ in range(num_ops[g])])[k].append(
           position[id(v.value)])
-    switches = [optim.Switch(indices[g][e], c)
-                for (g, e), c in choices.items()]
+    switches = (None if self.update_unsampled else
+                [optim.Switch(indices[g][e], c)
+                 for (g, e), c in choices.items()])
     self._update(ctx, wvars, w_grads, gates, costs, metrics,
                  switches=switches)
     return metrics
