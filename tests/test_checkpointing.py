@@ -83,7 +83,6 @@ class RestoreProblemTest(tf.test.TestCase):
     problem = restore_problem(self.path, network=ModelVariables(deeper))
     self.assertStartsWith(problem, "it holds no value for 2 variables")
 
-
   def test_a_truncated_data_file_is_one_line(self):
     data = glob.glob(self.path + ".data-*")[0]
     with open(data, "r+b") as f:
@@ -136,6 +135,15 @@ class RestoreLatestTest(tf.test.TestCase):
       self.assertEqual(self._restore(target), self.paths[0])
     self.assertAllEqual(target.variables[0], tf.fill((4, 3), 1.0))
     self.assertLen([r for r in logs.output if "cannot be read" in r], 2)
+    # They left the checkpoint list (their files stay): a manager made now
+    # keeps the restored one as its oldest, not the unreadable ones.
+    state = tf.train.get_checkpoint_state(self.dir)
+    self.assertEqual(list(state.all_model_checkpoint_paths), [self.paths[0]])
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(network=ModelVariables(target)), self.dir,
+        max_to_keep=3)
+    self.assertEqual(manager.checkpoints, [self.paths[0]])
+    self.assertTrue(os.path.exists(self.paths[2] + ".index"))
 
   def test_no_readable_checkpoint_is_an_error(self):
     for path in self.paths:

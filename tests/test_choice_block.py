@@ -280,7 +280,6 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
     # Block by block the output here is the official one with its even
     # channels first; the head's 1x1 conv absorbs that last permutation.
     self.assertAllClose(ours, _even_then_odd(official), atol=1e-5)
-    self.assertNotAllClose(ours, channel_shuffle(official, 2))
 
   def test_mixed_mode_is_the_weighted_sum(self):
     block, x = _tiny_block(2)

@@ -306,6 +306,7 @@ def test_tfds_manual_dir_with_a_bad_archive_is_one_clear_error(tmp_path):
     with pytest.raises(data.DataError,
                        match=r"preparing dataset 'cifar10' .* from the "
                              r"archives in --manual_dir .* failed \(.*\); "
-                             r"check that cifar-10-binary.tar.gz is the original"):
+                             r"check that cifar-10-binary.tar.gz is the "
+                             r"original"):
         data.load_split("cifar10", "train", data_dir=str(tmp_path / "data"),
                         manual_dir=str(manual))

@@ -197,30 +197,35 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.product(kind=["blocks", "cells"], switched=[False, True])
   def test_update_unsampled_decays_every_candidate(self, kind, switched):
     # As in the authors' code: a candidate not drawn gets a zero gradient,
-    # so its first update is w - lr * wd * w (its momentum buffer wd * w);
-    # the drawn child's weights move by their gradients as usual.
+    # so each step its momentum buffer becomes mu * buf + wd * w and its
+    # weight w - lr * buf (first step: buf = wd * w, the decay alone; the
+    # second also coasts on that momentum).
     ctx = make_context(kind)
+    opt = ctx.weight_optimizer
     est = DsnasEstimator(update_unsampled=True)
     indices = child(kind)
-    before = [v.numpy() for v in ctx.weight_variables]
-    lr = float(ctx.weight_optimizer.current_lr())
-    batch = helpers.batch(classes=3)
-    if switched:
-      tf.function(lambda b, i: est.switch_step(ctx, b, i))(
-          batch, {g: tf.constant(v, tf.int32) for g, v in indices.items()})
-    else:
-      est.child_step(ctx, batch, indices)
-    seen = set()
-    for i, (v, old) in enumerate(zip(ctx.weight_variables, before)):
-      if _on_chosen_path(ctx, indices, v.path) is not False:
-        continue
-      decay = ctx.weight_optimizer.decay_of(v)
-      self.assertAllClose(v.numpy(), old - lr * decay * old, rtol=1e-6,
-                          atol=1e-8, msg=v.path)
-      self.assertAllClose(ctx.weight_optimizer.momentum_buffer(i).numpy(),
-                          decay * old, rtol=1e-6, atol=1e-8, msg=v.path)
-      seen.add(decay > 0 and bool(np.any(old)))
-    self.assertIn(True, seen)  # Some unsampled weight did decay.
+    step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
+    off_path = [i for i, v in enumerate(ctx.weight_variables)
+                if _on_chosen_path(ctx, indices, v.path) is False]
+    w = {i: ctx.weight_variables[i].numpy() for i in off_path}
+    buf = {i: np.zeros_like(w[i]) for i in off_path}
+    for s in range(2):
+      lr = float(opt.current_lr())
+      batch = helpers.batch(classes=3, seed=s)
+      if switched:
+        step(batch, {g: tf.constant(v, tf.int32) for g, v in indices.items()})
+      else:
+        est.child_step(ctx, batch, indices)
+      for i in off_path:
+        v = ctx.weight_variables[i]
+        buf[i] = opt.momentum * buf[i] + opt.decay_of(v) * w[i]
+        w[i] = w[i] - lr * buf[i]
+        self.assertAllClose(opt.momentum_buffer(i).numpy(), buf[i],
+                            rtol=1e-5, atol=1e-9, msg=f"{s} {v.path}")
+        self.assertAllClose(v.numpy(), w[i], rtol=1e-6, atol=1e-9,
+                            msg=f"{s} {v.path}")
+    # Some unsampled weight did move.
+    self.assertTrue(any(np.any(buf[i]) for i in off_path))
 
   def test_reward_normalizer_standardises_after_the_first_step(self):
     norm = RewardNormalizer({"g": 2}, decay=0.5)

@@ -203,6 +203,13 @@ def test_bad_export_input(tmp_path):
   proc = app("export", f"--run_dir={tmp_path}")
   assert proc.returncode == 2
   assert "--export_dir is required" in error_line(proc)
+  (tmp_path / "a" / "ckpt").mkdir(parents=True)
+  (tmp_path / "a" / "ckpt" / "checkpoint").write_text("")
+  proc = app("export", f"--checkpoint={tmp_path / 'a' / 'ckpt'}",
+             f"--run_dir={tmp_path / 'b'}",
+             f"--export_dir={tmp_path / 'serving'}")
+  assert proc.returncode == 2
+  assert "is a folder of another run than --run_dir" in error_line(proc)
   assert not (tmp_path / "serving").exists()
 
 

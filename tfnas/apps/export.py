@@ -37,7 +37,9 @@ flags.DEFINE_string("run_dir", None,
                     "DSNAS search run directory (tfnas-search --run_dir).")
 flags.DEFINE_string("checkpoint", None,
                     "Checkpoint prefix to export (e.g. <run_dir>/ckpt/ckpt-"
-                    "230); default: the latest checkpoint of --run_dir.")
+                    "230, or one of its files), or a run or ckpt folder "
+                    "(its latest); default: the latest checkpoint of "
+                    "--run_dir.")
 flags.DEFINE_string("export_dir", None,
                     "TF Serving model base path; the model goes to "
                     "<export_dir>/<version>/.")
@@ -179,10 +181,14 @@ def main(argv):
   if checkpoint_path and os.path.isdir(checkpoint_path):
     # A folder: a run directory, or its ckpt/ folder; the latest checkpoint.
     folder = os.path.abspath(checkpoint_path)
-    if run_dir is None:
-      run_dir = (os.path.dirname(folder) if os.path.exists(
-          os.path.join(folder, "checkpoint")) else folder)
-    checkpoint_path = None
+    folder_run = (os.path.dirname(folder) if os.path.exists(
+        os.path.join(folder, "checkpoint")) else folder)
+    if run_dir is not None and (os.path.realpath(run_dir) !=
+                                os.path.realpath(folder_run)):
+      raise TfnasError(f"--checkpoint={checkpoint_path} is a folder of "
+                       f"another run than --run_dir={run_dir}; give one of "
+                       "them")
+    run_dir, checkpoint_path = folder_run, None
   if run_dir is None:
     if not checkpoint_path:
       raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")

@@ -94,16 +94,21 @@ def prepared_tfds_builder(tfds_name: str, archives: Sequence[str], *,
     except Exception as e:  # pylint: disable=broad-except
       # tfds raises many kinds (checksum mismatch, a bad tar, no network):
       # each is one line for the user, who has to fix the archives anyway.
-      where = (f"the archives in --manual_dir {manual_dir}" if manual_dir
-               else "a download")
       reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-      files = ("is the original, complete file" if len(archives) == 1 else
-               "are the original, complete files")
+      if manual_dir:
+        files = ("is the original, complete file" if len(archives) == 1
+                 else "are the original, complete files")
+        where = f"the archives in --manual_dir {manual_dir}"
+        advice = (f"check that {' and '.join(archives)} {files} and that "
+                  "the data dir is writable")
+      else:
+        where = "a download"
+        advice = (f"check the connection, or put {' and '.join(archives)} "
+                  "in --manual_dir")
       raise DataError(
           f"preparing dataset {tfds_name!r} in {tfds_location(data_dir)} "
-          f"from {where} failed ({type(e).__name__}: {reason}); check that "
-          f"{' and '.join(archives)} {files}, or point --data_dir at a "
-          "prepared copy.") from None
+          f"from {where} failed ({type(e).__name__}: {reason}); {advice}, "
+          "or point --data_dir at a prepared copy.") from None
   return builder
 
 

@@ -274,7 +274,8 @@ class DsnasEstimator(Estimator):
     of every cell of its type, or a block), so it equals
     `child_step`'s, which updates exactly the weights that get a gradient:
     the chosen ops' and the shared ones (a ``none`` edge passes zero
-    gradients back).
+    gradients back). With ``update_unsampled`` every weight is updated, as
+    in `child_step`.
     """
     images, labels = train_batch
     groups = ctx.arch.group_names

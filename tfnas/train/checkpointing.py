@@ -64,10 +64,11 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None,
   problem = unreadable(checkpoint)
   if problem is not None:
     state = tf.train.get_checkpoint_state(os.path.join(run_dir, "ckpt"))
-    others = [p for p in (state.all_model_checkpoint_paths if state else [])
-              if p != checkpoint]
-    hint = (f"; pass an older one with --checkpoint: {', '.join(others)}"
-            if others else "")
+    listed = list(state.all_model_checkpoint_paths) if state else []
+    older = listed[:listed.index(checkpoint)] if checkpoint in listed else []
+    older = [p for p in older if tf.io.gfile.exists(p + ".index")]
+    hint = (f"; pass an older one with --checkpoint: {', '.join(older)}"
+            if older else "")
     raise TfnasError(f"checkpoint {checkpoint} cannot be read "
                      f"({problem}){hint}")
   return checkpoint
@@ -148,17 +149,33 @@ def unreadable(path: str) -> str | None:
   return None
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint,
-                   directory: str) -> str | None:
+def _forget(directory: str, state, latest: str, bad: set) -> None:
+  """Rewrites ``directory``'s checkpoint list without ``bad``, keeping the
+  save times a `tf.train.CheckpointManager` uses to decide what to delete."""
+  paths = list(state.all_model_checkpoint_paths)
+  times = list(state.all_model_checkpoint_timestamps)
+  keep = [i for i, p in enumerate(paths) if p not in bad]
+  tf.compat.v1.train.update_checkpoint_state(
+      directory, latest, [paths[i] for i in keep],
+      all_model_checkpoint_timestamps=(
+          [times[i] for i in keep] if len(times) == len(paths) else None),
+      last_preserved_timestamp=state.last_preserved_timestamp)
+
+
+def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
+                   forget_unreadable: bool = True) -> str | None:
   """Restores the newest checkpoint in ``directory`` that can be read into
   ``checkpoint``, for a resumed run; returns its path (None: no checkpoint
   there yet).
 
   A checkpoint whose files are missing or cut short (a crash while saving,
   a full disk) is skipped, with a warning, for the newest older one that
-  reads, so a resume loses at most the steps since then. One that reads but
-  does not fit the network (another architecture or width) stops the
-  resume: the older ones would not fit either.
+  reads, so a resume loses at most the steps since then; with
+  ``forget_unreadable`` the skipped ones also leave the directory's
+  checkpoint list (their files stay), so that a `tf.train.CheckpointManager`
+  made afterwards neither keeps them nor deletes a readable one for them.
+  One that reads but does not fit the network (another architecture or
+  width) stops the resume: the older ones would not fit either.
 
   Raises:
     TfnasError: the newest readable checkpoint does not fit, or none reads.
@@ -190,6 +207,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint,
     for bad, why in skipped:
       logging.warning("checkpoint %s cannot be read (%s); resuming from the "
                       "older %s", bad, why, path)
+    if skipped and forget_unreadable:
+      _forget(directory, state, path, {p for p, _ in skipped})
     return path
   if skipped:
     bad, why = skipped[0]

@@ -79,18 +79,20 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
   from the latest checkpoint in ``restore_dir/ckpt`` (default ``run_dir``:
   a non-chief worker saves into its scratch directory but restores the
   chief's checkpoint)."""
-  manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
   if resuming:
+    # Before the manager reads the checkpoint list: unreadable checkpoints
+    # skipped here leave it (only this process's own directory is edited).
     restore_dir = restore_dir or run_dir
     latest = checkpointing.restore_latest(
-        checkpoint, os.path.join(restore_dir, "ckpt"))
+        checkpoint, os.path.join(restore_dir, "ckpt"),
+        forget_unreadable=restore_dir == run_dir)
     if latest is None:
       log.warning("no checkpoint in %s yet; starting from scratch",
                   restore_dir)
     else:
       log.info("resumed from %s", latest)
-  return manager
+  return tf.train.CheckpointManager(
+      checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
 
 
 def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
