@@ -345,12 +345,20 @@ def summed_eval_step(strategy: tf.distribute.Strategy,
   return step
 
 
-def evaluate(dataset, step, prefix: str = "val/") -> dict[str, float]:
-  """Runs ``step`` over a (distributed) dataset; mean loss and accuracy."""
+def evaluate(dataset, step, prefix: str = "val/", show_progress: bool = False,
+             batches: int | None = None) -> dict[str, float]:
+  """Runs ``step`` over a (distributed) dataset; mean loss and accuracy.
+
+  ``show_progress`` draws a bar over the ``batches`` (None: counted) that is
+  erased when the evaluation ends.
+  """
   totals = dict.fromkeys(EVAL_KEYS, 0.0)
-  for batch in dataset:
-    for k, v in step(batch).items():
-      totals[k] += float(v)
+  with progress_bar(batches, desc=prefix.rstrip("/_") or "eval",
+                    enabled=show_progress, leave=False) as bar:
+    for batch in dataset:
+      for k, v in step(batch).items():
+        totals[k] += float(v)
+      bar.update(1)
   count = max(totals["eval/count"], 1.0)
   return {prefix + "loss": totals["eval/loss_sum"] / count,
           prefix + "acc": totals["eval/correct"] / count}

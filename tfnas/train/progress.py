@@ -22,14 +22,15 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, initial: int = 0, desc: str = "",
-                 enabled: bool = True):
-  """A progress bar over ``total`` steps; a no-op when ``enabled`` is False."""
+def progress_bar(total: int | None, initial: int = 0, desc: str = "",
+                 enabled: bool = True, leave: bool = True):
+  """A progress bar over ``total`` steps (None: a count); a no-op when
+  ``enabled`` is False. ``leave=False`` erases it when done."""
   if not enabled:
     yield _Bar(None)
     return
   bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-             file=sys.stderr, dynamic_ncols=True, leave=True)
+             file=sys.stderr, dynamic_ncols=True, leave=leave)
   try:
     yield _Bar(bar)
   finally:

@@ -181,8 +181,10 @@ class Retrain:
   # ------------------------------------------------------------------- run
   def evaluate(self) -> dict[str, float]:
     """Loss and accuracy on the test split (moving BN statistics)."""
-    return loop.evaluate(self._stream(self.test, training=False),
-                         self._eval_step)
+    return loop.evaluate(
+        self._stream(self.test, training=False), self._eval_step,
+        show_progress=self.show_progress,
+        batches=-(-self.test.num_examples // self.config.batch_size))
 
   def _save(self):
     self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))

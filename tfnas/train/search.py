@@ -382,8 +382,11 @@ class Search:
       eval_step = self._make_single_path_eval(child)
     else:
       eval_step = self._eval_steps[child]
-    return loop.evaluate(self.data.eval_stream(self.strategy), eval_step,
-                         prefix="val/child_" if child else "val/")
+    return loop.evaluate(
+        self.data.eval_stream(self.strategy), eval_step,
+        prefix="val/child_" if child else "val/",
+        show_progress=self.show_progress,
+        batches=-(-self.data.val.num_examples // self.data.batch_size))
 
   def _save(self, epoch_done: bool):
     self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
