@@ -447,15 +447,17 @@ class EarlyStopTest(tf.test.TestCase):
 class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
   """DSNAS steps under MirroredStrategy (2 CPUs) equal the default's."""
 
-  def _steps(self, strategy, kind, init=None, traced=False):
+  def _steps(self, strategy, kind, init=None, traced=False,
+             update_unsampled=False):
     with strategy.scope():
       if kind == "blocks":
         ctx = block_context(helpers.replica_block_space(sync_batch_norm=True))
       else:
         ctx = cell_context(sync_batch_norm=True)
       ctx.fixed_decisions = ProgressiveEarlyStop(ctx.arch, threshold=0.3)
-      est = DsnasEstimator(RewardNormalizer(
-          {g.name: g.num_decisions for g in ctx.arch.groups}))
+      normalizer = RewardNormalizer(
+          {g.name: g.num_decisions for g in ctx.arch.groups})
+      est = DsnasEstimator(normalizer, update_unsampled=update_unsampled)
     variables = ctx.weight_variables + ctx.arch_variables
     if init is not None:
       for v, value in zip(variables, init):
@@ -519,17 +521,22 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
   # all-reduces, issued eagerly from the replica threads, get collective
   # instance keys in thread order and abort with a shape mismatch
   # (WORKSPACE_NOTES.md).
-  def test_mirrored_equals_default_in_the_block_space(self):
+  @parameterized.parameters(False, True)
+  def test_mirrored_equals_default_in_the_block_space(self, update_unsampled):
     # Eager mirrored steps, and the same steps with the second one traced
     # as one graph (as the loop runs a child with --compiled_children),
-    # equal the eager steps of the default strategy.
+    # equal the eager steps of the default strategy; with every candidate
+    # updated too.
     kind = "blocks"
     default = tf.distribute.get_strategy()
     init = self._steps(default, kind)  # Any values: reused as the start.
-    single = self._steps(default, kind, init)
+    single = self._steps(default, kind, init,
+                         update_unsampled=update_unsampled)
     mirrored = mirrored_strategy(["/cpu:0", "/cpu:1"])
-    eager = self._steps(mirrored, kind, init)
-    traced = self._steps(mirrored, kind, init, traced=True)
+    eager = self._steps(mirrored, kind, init,
+                        update_unsampled=update_unsampled)
+    traced = self._steps(mirrored, kind, init, traced=True,
+                         update_unsampled=update_unsampled)
     self.assertGreater(max(np.abs(a - b).max()
                            for a, b in zip(single, init)), 1e-4)
     for a, b, c in zip(single, eager, traced):

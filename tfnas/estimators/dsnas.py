@@ -216,9 +216,6 @@ class DsnasEstimator(Estimator):
     # step did not use fails in TF 2.21 (WORKSPACE_NOTES.md, known gaps).
     sources = [v.value for v in wvars] + [gates[g] for g in groups]
     grads = tape.gradient(loss, sources)
-    if self.update_unsampled:  # Zero gradients: decay and momentum move all.
-      grads[:len(wvars)] = [tf.zeros_like(s) if g is None else g
-                            for s, g in zip(sources, grads[:len(wvars)])]
     used = [i for i, g in enumerate(grads[:len(wvars)]) if g is not None]
     gate_grads = [tf.zeros_like(gates[g]) if gr is None else gr
                   for g, gr in zip(groups, grads[len(wvars):])]
@@ -226,6 +223,15 @@ class DsnasEstimator(Estimator):
     w_grads = reduced[:len(used)]
     costs = _gate_costs(groups, reduced[len(used):], gates)
     metrics = ctx.metrics("train", loss, logits, labels)
+    if self.update_unsampled:
+      # Zero gradients (equal on every replica: not all-reduced) for the
+      # weights the child did not use: decay and momentum move them too.
+      full = [None] * len(wvars)
+      for i, g in zip(used, w_grads):
+        full[i] = g
+      w_grads = [tf.zeros_like(s) if g is None else g
+                 for s, g in zip(sources, full)]
+      used = range(len(wvars))
     return [wvars[i] for i in used], w_grads, costs, gates, metrics
 
   def arch_gradients(self, ctx: StepContext, gates, costs, metrics=None):
