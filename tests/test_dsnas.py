@@ -38,6 +38,10 @@ def make_context(kind, **kwargs):
 CELL_CHILD = {"normal": np.array([3, 1, 2, 3, 3]),
               "reduce": np.array([1, 3, 3, 2, 3])}
 BLOCK_CHILD = {"blocks": np.array([0, 3, 1, 2, 3])}
+# Another child of each space (every decision differs from the one above).
+OTHER_CHILD = {"blocks": {"blocks": np.array([1, 0, 2, 3, 0])},
+               "cells": {"normal": np.array([1, 3, 3, 2, 1]),
+                         "reduce": np.array([3, 1, 2, 3, 1])}}
 
 
 def child(kind):
@@ -198,34 +202,66 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
   def test_update_unsampled_decays_every_candidate(self, kind, switched):
     # As in the authors' code: a candidate not drawn gets a zero gradient,
     # so each step its momentum buffer becomes mu * buf + wd * w and its
-    # weight w - lr * buf (first step: buf = wd * w, the decay alone; the
-    # second also coasts on that momentum).
+    # weight w - lr * buf (first step: buf = wd * w, the decay alone). The
+    # second step draws another child, so some weights coast on the
+    # momentum of a real gradient from the first.
     ctx = make_context(kind)
     opt = ctx.weight_optimizer
     est = DsnasEstimator(update_unsampled=True)
-    indices = child(kind)
     step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
-    off_path = [i for i, v in enumerate(ctx.weight_variables)
-                if _on_chosen_path(ctx, indices, v.path) is False]
-    w = {i: ctx.weight_variables[i].numpy() for i in off_path}
-    buf = {i: np.zeros_like(w[i]) for i in off_path}
-    for s in range(2):
+    wvars = ctx.weight_variables
+    w = [v.numpy() for v in wvars]
+    buf = [np.zeros_like(x) for x in w]
+    drawn_first = {i for i, v in enumerate(wvars)
+                   if _on_chosen_path(ctx, child(kind), v.path)}
+    coasting = moved = 0
+    for s, indices in enumerate([child(kind), OTHER_CHILD[kind]]):
       lr = float(opt.current_lr())
       batch = helpers.batch(classes=3, seed=s)
       if switched:
         step(batch, {g: tf.constant(v, tf.int32) for g, v in indices.items()})
       else:
         est.child_step(ctx, batch, indices)
+      off_path = [i for i, v in enumerate(wvars)
+                  if _on_chosen_path(ctx, indices, v.path) is False]
       for i in off_path:
-        v = ctx.weight_variables[i]
-        buf[i] = opt.momentum * buf[i] + opt.decay_of(v) * w[i]
-        w[i] = w[i] - lr * buf[i]
-        self.assertAllClose(opt.momentum_buffer(i).numpy(), buf[i],
+        v = wvars[i]
+        coasting += i in drawn_first and bool(np.any(buf[i]))
+        expected_buf = opt.momentum * buf[i] + opt.decay_of(v) * w[i]
+        self.assertAllClose(opt.momentum_buffer(i).numpy(), expected_buf,
                             rtol=1e-5, atol=1e-9, msg=f"{s} {v.path}")
-        self.assertAllClose(v.numpy(), w[i], rtol=1e-6, atol=1e-9,
-                            msg=f"{s} {v.path}")
-    # Some unsampled weight did move.
-    self.assertTrue(any(np.any(buf[i]) for i in off_path))
+        self.assertAllClose(v.numpy(), w[i] - lr * expected_buf, rtol=1e-6,
+                            atol=1e-9, msg=f"{s} {v.path}")
+        moved += bool(np.any(expected_buf))
+      w = [v.numpy() for v in wvars]
+      buf = [opt.momentum_buffer(i).numpy() for i in range(len(wvars))]
+    # Unsampled weights moved, among them some drawn at the first step only.
+    self.assertGreater(moved, 0)
+    self.assertGreater(coasting, 0)
+
+  @parameterized.parameters("blocks", "cells")
+  def test_update_unsampled_all_reduces_only_the_child_gradients(self, kind):
+    ctx = make_context(kind)
+    batch = helpers.batch(classes=3)
+    child_vars, *_ = DsnasEstimator().gradients(ctx, batch, child(kind))
+    sizes = []
+    original = ctx.all_reduce
+
+    def spy(values):
+      sizes.append(len(values))
+      return original(values)
+    with mock.patch.object(ctx, "all_reduce", spy):
+      used, grads, *_ = DsnasEstimator(update_unsampled=True).gradients(
+          ctx, batch, child(kind))
+    self.assertEqual(sizes,
+                     [len(child_vars) + len(ctx.arch.group_names)])
+    self.assertEqual([v.path for v in used],
+                     [v.path for v in ctx.weight_variables])
+    self.assertLess(len(child_vars), len(used))
+    in_child = {id(v) for v in child_vars}
+    for v, g in zip(used, grads):
+      if id(v) not in in_child:
+        self.assertFalse(np.any(g.numpy()), v.path)
 
   def test_reward_normalizer_standardises_after_the_first_step(self):
     norm = RewardNormalizer({"g": 2}, decay=0.5)

@@ -20,3 +20,14 @@ def test_evaluation_bar_counts_the_batches_and_changes_nothing(capsys):
   assert shown == {"val/child_loss": 1.0, "val/child_acc": 0.5}
   err = capsys.readouterr().err
   assert "val/child:" in err and "/3 " in err  # A bar over the 3 batches.
+  assert "batch/s" in err
+  # Erased when done: the last thing written blanks the line.
+  assert err.endswith("\r") and not err.rstrip("\r").split("\r")[-1].strip()
+
+
+def test_evaluation_bar_without_a_length_counts(capsys):
+  shown = loop.evaluate([1.0, 2.0], _step, show_progress=True)
+  assert shown == {"val/loss": 0.75, "val/acc": 0.5}
+  err = capsys.readouterr().err
+  assert "val: 0batch [" in err and "/" not in err.split("[")[0]  # A count.
+  assert err.endswith("\r")

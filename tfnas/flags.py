@@ -39,7 +39,9 @@ def define_run_flags(defaults=_DEFAULTS):
                     "TF_CONFIG describes a cluster of several tasks, "
                     "mirrored when several GPUs are visible, else the "
                     "default strategy.")
-  flags.DEFINE_boolean("progress", True, "Show a progress bar per epoch.")
+  flags.DEFINE_boolean("progress", True,
+                       "Show progress bars: one per epoch and one per "
+                       "evaluation (erased when done).")
   flags.DEFINE_integer("intra_op_threads", 0,
                        "Threads one TensorFlow op may use (0: TensorFlow's "
                        "default, one per core). Small networks on few "

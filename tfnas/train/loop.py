@@ -354,7 +354,7 @@ def evaluate(dataset, step, prefix: str = "val/", show_progress: bool = False,
   """
   totals = dict.fromkeys(EVAL_KEYS, 0.0)
   with progress_bar(batches, desc=prefix.rstrip("/_") or "eval",
-                    enabled=show_progress, leave=False) as bar:
+                    enabled=show_progress, leave=False, unit="batch") as bar:
     for batch in dataset:
       for k, v in step(batch).items():
         totals[k] += float(v)

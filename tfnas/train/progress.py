@@ -1,4 +1,5 @@
-"""Progress bars for long loops (tqdm; silent when disabled or not a tty)."""
+"""Progress bars for long loops (tqdm on stderr; nothing when disabled,
+e.g. by ``--noprogress``)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ class _Bar:
 
 @contextlib.contextmanager
 def progress_bar(total: int | None, initial: int = 0, desc: str = "",
-                 enabled: bool = True, leave: bool = True):
-  """A progress bar over ``total`` steps (None: a count); a no-op when
+                 enabled: bool = True, leave: bool = True, unit: str = "step"):
+  """A progress bar over ``total`` units (None: a count); a no-op when
   ``enabled`` is False. ``leave=False`` erases it when done."""
   if not enabled:
     yield _Bar(None)
     return
-  bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+  bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
              file=sys.stderr, dynamic_ncols=True, leave=leave)
   try:
     yield _Bar(bar)

@@ -66,7 +66,7 @@ class Retrain:
     config: the frozen train config.
     strategy: a ``tf.distribute`` strategy (default strategy if None).
     resume: continue from the last checkpoint of ``config.run_dir``.
-    show_progress: draw a progress bar per epoch.
+    show_progress: draw a progress bar per epoch and per evaluation.
   """
 
   def __init__(self, config: TrainConfig, strategy=None, resume=False,
@@ -184,7 +184,9 @@ class Retrain:
     return loop.evaluate(
         self._stream(self.test, training=False), self._eval_step,
         show_progress=self.show_progress,
-        batches=-(-self.test.num_examples // self.config.batch_size))
+        batches=data_lib.steps_per_epoch(self.test.num_examples,
+                                         self.config.batch_size,
+                                         drop_remainder=False))
 
   def _save(self):
     self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))

@@ -130,7 +130,7 @@ class Search:
     config: the frozen search config.
     strategy: a ``tf.distribute`` strategy (default strategy if None).
     resume: continue from the last checkpoint of ``config.run_dir``.
-    show_progress: draw a progress bar per epoch.
+    show_progress: draw a progress bar per epoch and per evaluation.
   """
 
   def __init__(self, config: SearchConfig, strategy=None, resume=False,
@@ -386,7 +386,9 @@ class Search:
         self.data.eval_stream(self.strategy), eval_step,
         prefix="val/child_" if child else "val/",
         show_progress=self.show_progress,
-        batches=-(-self.data.val.num_examples // self.data.batch_size))
+        batches=data_lib.steps_per_epoch(self.data.val.num_examples,
+                                         self.data.batch_size,
+                                         drop_remainder=False))
 
   def _save(self, epoch_done: bool):
     self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
