@@ -379,9 +379,9 @@ def test_cli_digits_flagfile_few_steps(tmp_path):
       str(run_dir / "tb"), size_guidance={"tensors": 0})
   events.Reload()
   tags = set(events.Tags()["tensors"])
-  for tag in ("train/loss", "val/child_acc", "arch/blocks/edge_0/fixed",
+  for tag in ("train/loss", "val/child_acc", "arch/blocks/block_0/fixed",
               "arch/blocks/fixed", "arch/fixed", "arch/fixed_decisions",
-              "arch/blocks/edge_4/choice_x"):
+              "arch/blocks/block_4/choice_x"):
     assert tag in tags, (tag, sorted(tags)[:30])
 
 

@@ -27,11 +27,14 @@ class DecisionGroup:
     num_decisions: rows of the logits (edges of a cell, blocks of a net).
     mask: optional ``[num_decisions, len(candidates)]`` booleans; False marks
       a candidate that decision does not offer.
+    decision: what one decision is called in logs and TensorBoard tags
+      (``edge`` of a cell, ``block`` of a single-path network).
   """
   name: str
   candidates: tuple[str, ...]
   num_decisions: int
   mask: tuple[tuple[bool, ...], ...] | None = None
+  decision: str = "edge"
 
   def mask_array(self) -> np.ndarray:
     if self.mask is None:

@@ -143,7 +143,8 @@ class ShuffleNetSpaceConfig:
 
   def decision_groups(self) -> list[DecisionGroup]:
     """One group ``blocks``: a decision per block over ``choices``."""
-    return [DecisionGroup(GROUP, self.choices, self.num_blocks)]
+    return [DecisionGroup(GROUP, self.choices, self.num_blocks,
+                          decision="block")]
 
 
 @keras.saving.register_keras_serializable(package="tfnas")

@@ -20,10 +20,11 @@ def write_arch(writer, arch: ArchParams, step: int, genotype=None,
                fixed=None) -> None:
   """softmax(α) per edge per op, entropies, and the genotype as text.
 
-  Tags: ``arch/<group>/edge_<e>/<op>``, ``arch/<group>/entropy`` and
+  Tags: ``arch/<group>/<decision>_<e>/<op>`` (decision: ``edge`` of a
+  cell, ``block`` of a single-path network), ``arch/<group>/entropy`` and
   ``arch/entropy`` (mean over groups), ``arch/genotype``. With ``fixed``
   (group → ``[E]`` fixed choice or -1, from progressive early stop):
-  ``arch/<group>/edge_<e>/fixed`` (the fixed index, -1 while sampled),
+  ``arch/<group>/<decision>_<e>/fixed`` (the fixed index, -1 while sampled),
   ``arch/<group>/fixed`` (count) and ``arch/fixed`` as text.
   """
   with writer.as_default(step=step):
@@ -34,7 +35,8 @@ def write_arch(writer, arch: ArchParams, step: int, genotype=None,
       for e in range(group.num_decisions):
         for k, op in enumerate(group.candidates):
           if mask[e, k]:
-            tf.summary.scalar(f"arch/{group.name}/edge_{e}/{op}", probs[e, k])
+            tf.summary.scalar(f"arch/{group.name}/{group.decision}_{e}/{op}",
+                              probs[e, k])
       entropy = float(arch.entropy(group.name).numpy())
       entropies.append(entropy)
       tf.summary.scalar(f"arch/{group.name}/entropy", entropy)
@@ -44,9 +46,11 @@ def write_arch(writer, arch: ArchParams, step: int, genotype=None,
       for group in arch.groups:
         f = np.asarray(fixed[group.name])
         for e, k in enumerate(f):
-          tf.summary.scalar(f"arch/{group.name}/edge_{e}/fixed", float(k))
+          tf.summary.scalar(f"arch/{group.name}/{group.decision}_{e}/fixed",
+                            float(k))
           if k >= 0:
-            lines.append(f"    {group.name} {e:2d}: {group.candidates[k]}")
+            lines.append(f"    {group.name} {group.decision} {e:2d}: "
+                         f"{group.candidates[k]}")
         tf.summary.scalar(f"arch/{group.name}/fixed", float((f >= 0).sum()))
       tf.summary.text("arch/fixed",
                       "\n".join(lines) or "no decision fixed yet")
