@@ -170,3 +170,29 @@ def test_readme_rest_body_fits_the_signature(tmp_path):
   assert out["probabilities"].shape == (1, 10)
   np.testing.assert_allclose(out["probabilities"].numpy().sum(), 1.0,
                              rtol=1e-5)
+
+
+def test_serving_signature_refuses_wrongly_shaped_images(tmp_path):
+  # In a fresh process: without the check, a wrong rank aborted TensorFlow.
+  path = export.export_saved_model(trained_like_network(),
+                                   str(tmp_path / "serving"),
+                                   metadata=METADATA, genotype=GENOTYPE)
+  script = f"""
+import numpy as np, tensorflow as tf
+fn = tf.saved_model.load({path!r}).signatures["serving_default"]
+print("ok", fn(images=tf.zeros([2, 8, 8, 3]))["logits"].shape)
+for shape in ([1, 8, 8], [1, 192], [1, 16, 16, 3], [1, 8, 8, 1]):
+  try:
+    fn(images=tf.zeros(shape))
+    print("accepted", shape)
+  except tf.errors.InvalidArgumentError as e:
+    print("refused", shape, "[?,8,8,3]" in e.message)
+"""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "ok (2, 4)"
+  assert lines[1:] == [f"refused {s} True" for s in
+                       ([1, 8, 8], [1, 192], [1, 16, 16, 3], [1, 8, 8, 1])]

@@ -58,10 +58,16 @@ class _ServingModule(tf.Module):
     self.model = model
     self._mean = tf.constant(mean, tf.float32)
     self._std = tf.constant(std, tf.float32)
-    spec = tf.TensorSpec([None, *input_shape], tf.float32, name="images")
+    self._shape = [None, *input_shape]
+    spec = tf.TensorSpec(self._shape, tf.float32, name="images")
     self.serve = tf.function(self._serve, input_signature=[spec])
 
   def _serve(self, images):
+    # A signature called directly (a loaded SavedModel's `signatures[...]`,
+    # TF Serving) does not check the shape of its input: without this a
+    # wrong rank reaches kernels that abort the process and a wrong size
+    # yields wrong outputs. Now either is an InvalidArgumentError.
+    images = tf.ensure_shape(images, self._shape)
     x = (images / 255.0 - self._mean) / self._std
     logits = tf.cast(self.model(x, training=False), tf.float32)
     return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
