@@ -3,6 +3,7 @@ rules are in test_derive.py)."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -243,3 +244,16 @@ def test_module_does_not_import_tensorflow():
   code = ("import sys, tfnas.genotype; "
           "sys.exit(1 if 'tensorflow' in sys.modules else 0)")
   assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_saved_genotype_has_the_mode_of_a_plain_new_file(tmp_path):
+  # Readable by the group like the rest of a shared run directory (a temp
+  # file alone would be owner-only).
+  old = os.umask(0o027)
+  try:
+    darts_v2().save(tmp_path / "genotype.json")
+    (tmp_path / "plain").write_text("")
+  finally:
+    os.umask(old)
+  mode = stat.S_IMODE(os.stat(tmp_path / "genotype.json").st_mode)
+  assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o640

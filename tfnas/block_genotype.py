@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tfnas.genotype import GenotypeError
+from tfnas.train.rundir import atomic_write
 
 FORMAT_VERSION = 1
 KIND = "blocks"
@@ -96,7 +97,6 @@ class BlockGenotype:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the JSON atomically (temporary file + rename)."""
-    from tfnas.train.rundir import atomic_write
     atomic_write(os.fspath(path), self.to_json() + "\n")
 
   @classmethod

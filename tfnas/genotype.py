@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import numpy as np
 
 from tfnas.errors import TfnasError
+from tfnas.train.rundir import new_file_mode
 
 __all__ = [
     "Edge",
@@ -483,6 +484,9 @@ class Genotype:
           "w", encoding="utf-8", dir=directory, delete=False,
           prefix="." + os.path.basename(path) + ".", suffix=".tmp") as f:
         tmp = f.name
+        # A temp file is owner-only; the genotype gets the mode of a plainly
+        # created file, readable like the rest of a (shared) run directory.
+        os.chmod(tmp, new_file_mode())
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

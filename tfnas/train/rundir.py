@@ -22,7 +22,7 @@ class RunDirError(TfnasError):
   """The run directory cannot be used as asked; the message says why."""
 
 
-def _file_mode() -> int:
+def new_file_mode() -> int:
   """The mode ``open()`` would give a new file (0o666 less the umask).
 
   Read from /proc, not by setting the umask, which is process-wide and
@@ -49,7 +49,7 @@ def atomic_write(path: str, text: str) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
-    os.chmod(tmp, _file_mode())
+    os.chmod(tmp, new_file_mode())
     with os.fdopen(fd, "w") as f:
       f.write(text)
     os.replace(tmp, path)
