@@ -169,3 +169,23 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
   assert proc.returncode == 2
   assert "--data_dir" in error_line(proc)
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("app, doc, flag", [
+    ("search", "tfnas-search: architecture search", "--flagfile=flags/"),
+    ("train", "tfnas-train", "--genotype"),
+    ("export", "tfnas-export", "--export_dir"),
+])
+def test_help_of_an_installed_entry_point_lists_its_flags(app, doc, flag):
+  # An installed entry point is a generated script: its __main__ has no
+  # docstring and defines no flags, as with `python -c`.
+  entry = (f"import sys; sys.argv[0] = 'tfnas-{app}'; "
+           f"from tfnas.apps.{app} import run; run()")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "-c", entry, "--helpshort"],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert doc in proc.stdout  # The app's docstring as its usage.
+  assert flag in proc.stdout
+  assert proc.stdout.count("\n  --") > 5  # The app's flags, not none.

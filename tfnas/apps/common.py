@@ -96,6 +96,25 @@ def _drop_shared_function_retracing(record: logging.LogRecord) -> bool:
               "_make_function.<locals>.run" in message)
 
 
+def run_app(main, doc: str | None, *flag_modules) -> None:
+  """``absl.app.run(main)``, with ``doc`` as the usage text and the flags
+  defined in ``flag_modules`` (module objects or names) listed by ``--help``
+  and ``--helpshort``.
+
+  absl takes both from the ``__main__`` module (the flags: those of the
+  module named by ``sys.argv[0]``); an installed entry point is a generated
+  script with neither.
+  """
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  main_module = sys.modules.get("__main__")
+  if doc and main_module is not None and not main_module.__doc__:
+    main_module.__doc__ = doc.replace("%", "%%")
+  for module in flag_modules:
+    for flag in flags.FLAGS.get_flags_for_module(module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  app.run(main)
+
+
 def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
   """Decorator for an app main: bad input → one line on stderr, exit 2;
   Ctrl-C (or SIGTERM) → one line on what a rerun can continue, exit 130.

@@ -203,7 +203,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run_app(main, __doc__, __name__)
 
 
 if __name__ == "__main__":

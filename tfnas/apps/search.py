@@ -45,7 +45,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run_app(main, __doc__, tfnas_flags)
 
 
 if __name__ == "__main__":

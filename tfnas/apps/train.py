@@ -54,7 +54,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run_app(main, __doc__, tfnas_flags)
 
 
 if __name__ == "__main__":
