@@ -98,6 +98,16 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert len((run_dir / "history.jsonl").read_text().splitlines()) == (
       epochs_done + 1)
+  assert '"epochs": %d' % (epochs_done + 1) in (
+      run_dir / "config.json").read_text()
+  assert "final: val/acc=" in resumed.stdout
+  # Resuming a finished run says so and repeats its final metrics.
+  again = search(*TINY, "--num_nodes=1", f"--run_dir={run_dir}", "--resume",
+                 "--max_steps_per_epoch=4", "--epochs=" + str(epochs_done + 1))
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert (f"{run_dir} already finished its {epochs_done + 1} epochs; resume "
+          "with a larger --epochs") in again.stdout
+  assert resumed.stdout.splitlines()[-1] == again.stdout.splitlines()[-1]
 
 
 def test_the_interrupt_line_says_what_a_rerun_continues(tmp_path):

@@ -115,6 +115,29 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
   app.run(main)
 
 
+def print_final(history: list, run_dir: str, epochs: int,
+                keys: tuple[str, ...]) -> None:
+  """Prints the last epoch's ``keys`` as the run's final line; for a resumed
+  run that had nothing left to do, says so and reads them from
+  ``history.jsonl``."""
+  if not history:
+    print(f"{run_dir} already finished its {epochs} epochs; resume with a "
+          "larger --epochs to train longer")
+    try:
+      with open(os.path.join(run_dir, "history.jsonl")) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+      history = [json.loads(lines[-1])] if lines else []
+    except (OSError, ValueError):
+      history = []
+  if history and isinstance(history[-1], dict):
+    # An epoch resumed after its last step, from a checkpoint whose metric
+    # sums were not recorded, has no train metrics.
+    last = history[-1]
+    shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys
+                      if isinstance(last.get(k), (int, float)))
+    print(f"final: {shown}; run directory: {run_dir}")
+
+
 def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
   """Decorator for an app main: bad input → one line on stderr, exit 2;
   Ctrl-C (or SIGTERM) → one line on what a rerun can continue, exit 130.

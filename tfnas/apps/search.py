@@ -35,13 +35,8 @@ def main(argv):
                   show_progress=FLAGS.progress)
   result = search.run()
   print(result.genotype)
-  if result.history:
-    # A run resumed right after an epoch's last step has no train metrics
-    # for that epoch (they were accumulated by the interrupted process).
-    last = result.history[-1]
-    shown = ", ".join(f"{k}={last[k]:.4f}" for k in
-                      ("val/acc", "val/child_acc", "train/acc") if k in last)
-    print(f"final: {shown}; run directory: {config.run_dir}")
+  common.print_final(result.history, config.run_dir, config.epochs,
+                     ("val/acc", "val/child_acc", "train/acc"))
 
 
 def run():

@@ -46,11 +46,8 @@ def main(argv):
   print(f"network: {config.network}, {config.num_cells} cells, "
         f"C={config.channels}: {describe_cost(run.cost)}")
   result = run.run()
-  if result.history:
-    last = result.history[-1]
-    shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("val/acc", "train/acc")
-                      if k in last)
-    print(f"final: {shown}; run directory: {config.run_dir}")
+  common.print_final(result.history, config.run_dir, config.epochs,
+                     ("val/acc", "train/acc"))
 
 
 def run():

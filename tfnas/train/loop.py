@@ -95,13 +95,50 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
       checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
 
 
+PARTIAL_EPOCH = "partial_epoch.json"
+
+
+def save_partial_epoch(write_dir: str, checkpoint_number: int, epoch: int,
+                       totals: Mapping[str, float]) -> None:
+  """Records the metric sums of the steps an epoch has run so far, next to
+  the mid-epoch checkpoint ``checkpoint_number`` (see `resumed_totals`)."""
+  rundir.atomic_write(
+      os.path.join(write_dir, PARTIAL_EPOCH),
+      json.dumps({"checkpoint": int(checkpoint_number), "epoch": int(epoch),
+                  "totals": {k: float(v) for k, v in totals.items()}}))
+
+
+def resumed_totals(run_dir: str, checkpoint_number: int, epoch: int,
+                   start: int) -> dict[str, float] | None:
+  """The metric sums of the first ``start`` steps of ``epoch``, when a run
+  resumes mid-epoch from checkpoint ``checkpoint_number``: {} when
+  ``start`` is 0; None (with a warning) when they were not recorded for
+  that checkpoint, so the epoch's train metrics cover only its remaining
+  steps."""
+  if not start:
+    return {}
+  try:
+    with open(os.path.join(run_dir, PARTIAL_EPOCH)) as f:
+      record = json.load(f)
+    if (record["checkpoint"] == checkpoint_number and
+        record["epoch"] == epoch):
+      return {k: float(v) for k, v in record["totals"].items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    pass
+  log.warning("no metric sums recorded for the first %d steps of epoch %d: "
+              "its train metrics cover only the steps after them", start,
+              epoch + 1)
+  return None
+
+
 def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
               steps: int, start: int, steps_per_loop: int,
               checkpoint_every_steps: int, step_in_epoch: tf.Variable,
-              interrupted: list, save: Callable[[], None], desc: str,
+              interrupted: list, save: Callable[[dict], None], desc: str,
               show_progress: bool,
               loss_keys=("train/loss_sum", "train/count"),
-              agree: Callable[[bool], bool] = bool) -> dict:
+              agree: Callable[[bool], bool] = bool,
+              totals: Mapping[str, float] | None = None) -> dict:
   """Runs the steps ``start..steps`` of one epoch in compiled chunks.
 
   Args:
@@ -114,13 +151,15 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
       never inside an epoch).
     step_in_epoch: variable recording progress (checkpointed).
     interrupted: the list of :func:`sigterm_flag`.
-    save: writes a checkpoint (and whatever else the loop saves).
+    save: ``save(totals)`` writes a mid-epoch checkpoint (and whatever else
+      the loop saves), given the metric sums so far (`save_partial_epoch`).
     desc: progress-bar label.
     show_progress: draw the bar.
     loss_keys: (sum, count) keys shown as the running loss.
     agree: ``agree(stop)``: whether to stop after this chunk, given this
       process's request (`stop_agreement`: any worker's request stops all
       workers at the same chunk).
+    totals: the sums of the steps before ``start`` (`resumed_totals`).
 
   Returns:
     The epoch's totals of every key ``run_chunk`` returns.
@@ -128,7 +167,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
   Raises:
     KeyboardInterrupt: after saving, when SIGTERM arrived.
   """
-  totals = {}
+  totals = dict(totals or {})
   with progress_bar(steps, initial=start, desc=desc,
                     enabled=show_progress) as bar:
     done = start
@@ -146,7 +185,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
       stop = agree(bool(interrupted))
       if stop or (checkpoint_every_steps and
                   done % checkpoint_every_steps == 0 and done < steps):
-        save()
+        save(totals)
       if stop:
         raise KeyboardInterrupt
   return totals

@@ -188,8 +188,12 @@ class Retrain:
                                          self.config.batch_size,
                                          drop_remainder=False))
 
-  def _save(self):
-    self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+  def _save(self, totals=None):
+    number = int(self.optimizer.iterations.numpy())
+    self.manager.save(checkpoint_number=number)
+    if totals is not None:  # Mid-epoch: the sums of its steps so far.
+      loop.save_partial_epoch(self.write_dir, number, int(self.epoch.numpy()),
+                              totals)
 
   def run(self, stop_after_epochs: int | None = None) -> TrainResult:
     """Runs the remaining epochs (or only ``stop_after_epochs`` of them)."""
@@ -220,6 +224,8 @@ class Retrain:
     iterator = iter(self._stream(self.train, True, epoch,
                                  start))
     t0 = time.time()
+    before = loop.resumed_totals(
+        config.run_dir, int(self.optimizer.iterations.numpy()), epoch, start)
 
     totals = loop.run_epoch(
         run_chunk=loop.chunk_runner(
@@ -229,8 +235,9 @@ class Retrain:
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
         agree=self._agree,
-        save=self._save, desc=f"epoch {epoch + 1}/{config.epochs}",
-        show_progress=self.show_progress)
+        save=lambda sums: self._save(totals=sums),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        show_progress=self.show_progress, totals=before)
     metrics = {}
     count = totals.get("train/count", 0.0)
     if count:

@@ -390,9 +390,13 @@ class Search:
                                          self.data.batch_size,
                                          drop_remainder=False))
 
-  def _save(self, epoch_done: bool):
-    self.manager.save(checkpoint_number=int(self.w_opt.iterations.numpy()))
+  def _save(self, epoch_done: bool, totals=None):
+    number = int(self.w_opt.iterations.numpy())
+    self.manager.save(checkpoint_number=number)
     run_dir = self.write_dir
+    if totals is not None:  # Mid-epoch: the sums of its steps so far.
+      loop.save_partial_epoch(run_dir, number, int(self.epoch.numpy()),
+                              totals)
     genotype = self.genotype()
     genotype.save(os.path.join(run_dir, "genotype.json"))
     arch_record = {
@@ -442,6 +446,9 @@ class Search:
     train_iter = iter(train_ds)
     val_iter = iter(val_ds) if val_ds is not None else None
     t0 = time.time()
+    before = loop.resumed_totals(config.run_dir,
+                                 int(self.w_opt.iterations.numpy()), epoch,
+                                 start)
 
     totals = loop.run_epoch(
         run_chunk=loop.chunk_runner(
@@ -451,10 +458,11 @@ class Search:
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
         agree=self._agree,
-        save=lambda: self._save(epoch_done=False),
+        save=lambda sums: self._save(epoch_done=False, totals=sums),
         desc=f"epoch {epoch + 1}/{config.epochs}",
-        show_progress=self.show_progress)
-    metrics = self._epoch_metrics(totals, steps - start)
+        show_progress=self.show_progress, totals=before)
+    metrics = self._epoch_metrics(totals,
+                                  steps - (start if before is None else 0))
     if self.early_stop is not None:
       if not config.early_stop_every_steps:
         self._check_early_stop()
