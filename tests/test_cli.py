@@ -135,6 +135,7 @@ def test_the_interrupt_line_says_what_a_rerun_continues(tmp_path):
     (["--stage_repeats=1,x"], "--stage_repeats"),
     (["--stage_channels=8,16"], "--stage_channels shapes the ShuffleNet"),
     (["--intra_op_threads=-1"], "--intra_op_threads"),
+    (["--flagfile=flags/no_such.cfg"], "relative to the working directory"),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
   proc = search(*TINY, f"--run_dir={tmp_path}/r", *args)

@@ -525,7 +525,7 @@ class Genotype:
         data = f.read()
     except FileNotFoundError:
       raise GenotypeError(f"{path}: genotype file not found; check the path "
-                          f"(a search writes it at the end)") from None
+                          f"(a search writes it after every epoch)") from None
     except OSError as e:
       raise GenotypeError(f"{path}: cannot read genotype file "
                           f"({e.strerror or e})") from None

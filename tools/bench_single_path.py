@@ -385,14 +385,14 @@ def _report(args, results: dict) -> None:
             if c[key] > 0)
         fb = ((a["forward"] + a["backward"]) / (c["forward"] + c["backward"]))
         print(f"\n{b} vs snas_darts by part: {ratios}, forward+backward "
-              f"{fb:.1f}x faster")
+              f"{_ratio(fb, 'faster', 'slower')}")
   for switched, base in (("dsnas_switch_darts", "snas_darts"),
                          ("dsnas_switch_shufflenet", "supernet_shufflenet")):
     if switched not in results:
       continue
     mean = results[switched]["mean_s"]
-    vs = (f", {_speedup(results, base, switched):.1f}x faster than {base}"
-          if base in results else "")
+    vs = (f", {_ratio(_speedup(results, base, switched), 'faster', 'slower')}"
+          f" than {base}" if base in results else "")
     print(f"\n{switched}: mean {mean:.3f} s/step over {args.steps} "
           f"children{vs}")
   for a, b in PAIRS:
@@ -401,10 +401,17 @@ def _report(args, results: dict) -> None:
       memory = results[a]["peak_gib"] / results[b]["peak_gib"]
       step_memory = ((results[a]["peak_gib"] - results[a]["base_gib"]) /
                      (results[b]["peak_gib"] - results[b]["base_gib"]))
-      print(f"\n{b} vs {a}: {speed:.1f}x faster per step (medians), "
-            f"{memory:.1f}x "
-            f"less peak memory ({step_memory:.1f}x less above the built "
+      print(f"\n{b} vs {a}: {_ratio(speed, 'faster', 'slower')} per step "
+            f"(medians), {_ratio(memory, 'less', 'more')} peak memory "
+            f"({_ratio(step_memory, 'less', 'more')} above the built "
             f"network)")
+
+
+def _ratio(value: float, more: str, less: str) -> str:
+  """``2.0x faster`` for 2.0; ``3.3x slower`` (not ``0.3x faster``) below 1."""
+  if value >= 1 or value <= 0:
+    return f"{value:.1f}x {more}"
+  return f"{1 / value:.1f}x {less}"
 
 
 def _report_rounds(rounds: list[dict]) -> None:

@@ -112,7 +112,25 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
   for module in flag_modules:
     for flag in flags.FLAGS.get_flags_for_module(module):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+
+  def parse(argv):  # absl's parse_flags_with_usage, with a hint.
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      message = str(e)
+      if "Unable to open flagfile" in message:
+        # Flagfiles include each other by paths relative to the working
+        # directory, as absl reads them.
+        message += (" (flagfile paths, also those inside a flagfile, are "
+                     f"relative to the working directory {os.getcwd()}; run "
+                     "from the repository root)")
+      sep = "\n" if "\n" in message else " "
+      sys.stderr.write(f"FATAL Flags parsing error:{sep}{message}\n"
+                       "Pass --helpshort or --helpfull to see help on "
+                       "flags.\n")
+      sys.exit(1)
+
+  app.run(main, flags_parser=parse)
 
 
 def print_final(history: list, run_dir: str, epochs: int,
