@@ -80,6 +80,7 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
   assert (meta["mean"], meta["std"]) == (list(digits.mean), list(digits.std))
   assert (meta["params"], meta["flops"]) == (info["params"], info["flops"])
   assert meta["flops"] > 0 and meta["source"] == child_export.SOURCE
+  assert meta["madds"] == meta["flops"]  # As in a retrained export.
   assert meta["checkpoint"] == os.path.abspath(info["checkpoint"])
   assert meta["bn_recalibration_batches"] == 0
   assert meta["method"] == "dsnas" and meta["space"] == "shufflenet_small"

@@ -54,6 +54,8 @@ def search_child_metadata(run_dir: str, info: Mapping[str, Any]
       "space": info["space"],
       "params": int(info["params"]),
       "flops": info["flops"],
+      # The same count under the key a retrained network's export uses.
+      "madds": info["flops"],
       "flops_scope": info["flops_scope"],
       "checkpoint": os.path.abspath(info["checkpoint"]),
       "run_dir": os.path.abspath(run_dir),
