@@ -80,7 +80,8 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
   assert (meta["mean"], meta["std"]) == (list(digits.mean), list(digits.std))
   assert (meta["params"], meta["flops"]) == (info["params"], info["flops"])
   assert meta["flops"] > 0 and meta["source"] == child_export.SOURCE
-  assert meta["madds"] == meta["flops"]  # As in a retrained export.
+  # The whole network's count, under a retrained export's key (block space).
+  assert meta["madds"] == round(meta["flops"])
   assert meta["checkpoint"] == os.path.abspath(info["checkpoint"])
   assert meta["bn_recalibration_batches"] == 0
   assert meta["method"] == "dsnas" and meta["space"] == "shufflenet_small"
@@ -195,3 +196,16 @@ def test_a_config_json_that_is_not_a_run_config(tmp_path):
   assert proc.returncode == 2
   assert "holds a JSON list, not a run config" in error_line(proc)
   assert not (tmp_path / "serving").exists()
+
+
+def test_madds_only_where_the_count_is_the_whole_network():
+  info = {"dataset": "digits", "num_classes": 10, "image_size": 8,
+          "channels": 1, "method": "dsnas", "space": "shufflenet_small",
+          "params": 10, "flops": 71260.4, "checkpoint": "c",
+          "recalibrated_batches": 0,
+          "flops_scope": "whole network, multiply-adds per image"}
+  meta = child_export.search_child_metadata("r", info)
+  assert meta["madds"] == 71260 and meta["flops"] == 71260.4
+  cells = dict(info, space="darts", flops_scope="multiply-adds per image of "
+               "the chosen op of every cell edge; stem ... excluded")
+  assert "madds" not in child_export.search_child_metadata("r", cells)

@@ -105,8 +105,9 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   again = search(*TINY, "--num_nodes=1", f"--run_dir={run_dir}", "--resume",
                  "--max_steps_per_epoch=4", "--epochs=" + str(epochs_done + 1))
   assert again.returncode == 0, again.stderr[-2000:]
-  assert (f"{run_dir} already finished its {epochs_done + 1} epochs; resume "
-          "with a larger --epochs") in again.stdout
+  assert (f"{run_dir} already finished {epochs_done + 1} epochs "
+          f"(--epochs={epochs_done + 1}); resume with a larger --epochs"
+          ) in again.stdout
   assert resumed.stdout.splitlines()[-1] == again.stdout.splitlines()[-1]
 
 

@@ -31,3 +31,35 @@ def test_evaluation_bar_without_a_length_counts(capsys):
   err = capsys.readouterr().err
   assert "val: 0batch [" in err and "/" not in err.split("[")[0]  # A count.
   assert err.endswith("\r")
+
+
+def test_ctrl_c_during_a_chunk_stops_after_it_with_its_sums():
+  import os
+  import signal
+  import pytest
+  # As in an interactive run (a background CI may start with SIGINT ignored).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _ctrl_c_case(os, signal, pytest)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_case(os, signal, pytest):
+  step = tf.Variable(0)
+  saved = []
+
+  def run_chunk(n):
+    if not saved:  # Ctrl-C arrives while the first chunk runs.
+      os.kill(os.getpid(), signal.SIGINT)
+    return {"train/loss_sum": tf.constant(float(n)),
+            "train/count": tf.constant(float(n))}
+  with pytest.raises(KeyboardInterrupt):
+    loop.run_epoch(run_chunk=run_chunk, steps=6, start=0, steps_per_loop=2,
+                   checkpoint_every_steps=0, step_in_epoch=step,
+                   interrupted=[], save=lambda t: saved.append(dict(t)),
+                   desc="", show_progress=False)
+  # The chunk finished and was counted; the save had its sums.
+  assert int(step.numpy()) == 2
+  assert saved == [{"train/loss_sum": 2.0, "train/count": 2.0}]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

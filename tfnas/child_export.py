@@ -42,7 +42,7 @@ def search_child_metadata(run_dir: str, info: Mapping[str, Any]
                           ) -> dict[str, Any]:
   """metadata.json facts of a child from `load_search_child`'s ``info``."""
   dataset = data.dataset_info(info["dataset"])
-  return {
+  metadata = {
       "source": SOURCE,
       "dataset": info["dataset"],
       "num_classes": info["num_classes"],
@@ -54,13 +54,16 @@ def search_child_metadata(run_dir: str, info: Mapping[str, Any]
       "space": info["space"],
       "params": int(info["params"]),
       "flops": info["flops"],
-      # The same count under the key a retrained network's export uses.
-      "madds": info["flops"],
       "flops_scope": info["flops_scope"],
       "checkpoint": os.path.abspath(info["checkpoint"]),
       "run_dir": os.path.abspath(run_dir),
       "bn_recalibration_batches": info["recalibrated_batches"],
   }
+  if info["flops_scope"].startswith("whole network"):
+    # Under the key (and type) of a retrained network's export, where the
+    # count is of the whole network too (a cell-space count is not).
+    metadata["madds"] = int(round(info["flops"]))
+  return metadata
 
 
 def export_search_child(run_dir: str, base_path: str, *,

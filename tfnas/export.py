@@ -58,7 +58,7 @@ class _ServingModule(tf.Module):
     self.model = model
     self._mean = tf.constant(mean, tf.float32)
     self._std = tf.constant(std, tf.float32)
-    self._shape = [None, *input_shape]
+    self._shape = (None, *input_shape)
     spec = tf.TensorSpec(self._shape, tf.float32, name="images")
     self.serve = tf.function(self._serve, input_signature=[spec])
 

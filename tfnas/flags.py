@@ -40,8 +40,8 @@ def define_run_flags(defaults=_DEFAULTS):
                     "mirrored when several GPUs are visible, else the "
                     "default strategy.")
   flags.DEFINE_boolean("progress", True,
-                       "Show progress bars: one per epoch and one per "
-                       "evaluation (erased when done).")
+                       "Show progress bars: one per epoch, and one per "
+                       "evaluation that is erased when it ends.")
   flags.DEFINE_integer("intra_op_threads", 0,
                        "Threads one TensorFlow op may use (0: TensorFlow's "
                        "default, one per core). Small networks on few "

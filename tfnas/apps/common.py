@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -118,7 +119,9 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
       return flags.FLAGS(argv)
     except flags.Error as e:
       message = str(e)
-      if "Unable to open flagfile" in message:
+      missing = re.search(r"No such file or directory: '([^']+)'", message)
+      if ("Unable to open flagfile" in message and missing and
+          not os.path.isabs(missing.group(1))):
         # Flagfiles include each other by paths relative to the working
         # directory, as absl reads them.
         message += (" (flagfile paths, also those inside a flagfile, are "
@@ -139,14 +142,17 @@ def print_final(history: list, run_dir: str, epochs: int,
   run that had nothing left to do, says so and reads them from
   ``history.jsonl``."""
   if not history:
-    print(f"{run_dir} already finished its {epochs} epochs; resume with a "
-          "larger --epochs to train longer")
     try:
       with open(os.path.join(run_dir, "history.jsonl")) as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
       history = [json.loads(lines[-1])] if lines else []
     except (OSError, ValueError):
       history = []
+    done = epochs
+    if history and isinstance(history[-1], dict):
+      done = history[-1].get("epoch", epochs)
+    print(f"{run_dir} already finished {done} epochs (--epochs={epochs}); "
+          "resume with a larger --epochs to train longer")
   if history and isinstance(history[-1], dict):
     # An epoch resumed after its last step, from a checkpoint whose metric
     # sums were not recorded, has no train metrics.

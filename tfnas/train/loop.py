@@ -169,7 +169,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
   """
   totals = dict(totals or {})
   with progress_bar(steps, initial=start, desc=desc,
-                    enabled=show_progress) as bar:
+                    enabled=show_progress) as bar, _ctrl_c_stops(interrupted):
     done = start
     while done < steps:
       n = min(steps_per_loop, steps - done)
@@ -189,6 +189,36 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
       if stop:
         raise KeyboardInterrupt
   return totals
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(interrupted: list):
+  """While training chunks run, a first Ctrl-C is a stop request like
+  SIGTERM (the chunk finishes, a checkpoint with its step and metric sums is
+  saved); a second one raises at once. A KeyboardInterrupt surfacing right
+  after a compiled chunk returned would lose the chunk's bookkeeping: its
+  steps ran, but the step counter would not say so. Only where Ctrl-C has
+  Python's default handler (`sigterm_flag` of a multi-worker run already
+  takes it) and in the main thread."""
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    yield
+    return
+
+  def request(signum, frame):
+    del frame
+    interrupted.append(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    log.warning("Ctrl-C: stopping after this chunk of steps with a "
+                "checkpoint (Ctrl-C again to stop at once)")
+  try:
+    signal.signal(signal.SIGINT, request)
+  except ValueError:  # Not the main thread.
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stop_agreement(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:

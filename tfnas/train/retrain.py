@@ -243,7 +243,11 @@ class Retrain:
     if count:
       metrics["train/loss"] = totals["train/loss_sum"] / count
       metrics["train/acc"] = totals["train/correct"] / count
-    metrics.update(self.evaluate())
+    try:
+      metrics.update(self.evaluate())
+    except KeyboardInterrupt:  # Ctrl-C in evaluation: keep the epoch's sums.
+      self._save(totals=totals)
+      raise
     metrics["train/drop_path_prob"] = drop_prob
     metrics["epoch_seconds"] = time.time() - t0
     self.epoch.assign(epoch + 1)

@@ -463,13 +463,17 @@ class Search:
         show_progress=self.show_progress, totals=before)
     metrics = self._epoch_metrics(totals,
                                   steps - (start if before is None else 0))
-    if self.early_stop is not None:
-      if not config.early_stop_every_steps:
-        self._check_early_stop()
-      metrics["arch/fixed_decisions"] = float(self.early_stop.num_fixed())
-    metrics.update(self.evaluate())
-    if self.method.child_eval:
-      metrics.update(self.evaluate(child=True))
+    try:
+      if self.early_stop is not None:
+        if not config.early_stop_every_steps:
+          self._check_early_stop()
+        metrics["arch/fixed_decisions"] = float(self.early_stop.num_fixed())
+      metrics.update(self.evaluate())
+      if self.method.child_eval:
+        metrics.update(self.evaluate(child=True))
+    except KeyboardInterrupt:  # Ctrl-C in evaluation: keep the epoch's sums.
+      self._save(epoch_done=False, totals=totals)
+      raise
     temperature = getattr(self.ctx.distribution, "temperature", None)
     if temperature is not None:
       metrics["arch/temperature"] = float(temperature(self.w_opt.iterations))
