@@ -179,9 +179,10 @@ def test_cli_search_on_two_workers_writes_one_run_and_resumes(tmp_path):
     assert "--resume" in err, err[-2000:]
   epochs_done = len(history.read_text().splitlines())  # Only the chief's.
   assert 1 <= epochs_done < 50
+  # The stop's checkpoint came with its epoch's metric sums so far.
   assert sorted(os.listdir(run_dir)) == [
       "arch.json", "ckpt", "config.json", "genotype.json", "history.jsonl",
-      "tb"]
+      "partial_epoch.json", "tb"]
   # Both resume from the chief's checkpoint and finish one more epoch.
   outputs = _finish(tmp_path, _start_search_workers(
       tmp_path, f"--epochs={epochs_done + 1}", "--resume",
