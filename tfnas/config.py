@@ -30,6 +30,20 @@ class _Config:
         raise ConfigError(
             f"invalid --{name}={getattr(self, name)!r}: {requirement}")
 
+  def _loop_checks(self) -> list:
+    """The checks of the loop and data fields every run config has."""
+    return [
+        ("epochs", self.epochs >= 1, "must be at least 1"),
+        ("batch_size", self.batch_size >= 1, "must be at least 1"),
+        ("steps_per_loop", self.steps_per_loop >= 1, "must be at least 1"),
+        ("max_steps_per_epoch", self.max_steps_per_epoch >= 0,
+         "must be 0 (the whole epoch) or more"),
+        ("checkpoint_every_steps", self.checkpoint_every_steps >= 0,
+         "must be 0 (at epoch ends only) or more"),
+        ("pad_crop", self.pad_crop >= 0, "must be 0 (off) or more"),
+        ("cutout", self.cutout >= 0, "must be 0 (off) or more"),
+    ]
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -136,16 +150,7 @@ class SearchConfig(_Config):
     # Lists from config.json become tuples, so equal configs compare equal.
     for name in ("stage_repeats", "stage_channels"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
-    checks = [
-        ("epochs", self.epochs >= 1, "must be at least 1"),
-        ("batch_size", self.batch_size >= 1, "must be at least 1"),
-        ("steps_per_loop", self.steps_per_loop >= 1, "must be at least 1"),
-        ("max_steps_per_epoch", self.max_steps_per_epoch >= 0,
-         "must be 0 (the whole epoch) or more"),
-        ("checkpoint_every_steps", self.checkpoint_every_steps >= 0,
-         "must be 0 (at epoch ends only) or more"),
-        ("pad_crop", self.pad_crop >= 0, "must be 0 (off) or more"),
-        ("cutout", self.cutout >= 0, "must be 0 (off) or more"),
+    checks = self._loop_checks() + [
         ("stage_repeats", all(r >= 1 for r in self.stage_repeats),
          "every stage needs at least 1 block"),
         ("stage_channels", all(c >= 2 for c in self.stage_channels),
@@ -274,16 +279,7 @@ class TrainConfig(_Config):
   label_smoothing: float = 0.0
 
   def __post_init__(self):
-    checks = [
-        ("epochs", self.epochs >= 1, "must be at least 1"),
-        ("batch_size", self.batch_size >= 1, "must be at least 1"),
-        ("steps_per_loop", self.steps_per_loop >= 1, "must be at least 1"),
-        ("max_steps_per_epoch", self.max_steps_per_epoch >= 0,
-         "must be 0 (the whole epoch) or more"),
-        ("checkpoint_every_steps", self.checkpoint_every_steps >= 0,
-         "must be 0 (at epoch ends only) or more"),
-        ("pad_crop", self.pad_crop >= 0, "must be 0 (off) or more"),
-        ("cutout", self.cutout >= 0, "must be 0 (off) or more"),
+    checks = self._loop_checks() + [
         ("num_cells", self.num_cells >= 1, "must be at least 1"),
         ("channels", self.channels >= 2 and self.channels % 2 == 0,
          "must be even and at least 2"),

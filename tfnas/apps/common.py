@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 from tfnas.errors import TfnasError
+from tfnas.train import rundir
 
 
 @contextlib.contextmanager
@@ -141,22 +142,14 @@ def print_final(history: list, run_dir: str, epochs: int,
   """Prints the last epoch's ``keys`` as the run's final line; for a resumed
   run that had nothing left to do, says so and reads them from
   ``history.jsonl``."""
+  last = history[-1] if history else rundir.last_history(run_dir)
   if not history:
-    try:
-      with open(os.path.join(run_dir, "history.jsonl")) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-      history = [json.loads(lines[-1])] if lines else []
-    except (OSError, ValueError):
-      history = []
-    done = epochs
-    if history and isinstance(history[-1], dict):
-      done = history[-1].get("epoch", epochs)
-    print(f"{run_dir} already finished {done} epochs (--epochs={epochs}); "
-          "resume with a larger --epochs to train longer")
-  if history and isinstance(history[-1], dict):
+    print(f"{run_dir} already finished {last.get('epoch', epochs)} epochs "
+          f"(--epochs={epochs}); resume with a larger --epochs to train "
+          "longer")
+  if last:
     # An epoch resumed after its last step, from a checkpoint whose metric
     # sums were not recorded, has no train metrics.
-    last = history[-1]
     shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys
                       if isinstance(last.get(k), (int, float)))
     print(f"final: {shown}; run directory: {run_dir}")

@@ -22,7 +22,6 @@ exported; retrain their genotype first.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -105,15 +104,6 @@ def _export_search_child(run_dir: str, method_name: str,
                         meta["input_shape"]))
 
 
-def _last_history(run_dir: str) -> dict:
-  try:
-    with open(os.path.join(run_dir, "history.jsonl")) as f:
-      lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
-  except (OSError, ValueError):
-    return {}
-
-
 def _export_retrained(run_dir: str, saved: dict,
                       checkpoint_path: str | None) -> None:
   """Exports the network of a tfnas-train run (latest or given checkpoint)."""
@@ -143,7 +133,7 @@ def _export_retrained(run_dir: str, saved: dict,
   network_cost = cost.network_cost(genotype, config.network, info.input_shape,
                                    info.num_classes, config.num_cells,
                                    config.channels)
-  history = _last_history(run_dir)
+  history = rundir.last_history(run_dir)
   metadata = {
       "dataset": config.dataset, "num_classes": info.num_classes,
       "input_shape": list(info.input_shape), "mean": list(info.mean),

@@ -59,6 +59,18 @@ def atomic_write(path: str, text: str) -> None:
     raise
 
 
+def last_history(run_dir: str) -> dict[str, Any]:
+  """The last epoch's metrics in ``run_dir/history.jsonl`` ({} when there
+  are none or the file cannot be read)."""
+  try:
+    with open(os.path.join(run_dir, "history.jsonl")) as f:
+      lines = [line for line in f if line.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+  except (OSError, ValueError):
+    return {}
+  return last if isinstance(last, dict) else {}
+
+
 def read_config(run_dir: str) -> dict[str, Any]:
   """The ``config.json`` a run directory holds, as saved.
 
