@@ -130,6 +130,25 @@ assert not any(m == "tfnas" or m.startswith("tfnas.") for m in sys.modules)
 """
 
 
+def stop_mid_epoch_and_resume(test, run_class, straight_config, config,
+                              keys):
+  """Runs ``run_class`` (Search or Retrain) straight with
+  ``straight_config``, and with ``config`` stopped after its first chunk of
+  steps (as a SIGTERM would stop it) and resumed; the resumed epoch's
+  ``keys`` must equal the straight run's."""
+  straight = run_class(straight_config, show_progress=False).run()
+  first = run_class(config, show_progress=False)
+  first._agree = lambda stop: True  # pylint: disable=protected-access
+  with test.assertRaises(KeyboardInterrupt):
+    first.run()
+  test.assertEqual(int(first.step_in_epoch.numpy()), config.steps_per_loop)
+  resumed = run_class(config, resume=True, show_progress=False).run()
+  test.assertLen(resumed.history, 1)
+  for key in keys:
+    test.assertAllClose(resumed.history[0][key], straight.history[0][key],
+                        rtol=1e-5, msg=key)
+
+
 def serve_in_fresh_process(path, images, work_dir):
   """Feeds ``images`` to the SavedModel's ``serving_default`` in a new
   interpreter that loads it with TensorFlow alone (what a serving client

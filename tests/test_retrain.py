@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from tests import helpers
 from tfnas.config import TrainConfig
 from tfnas.genotype import Genotype
 from tfnas.train import optim, rundir
@@ -59,18 +60,10 @@ class RetrainTest(tf.test.TestCase):
 
   def test_resume_mid_epoch_keeps_the_epochs_train_metrics(self):
     base = self.get_temp_dir()
-    straight = Retrain(tiny_config(os.path.join(base, "a"), epochs=1),
-                       show_progress=False).run()
-    config = tiny_config(os.path.join(base, "b"), epochs=1)
-    first = Retrain(config, show_progress=False)
-    first._agree = lambda stop: True  # As a SIGTERM during the first chunk.
-    with self.assertRaises(KeyboardInterrupt):
-      first.run()
-    self.assertEqual(int(first.step_in_epoch.numpy()), 2)
-    resumed = Retrain(config, resume=True, show_progress=False).run()
-    for key in ("train/loss", "train/acc", "val/loss"):
-      self.assertAllClose(resumed.history[0][key], straight.history[0][key],
-                          rtol=1e-5, msg=key)
+    helpers.stop_mid_epoch_and_resume(
+        self, Retrain, tiny_config(os.path.join(base, "a"), epochs=1),
+        tiny_config(os.path.join(base, "b"), epochs=1),
+        ("train/loss", "train/acc", "val/loss"))
 
   def test_run_dir_refuses_other_run(self):
     run_dir = os.path.join(self.get_temp_dir(), "r")

@@ -71,19 +71,10 @@ class SearchLoopTest(tf.test.TestCase):
     # A stop after the first chunk (2 of 3 steps) records the sums of those
     # steps with the checkpoint; the resumed epoch reports all three.
     base = self.get_temp_dir()
-    straight = Search(tiny_config(os.path.join(base, "a"), epochs=1),
-                      show_progress=False).run()
-    config = tiny_config(os.path.join(base, "b"), epochs=1)
-    first = Search(config, show_progress=False)
-    first._agree = lambda stop: True  # As a SIGTERM during the first chunk.
-    with self.assertRaises(KeyboardInterrupt):
-      first.run()
-    self.assertEqual(int(first.step_in_epoch.numpy()), 2)
-    resumed = Search(config, resume=True, show_progress=False).run()
-    self.assertLen(resumed.history, 1)
-    for key in ("train/loss", "train/acc", "search/val_loss"):
-      self.assertAllClose(resumed.history[0][key], straight.history[0][key],
-                          rtol=1e-5, msg=key)
+    helpers.stop_mid_epoch_and_resume(
+        self, Search, tiny_config(os.path.join(base, "a"), epochs=1),
+        tiny_config(os.path.join(base, "b"), epochs=1),
+        ("train/loss", "train/acc", "search/val_loss"))
 
   def test_run_dir_refuses_other_run_and_keeps_files(self):
     run_dir = os.path.join(self.get_temp_dir(), "r")
