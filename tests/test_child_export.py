@@ -74,6 +74,8 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
 
   meta = json.loads((path / "metadata.json").read_text())
   assert all(key in meta for key in RETRAIN_KEYS), sorted(meta)
+  assert os.path.isabs(meta["checkpoint"])
+  assert f"exported {meta['checkpoint']} to {path}" in out.stdout
   digits = data.dataset_info("digits")
   assert (meta["dataset"], meta["num_classes"], meta["input_shape"]) == (
       "digits", 10, [8, 8, 1])

@@ -64,13 +64,18 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   assert Genotype.load(run_dir / "genotype.json") is not None
 
   export_dir = tmp_path / "serving"
-  out = app("export", f"--run_dir={run_dir}", f"--export_dir={export_dir}")
+  # (A relative --run_dir: the printed checkpoint is absolute anyway.)
+  out = app("export", f"--run_dir={os.path.relpath(run_dir, ROOT)}",
+            f"--export_dir={export_dir}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "multiply-adds" in out.stdout and "parameters" in out.stdout
   meta = json.loads((export_dir / "1" / "metadata.json").read_text())
   assert meta["dataset"] == "digits" and meta["input_shape"] == [8, 8, 1]
   assert meta["val_acc"] == pytest.approx(history[-1]["val/acc"])
   assert meta["params"] > 0 and (export_dir / "1" / "saved_model.pb").exists()
+  # The line names the checkpoint as metadata.json does (absolute).
+  assert os.path.isabs(meta["checkpoint"])
+  assert f"exported {meta['checkpoint']} to {export_dir / '1'}" in out.stdout
 
   # An older checkpoint is a different model: version 1 is kept as is.
   ckpts = sorted((run_dir / "ckpt").glob("ckpt-*.index"),

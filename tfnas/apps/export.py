@@ -149,7 +149,7 @@ def _export_retrained(run_dir: str, saved: dict,
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")
-  print(_signature_line(checkpoint_path, path, info.input_shape))
+  print(_signature_line(metadata["checkpoint"], path, info.input_shape))
 
 
 @common.clean_errors("tfnas-export")
