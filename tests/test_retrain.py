@@ -128,3 +128,67 @@ def test_two_replicas_train_and_evaluate(tmp_path):
   for metrics in history:
     assert np.isfinite(metrics["train/loss"])
     assert 0.0 <= metrics["val/acc"] <= 1.0
+
+
+# Same interpreter rule as MIRRORED. One run on the default strategy, one on
+# two mirrored replicas from the same initial weights; no drop path and no
+# random augmentation, so the only difference is the split of each batch.
+MIRRORED_EQUALS_ONE_DEVICE = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfnas.config import TrainConfig
+from tfnas.train.retrain import Retrain
+config = TrainConfig(run_dir=sys.argv[1] + "/one", dataset="digits",
+                     genotype="DARTS_V2", num_cells=3, channels=4,
+                     auxiliary_weight=0.4, batch_size=32, epochs=2,
+                     max_steps_per_epoch=2, steps_per_loop=2, pad_crop=0,
+                     flip=False, cutout=0, drop_path_prob=0.0, lr=0.1,
+                     weight_decay=3e-3, seed=4, sync_batch_norm=True)
+one = Retrain(config, show_progress=False)
+init = [v.numpy() for v in one.network.weights]
+devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+two = Retrain(config.replace(run_dir=sys.argv[1] + "/two"),
+              strategy=tf.distribute.MirroredStrategy(devices),
+              show_progress=False)
+assert [v.path for v in two.network.weights] == [
+    v.path for v in one.network.weights]
+for v, value in zip(two.network.weights, init):
+  v.assign(value)
+history = [one.run().history, two.run().history]
+after = [[v.numpy() for v in r.network.weights] for r in (one, two)]
+print(json.dumps({
+    "replicas": two.strategy.num_replicas_in_sync,
+    "has_aux": one.network.auxiliary_head is not None,
+    "moved": max(float(np.abs(a - b).max()) for a, b in zip(after[0], init)),
+    "diff": max(float(np.abs(a - b).max() / (1 + np.abs(a).max()))
+                for a, b in zip(*after)),
+    "history": history}))
+"""
+
+
+def test_two_replicas_train_like_one_device(tmp_path):
+  """Mirrored retraining (synchronized BN) takes the one-device steps:
+  weights, BN statistics and every epoch's metrics agree."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-c", MIRRORED_EQUALS_ONE_DEVICE,
+                         str(tmp_path)], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["replicas"] == 2 and out["has_aux"]
+  assert out["moved"] > 1e-2  # Four steps of lr 0.1 moved the weights,
+  assert out["diff"] < 1e-4, out["diff"]  # and both runs moved them alike.
+  one, two = out["history"]
+  assert len(one) == len(two) == 2
+  for a, b in zip(one, two):
+    assert set(a) == set(b)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(a), a
+    for key in a:
+      if key.startswith(("train/", "val/")):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
