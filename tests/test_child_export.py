@@ -43,6 +43,18 @@ def search_run(tmp_path_factory):
   return run_dir
 
 
+def digits_test_accuracy(model):
+  """Accuracy of ``model`` (inference mode) on the whole digits test split,
+  counted here batch by batch."""
+  images, labels = data.load_split("digits", "test")
+  correct = 0
+  for x, y in data.make_dataset(images, labels, data.dataset_info("digits"),
+                                batch_size=100, training=False):
+    predicted = np.argmax(model(x, training=False).numpy(), axis=1)
+    correct += int((predicted == y.numpy()).sum())
+  return correct / len(labels), len(labels)
+
+
 def digits_test_images(n=32):
   """Raw test images in [0, 255] (what a client sends) and the same images
   normalised by the training pipeline (what the in-memory child takes)."""
@@ -87,6 +99,13 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
   assert meta["checkpoint"] == os.path.abspath(info["checkpoint"])
   assert meta["bn_recalibration_batches"] == 0
   assert meta["method"] == "dsnas" and meta["space"] == "shufflenet_small"
+  # --evaluate (default): the deployed child's accuracy on the test split.
+  accuracy, examples = digits_test_accuracy(child)
+  assert (meta["val_split"], meta["val_examples"]) == ("test", examples)
+  assert meta["val_acc"] == pytest.approx(accuracy, abs=1e-6)
+  assert np.isfinite(meta["val_loss"]) and meta["val_loss"] > 0
+  assert (f"deployed child on the test split ({examples} examples): "
+          f"val/acc {accuracy:.4f}") in out.stdout
   assert BlockGenotype.load(path / "genotype.json") == genotype
   assert genotype == BlockGenotype.load(search_run / "genotype.json")
 
@@ -127,6 +146,9 @@ def test_recalibrated_child_of_an_older_checkpoint(search_run, tmp_path):
   meta = json.loads((export_dir / "1" / "metadata.json").read_text())
   assert meta["bn_recalibration_batches"] == 2
   assert meta["checkpoint"] == os.path.abspath(older)
+  # Measured with the re-estimated statistics.
+  assert meta["val_acc"] == pytest.approx(
+      digits_test_accuracy(recalibrated)[0], abs=1e-6)
   raw, normalised = digits_test_images()
   serve = tf.saved_model.load(str(export_dir / "1")).signatures[
       "serving_default"]

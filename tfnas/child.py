@@ -258,3 +258,46 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
                                space=config.space,
                                recalibrated_batches=recalibrated,
                                checkpoint=checkpoint)
+
+
+def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
+                          show_progress: bool = False) -> dict:
+  """Loss and accuracy of a deployed child on its search's evaluation split.
+
+  The child runs as it is deployed (``training=False``: its moving or
+  recalibrated BN statistics), on the split where the search reported its
+  ``val/`` metrics (the test split for single-level methods such as DSNAS;
+  the held-out part of the training split otherwise). The search itself
+  reports ``val/child_acc`` with batch statistics, which can differ much
+  from the deployed network's accuracy.
+
+  Returns:
+    ``{"val/loss", "val/acc", "split", "examples"}``.
+  """
+  from tfnas import data as data_lib
+  from tfnas import methods
+  from tfnas.config import SearchConfig
+  from tfnas.train import loop
+  from tfnas.train.search import SearchData
+  from tfnas.train.step import cross_entropy
+  config = SearchConfig.from_dict(rundir.read_config(run_dir))
+  if data_dir:
+    config = config.replace(data_dir=data_dir)
+  single_level = methods.get_method(config.method).single_level
+  splits = SearchData(config, single_level=single_level)
+  strategy = tf.distribute.get_strategy()
+
+  def replica(images, labels):
+    logits = child(images, training=False)
+    return loop.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
+                             logits, labels)
+  metrics = loop.evaluate(
+      splits.eval_stream(strategy),
+      tf.function(loop.summed_eval_step(strategy, replica)),
+      show_progress=show_progress,
+      batches=data_lib.steps_per_epoch(splits.val.num_examples,
+                                       config.batch_size,
+                                       drop_remainder=False))
+  split = ("test" if single_level else
+           f"train, held out ({1 - config.train_portion:g} of it)")
+  return dict(metrics, split=split, examples=splits.val.num_examples)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from tfnas import data
 from tfnas import export
-from tfnas.child import load_search_child
+from tfnas.child import evaluate_search_child, load_search_child
 
 SOURCE = "search child with inherited supernet weights (no retraining)"
 
@@ -70,7 +70,9 @@ def export_search_child(run_dir: str, base_path: str, *,
                         recalibrate_batches: int = 0,
                         version: int | None = None,
                         data_dir: str | None = None,
-                        checkpoint: str | None = None) -> ExportedChild:
+                        checkpoint: str | None = None,
+                        evaluate: bool = False,
+                        show_progress: bool = False) -> ExportedChild:
   """Exports the inherited-weight child of the search in ``run_dir``.
 
   Args:
@@ -81,6 +83,10 @@ def export_search_child(run_dir: str, base_path: str, *,
     version: export version (the exporter's default if None).
     data_dir: tfds data directory for the recalibration batches.
     checkpoint: checkpoint prefix of the run to export (default: latest).
+    evaluate: first measure the child as deployed on the search's
+      evaluation split (`tfnas.child.evaluate_search_child`); the metadata
+      gets ``val_acc``, ``val_loss``, ``val_split`` and ``val_examples``.
+    show_progress: draw a progress bar over the evaluation batches.
 
   Returns:
     An `ExportedChild` (export path, genotype, metadata).
@@ -89,6 +95,13 @@ def export_search_child(run_dir: str, base_path: str, *,
       run_dir, recalibrate_batches=recalibrate_batches, data_dir=data_dir,
       checkpoint=checkpoint)
   metadata = search_child_metadata(run_dir, info)
+  if evaluate:
+    measured = evaluate_search_child(child, run_dir, data_dir=data_dir,
+                                     show_progress=show_progress)
+    metadata.update(val_acc=measured["val/acc"],
+                    val_loss=measured["val/loss"],
+                    val_split=measured["split"],
+                    val_examples=measured["examples"])
   path = export.export_saved_model(child, base_path, metadata=metadata,
                                    genotype=genotype, version=version)
   return ExportedChild(path, genotype, metadata)

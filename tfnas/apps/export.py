@@ -13,7 +13,8 @@ directory (config.json and genotype.json) and restores the latest checkpoint
 its search weights (DSNAS, section 2.2: no retraining): rebuilds the
 supernet and α from the checkpoint, takes the argmax child with inherited
 weights (``tfnas.child_export``), optionally re-estimating its BN statistics
-on --recalibrate_batches training batches. Either way it writes
+on --recalibrate_batches training batches, and measures it as deployed on
+the search's evaluation split (--evaluate). Either way it writes
 ``<export_dir>/<version>/`` with the ``serving_default`` signature (see
 ``tfnas.export`` for the input contract), genotype.json and metadata.json.
 Other search runs (DARTS, SNAS) are refused: their supernet is never
@@ -51,8 +52,17 @@ flags.DEFINE_integer("recalibrate_batches", 0,
                      "exporting (0: keep the supernet's moving averages, "
                      "which mix every child sampled in the search).")
 flags.DEFINE_string("data_dir", None,
-                    "With --recalibrate_batches: tfds data directory of the "
-                    "training data (default: the search run's --data_dir).")
+                    "DSNAS search runs: tfds data directory of the data for "
+                    "--recalibrate_batches and --evaluate (default: the "
+                    "search run's --data_dir).")
+flags.DEFINE_boolean("evaluate", True,
+                     "DSNAS search runs only: measure the child as deployed "
+                     "(its moving or re-estimated BN statistics) on the "
+                     "search's evaluation split before exporting; printed "
+                     "and written to metadata.json as val_acc. The search's "
+                     "own val/child_acc uses batch statistics.")
+flags.DEFINE_boolean("progress", True,
+                     "Show a progress bar over the evaluation batches.")
 FLAGS = flags.FLAGS
 
 
@@ -90,7 +100,8 @@ def _export_search_child(run_dir: str, method_name: str,
       run_dir, FLAGS.export_dir,
       recalibrate_batches=FLAGS.recalibrate_batches,
       version=FLAGS.version or None, checkpoint=checkpoint_path,
-      data_dir=FLAGS.data_dir)
+      data_dir=FLAGS.data_dir, evaluate=FLAGS.evaluate,
+      show_progress=FLAGS.progress)
   meta = exported.metadata
   used = meta["bn_recalibration_batches"]
   bn = (f"BN statistics re-estimated on {used} training batches" if used
@@ -100,6 +111,10 @@ def _export_search_child(run_dir: str, method_name: str,
         f"inherited weights, {bn}): {meta['params'] / 1e6:.3f}M "
         f"parameters, {meta['flops'] / 1e6:.4g}M FLOPs "
         f"({meta['flops_scope']})")
+  if "val_acc" in meta:
+    print(f"deployed child on the {meta['val_split']} split "
+          f"({meta['val_examples']} examples): val/acc {meta['val_acc']:.4f}, "
+          f"val/loss {meta['val_loss']:.4f}")
   print(_signature_line(meta["checkpoint"], exported.path,
                         meta["input_shape"]))
 
