@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import tensorflow as tf
 from tests import helpers
 from tfnas.config import TrainConfig
 from tfnas.genotype import Genotype
-from tfnas.train import optim, rundir
+from tfnas.train import loop, optim, rundir
 from tfnas.train.retrain import Retrain
 
 
@@ -64,6 +65,59 @@ class RetrainTest(tf.test.TestCase):
         self, Retrain, tiny_config(os.path.join(base, "a"), epochs=1),
         tiny_config(os.path.join(base, "b"), epochs=1),
         ("train/loss", "train/acc", "val/loss"))
+
+  def _sigterm_during_evaluation(self, run, after: bool):
+    """Patches ``run.evaluate`` to send this process SIGTERM before (or,
+    with ``after``, once) the evaluation runs, as a scheduler would."""
+    evaluate = run.evaluate
+
+    def patched(interrupted=None):
+      if not after:
+        os.kill(os.getpid(), signal.SIGTERM)
+      out = evaluate(interrupted)
+      if after:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    run.evaluate = patched
+
+  def test_sigterm_in_evaluation_stops_there_and_resumes_exactly(self):
+    base = self.get_temp_dir()
+    straight = Retrain(tiny_config(os.path.join(base, "a"), epochs=1),
+                       show_progress=False).run()
+    config = tiny_config(os.path.join(base, "b"), epochs=1)
+    first = Retrain(config, show_progress=False)
+    self._sigterm_during_evaluation(first, after=False)
+    with self.assertRaises(loop.StopRequested) as stopped:
+      first.run()
+    self.assertEqual(stopped.exception.signum, signal.SIGTERM)
+    # The training steps were saved with their sums, no epoch was logged.
+    self.assertEqual(int(first.epoch.numpy()), 0)
+    self.assertEqual(int(first.step_in_epoch.numpy()), 3)
+    self.assertFalse(os.path.exists(os.path.join(config.run_dir,
+                                                 "history.jsonl")))
+    resumed = Retrain(config, resume=True, show_progress=False).run()
+    self.assertLen(resumed.history, 1)
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+      self.assertAllClose(resumed.history[0][key], straight.history[0][key],
+                          rtol=1e-5, msg=key)
+
+  def test_sigterm_while_an_epoch_ends_stops_before_the_next(self):
+    base = self.get_temp_dir()
+    config = tiny_config(os.path.join(base, "b"), max_steps_per_epoch=1)
+    first = Retrain(config, show_progress=False)
+    self._sigterm_during_evaluation(first, after=True)
+    with self.assertRaises(loop.StopRequested):
+      first.run()
+    # Stopped at the epoch's end, before any step of the next one.
+    self.assertEqual(int(first.epoch.numpy()), 1)
+    self.assertEqual(int(first.step_in_epoch.numpy()), 0)
+    self.assertEqual(int(first.optimizer.iterations.numpy()), 1)
+    lines = open(os.path.join(base, "b", "history.jsonl")).read().splitlines()
+    self.assertEqual([json.loads(l)["epoch"] for l in lines], [1])
+    # In the last epoch the run is complete: it ends normally.
+    resumed = Retrain(config, resume=True, show_progress=False)
+    self._sigterm_during_evaluation(resumed, after=True)
+    self.assertEqual([h["epoch"] for h in resumed.run().history], [2])
 
   def test_run_dir_refuses_other_run(self):
     run_dir = os.path.join(self.get_temp_dir(), "r")

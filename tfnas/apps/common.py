@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -157,7 +158,8 @@ def print_final(history: list, run_dir: str, epochs: int,
 
 def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
   """Decorator for an app main: bad input → one line on stderr, exit 2;
-  Ctrl-C (or SIGTERM) → one line on what a rerun can continue, exit 130.
+  Ctrl-C (or SIGTERM) → one line on what a rerun can continue, exit 130
+  (143 after SIGTERM).
 
   Args:
     prog: the app's name, first on each line.
@@ -171,10 +173,11 @@ def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
       except TfnasError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-      except KeyboardInterrupt:
+      except KeyboardInterrupt as e:
         print(f"{prog}: {interrupted_line(run_dir() if run_dir else None)}",
               file=sys.stderr)
-        sys.exit(130)
+        # The shell's status for a process stopped by that signal.
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     return wrapped
   return wrap
 

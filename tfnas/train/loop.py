@@ -27,6 +27,27 @@ from tfnas.train.progress import progress_bar
 from tfnas.train.step import batch_sums
 
 
+class StopRequested(KeyboardInterrupt):
+  """A stop request honoured at a safe point, after saving.
+
+  ``signum``: the signal that asked (SIGTERM; SIGINT for Ctrl-C), so that
+  the process can exit with the status a shell expects (128 + signum).
+  """
+
+  def __init__(self, signum: int = signal.SIGINT):
+    super().__init__()
+    self.signum = int(signum)
+
+
+def stop_requested(interrupted: list) -> StopRequested:
+  """The `StopRequested` for the requests in ``interrupted`` (the list of
+  `sigterm_flag`): SIGTERM when one came, as when another worker asked and
+  this one got none (a scheduler's stop)."""
+  if signal.SIGTERM in interrupted or not interrupted:
+    return StopRequested(signal.SIGTERM)
+  return StopRequested(interrupted[0])
+
+
 @contextlib.contextmanager
 def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   """Yields a list that gets an entry when SIGTERM arrives.
@@ -54,6 +75,24 @@ def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def evaluation_interrupts(strategy: tf.distribute.Strategy,
+                          interrupted: list) -> list | None:
+  """``interrupted`` for `evaluate` where a stop may end an evaluation
+  between batches (one worker); None in a multi-worker run, whose workers
+  stop together at the end of the epoch (`stop_after_epoch`)."""
+  return interrupted if distribute.num_workers(strategy) <= 1 else None
+
+
+def stop_after_epoch(agree: Callable[[bool], bool], interrupted: list,
+                     more_epochs: bool) -> None:
+  """After an epoch has ended and been saved: raises `StopRequested` when a
+  stop was requested (by any worker: ``agree``, see `stop_agreement`) and
+  epochs remain. A request that comes while the last epoch ends changes
+  nothing: the run is complete."""
+  if more_epochs and agree(bool(interrupted)):
+    raise stop_requested(interrupted)
 
 
 def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
@@ -165,7 +204,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
     The epoch's totals of every key ``run_chunk`` returns.
 
   Raises:
-    KeyboardInterrupt: after saving, when SIGTERM arrived.
+    StopRequested: after saving, when a stop was requested.
   """
   totals = dict(totals or {})
   with progress_bar(steps, initial=start, desc=desc,
@@ -187,7 +226,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
                   done % checkpoint_every_steps == 0 and done < steps):
         save(totals)
       if stop:
-        raise KeyboardInterrupt
+        raise stop_requested(interrupted)
   return totals
 
 
@@ -415,16 +454,23 @@ def summed_eval_step(strategy: tf.distribute.Strategy,
 
 
 def evaluate(dataset, step, prefix: str = "val/", show_progress: bool = False,
-             batches: int | None = None) -> dict[str, float]:
+             batches: int | None = None,
+             interrupted: list | None = None) -> dict[str, float]:
   """Runs ``step`` over a (distributed) dataset; mean loss and accuracy.
 
   ``show_progress`` draws a bar over the ``batches`` (None: counted) that is
-  erased when the evaluation ends.
+  erased when the evaluation ends. ``interrupted`` (the list of
+  `sigterm_flag`; only where one process runs the evaluation, since the
+  workers of a multi-worker run must stop at the same batch) is checked
+  between batches: a stop request raises `StopRequested` there instead of
+  waiting for the evaluation to end.
   """
   totals = dict.fromkeys(EVAL_KEYS, 0.0)
   with progress_bar(batches, desc=prefix.rstrip("/_") or "eval",
                     enabled=show_progress, leave=False, unit="batch") as bar:
     for batch in dataset:
+      if interrupted:
+        raise stop_requested(interrupted)
       for k, v in step(batch).items():
         totals[k] += float(v)
       bar.update(1)

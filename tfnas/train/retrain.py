@@ -179,14 +179,16 @@ class Retrain:
     return tf.function(loop.summed_eval_step(self.strategy, replica))
 
   # ------------------------------------------------------------------- run
-  def evaluate(self) -> dict[str, float]:
-    """Loss and accuracy on the test split (moving BN statistics)."""
+  def evaluate(self, interrupted: list | None = None) -> dict[str, float]:
+    """Loss and accuracy on the test split (moving BN statistics);
+    ``interrupted`` as for `loop.evaluate`."""
     return loop.evaluate(
         self._stream(self.test, training=False), self._eval_step,
         show_progress=self.show_progress,
         batches=data_lib.steps_per_epoch(self.test.num_examples,
                                          self.config.batch_size,
-                                         drop_remainder=False))
+                                         drop_remainder=False),
+        interrupted=interrupted)
 
   def _save(self, totals=None):
     number = int(self.optimizer.iterations.numpy())
@@ -207,6 +209,8 @@ class Retrain:
             break
           epochs_run += 1
           history.append(self._run_epoch(interrupted))
+          loop.stop_after_epoch(self._agree, interrupted,
+                                int(self.epoch.numpy()) < config.epochs)
       except KeyboardInterrupt:
         self._save()
         self.writer.flush()
@@ -244,8 +248,9 @@ class Retrain:
       metrics["train/loss"] = totals["train/loss_sum"] / count
       metrics["train/acc"] = totals["train/correct"] / count
     try:
-      metrics.update(self.evaluate())
-    except KeyboardInterrupt:  # Ctrl-C in evaluation: keep the epoch's sums.
+      metrics.update(self.evaluate(
+          loop.evaluation_interrupts(self.strategy, interrupted)))
+    except KeyboardInterrupt:  # A stop in evaluation: keep the epoch's sums.
       self._save(totals=totals)
       raise
     metrics["train/drop_path_prob"] = drop_prob

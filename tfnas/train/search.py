@@ -371,12 +371,14 @@ class Search:
     return self.method.selector(self.alphas(), self.arch.groups[0].candidates,
                                 getattr(self.space, "num_nodes", None), masks)
 
-  def evaluate(self, child: bool = False) -> dict[str, float]:
+  def evaluate(self, child: bool = False,
+               interrupted: list | None = None) -> dict[str, float]:
     """Supernet accuracy on the validation split (BN per Method.eval_batch_stats).
 
     ``child=False`` uses the search distribution's sample (softmax α for
     DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
-    one-hot argmax architecture, without fine-tuning.
+    one-hot argmax architecture, without fine-tuning. ``interrupted``: as
+    for `loop.evaluate`.
     """
     if getattr(self.ctx.distribution, "single_path", False):
       eval_step = self._make_single_path_eval(child)
@@ -388,7 +390,8 @@ class Search:
         show_progress=self.show_progress,
         batches=data_lib.steps_per_epoch(self.data.val.num_examples,
                                          self.data.batch_size,
-                                         drop_remainder=False))
+                                         drop_remainder=False),
+        interrupted=interrupted)
 
   def _save(self, epoch_done: bool, totals=None):
     number = int(self.w_opt.iterations.numpy())
@@ -430,6 +433,8 @@ class Search:
             break
           epochs_run += 1
           history.append(self._run_epoch(interrupted))
+          loop.stop_after_epoch(self._agree, interrupted,
+                                int(self.epoch.numpy()) < config.epochs)
       except KeyboardInterrupt:
         self._save(epoch_done=False)
         self.writer.flush()
@@ -468,10 +473,11 @@ class Search:
         if not config.early_stop_every_steps:
           self._check_early_stop()
         metrics["arch/fixed_decisions"] = float(self.early_stop.num_fixed())
-      metrics.update(self.evaluate())
+      stops = loop.evaluation_interrupts(self.strategy, interrupted)
+      metrics.update(self.evaluate(interrupted=stops))
       if self.method.child_eval:
-        metrics.update(self.evaluate(child=True))
-    except KeyboardInterrupt:  # Ctrl-C in evaluation: keep the epoch's sums.
+        metrics.update(self.evaluate(child=True, interrupted=stops))
+    except KeyboardInterrupt:  # A stop in evaluation: keep the epoch's sums.
       self._save(epoch_done=False, totals=totals)
       raise
     temperature = getattr(self.ctx.distribution, "temperature", None)
