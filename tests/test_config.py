@@ -26,12 +26,24 @@ from tfnas.config import ConfigError, SearchConfig, TrainConfig
     (TrainConfig, "momentum", -1.0),
     (TrainConfig, "weight_decay", -3e-4),
     (TrainConfig, "grad_clip", -5.0),
+    # Keras and NumPy take seeds in [0, 2**32): a traceback before.
+    (SearchConfig, "seed", -1),
+    (SearchConfig, "seed", 2**32),
+    (TrainConfig, "seed", -1),
+    # A probability gap never reaches 1: early stop was silently off.
+    (SearchConfig, "early_stop_threshold", 1.0),
 ])
 def test_out_of_range_values_name_their_flag(cls, field, value):
   # The message also says what the value must be.
   with pytest.raises(ConfigError,
                      match=rf"^invalid --{field}={value!r}: must \S"):
     cls(**{field: value})
+
+
+def test_edge_seeds_and_logit_gap_thresholds_are_accepted():
+  SearchConfig(seed=2**32 - 1)
+  TrainConfig(seed=0)
+  SearchConfig(early_stop_threshold=2.0, early_stop_on_logits=True)
 
 
 def test_a_bound_from_another_flag_names_it():

@@ -40,6 +40,8 @@ class _Config:
          "must be 0 (the whole epoch) or more"),
         ("checkpoint_every_steps", self.checkpoint_every_steps >= 0,
          "must be 0 (at epoch ends only) or more"),
+        ("seed", 0 <= self.seed < 2**32,
+         "must be between 0 and 4294967295 (2**32 - 1)"),
         ("pad_crop", self.pad_crop >= 0, "must be 0 (off) or more"),
         ("cutout", self.cutout >= 0, "must be 0 (off) or more"),
     ]
@@ -189,6 +191,10 @@ class SearchConfig(_Config):
          "must be 0 (no budget) or more"),
         ("early_stop_threshold", self.early_stop_threshold >= 0,
          "must be 0 or more"),
+        ("early_stop_threshold",
+         self.early_stop_on_logits or self.early_stop_threshold < 1,
+         "must be below 1 when the gap is between probabilities (it never "
+         "reaches 1); a larger threshold needs --early_stop_on_logits"),
         ("early_stop_every_steps", self.early_stop_every_steps >= 0,
          "must be 0 (every epoch) or more"),
         ("compiled_children", self.compiled_children >= 0, "must be 0 or more"),
