@@ -289,6 +289,20 @@ def test_tfds_not_prepared_fails_fast(tmp_path):
     assert "cifar-10-binary.tar.gz" in message
 
 
+def test_tfds_empty_version_folder_is_one_clear_error(tmp_path):
+    # What an interrupted preparation or a partial copy leaves: tfds takes
+    # the folder for prepared data and found no splits (a KeyError before).
+    import tensorflow_datasets as tfds
+    version = str(tfds.builder("cifar10", data_dir=str(tmp_path)).version)
+    folder = tmp_path / "cifar10" / version
+    folder.mkdir(parents=True)
+    with pytest.raises(data.DataError) as err:
+        data.load_split("cifar10", "train", data_dir=str(tmp_path))
+    message = str(err.value)
+    assert f"{folder} holds no prepared splits" in message
+    assert "cifar-10-binary.tar.gz" in message and "--data_dir" in message
+
+
 def test_tfds_manual_dir_without_archive_fails_fast(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()

@@ -119,6 +119,17 @@ def read_tfds(builder, archives: Sequence[str], data_dir: Optional[str],
   downloads)."""
   try:
     return builder.as_dataset(**as_dataset_kwargs)
+  except KeyError as err:
+    # A version folder without its splits: an interrupted preparation or
+    # a partial copy, which tfds takes for prepared data.
+    if "splits" not in str(err):
+      raise
+    raise DataError(
+        f"dataset {builder.name!r}: {builder.data_dir} holds no prepared "
+        "splits (an interrupted preparation or a partial copy?); remove "
+        "that folder and prepare it again with "
+        f"{' and '.join(archives)} in --manual_dir, or point --data_dir at "
+        "a complete prepared copy.") from None
   except AssertionError as err:
     if "could not find data" not in str(err):
       raise
