@@ -142,8 +142,13 @@ def stop_mid_epoch_and_resume(test, run_class, straight_config, config,
   with test.assertRaises(KeyboardInterrupt):
     first.run()
   test.assertEqual(int(first.step_in_epoch.numpy()), config.steps_per_loop)
+  test.assertTrue(os.path.exists(os.path.join(config.run_dir,
+                                              "partial_epoch.json")))
   resumed = run_class(config, resume=True, show_progress=False).run()
   test.assertLen(resumed.history, 1)
+  # Its epoch has ended: the record of its first steps is gone.
+  test.assertFalse(os.path.exists(os.path.join(config.run_dir,
+                                               "partial_epoch.json")))
   for key in keys:
     test.assertAllClose(resumed.history[0][key], straight.history[0][key],
                         rtol=1e-5, msg=key)

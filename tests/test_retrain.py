@@ -66,6 +66,29 @@ class RetrainTest(tf.test.TestCase):
         tiny_config(os.path.join(base, "b"), epochs=1),
         ("train/loss", "train/acc", "val/loss"))
 
+  def test_resume_past_an_unreadable_checkpoint_repeats_its_epoch_once(self):
+    base = self.get_temp_dir()
+    straight = Retrain(tiny_config(os.path.join(base, "a")),
+                       show_progress=False)
+    straight.run()
+    config = tiny_config(os.path.join(base, "b"))
+    Retrain(config, show_progress=False).run()
+    # The last epoch's checkpoint is cut short (a full disk, a crash).
+    newest = tf.train.latest_checkpoint(os.path.join(config.run_dir, "ckpt"))
+    self.assertTrue(newest.endswith("ckpt-6"))
+    data_file = newest + ".data-00000-of-00001"
+    with open(data_file, "r+b") as f:
+      f.truncate(os.path.getsize(data_file) // 2)
+    resumed = Retrain(config, resume=True, show_progress=False)
+    self.assertEqual(int(resumed.epoch.numpy()), 1)  # From ckpt-3.
+    self.assertEqual([h["epoch"] for h in resumed.run().history], [2])
+    lines = open(os.path.join(config.run_dir,
+                              "history.jsonl")).read().splitlines()
+    # Epoch 2's line of the first run was dropped, not kept twice.
+    self.assertEqual([json.loads(l)["epoch"] for l in lines], [1, 2])
+    for a, b in zip(straight.network.weights, resumed.network.weights):
+      self.assertAllClose(a.numpy(), b.numpy(), atol=1e-6, msg=a.path)
+
   def _sigterm_during_evaluation(self, run, after: bool):
     """Patches ``run.evaluate`` to send this process SIGTERM before (or,
     with ``after``, once) the evaluation runs, as a scheduler would."""

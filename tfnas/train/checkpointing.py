@@ -28,6 +28,8 @@ import re
 from absl import logging
 import keras
 import tensorflow as tf
+# No public way to keep a deprecated call quiet.
+from tensorflow.python.util import deprecation
 
 from tfnas.errors import TfnasError
 
@@ -155,11 +157,14 @@ def _forget(directory: str, state, latest: str, bad: set) -> None:
   paths = list(state.all_model_checkpoint_paths)
   times = list(state.all_model_checkpoint_timestamps)
   keep = [i for i, p in enumerate(paths) if p not in bad]
-  tf.compat.v1.train.update_checkpoint_state(
-      directory, latest, [paths[i] for i in keep],
-      all_model_checkpoint_timestamps=(
-          [times[i] for i in keep] if len(times) == len(paths) else None),
-      last_preserved_timestamp=state.last_preserved_timestamp)
+  # The one public writer of the list; its deprecation notice would be
+  # printed to the user, who can do nothing about it.
+  with deprecation.silence():
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, latest, [paths[i] for i in keep],
+        all_model_checkpoint_timestamps=(
+            [times[i] for i in keep] if len(times) == len(paths) else None),
+        last_preserved_timestamp=state.last_preserved_timestamp)
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,

@@ -113,11 +113,14 @@ def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
 
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
                        resuming: bool, max_to_keep: int = 3,
-                       restore_dir: str | None = None):
+                       restore_dir: str | None = None,
+                       epoch: tf.Variable | None = None):
   """The run's CheckpointManager (``run_dir/ckpt``); restores when resuming,
   from the latest checkpoint in ``restore_dir/ckpt`` (default ``run_dir``:
   a non-chief worker saves into its scratch directory but restores the
-  chief's checkpoint)."""
+  chief's checkpoint). ``epoch``: the checkpointed count of finished
+  epochs; the run directory's history then loses the lines of later epochs
+  (`trim_history`)."""
   if resuming:
     # Before the manager reads the checkpoint list: unreadable checkpoints
     # skipped here leave it (only this process's own directory is edited).
@@ -130,11 +133,21 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
                   restore_dir)
     else:
       log.info("resumed from %s", latest)
+    if epoch is not None and restore_dir == run_dir:
+      trim_history(run_dir, 0 if latest is None else int(epoch.numpy()))
   return tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
 
 
 PARTIAL_EPOCH = "partial_epoch.json"
+
+
+def drop_partial_epoch(write_dir: str) -> None:
+  """Removes the record of `save_partial_epoch` once its epoch has ended."""
+  try:
+    os.remove(os.path.join(write_dir, PARTIAL_EPOCH))
+  except FileNotFoundError:
+    pass
 
 
 def save_partial_epoch(write_dir: str, checkpoint_number: int, epoch: int,
@@ -304,6 +317,31 @@ def finish_epoch(run_dir: str, epoch: int, metrics: dict) -> dict:
       f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
   append_history(run_dir, metrics)
   return metrics
+
+
+def trim_history(run_dir: str, epochs_done: int) -> None:
+  """Drops the ``history.jsonl`` lines of epochs after ``epochs_done``, for a
+  run resumed from a checkpoint older than its last epoch (the newer ones
+  could not be read): those epochs run again and log new lines."""
+  path = os.path.join(run_dir, "history.jsonl")
+  try:
+    with open(path) as f:
+      lines = [line for line in f if line.strip()]
+  except OSError:
+    return
+  keep = []
+  for line in lines:
+    try:
+      epoch = json.loads(line).get("epoch", 0)
+    except (ValueError, AttributeError):
+      epoch = 0  # Not ours to judge: kept.
+    if not isinstance(epoch, int) or epoch <= epochs_done:
+      keep.append(line)
+  if len(keep) < len(lines):
+    log.warning("history.jsonl: dropping %d epoch lines after epoch %d, "
+                "which the run repeats from its checkpoint",
+                len(lines) - len(keep), epochs_done)
+    rundir.atomic_write(path, "".join(keep))
 
 
 def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:

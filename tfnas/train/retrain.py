@@ -126,7 +126,7 @@ class Retrain:
         step_in_epoch=self.step_in_epoch)
     self.manager = loop.checkpoint_manager(
         self.checkpoint, self.write_dir, self.resuming,
-        restore_dir=config.run_dir)
+        restore_dir=config.run_dir, epoch=self.epoch)
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
     self.writer = tf.summary.create_file_writer(
@@ -258,6 +258,7 @@ class Retrain:
     self.epoch.assign(epoch + 1)
     self.step_in_epoch.assign(0)
     self._save()
+    loop.drop_partial_epoch(self.write_dir)
     summaries.write_scalars(
         self.writer, {k: v for k, v in metrics.items()
                       if k.startswith(("train/", "val/"))},

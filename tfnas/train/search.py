@@ -240,7 +240,7 @@ class Search:
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
     self.manager = loop.checkpoint_manager(
         self.checkpoint, self.write_dir, self.resuming,
-        restore_dir=config.run_dir)
+        restore_dir=config.run_dir, epoch=self.epoch)
     self._children = ChildCache(config.compiled_children, self.arch,
                                 self.early_stop)
     self._switch_step = None  # Traced on first use (--single_path_step).
@@ -487,6 +487,7 @@ class Search:
     self.epoch.assign(epoch + 1)
     self.step_in_epoch.assign(0)
     genotype = self._save(epoch_done=True)
+    loop.drop_partial_epoch(self.write_dir)
     step = int(self.w_opt.iterations.numpy())
     summaries.write_scalars(
         self.writer, {k: v for k, v in metrics.items()
