@@ -58,6 +58,12 @@ class RetrainTest(tf.test.TestCase):
     self.assertEqual(saved, resumed.genotype)
     lines = open(os.path.join(base, "b", "history.jsonl")).read().splitlines()
     self.assertEqual([json.loads(l)["epoch"] for l in lines], [1, 2])
+    # A resume asking for fewer epochs than finished runs none, and the
+    # run's config.json still says how many it has.
+    fewer = Retrain(tiny_config(os.path.join(base, "b"), epochs=1),
+                    resume=True, show_progress=False)
+    self.assertEqual(fewer.run().history, [])
+    self.assertEqual(rundir.read_config(os.path.join(base, "b"))["epochs"], 2)
 
   def test_resume_mid_epoch_keeps_the_epochs_train_metrics(self):
     base = self.get_temp_dir()

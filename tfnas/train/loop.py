@@ -120,7 +120,8 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
   a non-chief worker saves into its scratch directory but restores the
   chief's checkpoint). ``epoch``: the checkpointed count of finished
   epochs; the run directory's history then loses the lines of later epochs
-  (`trim_history`)."""
+  (`trim_history`), and its config.json keeps at least that many epochs
+  (`rundir.keep_finished_epochs`)."""
   if resuming:
     # Before the manager reads the checkpoint list: unreadable checkpoints
     # skipped here leave it (only this process's own directory is edited).
@@ -134,7 +135,9 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
     else:
       log.info("resumed from %s", latest)
     if epoch is not None and restore_dir == run_dir:
-      trim_history(run_dir, 0 if latest is None else int(epoch.numpy()))
+      epochs_done = 0 if latest is None else int(epoch.numpy())
+      trim_history(run_dir, epochs_done)
+      rundir.keep_finished_epochs(run_dir, epochs_done)
   return tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
 

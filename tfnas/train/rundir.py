@@ -169,6 +169,16 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   return True
 
 
+def keep_finished_epochs(run_dir: str, epochs_done: int) -> None:
+  """Raises config.json's ``epochs`` to ``epochs_done`` when a resume asked
+  for fewer epochs than the run has finished (it runs none then): the file
+  keeps describing the run in the directory."""
+  config = read_config(run_dir)
+  if isinstance(config.get("epochs"), int) and config["epochs"] < epochs_done:
+    config["epochs"] = epochs_done
+    _write_config(run_dir, config)
+
+
 def _write_config(run_dir: str, config: dict[str, Any]) -> None:
   try:
     atomic_write(os.path.join(run_dir, "config.json"),
