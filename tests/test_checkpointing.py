@@ -145,6 +145,24 @@ class RestoreLatestTest(tf.test.TestCase):
     self.assertEqual(manager.checkpoints, [self.paths[0]])
     self.assertTrue(os.path.exists(self.paths[2] + ".index"))
 
+  def test_a_damaged_or_lost_list_falls_back_on_the_files(self):
+    # Resuming from "no checkpoint" would start the run again from scratch.
+    for damage in ("garbage {", None):
+      list_file = os.path.join(self.dir, "checkpoint")
+      if damage is None:
+        os.remove(list_file)
+      else:
+        with open(list_file, "w") as f:
+          f.write(damage)
+      target = _dense_stack(3)
+      with self.assertLogs(level="WARNING") as logs:
+        self.assertEqual(self._restore(target), self.paths[-1])
+      self.assertAllEqual(target.variables[0], tf.fill((4, 3), 3.0))
+      self.assertTrue(any("ckpt-1, ckpt-2, ckpt-3" in r for r in logs.output))
+      self.assertEqual(
+          resolve_checkpoint(os.path.dirname(self.dir), None, "-"),
+          self.paths[-1])
+
   def test_no_readable_checkpoint_is_an_error(self):
     for path in self.paths:
       os.remove(path + ".index")

@@ -208,6 +208,11 @@ def test_bad_export_input(tmp_path):
   proc = app("export", f"--run_dir={tmp_path}")
   assert proc.returncode == 2
   assert "--export_dir is required" in error_line(proc)
+  # A mistyped --checkpoint is named, not the config.json beside it.
+  proc = app("export", f"--checkpoint={tmp_path / 'nothing' / 'ckpt-3'}",
+             f"--export_dir={tmp_path / 'serving'}")
+  assert proc.returncode == 2
+  assert "nothing/ckpt-3 not found" in error_line(proc)
   (tmp_path / "a" / "ckpt").mkdir(parents=True)
   (tmp_path / "a" / "ckpt" / "checkpoint").write_text("")
   proc = app("export", f"--checkpoint={tmp_path / 'a' / 'ckpt'}",

@@ -197,6 +197,12 @@ def main(argv):
   if run_dir is None:
     if not checkpoint_path:
       raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
+    if "://" not in checkpoint_path and not (
+        os.path.exists(checkpoint_path) or
+        os.path.exists(checkpoint_path + ".index")):
+      raise TfnasError(f"--checkpoint={checkpoint_path} not found: no such "
+                       f"file or folder, and no checkpoint "
+                       f"{os.path.basename(checkpoint_path)}.index there")
     # <run_dir>/ckpt/ckpt-N
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(
         checkpoint_path)))

@@ -43,6 +43,32 @@ class ModelVariables(tf.Module):
                    for i, v in enumerate(model.variables)}
 
 
+def checkpoint_list(directory: str):
+  """``(state, prefixes)`` of the checkpoints in ``directory``, oldest first.
+
+  Those its checkpoint list (the ``checkpoint`` file) names, with that
+  list's state; when the list is missing or cannot be read but checkpoint
+  files are there (a damaged or lost list), those files in number order,
+  with a warning, and ``state`` None.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if state is not None:
+    return state, (list(state.all_model_checkpoint_paths) or
+                   [state.model_checkpoint_path])
+  numbered = []
+  for index in tf.io.gfile.glob(os.path.join(directory, "*-*.index")):
+    match = re.search(r"-(\d+)\.index$", index)
+    if match:
+      numbered.append((int(match.group(1)), index[:-len(".index")]))
+  numbered.sort()
+  if numbered:
+    logging.warning(
+        "the checkpoint list %s is missing or cannot be read; using the "
+        "checkpoint files there: %s", os.path.join(directory, "checkpoint"),
+        ", ".join(os.path.basename(p) for _, p in numbered))
+  return None, [p for _, p in numbered]
+
+
 def resolve_checkpoint(run_dir: str, checkpoint: str | None,
                        remedy: str) -> str:
   """``checkpoint``, or the latest one under ``run_dir/ckpt`` when None.
@@ -53,10 +79,10 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None,
       (the message names the older checkpoints of ``run_dir``).
   """
   if checkpoint is None:
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
-    if latest is None:
+    _, listed = checkpoint_list(os.path.join(run_dir, "ckpt"))
+    if not listed:
       raise TfnasError(f"{run_dir}/ckpt holds no checkpoint yet; {remedy}")
-    checkpoint = latest
+    checkpoint = listed[-1]
   else:
     # A prefix given as one of its files (tab completion) means the prefix.
     checkpoint = re.sub(r"\.(index|data-\d+-of-\d+)$", "", checkpoint)
@@ -65,8 +91,7 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None,
                      f"{os.path.basename(checkpoint)}.index)")
   problem = unreadable(checkpoint)
   if problem is not None:
-    state = tf.train.get_checkpoint_state(os.path.join(run_dir, "ckpt"))
-    listed = list(state.all_model_checkpoint_paths) if state else []
+    _, listed = checkpoint_list(os.path.join(run_dir, "ckpt"))
     older = listed[:listed.index(checkpoint)] if checkpoint in listed else []
     older = [p for p in older if tf.io.gfile.exists(p + ".index")]
     hint = (f"; pass an older one with --checkpoint: {', '.join(older)}"
@@ -185,10 +210,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
   Raises:
     TfnasError: the newest readable checkpoint does not fit, or none reads.
   """
-  state = tf.train.get_checkpoint_state(directory)
-  paths = ([] if state is None else
-           list(state.all_model_checkpoint_paths) or
-           [state.model_checkpoint_path])
+  state, paths = checkpoint_list(directory)
   paths.reverse()  # Newest first.
   skipped = []
   for path in paths:
@@ -212,7 +234,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
     for bad, why in skipped:
       logging.warning("checkpoint %s cannot be read (%s); resuming from the "
                       "older %s", bad, why, path)
-    if skipped and forget_unreadable:
+    if skipped and forget_unreadable and state is not None:
       _forget(directory, state, path, {p for p, _ in skipped})
     return path
   if skipped:
