@@ -125,6 +125,18 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   assert export.export_saved_model(other, base, metadata=METADATA).endswith(
       os.sep + "4")
   assert not [d for d in os.listdir(base) if d.startswith(".tmp")]
+  # An empty version folder (made by hand) is written into; one holding
+  # something else is refused as what it is, and kept.
+  os.makedirs(os.path.join(base, "7"))
+  assert export.export_saved_model(other, base, metadata=METADATA,
+                                   version=7).endswith(os.sep + "7")
+  assert os.path.exists(os.path.join(base, "7", "saved_model.pb"))
+  os.makedirs(os.path.join(base, "8"))
+  open(os.path.join(base, "8", "notes.txt"), "w").close()
+  with pytest.raises(export.ExportError, match="8 already exists and is not "
+                                               "a tfnas export"):
+    export.export_saved_model(other, base, metadata=METADATA, version=8)
+  assert os.listdir(os.path.join(base, "8")) == ["notes.txt"]
 
 
 def test_an_export_path_under_a_file_is_one_clear_error(tmp_path):

@@ -154,13 +154,20 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
     raise ExportError(f"version must be an integer >= 1, got {version!r}")
   fingerprint = model_fingerprint(model, metadata, genotype)
   target = os.path.join(base_path, str(version))
+  if os.path.isdir(target) and not os.listdir(target):
+    os.rmdir(target)  # An empty folder holds nothing to keep: written anew.
   if os.path.exists(target):
     existing = _read_fingerprint(target)
     if existing == fingerprint:
       return target
+    if existing is None:
+      raise ExportError(
+          f"{target} already exists and is not a tfnas export (no "
+          f"metadata.json with a fingerprint); choose another --version or "
+          f"--export_dir, nothing was written")
     raise ExportError(
         f"{target} already holds a different model (fingerprint "
-        f"{existing or 'unknown'}, this model {fingerprint[:12]}...); "
+        f"{existing[:12]}..., this model {fingerprint[:12]}...); "
         f"choose another --version or --export_dir, nothing was written")
   if os.path.exists(base_path) and not os.path.isdir(base_path):
     raise ExportError(f"export path {base_path} exists and is not a "
