@@ -222,6 +222,20 @@ def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
   assert common.cluster_tasks(tf_config) == tasks
 
 
+def test_multi_worker_without_a_cluster_says_it_runs_one_worker():
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("TF_CONFIG", None)
+  proc = subprocess.run(
+      [sys.executable, "-c", "from tfnas.apps import common\n"
+       "tf, strategy = common.start_tensorflow('multi_worker')\n"
+       "print(type(strategy).__name__, strategy.num_replicas_in_sync)"],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split()[-2:] == ["CollectiveAllReduceStrategy", "1"]
+  assert ("--strategy=multi_worker without a TF_CONFIG cluster of several "
+          "tasks (no TF_CONFIG): running as one worker") in proc.stderr
+
+
 _SIGNALS = """
 import os, signal, time
 # A process started in the background inherits SIGINT ignored: start from

@@ -221,6 +221,12 @@ def start_tensorflow(strategy_name: str, threads=(0, 0)):
   if strategy_name == "auto" and cluster_tasks(
       os.environ.get("TF_CONFIG")) not in (0, 1):
     strategy_name = "multi_worker"
+  tasks = cluster_tasks(os.environ.get("TF_CONFIG"))
+  if strategy_name == "multi_worker" and tasks in (0, 1):
+    from absl import logging as log
+    log.warning("--strategy=multi_worker without a TF_CONFIG cluster of "
+                "several tasks (%s): running as one worker",
+                "no TF_CONFIG" if tasks == 0 else "one task")
   made = []
   def multi_worker(tf):
     # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
