@@ -194,10 +194,23 @@ def test_help_of_an_installed_entry_point_lists_its_flags(app, doc, flag):
   entry = (f"import sys; sys.argv[0] = 'tfnas-{app}'; "
            f"from tfnas.apps.{app} import run; run()")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.run([sys.executable, "-c", entry, "--helpshort"],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
-  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert doc in proc.stdout  # The app's docstring as its usage.
-  assert flag in proc.stdout
-  assert proc.stdout.count("\n  --") > 5  # The app's flags, not none.
+  for asked in ("--helpshort", "-h"):
+    proc = subprocess.run([sys.executable, "-c", entry, asked],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0  # Help asked for is no error.
+    assert doc in proc.stdout  # The app's docstring as its usage.
+    assert flag in proc.stdout
+    assert proc.stdout.count("\n  --") > 5  # The app's flags, not none.
+
+
+def test_a_flagfile_given_without_its_flag_is_a_short_error():
+  # absl printed the whole help (hundreds of lines) before the error.
+  proc = search("flags/darts_digits.cfg", timeout=120)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 2, proc.stderr[-3000:]
+  assert "unexpected arguments ['flags/darts_digits.cfg']" in lines[0]
+  assert "pass --flagfile=flags/darts_digits.cfg" in lines[0]
+  assert proc.stdout == ""

@@ -99,6 +99,12 @@ def _drop_shared_function_retracing(record: logging.LogRecord) -> bool:
               "_make_function.<locals>.run" in message)
 
 
+# Help flags (absl's, and -h) → whether they list only the app's own flags.
+_HELP_ARGS = {"-h": True, "-?": True, "--help": True, "-help": True,
+              "--helpshort": True, "-helpshort": True, "--helpfull": False,
+              "-helpfull": False}
+
+
 def run_app(main, doc: str | None, *flag_modules) -> None:
   """``absl.app.run(main)``, with ``doc`` as the usage text and the flags
   defined in ``flag_modules`` (module objects or names) listed by ``--help``
@@ -116,9 +122,21 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
     for flag in flags.FLAGS.get_flags_for_module(module):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
-  def parse(argv):  # absl's parse_flags_with_usage, with a hint.
+  def fail(message: str):
+    sep = "\n" if "\n" in message else " "
+    sys.stderr.write(f"FATAL Flags parsing error:{sep}{message}\n"
+                     "Pass --helpshort or --helpfull to see help on "
+                     "flags.\n")
+    sys.exit(1)
+
+  def parse(argv):  # absl's parse_flags_with_usage, with hints.
+    options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    for arg in options:
+      if arg in _HELP_ARGS:  # Help asked for is not an error: status 0.
+        app.usage(shorthelp=_HELP_ARGS[arg], writeto_stdout=True)
+        sys.exit(0)
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except flags.Error as e:
       message = str(e)
       missing = re.search(r"No such file or directory: '([^']+)'", message)
@@ -129,11 +147,14 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
         message += (" (flagfile paths, also those inside a flagfile, are "
                      f"relative to the working directory {os.getcwd()}; run "
                      "from the repository root)")
-      sep = "\n" if "\n" in message else " "
-      sys.stderr.write(f"FATAL Flags parsing error:{sep}{message}\n"
-                       "Pass --helpshort or --helpfull to see help on "
-                       "flags.\n")
-      sys.exit(1)
+      fail(message)
+    if len(rest) > 1:
+      # absl would print the whole help before this line.
+      hint = next((f"; to read flags from {a}, pass --flagfile={a}"
+                   for a in rest[1:] if os.path.isfile(a)), "")
+      fail(f"unexpected arguments {rest[1:]}: this command takes only "
+           f"--flags{hint}")
+    return rest
 
   app.run(main, flags_parser=parse)
 
