@@ -111,6 +111,27 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   assert resumed.stdout.splitlines()[-1] == again.stdout.splitlines()[-1]
 
 
+def test_sigterm_before_the_first_step_is_one_line(tmp_path):
+  # While the supernet is built and traced (seconds to minutes), before the
+  # loop's own handler: the default action killed the process silently.
+  run_dir = tmp_path / "run"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tfnas.apps.search", *TINY, "--epochs=1",
+       f"--run_dir={run_dir}"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+      stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (run_dir / "config.json").exists():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "Traceback" not in err
+  assert (f"interrupted before the first checkpoint; rerun with --resume to "
+          f"start {run_dir} over") in err
+  assert not (run_dir / "ckpt").exists()
+
+
 def test_the_interrupt_line_says_what_a_rerun_continues(tmp_path):
   from tfnas.apps import common
   run = tmp_path / "run"

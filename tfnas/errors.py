@@ -1,5 +1,7 @@
-"""The base of every bad-input error (no TensorFlow import: apps catch it
-before anything heavy is loaded)."""
+"""The base of every bad-input error, and the stop request (no TensorFlow
+import: apps catch them before anything heavy is loaded)."""
+
+import signal
 
 
 class TfnasError(ValueError):
@@ -7,3 +9,16 @@ class TfnasError(ValueError):
 
   Apps print it as one line and exit with status 2, without a traceback.
   """
+
+
+class StopRequested(KeyboardInterrupt):
+  """A stop request (SIGTERM, or Ctrl-C) honoured at a safe point, after
+  saving what there is to save.
+
+  ``signum``: the signal that asked, so that the process can exit with the
+  status a shell expects (128 + signum).
+  """
+
+  def __init__(self, signum: int = signal.SIGINT):
+    super().__init__()
+    self.signum = int(signum)

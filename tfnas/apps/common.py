@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Callable
 
-from tfnas.errors import TfnasError
+from tfnas.errors import StopRequested, TfnasError
 from tfnas.train import rundir
 
 
@@ -156,7 +156,21 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
            f"--flags{hint}")
     return rest
 
+  # Until a run's loop installs its own handler (a stop request honoured
+  # after saving), SIGTERM stops at once like Ctrl-C: with the one line of
+  # `clean_errors` on what a rerun continues, not silently.
+  _raise_on_sigterm()
   app.run(main, flags_parser=parse)
+
+
+def _raise_on_sigterm() -> None:
+  def stop(signum, frame):
+    del frame
+    raise StopRequested(signum)
+  try:
+    signal.signal(signal.SIGTERM, stop)
+  except ValueError:  # Not the main thread.
+    pass
 
 
 def print_final(history: list, run_dir: str, epochs: int,

@@ -20,23 +20,12 @@ from absl import logging as log
 import tensorflow as tf
 
 from tfnas import distribute
+from tfnas.errors import StopRequested
 from tfnas.train import checkpointing
 from tfnas.train import rundir
 from tfnas.train import summaries
 from tfnas.train.progress import progress_bar
 from tfnas.train.step import batch_sums
-
-
-class StopRequested(KeyboardInterrupt):
-  """A stop request honoured at a safe point, after saving.
-
-  ``signum``: the signal that asked (SIGTERM; SIGINT for Ctrl-C), so that
-  the process can exit with the status a shell expects (128 + signum).
-  """
-
-  def __init__(self, signum: int = signal.SIGINT):
-    super().__init__()
-    self.signum = int(signum)
 
 
 def stop_requested(interrupted: list) -> StopRequested:
