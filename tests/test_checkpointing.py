@@ -146,8 +146,9 @@ class RestoreLatestTest(tf.test.TestCase):
     self.assertTrue(os.path.exists(self.paths[2] + ".index"))
 
   def test_a_damaged_or_lost_list_falls_back_on_the_files(self):
-    # Resuming from "no checkpoint" would start the run again from scratch.
-    for damage in ("garbage {", None):
+    # Resuming from "no checkpoint" would start the run again from scratch
+    # (an emptied list was a ValueError traceback).
+    for damage in ("garbage {", "", None):
       list_file = os.path.join(self.dir, "checkpoint")
       if damage is None:
         os.remove(list_file)
@@ -162,6 +163,20 @@ class RestoreLatestTest(tf.test.TestCase):
       self.assertEqual(
           resolve_checkpoint(os.path.dirname(self.dir), None, "-"),
           self.paths[-1])
+      # The list was written anew: the run's manager reads it.
+      manager = tf.train.CheckpointManager(
+          tf.train.Checkpoint(network=ModelVariables(target)), self.dir,
+          max_to_keep=3)
+      self.assertEqual(manager.checkpoints, self.paths)
+
+  def test_a_damaged_list_without_checkpoint_files_is_removed(self):
+    for path in self.paths:
+      for name in glob.glob(path + ".*"):
+        os.remove(name)
+    with open(os.path.join(self.dir, "checkpoint"), "w") as f:
+      f.write("")
+    self.assertIsNone(self._restore(_dense_stack(3)))
+    self.assertFalse(os.path.exists(os.path.join(self.dir, "checkpoint")))
 
   def test_no_readable_checkpoint_is_an_error(self):
     for path in self.paths:

@@ -31,7 +31,6 @@ from tfnas.config import ConfigError, SearchConfig, TrainConfig
     (SearchConfig, "seed", 2**32),
     (TrainConfig, "seed", -1),
     # A probability gap never reaches 1: early stop was silently off.
-    (SearchConfig, "early_stop_threshold", 1.0),
 ])
 def test_out_of_range_values_name_their_flag(cls, field, value):
   # The message also says what the value must be.
@@ -43,7 +42,16 @@ def test_out_of_range_values_name_their_flag(cls, field, value):
 def test_edge_seeds_and_logit_gap_thresholds_are_accepted():
   SearchConfig(seed=2**32 - 1)
   TrainConfig(seed=0)
-  SearchConfig(early_stop_threshold=2.0, early_stop_on_logits=True)
+  SearchConfig(method="dsnas", early_stop_threshold=2.0,
+               early_stop_on_logits=True)
+  SearchConfig(early_stop_threshold=2.0)  # Not DSNAS: ignored.
+
+
+def test_a_probability_gap_threshold_of_dsnas_is_below_one():
+  # A probability gap never reaches 1: early stop was silently off.
+  with pytest.raises(ConfigError, match=r"^invalid --early_stop_threshold="
+                                        r"1\.0: must be below 1"):
+    SearchConfig(method="dsnas", early_stop_threshold=1.0)
 
 
 def test_a_bound_from_another_flag_names_it():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from tests import helpers
 from tfnas import export, models
 from tfnas.block_genotype import BlockGenotype
 from tfnas.genotype import CellGenotype, Genotype
+from tfnas.train import rundir
 
 GENOTYPE = Genotype(
     CellGenotype(((("sep_conv_3x3", 0), ("skip_connect", 1)), ()),
@@ -112,9 +114,13 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   first = export.export_saved_model(net, base, metadata=METADATA, version=3)
   before = {p: open(os.path.join(dp, p), "rb").read()
             for dp, _, files in os.walk(first) for p in files}
-  # Same model again: the existing version is returned, untouched.
+  # Same model again: the existing version is returned, untouched, also
+  # when measured anew (a measurement is not part of the model).
   assert export.export_saved_model(net, base, metadata=METADATA,
                                    version=3) == first
+  assert export.export_saved_model(
+      net, base, metadata=dict(METADATA, val_acc=0.5, val_split="test"),
+      version=3) == first
   other = trained_like_network(seed=5)
   with pytest.raises(export.ExportError, match="already holds a different"):
     export.export_saved_model(other, base, metadata=METADATA, version=3)
@@ -125,6 +131,8 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   assert export.export_saved_model(other, base, metadata=METADATA).endswith(
       os.sep + "4")
   assert not [d for d in os.listdir(base) if d.startswith(".tmp")]
+  # Readable like any new folder (a temp folder's mode is owner-only).
+  assert stat.S_IMODE(os.stat(first).st_mode) == rundir.new_dir_mode()
   # An empty version folder (made by hand) is written into; one holding
   # something else is refused as what it is, and kept.
   os.makedirs(os.path.join(base, "7"))

@@ -63,3 +63,47 @@ def _ctrl_c_case(os, signal, pytest):
   assert int(step.numpy()) == 2
   assert saved == [{"train/loss_sum": 2.0, "train/count": 2.0}]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_evaluation_stops_between_batches_on_a_request():
+  import signal
+  import pytest
+  seen = []
+
+  def step(batch):
+    seen.append(batch)
+    if len(seen) == 2:
+      requests.append(signal.SIGTERM)  # As the SIGTERM handler does.
+    return _step(batch)
+  requests = []
+  with pytest.raises(loop.StopRequested) as stopped:
+    loop.evaluate([1.0, 2.0, 3.0, 4.0], step, interrupted=requests)
+  assert seen == [1.0, 2.0]  # Stopped before the third batch.
+  assert stopped.value.signum == signal.SIGTERM and not stopped.value.saved
+
+
+def test_stop_after_an_epoch_asks_every_worker_only_when_epochs_remain():
+  import signal
+  import pytest
+  asked = []
+
+  def agree(stop):  # Another worker asked: all stop.
+    asked.append(stop)
+    return True
+  loop.stop_after_epoch(agree, [], more_epochs=False)
+  assert asked == []  # The last epoch: a complete run, no collective.
+  with pytest.raises(loop.StopRequested) as stopped:
+    loop.stop_after_epoch(agree, [], more_epochs=True)
+  assert asked == [False]
+  # Stopped on another worker's request (a scheduler's SIGTERM), saved.
+  assert stopped.value.signum == signal.SIGTERM and stopped.value.saved
+  loop.stop_after_epoch(lambda stop: stop, [], more_epochs=True)  # Nobody.
+
+
+def test_only_one_worker_stops_in_an_evaluation(monkeypatch):
+  requests = [15]
+  monkeypatch.setattr(loop.distribute, "num_workers", lambda strategy: 1)
+  assert loop.evaluation_interrupts(None, requests) is requests
+  # Several workers evaluate in step: a stop there waits for the epoch end.
+  monkeypatch.setattr(loop.distribute, "num_workers", lambda strategy: 2)
+  assert loop.evaluation_interrupts(None, requests) is None

@@ -95,6 +95,17 @@ class RetrainTest(tf.test.TestCase):
     for a, b in zip(straight.network.weights, resumed.network.weights):
       self.assertAllClose(a.numpy(), b.numpy(), atol=1e-6, msg=a.path)
 
+  @staticmethod
+  def _count_saves(run) -> list:
+    """Records the ``totals`` of every ``run._save`` call."""
+    calls, save = [], run._save  # pylint: disable=protected-access
+
+    def counted(totals=None):
+      calls.append(totals)
+      return save(totals=totals)
+    run._save = counted  # pylint: disable=protected-access
+    return calls
+
   def _sigterm_during_evaluation(self, run, after: bool):
     """Patches ``run.evaluate`` to send this process SIGTERM before (or,
     with ``after``, once) the evaluation runs, as a scheduler would."""
@@ -116,9 +127,12 @@ class RetrainTest(tf.test.TestCase):
     config = tiny_config(os.path.join(base, "b"), epochs=1)
     first = Retrain(config, show_progress=False)
     self._sigterm_during_evaluation(first, after=False)
+    saves = self._count_saves(first)
     with self.assertRaises(loop.StopRequested) as stopped:
       first.run()
     self.assertEqual(stopped.exception.signum, signal.SIGTERM)
+    self.assertLen(saves, 1)  # Saved once, with the epoch's sums.
+    self.assertIsNotNone(saves[0])
     # The training steps were saved with their sums, no epoch was logged.
     self.assertEqual(int(first.epoch.numpy()), 0)
     self.assertEqual(int(first.step_in_epoch.numpy()), 3)
@@ -135,8 +149,10 @@ class RetrainTest(tf.test.TestCase):
     config = tiny_config(os.path.join(base, "b"), max_steps_per_epoch=1)
     first = Retrain(config, show_progress=False)
     self._sigterm_during_evaluation(first, after=True)
+    saves = self._count_saves(first)
     with self.assertRaises(loop.StopRequested):
       first.run()
+    self.assertEqual(saves, [None])  # The epoch's end only, not again.
     # Stopped at the epoch's end, before any step of the next one.
     self.assertEqual(int(first.epoch.numpy()), 1)
     self.assertEqual(int(first.step_in_epoch.numpy()), 0)

@@ -36,6 +36,24 @@ def test_resume_compares_values_as_json_and_old_runs_by_default(tmp_path):
                    resume=True)
 
 
+def test_resume_with_fewer_epochs_than_finished_keeps_the_runs_epochs(
+    tmp_path):
+  run_dir = tmp_path / "r"
+  rundir.prepare(str(run_dir), {"epochs": 50}, resume=False)
+  (run_dir / "history.jsonl").write_text(
+      "".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+
+  def resume(epochs):
+    rundir.prepare(str(run_dir), {"epochs": epochs}, resume=True,
+                   allowed_changes=("epochs",))
+    return json.loads((run_dir / "config.json").read_text())["epochs"]
+  # Fewer than the 3 finished: nothing runs, the run's 50 stay recorded.
+  assert resume(2) == 50
+  # At least as many as finished: the run's new length.
+  assert resume(10) == 10
+  assert resume(3) == 3
+
+
 def test_worker_scratch_writes_outside_the_run_and_needs_it_to_resume(
     tmp_path, monkeypatch):
   monkeypatch.setattr(rundir.tempfile, "tempdir", str(tmp_path / "tmp"))

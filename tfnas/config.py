@@ -191,8 +191,10 @@ class SearchConfig(_Config):
          "must be 0 (no budget) or more"),
         ("early_stop_threshold", self.early_stop_threshold >= 0,
          "must be 0 or more"),
+        # (Only DSNAS stops early; other runs ignore the flag.)
         ("early_stop_threshold",
-         self.early_stop_on_logits or self.early_stop_threshold < 1,
+         self.method != "dsnas" or self.early_stop_on_logits or
+         self.early_stop_threshold < 1,
          "must be below 1 when the gap is between probabilities (it never "
          "reaches 1); a larger threshold needs --early_stop_on_logits"),
         ("early_stop_every_steps", self.early_stop_every_steps >= 0,

@@ -16,9 +16,11 @@ class StopRequested(KeyboardInterrupt):
   saving what there is to save.
 
   ``signum``: the signal that asked, so that the process can exit with the
-  status a shell expects (128 + signum).
+  status a shell expects (128 + signum). ``saved``: the state was saved
+  where the stop was honoured (nothing left to save on the way out).
   """
 
-  def __init__(self, signum: int = signal.SIGINT):
+  def __init__(self, signum: int = signal.SIGINT, saved: bool = False):
     super().__init__()
     self.signum = int(signum)
+    self.saved = saved

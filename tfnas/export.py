@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.errors import TfnasError
+from tfnas.train import rundir
 
 SIGNATURE = "serving_default"
 REQUIRED_METADATA = ("input_shape", "mean", "std")
@@ -73,9 +74,15 @@ class _ServingModule(tf.Module):
     return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
 
+# Measurements of the model, not part of it: the same model exported again
+# with another (or no) measurement is the same model.
+MEASURED_METADATA = ("val_acc", "val_loss", "val_split", "val_examples")
+
+
 def model_fingerprint(model, metadata: Mapping[str, Any],
                       genotype=None) -> str:
-  """SHA-256 of the weights (names, shapes, values), genotype and metadata."""
+  """SHA-256 of the weights (names, shapes, values), genotype and metadata
+  (without its `MEASURED_METADATA`)."""
   digest = hashlib.sha256()
   for v in model.weights:
     value = np.asarray(v.numpy())
@@ -83,7 +90,9 @@ def model_fingerprint(model, metadata: Mapping[str, Any],
     digest.update(np.ascontiguousarray(value).tobytes())
   if genotype is not None:
     digest.update(json.dumps(genotype.to_dict(), sort_keys=True).encode())
-  digest.update(json.dumps(dict(metadata), sort_keys=True).encode())
+  described = {k: v for k, v in metadata.items()
+               if k not in MEASURED_METADATA}
+  digest.update(json.dumps(described, sort_keys=True).encode())
   return digest.hexdigest()
 
 
@@ -206,6 +215,9 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
       for directory in (tmp, extra):
         with open(os.path.join(directory, name), "w") as f:
           f.write(text)
+    # A temp folder is owner-only; a model server running as another
+    # user reads the version folder like any other new folder.
+    os.chmod(tmp, rundir.new_dir_mode())
     try:
       os.rename(tmp, target)  # Fails if target appeared meanwhile.
     except OSError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
 import logging
 import os
@@ -157,8 +158,10 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
     return rest
 
   # Until a run's loop installs its own handler (a stop request honoured
-  # after saving), SIGTERM stops at once like Ctrl-C: with the one line of
-  # `clean_errors` on what a rerun continues, not silently.
+  # after saving), SIGTERM stops at once like Ctrl-C, with the one line of
+  # `clean_errors` on what a rerun continues, not silently: while the run
+  # is built. (The first chunk's trace is inside the loop: a SIGTERM then
+  # stops after that chunk, with a checkpoint.)
   _raise_on_sigterm()
   app.run(main, flags_parser=parse)
 
@@ -217,13 +220,20 @@ def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
   return wrap
 
 
+def holds_checkpoints(folder: str) -> bool:
+  """Whether ``folder`` is a checkpoint folder: its checkpoint list, or
+  checkpoint files when the list was lost."""
+  return os.path.exists(os.path.join(folder, "checkpoint")) or bool(
+      glob.glob(os.path.join(glob.escape(folder), "*.index")))
+
+
 def interrupted_line(run_dir: str | None) -> str:
   """What an interrupted run left: a checkpoint to resume, a run directory
   without one yet, or nothing (``run_dir`` None: an app that does not
   resume)."""
   if run_dir is None:
     return "interrupted"
-  if os.path.exists(os.path.join(run_dir, "ckpt", "checkpoint")):
+  if holds_checkpoints(os.path.join(run_dir, "ckpt")):
     return (f"interrupted; {run_dir} holds the last checkpoint: rerun with "
             "--resume to continue")
   if os.path.exists(os.path.join(run_dir, "config.json")):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
 
 from tfnas.apps import common
@@ -169,8 +168,7 @@ def _export_retrained(run_dir: str, saved: dict,
 
 @common.clean_errors("tfnas-export")
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # run_app refuses positional arguments.
   if not FLAGS.export_dir:
     raise TfnasError("--export_dir is required (the TF Serving model base "
                      "path)")
@@ -186,8 +184,8 @@ def main(argv):
   if checkpoint_path and os.path.isdir(checkpoint_path):
     # A folder: a run directory, or its ckpt/ folder; the latest checkpoint.
     folder = os.path.abspath(checkpoint_path)
-    folder_run = (os.path.dirname(folder) if os.path.exists(
-        os.path.join(folder, "checkpoint")) else folder)
+    folder_run = (os.path.dirname(folder) if common.holds_checkpoints(folder)
+                  else folder)
     if run_dir is not None and (os.path.realpath(run_dir) !=
                                 os.path.realpath(folder_run)):
       raise TfnasError(f"--checkpoint={checkpoint_path} is a folder of "

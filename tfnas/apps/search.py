@@ -8,7 +8,6 @@ and arch.json into --run_dir.
 
 from __future__ import annotations
 
-from absl import app
 
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
@@ -21,8 +20,7 @@ FLAGS = tfnas_flags.FLAGS
 
 @common.clean_errors("tfnas-search", run_dir=lambda: FLAGS.run_dir)
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # run_app refuses positional arguments.
   config = tfnas_flags.search_config()  # Validated before TF loads.
   tf, strategy = common.start_tensorflow(
       FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads))

@@ -10,7 +10,6 @@ the result into a SavedModel for TF Serving.
 
 from __future__ import annotations
 
-from absl import app
 
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
@@ -30,8 +29,7 @@ def describe_cost(network_cost) -> str:
 
 @common.clean_errors("tfnas-train", run_dir=lambda: FLAGS.run_dir)
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # run_app refuses positional arguments.
   config = tfnas_flags.train_config()  # Validated before TF loads.
   tf, strategy = common.start_tensorflow(
       FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads))

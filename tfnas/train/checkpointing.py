@@ -48,10 +48,13 @@ def checkpoint_list(directory: str):
 
   Those its checkpoint list (the ``checkpoint`` file) names, with that
   list's state; when the list is missing or cannot be read but checkpoint
-  files are there (a damaged or lost list), those files in number order,
-  with a warning, and ``state`` None.
+  files are there (a damaged, emptied or lost list), those files in number
+  order, with a warning, and ``state`` None.
   """
-  state = tf.train.get_checkpoint_state(directory)
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except ValueError:  # An empty list, or one naming no latest checkpoint.
+    state = None
   if state is not None:
     return state, (list(state.all_model_checkpoint_paths) or
                    [state.model_checkpoint_path])
@@ -176,12 +179,19 @@ def unreadable(path: str) -> str | None:
   return None
 
 
-def _forget(directory: str, state, latest: str, bad: set) -> None:
-  """Rewrites ``directory``'s checkpoint list without ``bad``, keeping the
-  save times a `tf.train.CheckpointManager` uses to decide what to delete."""
-  paths = list(state.all_model_checkpoint_paths)
-  times = list(state.all_model_checkpoint_timestamps)
+def _forget(directory: str, state, paths: list, latest: str | None,
+            bad: set) -> None:
+  """Rewrites ``directory``'s checkpoint list as ``paths`` without ``bad``,
+  keeping the save times a `tf.train.CheckpointManager` uses to decide what
+  to delete (``state``: the list as read; None when it could not be, and is
+  then written anew from the files found, or removed when none reads)."""
   keep = [i for i, p in enumerate(paths) if p not in bad]
+  if latest is None:
+    tf.io.gfile.remove(os.path.join(directory, "checkpoint"))
+    return
+  times = (list(state.all_model_checkpoint_timestamps) if state is not None
+           else [tf.io.gfile.stat(p + ".index").mtime_nsec / 1e9
+                 for p in paths])
   # The one public writer of the list; its deprecation notice would be
   # printed to the user, who can do nothing about it.
   with deprecation.silence():
@@ -189,7 +199,8 @@ def _forget(directory: str, state, latest: str, bad: set) -> None:
         directory, latest, [paths[i] for i in keep],
         all_model_checkpoint_timestamps=(
             [times[i] for i in keep] if len(times) == len(paths) else None),
-        last_preserved_timestamp=state.last_preserved_timestamp)
+        last_preserved_timestamp=(
+            None if state is None else state.last_preserved_timestamp))
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
@@ -203,7 +214,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
   reads, so a resume loses at most the steps since then; with
   ``forget_unreadable`` the skipped ones also leave the directory's
   checkpoint list (their files stay), so that a `tf.train.CheckpointManager`
-  made afterwards neither keeps them nor deletes a readable one for them.
+  made afterwards neither keeps them nor deletes a readable one for them; a
+  list that cannot be read is written anew from the files (`checkpoint_list`).
   One that reads but does not fit the network (another architecture or
   width) stops the resume: the older ones would not fit either.
 
@@ -211,9 +223,11 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
     TfnasError: the newest readable checkpoint does not fit, or none reads.
   """
   state, paths = checkpoint_list(directory)
-  paths.reverse()  # Newest first.
+  # A list the manager made afterwards could not read either.
+  bad_list = state is None and tf.io.gfile.exists(
+      os.path.join(directory, "checkpoint"))
   skipped = []
-  for path in paths:
+  for path in reversed(paths):  # Newest first.
     problem = (None if tf.io.gfile.exists(path + ".index") else
                f"{os.path.basename(path)}.index is missing")
     if problem is None:
@@ -234,9 +248,11 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
     for bad, why in skipped:
       logging.warning("checkpoint %s cannot be read (%s); resuming from the "
                       "older %s", bad, why, path)
-    if skipped and forget_unreadable and state is not None:
-      _forget(directory, state, path, {p for p, _ in skipped})
+    if (skipped or state is None) and forget_unreadable:
+      _forget(directory, state, paths, path, {p for p, _ in skipped})
     return path
+  if bad_list and not paths and forget_unreadable:
+    _forget(directory, None, [], None, set())  # Lists nothing: removed.
   if skipped:
     bad, why = skipped[0]
     raise TfnasError(f"cannot resume: no checkpoint in {directory} can be "

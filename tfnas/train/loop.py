@@ -28,13 +28,13 @@ from tfnas.train.progress import progress_bar
 from tfnas.train.step import batch_sums
 
 
-def stop_requested(interrupted: list) -> StopRequested:
+def stop_requested(interrupted: list, saved: bool = False) -> StopRequested:
   """The `StopRequested` for the requests in ``interrupted`` (the list of
   `sigterm_flag`): SIGTERM when one came, as when another worker asked and
   this one got none (a scheduler's stop)."""
   if signal.SIGTERM in interrupted or not interrupted:
-    return StopRequested(signal.SIGTERM)
-  return StopRequested(interrupted[0])
+    return StopRequested(signal.SIGTERM, saved)
+  return StopRequested(interrupted[0], saved)
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def stop_after_epoch(agree: Callable[[bool], bool], interrupted: list,
   epochs remain. A request that comes while the last epoch ends changes
   nothing: the run is complete."""
   if more_epochs and agree(bool(interrupted)):
-    raise stop_requested(interrupted)
+    raise stop_requested(interrupted, saved=True)
 
 
 def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
@@ -102,15 +102,11 @@ def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
 
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
                        resuming: bool, max_to_keep: int = 3,
-                       restore_dir: str | None = None,
-                       epoch: tf.Variable | None = None):
+                       restore_dir: str | None = None):
   """The run's CheckpointManager (``run_dir/ckpt``); restores when resuming,
   from the latest checkpoint in ``restore_dir/ckpt`` (default ``run_dir``:
   a non-chief worker saves into its scratch directory but restores the
-  chief's checkpoint). ``epoch``: the checkpointed count of finished
-  epochs; the run directory's history then loses the lines of later epochs
-  (`trim_history`), and its config.json keeps at least that many epochs
-  (`rundir.keep_finished_epochs`)."""
+  chief's checkpoint)."""
   if resuming:
     # Before the manager reads the checkpoint list: unreadable checkpoints
     # skipped here leave it (only this process's own directory is edited).
@@ -123,10 +119,6 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
                   restore_dir)
     else:
       log.info("resumed from %s", latest)
-    if epoch is not None and restore_dir == run_dir:
-      epochs_done = 0 if latest is None else int(epoch.numpy())
-      trim_history(run_dir, epochs_done)
-      rundir.keep_finished_epochs(run_dir, epochs_done)
   return tf.train.CheckpointManager(
       checkpoint, os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep)
 
@@ -231,7 +223,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
                   done % checkpoint_every_steps == 0 and done < steps):
         save(totals)
       if stop:
-        raise stop_requested(interrupted)
+        raise stop_requested(interrupted, saved=True)
   return totals
 
 
@@ -311,35 +303,40 @@ def finish_epoch(run_dir: str, epoch: int, metrics: dict) -> dict:
   return metrics
 
 
-def trim_history(run_dir: str, epochs_done: int) -> None:
-  """Drops the ``history.jsonl`` lines of epochs after ``epochs_done``, for a
-  run resumed from a checkpoint older than its last epoch (the newer ones
-  could not be read): those epochs run again and log new lines."""
+def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
+  """Appends one JSON line of epoch metrics to ``run_dir/history.jsonl``.
+
+  Lines of this and later epochs already there are dropped first: a run
+  resumed from a checkpoint older than its last epoch (the newer ones
+  could not be read) repeats those epochs, and each keeps one line, its
+  latest. They go only when their epoch's new line is written.
+  """
   path = os.path.join(run_dir, "history.jsonl")
+  epoch = metrics.get("epoch")
   try:
     with open(path) as f:
       lines = [line for line in f if line.strip()]
-  except OSError:
+  except FileNotFoundError:
+    lines = []
+  keep = [line for line in lines if not _logs_epoch_from(line, epoch)]
+  if len(keep) == len(lines):
+    with open(path, "a") as f:
+      f.write(json.dumps(dict(metrics)) + "\n")
     return
-  keep = []
-  for line in lines:
-    try:
-      epoch = json.loads(line).get("epoch", 0)
-    except (ValueError, AttributeError):
-      epoch = 0  # Not ours to judge: kept.
-    if not isinstance(epoch, int) or epoch <= epochs_done:
-      keep.append(line)
-  if len(keep) < len(lines):
-    log.warning("history.jsonl: dropping %d epoch lines after epoch %d, "
-                "which the run repeats from its checkpoint",
-                len(lines) - len(keep), epochs_done)
-    rundir.atomic_write(path, "".join(keep))
+  log.warning("history.jsonl: replacing the lines of epochs from %s on, "
+              "which this run repeated from an older checkpoint", epoch)
+  rundir.atomic_write(path, "".join(keep) + json.dumps(dict(metrics)) + "\n")
 
 
-def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
-  """Appends one JSON line of epoch metrics to ``run_dir/history.jsonl``."""
-  with open(os.path.join(run_dir, "history.jsonl"), "a") as f:
-    f.write(json.dumps(dict(metrics)) + "\n")
+def _logs_epoch_from(line: str, epoch) -> bool:
+  """Whether a history line is of ``epoch`` or later."""
+  if not isinstance(epoch, int):
+    return False
+  try:
+    logged = json.loads(line).get("epoch")
+  except (ValueError, AttributeError):
+    return False  # Not ours to judge: kept.
+  return isinstance(logged, int) and logged >= epoch
 
 
 # ------------------------------------------------------------- step loops

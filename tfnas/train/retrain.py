@@ -126,7 +126,7 @@ class Retrain:
         step_in_epoch=self.step_in_epoch)
     self.manager = loop.checkpoint_manager(
         self.checkpoint, self.write_dir, self.resuming,
-        restore_dir=config.run_dir, epoch=self.epoch)
+        restore_dir=config.run_dir)
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
     self.writer = tf.summary.create_file_writer(
@@ -211,8 +211,9 @@ class Retrain:
           history.append(self._run_epoch(interrupted))
           loop.stop_after_epoch(self._agree, interrupted,
                                 int(self.epoch.numpy()) < config.epochs)
-      except KeyboardInterrupt:
-        self._save()
+      except KeyboardInterrupt as e:
+        if not getattr(e, "saved", False):
+          self._save()
         self.writer.flush()
         log.warning("interrupted: state saved in %s; rerun with --resume to "
                     "continue", config.run_dir)
@@ -250,8 +251,9 @@ class Retrain:
     try:
       metrics.update(self.evaluate(
           loop.evaluation_interrupts(self.strategy, interrupted)))
-    except KeyboardInterrupt:  # A stop in evaluation: keep the epoch's sums.
+    except KeyboardInterrupt as e:  # A stop in evaluation: keep the sums.
       self._save(totals=totals)
+      e.saved = True
       raise
     metrics["train/drop_path_prob"] = drop_prob
     metrics["epoch_seconds"] = time.time() - t0

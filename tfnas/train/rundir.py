@@ -22,20 +22,28 @@ class RunDirError(TfnasError):
   """The run directory cannot be used as asked; the message says why."""
 
 
-def new_file_mode() -> int:
-  """The mode ``open()`` would give a new file (0o666 less the umask).
-
-  Read from /proc, not by setting the umask, which is process-wide and
-  would briefly change it for other threads; 0o644 where /proc is absent.
-  """
+def _umask() -> int:
+  """The process's umask, read from /proc, not by setting it (it is
+  process-wide: other threads would briefly see another); 0o022 where /proc
+  is absent."""
   try:
     with open("/proc/self/status") as f:
       for line in f:
         if line.startswith("Umask:"):
-          return 0o666 & ~int(line.split()[1], 8)
+          return int(line.split()[1], 8)
   except (OSError, ValueError, IndexError):
     pass
-  return 0o644
+  return 0o022
+
+
+def new_file_mode() -> int:
+  """The mode ``open()`` would give a new file (0o666 less the umask)."""
+  return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+  """The mode ``os.mkdir()`` would give a new folder (0o777 less the umask)."""
+  return 0o777 & ~_umask()
 
 
 def atomic_write(path: str, text: str) -> None:
@@ -165,18 +173,14 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
                       "choose another --run_dir")
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
+  finished = last_history(run_dir).get("epoch")
+  if (isinstance(finished, int) and isinstance(merged.get("epochs"), int)
+      and merged["epochs"] < finished):
+    # Fewer epochs than the run has finished: none run, and config.json
+    # keeps the number it had (it sets the schedules' length).
+    merged["epochs"] = saved.get("epochs", merged["epochs"])
   _write_config(run_dir, merged)
   return True
-
-
-def keep_finished_epochs(run_dir: str, epochs_done: int) -> None:
-  """Raises config.json's ``epochs`` to ``epochs_done`` when a resume asked
-  for fewer epochs than the run has finished (it runs none then): the file
-  keeps describing the run in the directory."""
-  config = read_config(run_dir)
-  if isinstance(config.get("epochs"), int) and config["epochs"] < epochs_done:
-    config["epochs"] = epochs_done
-    _write_config(run_dir, config)
 
 
 def _write_config(run_dir: str, config: dict[str, Any]) -> None:

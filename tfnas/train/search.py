@@ -240,7 +240,7 @@ class Search:
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
     self.manager = loop.checkpoint_manager(
         self.checkpoint, self.write_dir, self.resuming,
-        restore_dir=config.run_dir, epoch=self.epoch)
+        restore_dir=config.run_dir)
     self._children = ChildCache(config.compiled_children, self.arch,
                                 self.early_stop)
     self._switch_step = None  # Traced on first use (--single_path_step).
@@ -435,8 +435,9 @@ class Search:
           history.append(self._run_epoch(interrupted))
           loop.stop_after_epoch(self._agree, interrupted,
                                 int(self.epoch.numpy()) < config.epochs)
-      except KeyboardInterrupt:
-        self._save(epoch_done=False)
+      except KeyboardInterrupt as e:
+        if not getattr(e, "saved", False):
+          self._save(epoch_done=False)
         self.writer.flush()
         log.warning("interrupted: state saved in %s; rerun with --resume to "
                     "continue", config.run_dir)
@@ -477,8 +478,9 @@ class Search:
       metrics.update(self.evaluate(interrupted=stops))
       if self.method.child_eval:
         metrics.update(self.evaluate(child=True, interrupted=stops))
-    except KeyboardInterrupt:  # A stop in evaluation: keep the epoch's sums.
+    except KeyboardInterrupt as e:  # A stop in evaluation: keep the sums.
       self._save(epoch_done=False, totals=totals)
+      e.saved = True
       raise
     temperature = getattr(self.ctx.distribution, "temperature", None)
     if temperature is not None:
