@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import signal
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging as log
 import tensorflow as tf
@@ -64,6 +64,37 @@ def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def run_epochs(*, strategy: tf.distribute.Strategy, epoch: tf.Variable,
+               epochs: int, run_epoch: Callable[[list], dict],
+               save: Callable[[], Any], agree: Callable[[bool], bool],
+               writer, run_dir: str,
+               stop_after_epochs: int | None = None) -> list[dict]:
+  """The epochs a run has left (``epoch``: the finished count, checkpointed),
+  or only ``stop_after_epochs`` of them; returns their metrics.
+
+  ``run_epoch(interrupted)`` runs one epoch (with the list of
+  `sigterm_flag`, which a stop request fills). A stop (SIGTERM, Ctrl-C)
+  raises after ``save()`` unless the state was saved where it was honoured
+  (`StopRequested.saved`), with a warning naming ``run_dir``.
+  """
+  history = []
+  with sigterm_flag(strategy) as interrupted:
+    try:
+      while int(epoch.numpy()) < epochs:
+        if stop_after_epochs is not None and len(history) >= stop_after_epochs:
+          break
+        history.append(run_epoch(interrupted))
+        stop_after_epoch(agree, interrupted, int(epoch.numpy()) < epochs)
+    except KeyboardInterrupt as e:
+      if not getattr(e, "saved", False):
+        save()
+      writer.flush()
+      log.warning("interrupted: state saved in %s; rerun with --resume to "
+                  "continue", run_dir)
+      raise
+  return history
 
 
 def evaluation_interrupts(strategy: tf.distribute.Strategy,

@@ -19,7 +19,6 @@ import dataclasses
 import os
 import time
 
-from absl import logging as log
 import keras
 import tensorflow as tf
 
@@ -199,25 +198,11 @@ class Retrain:
 
   def run(self, stop_after_epochs: int | None = None) -> TrainResult:
     """Runs the remaining epochs (or only ``stop_after_epochs`` of them)."""
-    config = self.config
-    history = []
-    epochs_run = 0
-    with loop.sigterm_flag(self.strategy) as interrupted:
-      try:
-        while int(self.epoch.numpy()) < config.epochs:
-          if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-            break
-          epochs_run += 1
-          history.append(self._run_epoch(interrupted))
-          loop.stop_after_epoch(self._agree, interrupted,
-                                int(self.epoch.numpy()) < config.epochs)
-      except KeyboardInterrupt as e:
-        if not getattr(e, "saved", False):
-          self._save()
-        self.writer.flush()
-        log.warning("interrupted: state saved in %s; rerun with --resume to "
-                    "continue", config.run_dir)
-        raise
+    history = loop.run_epochs(
+        strategy=self.strategy, epoch=self.epoch, epochs=self.config.epochs,
+        run_epoch=self._run_epoch, save=self._save, agree=self._agree,
+        writer=self.writer, run_dir=self.config.run_dir,
+        stop_after_epochs=stop_after_epochs)
     return TrainResult(history, self.cost)
 
   def _run_epoch(self, interrupted) -> dict:

@@ -423,25 +423,11 @@ class Search:
     checkpoint is written and a later ``Search(..., resume=True).run()``
     continues as if never stopped (same schedule, data order and α).
     """
-    config = self.config
-    epochs_run = 0
-    history = []
-    with loop.sigterm_flag(self.strategy) as interrupted:
-      try:
-        while int(self.epoch.numpy()) < config.epochs:
-          if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-            break
-          epochs_run += 1
-          history.append(self._run_epoch(interrupted))
-          loop.stop_after_epoch(self._agree, interrupted,
-                                int(self.epoch.numpy()) < config.epochs)
-      except KeyboardInterrupt as e:
-        if not getattr(e, "saved", False):
-          self._save(epoch_done=False)
-        self.writer.flush()
-        log.warning("interrupted: state saved in %s; rerun with --resume to "
-                    "continue", config.run_dir)
-        raise
+    history = loop.run_epochs(
+        strategy=self.strategy, epoch=self.epoch, epochs=self.config.epochs,
+        run_epoch=self._run_epoch, save=lambda: self._save(epoch_done=False),
+        agree=self._agree, writer=self.writer, run_dir=self.config.run_dir,
+        stop_after_epochs=stop_after_epochs)
     return SearchResult(self.genotype(), self.alphas(), history)
 
   def _run_epoch(self, interrupted) -> dict:
