@@ -195,12 +195,10 @@ def main(argv):
   if run_dir is None:
     if not checkpoint_path:
       raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
-    if "://" not in checkpoint_path and not (
-        os.path.exists(checkpoint_path) or
-        os.path.exists(checkpoint_path + ".index")):
-      raise TfnasError(f"--checkpoint={checkpoint_path} not found: no such "
-                       f"file or folder, and no checkpoint "
-                       f"{os.path.basename(checkpoint_path)}.index there")
+    # Named before its run directory is derived from it.
+    common.import_tensorflow()
+    from tfnas.train.checkpointing import checkpoint_prefix
+    checkpoint_prefix(checkpoint_path)
     # <run_dir>/ckpt/ckpt-N
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(
         checkpoint_path)))

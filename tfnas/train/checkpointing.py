@@ -72,6 +72,20 @@ def checkpoint_list(directory: str):
   return None, [p for _, p in numbered]
 
 
+def checkpoint_prefix(path: str) -> str:
+  """The checkpoint ``path`` names: a prefix, or one of its files (tab
+  completion) meaning its prefix.
+
+  Raises:
+    TfnasError: there is no such checkpoint (no ``.index`` file).
+  """
+  prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
+  if not tf.io.gfile.exists(prefix + ".index"):
+    raise TfnasError(f"checkpoint {prefix} not found (no "
+                     f"{os.path.basename(prefix)}.index)")
+  return prefix
+
+
 def resolve_checkpoint(run_dir: str, checkpoint: str | None,
                        remedy: str) -> str:
   """``checkpoint``, or the latest one under ``run_dir/ckpt`` when None.
@@ -86,12 +100,7 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None,
     if not listed:
       raise TfnasError(f"{run_dir}/ckpt holds no checkpoint yet; {remedy}")
     checkpoint = listed[-1]
-  else:
-    # A prefix given as one of its files (tab completion) means the prefix.
-    checkpoint = re.sub(r"\.(index|data-\d+-of-\d+)$", "", checkpoint)
-  if not tf.io.gfile.exists(checkpoint + ".index"):
-    raise TfnasError(f"checkpoint {checkpoint} not found (no "
-                     f"{os.path.basename(checkpoint)}.index)")
+  checkpoint = checkpoint_prefix(checkpoint)
   problem = unreadable(checkpoint)
   if problem is not None:
     _, listed = checkpoint_list(os.path.join(run_dir, "ckpt"))
