@@ -224,7 +224,7 @@ def holds_checkpoints(folder: str) -> bool:
   """Whether ``folder`` is a checkpoint folder: its checkpoint list, or
   checkpoint files when the list was lost."""
   return os.path.exists(os.path.join(folder, "checkpoint")) or bool(
-      glob.glob(os.path.join(glob.escape(folder), "*.index")))
+      glob.glob(os.path.join(glob.escape(folder), "*-*.index")))
 
 
 def interrupted_line(run_dir: str | None) -> str:
@@ -263,11 +263,10 @@ def start_tensorflow(strategy_name: str, threads=(0, 0)):
   is ``multi_worker`` when ``TF_CONFIG`` describes a cluster (of more than
   one task), so workers started without the flag still form one run.
   """
-  if strategy_name == "auto" and cluster_tasks(
-      os.environ.get("TF_CONFIG")) not in (0, 1):
-    strategy_name = "multi_worker"
   tasks = cluster_tasks(os.environ.get("TF_CONFIG"))
-  if strategy_name == "multi_worker" and tasks in (0, 1):
+  if strategy_name == "auto" and tasks not in (0, 1):
+    strategy_name = "multi_worker"
+  elif strategy_name == "multi_worker" and tasks in (0, 1):
     from absl import logging as log
     log.warning("--strategy=multi_worker without a TF_CONFIG cluster of "
                 "several tasks (%s): running as one worker",

@@ -188,16 +188,13 @@ def unreadable(path: str) -> str | None:
   return None
 
 
-def _forget(directory: str, state, paths: list, latest: str | None,
+def _forget(directory: str, state, paths: list, latest: str,
             bad: set) -> None:
   """Rewrites ``directory``'s checkpoint list as ``paths`` without ``bad``,
   keeping the save times a `tf.train.CheckpointManager` uses to decide what
   to delete (``state``: the list as read; None when it could not be, and is
-  then written anew from the files found, or removed when none reads)."""
+  then written anew from the files found, their times their files')."""
   keep = [i for i, p in enumerate(paths) if p not in bad]
-  if latest is None:
-    tf.io.gfile.remove(os.path.join(directory, "checkpoint"))
-    return
   times = (list(state.all_model_checkpoint_timestamps) if state is not None
            else [tf.io.gfile.stat(p + ".index").mtime_nsec / 1e9
                  for p in paths])
@@ -232,9 +229,6 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
     TfnasError: the newest readable checkpoint does not fit, or none reads.
   """
   state, paths = checkpoint_list(directory)
-  # A list the manager made afterwards could not read either.
-  bad_list = state is None and tf.io.gfile.exists(
-      os.path.join(directory, "checkpoint"))
   skipped = []
   for path in reversed(paths):  # Newest first.
     problem = (None if tf.io.gfile.exists(path + ".index") else
@@ -260,8 +254,12 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
     if (skipped or state is None) and forget_unreadable:
       _forget(directory, state, paths, path, {p for p, _ in skipped})
     return path
-  if bad_list and not paths and forget_unreadable:
-    _forget(directory, None, [], None, set())  # Lists nothing: removed.
+  list_file = os.path.join(directory, "checkpoint")
+  if (state is None and not paths and forget_unreadable and
+      tf.io.gfile.exists(list_file)):
+    # A list naming no checkpoint file, which the run's manager could not
+    # read either.
+    tf.io.gfile.remove(list_file)
   if skipped:
     bad, why = skipped[0]
     raise TfnasError(f"cannot resume: no checkpoint in {directory} can be "

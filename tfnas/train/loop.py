@@ -165,6 +165,17 @@ def drop_partial_epoch(write_dir: str) -> None:
     pass
 
 
+def save_checkpoint(manager: tf.train.CheckpointManager, write_dir: str,
+                    iterations: tf.Variable, epoch: tf.Variable,
+                    totals: Mapping[str, float] | None = None) -> None:
+  """Saves checkpoint number ``iterations`` (the steps taken); mid-epoch,
+  with the metric sums of the epoch's steps so far (`save_partial_epoch`)."""
+  number = int(iterations.numpy())
+  manager.save(checkpoint_number=number)
+  if totals is not None:
+    save_partial_epoch(write_dir, number, int(epoch.numpy()), totals)
+
+
 def save_partial_epoch(write_dir: str, checkpoint_number: int, epoch: int,
                        totals: Mapping[str, float]) -> None:
   """Records the metric sums of the steps an epoch has run so far, next to

@@ -190,11 +190,8 @@ class Retrain:
         interrupted=interrupted)
 
   def _save(self, totals=None):
-    number = int(self.optimizer.iterations.numpy())
-    self.manager.save(checkpoint_number=number)
-    if totals is not None:  # Mid-epoch: the sums of its steps so far.
-      loop.save_partial_epoch(self.write_dir, number, int(self.epoch.numpy()),
-                              totals)
+    loop.save_checkpoint(self.manager, self.write_dir,
+                         self.optimizer.iterations, self.epoch, totals)
 
   def run(self, stop_after_epochs: int | None = None) -> TrainResult:
     """Runs the remaining epochs (or only ``stop_after_epochs`` of them)."""

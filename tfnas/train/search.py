@@ -394,12 +394,9 @@ class Search:
         interrupted=interrupted)
 
   def _save(self, epoch_done: bool, totals=None):
-    number = int(self.w_opt.iterations.numpy())
-    self.manager.save(checkpoint_number=number)
     run_dir = self.write_dir
-    if totals is not None:  # Mid-epoch: the sums of its steps so far.
-      loop.save_partial_epoch(run_dir, number, int(self.epoch.numpy()),
-                              totals)
+    loop.save_checkpoint(self.manager, run_dir, self.w_opt.iterations,
+                         self.epoch, totals)
     genotype = self.genotype()
     genotype.save(os.path.join(run_dir, "genotype.json"))
     arch_record = {
