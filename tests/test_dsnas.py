@@ -18,7 +18,7 @@ from tfnas.early_stop import (ProgressiveEarlyStop, decision_gaps,
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import choice_block
 from tfnas.spaces import shufflenet
-from tfnas.train import loop
+from tfnas.train import step_loops
 from tfnas.train.child_cache import ChildCache
 
 
@@ -513,7 +513,7 @@ class MirroredDsnasStepTest(tf.test.TestCase, parameterized.TestCase):
         # --compiled_children once early stop leaves few (one trace here).
         if traced and step > 0:
           indices = est.sample(ctx, step)
-          run = loop.compiled_replica_step(
+          run = step_loops.compiled_replica_step(
               strategy, lambda t, v, i=indices: est.child_step(ctx, t, i))
           run((b, None))
         else:

@@ -242,18 +242,18 @@ import os, signal, time
 # Python's own Ctrl-C handler, as an interactive run does.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import tensorflow as tf
-from tfnas.train import loop
+from tfnas.train import stopping
 class TwoWorkers:
   cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
       tf.train.ClusterSpec({"worker": ["a:1", "b:2"]}), task_type="worker",
       task_id=0)
-with loop.sigterm_flag(TwoWorkers()) as interrupted:
+with stopping.sigterm_flag(TwoWorkers()) as interrupted:
   os.kill(os.getpid(), signal.SIGINT)
   os.kill(os.getpid(), signal.SIGTERM)
   time.sleep(0.2)
 print("requests", interrupted == [signal.SIGINT, signal.SIGTERM])
 assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-with loop.sigterm_flag(tf.distribute.get_strategy()) as interrupted:
+with stopping.sigterm_flag(tf.distribute.get_strategy()) as interrupted:
   try:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)

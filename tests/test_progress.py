@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tfnas.train import loop
+from tfnas.train import loop, step_loops, stopping
 
 
 def _step(batch):
@@ -12,9 +12,9 @@ def _step(batch):
 
 def test_evaluation_bar_counts_the_batches_and_changes_nothing(capsys):
   batches = [1.0, 2.0, 3.0]
-  quiet = loop.evaluate(batches, _step)
+  quiet = step_loops.evaluate(batches, _step)
   assert capsys.readouterr().err == ""
-  shown = loop.evaluate(batches, _step, prefix="val/child_",
+  shown = step_loops.evaluate(batches, _step, prefix="val/child_",
                         show_progress=True, batches=3)
   assert quiet == {"val/loss": 1.0, "val/acc": 0.5}
   assert shown == {"val/child_loss": 1.0, "val/child_acc": 0.5}
@@ -26,7 +26,7 @@ def test_evaluation_bar_counts_the_batches_and_changes_nothing(capsys):
 
 
 def test_evaluation_bar_without_a_length_counts(capsys):
-  shown = loop.evaluate([1.0, 2.0], _step, show_progress=True)
+  shown = step_loops.evaluate([1.0, 2.0], _step, show_progress=True)
   assert shown == {"val/loss": 0.75, "val/acc": 0.5}
   err = capsys.readouterr().err
   assert "val: 0batch [" in err and "/" not in err.split("[")[0]  # A count.
@@ -76,8 +76,8 @@ def test_evaluation_stops_between_batches_on_a_request():
       requests.append(signal.SIGTERM)  # As the SIGTERM handler does.
     return _step(batch)
   requests = []
-  with pytest.raises(loop.StopRequested) as stopped:
-    loop.evaluate([1.0, 2.0, 3.0, 4.0], step, interrupted=requests)
+  with pytest.raises(stopping.StopRequested) as stopped:
+    step_loops.evaluate([1.0, 2.0, 3.0, 4.0], step, interrupted=requests)
   assert seen == [1.0, 2.0]  # Stopped before the third batch.
   assert stopped.value.signum == signal.SIGTERM and not stopped.value.saved
 
@@ -90,20 +90,20 @@ def test_stop_after_an_epoch_asks_every_worker_only_when_epochs_remain():
   def agree(stop):  # Another worker asked: all stop.
     asked.append(stop)
     return True
-  loop.stop_after_epoch(agree, [], more_epochs=False)
+  stopping.stop_after_epoch(agree, [], more_epochs=False)
   assert asked == []  # The last epoch: a complete run, no collective.
-  with pytest.raises(loop.StopRequested) as stopped:
-    loop.stop_after_epoch(agree, [], more_epochs=True)
+  with pytest.raises(stopping.StopRequested) as stopped:
+    stopping.stop_after_epoch(agree, [], more_epochs=True)
   assert asked == [False]
   # Stopped on another worker's request (a scheduler's SIGTERM), saved.
   assert stopped.value.signum == signal.SIGTERM and stopped.value.saved
-  loop.stop_after_epoch(lambda stop: stop, [], more_epochs=True)  # Nobody.
+  stopping.stop_after_epoch(lambda stop: stop, [], more_epochs=True)  # Nobody.
 
 
 def test_only_one_worker_stops_in_an_evaluation(monkeypatch):
   requests = [15]
-  monkeypatch.setattr(loop.distribute, "num_workers", lambda strategy: 1)
-  assert loop.evaluation_interrupts(None, requests) is requests
+  monkeypatch.setattr(stopping.distribute, "num_workers", lambda strategy: 1)
+  assert stopping.evaluation_interrupts(None, requests) is requests
   # Several workers evaluate in step: a stop there waits for the epoch end.
-  monkeypatch.setattr(loop.distribute, "num_workers", lambda strategy: 2)
-  assert loop.evaluation_interrupts(None, requests) is None
+  monkeypatch.setattr(stopping.distribute, "num_workers", lambda strategy: 2)
+  assert stopping.evaluation_interrupts(None, requests) is None

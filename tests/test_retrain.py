@@ -12,7 +12,7 @@ import tensorflow as tf
 from tests import helpers
 from tfnas.config import TrainConfig
 from tfnas.genotype import Genotype
-from tfnas.train import loop, optim, rundir
+from tfnas.train import optim, rundir, stopping
 from tfnas.train.retrain import Retrain
 
 
@@ -128,7 +128,7 @@ class RetrainTest(tf.test.TestCase):
     first = Retrain(config, show_progress=False)
     self._sigterm_during_evaluation(first, after=False)
     saves = self._count_saves(first)
-    with self.assertRaises(loop.StopRequested) as stopped:
+    with self.assertRaises(stopping.StopRequested) as stopped:
       first.run()
     self.assertEqual(stopped.exception.signum, signal.SIGTERM)
     self.assertLen(saves, 1)  # Saved once, with the epoch's sums.
@@ -150,7 +150,7 @@ class RetrainTest(tf.test.TestCase):
     first = Retrain(config, show_progress=False)
     self._sigterm_during_evaluation(first, after=True)
     saves = self._count_saves(first)
-    with self.assertRaises(loop.StopRequested):
+    with self.assertRaises(stopping.StopRequested):
       first.run()
     self.assertEqual(saves, [None])  # The epoch's end only, not again.
     # Stopped at the epoch's end, before any step of the next one.

@@ -60,7 +60,7 @@ class SearchLoopTest(tf.test.TestCase):
     config = tiny_config(run_dir, epochs=1)
     search = Search(config, show_progress=False)
     search.step_in_epoch.assign(search.data.steps_per_epoch)
-    search._save(epoch_done=False)
+    search._save()
     result = Search(config, resume=True, show_progress=False).run()
     self.assertLen(result.history, 1)
     self.assertIn("val/acc", result.history[0])

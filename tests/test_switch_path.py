@@ -12,7 +12,7 @@ from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
 from tfnas.layers import switch_path
 from tfnas.layers.choice_block import ChoiceBlock
 from tfnas.layers.mixed_op import MixedOp
-from tfnas.train import loop
+from tfnas.train import step_loops
 
 
 def _context(**kwargs):
@@ -311,7 +311,7 @@ def _mirrored_steps(strategy, make_context, children, switched, init=None):
   for v, value in zip(ctx.weight_variables + ctx.arch_variables, init or []):
     v.assign(value)
   start = [np.asarray(v.numpy()) for v in ctx.network.variables]
-  step = loop.compiled_replica_step(
+  step = step_loops.compiled_replica_step(
       strategy, lambda t, v, i: est.switch_step(ctx, t, i))
   for s, indices in enumerate(children):
     batch = helpers.batch(n=4, classes=3, seed=s)

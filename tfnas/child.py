@@ -277,7 +277,7 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
   from tfnas import data as data_lib
   from tfnas import methods
   from tfnas.config import SearchConfig
-  from tfnas.train import loop
+  from tfnas.train import step_loops
   from tfnas.train.search import SearchData
   from tfnas.train.step import cross_entropy
   config = SearchConfig.from_dict(rundir.read_config(run_dir))
@@ -289,11 +289,11 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
 
   def replica(images, labels):
     logits = child(images, training=False)
-    return loop.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
+    return step_loops.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
                              logits, labels)
-  metrics = loop.evaluate(
+  metrics = step_loops.evaluate(
       splits.eval_stream(strategy),
-      tf.function(loop.summed_eval_step(strategy, replica)),
+      tf.function(step_loops.summed_eval_step(strategy, replica)),
       show_progress=show_progress,
       batches=data_lib.steps_per_epoch(splits.val.num_examples,
                                        config.batch_size,

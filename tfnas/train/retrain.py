@@ -30,7 +30,7 @@ from tfnas.config import TrainConfig
 from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.layers.batch_norm import synchronized_batch_norm
-from tfnas.train import loop, optim, rundir, summaries
+from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
 from tfnas.train.step import StepContext, batch_sums, cross_entropy
 
 
@@ -130,7 +130,7 @@ class Retrain:
     self._eval_step = self._make_eval_step()
     self.writer = tf.summary.create_file_writer(
         os.path.join(self.write_dir, "tb"))
-    self._agree = loop.stop_agreement(self.strategy)
+    self._agree = stopping.stop_agreement(self.strategy)
 
   def _stream(self, split, training, epoch=0, skip=0):
     return split.distribute(
@@ -165,7 +165,7 @@ class Retrain:
       optimizer.apply(ordered_all_reduce(grads), variables)
       return batch_sums("train", ce, logits, labels)
 
-    return loop.compiled_step_loop(strategy, keys,
+    return step_loops.compiled_step_loop(strategy, keys,
                                    lambda batch: step(*batch))
 
   def _make_eval_step(self):
@@ -173,15 +173,15 @@ class Retrain:
 
     def replica(images, labels):
       logits = net(images, training=False)
-      return loop.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
+      return step_loops.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
                                logits, labels)
-    return tf.function(loop.summed_eval_step(self.strategy, replica))
+    return tf.function(step_loops.summed_eval_step(self.strategy, replica))
 
   # ------------------------------------------------------------------- run
   def evaluate(self, interrupted: list | None = None) -> dict[str, float]:
     """Loss and accuracy on the test split (moving BN statistics);
-    ``interrupted`` as for `loop.evaluate`."""
-    return loop.evaluate(
+    ``interrupted`` as for `step_loops.evaluate`."""
+    return step_loops.evaluate(
         self._stream(self.test, training=False), self._eval_step,
         show_progress=self.show_progress,
         batches=data_lib.steps_per_epoch(self.test.num_examples,
@@ -232,7 +232,7 @@ class Retrain:
       metrics["train/acc"] = totals["train/correct"] / count
     try:
       metrics.update(self.evaluate(
-          loop.evaluation_interrupts(self.strategy, interrupted)))
+          stopping.evaluation_interrupts(self.strategy, interrupted)))
     except KeyboardInterrupt as e:  # A stop in evaluation: keep the sums.
       self._save(totals=totals)
       e.saved = True

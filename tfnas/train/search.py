@@ -50,7 +50,7 @@ from tfnas.errors import TfnasError
 from tfnas.layers.batch_norm import batch_norm_parameters
 from tfnas.spaces import names as space_names
 from tfnas.spaces import registry as space_registry
-from tfnas.train import loop, optim, rundir, summaries
+from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
 from tfnas.train.checkpointing import ModelVariables
 from tfnas.train.child_cache import ChildCache
 from tfnas.train.step import StepContext
@@ -249,7 +249,7 @@ class Search:
                         for child in (False, True)}
     self.writer = tf.summary.create_file_writer(
         os.path.join(self.write_dir, "tb"))
-    self._agree = loop.stop_agreement(self.strategy)
+    self._agree = stopping.stop_agreement(self.strategy)
 
   def _make_train_loop(self):
     """The step loop for this method's estimator (see ``tfnas.train.loop``):
@@ -265,7 +265,7 @@ class Search:
         if (self.early_stop is not None and every and
             int(iterations.numpy()) % every == 0):
           self._check_early_stop()
-      return loop.eager_step_loop(
+      return step_loops.eager_step_loop(
           strategy, keys,
           lambda train, val, step: estimator.step(ctx, train, val, step),
           step_args=lambda: (int(iterations.numpy()),), after_step=after_step,
@@ -274,10 +274,10 @@ class Search:
     if len(phases) > 1:
       with strategy.scope():
         estimator.build(ctx)
-      return loop.phased_step_loop(strategy, keys, [
+      return step_loops.phased_step_loop(strategy, keys, [
           functools.partial(_run_phase, phase, ctx, iterations)
           for phase in phases])
-    return loop.compiled_step_loop(
+    return step_loops.compiled_step_loop(
         strategy, keys,
         lambda train, val: estimator.step(ctx, train, val, iterations))
 
@@ -293,7 +293,7 @@ class Search:
       if self.config.single_path_step != "switch":
         return None
       if self._switch_step is None:
-        self._switch_step = loop.compiled_replica_step(
+        self._switch_step = step_loops.compiled_replica_step(
             self.strategy,
             lambda train, val, indices: estimator.switch_step(
                 ctx, train, indices))
@@ -302,7 +302,7 @@ class Search:
       return lambda batches: self._switch_step((*batches, child))
     indices = estimator.sample(ctx, step)
     return self._children.get("step", indices, lambda: (
-        loop.compiled_replica_step(
+        step_loops.compiled_replica_step(
             self.strategy,
             lambda train, val: estimator.child_step(ctx, train, indices))))
 
@@ -333,9 +333,9 @@ class Search:
                                dropout=False)
       else:
         logits = ctx.forward(images, gates, arch_indices, training=False)
-      return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,
+      return step_loops.eval_metrics(_summed_cross_entropy(logits, labels), logits,
                                labels)
-    step = loop.summed_eval_step(self.strategy, replica)
+    step = step_loops.summed_eval_step(self.strategy, replica)
     if self._children.active():
       return self._children.get(
           "eval", indices, lambda: tf.function(step, reduce_retracing=True))
@@ -357,9 +357,9 @@ class Search:
                                dropout=False)
       else:
         logits = ctx.forward(images, weights, training=False)
-      return loop.eval_metrics(_summed_cross_entropy(logits, labels), logits,
+      return step_loops.eval_metrics(_summed_cross_entropy(logits, labels), logits,
                                labels)
-    return tf.function(loop.summed_eval_step(self.strategy, replica))
+    return tf.function(step_loops.summed_eval_step(self.strategy, replica))
 
   # --------------------------------------------------------------- helpers
   def alphas(self) -> dict[str, np.ndarray]:
@@ -378,13 +378,13 @@ class Search:
     ``child=False`` uses the search distribution's sample (softmax α for
     DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
     one-hot argmax architecture, without fine-tuning. ``interrupted``: as
-    for `loop.evaluate`.
+    for `step_loops.evaluate`.
     """
     if getattr(self.ctx.distribution, "single_path", False):
       eval_step = self._make_single_path_eval(child)
     else:
       eval_step = self._eval_steps[child]
-    return loop.evaluate(
+    return step_loops.evaluate(
         self.data.eval_stream(self.strategy), eval_step,
         prefix="val/child_" if child else "val/",
         show_progress=self.show_progress,
@@ -393,7 +393,9 @@ class Search:
                                          drop_remainder=False),
         interrupted=interrupted)
 
-  def _save(self, epoch_done: bool, totals=None):
+  def _save(self, totals=None):
+    """Checkpoint (mid-epoch: with the epoch's metric sums ``totals``),
+    genotype.json and arch.json; returns the genotype."""
     run_dir = self.write_dir
     loop.save_checkpoint(self.manager, run_dir, self.w_opt.iterations,
                          self.epoch, totals)
@@ -422,7 +424,7 @@ class Search:
     """
     history = loop.run_epochs(
         strategy=self.strategy, epoch=self.epoch, epochs=self.config.epochs,
-        run_epoch=self._run_epoch, save=lambda: self._save(epoch_done=False),
+        run_epoch=self._run_epoch, save=self._save,
         agree=self._agree, writer=self.writer, run_dir=self.config.run_dir,
         stop_after_epochs=stop_after_epochs)
     return SearchResult(self.genotype(), self.alphas(), history)
@@ -447,7 +449,7 @@ class Search:
         checkpoint_every_steps=config.checkpoint_every_steps,
         step_in_epoch=self.step_in_epoch, interrupted=interrupted,
         agree=self._agree,
-        save=lambda sums: self._save(epoch_done=False, totals=sums),
+        save=lambda sums: self._save(totals=sums),
         desc=f"epoch {epoch + 1}/{config.epochs}",
         show_progress=self.show_progress, totals=before)
     metrics = self._epoch_metrics(totals,
@@ -457,12 +459,12 @@ class Search:
         if not config.early_stop_every_steps:
           self._check_early_stop()
         metrics["arch/fixed_decisions"] = float(self.early_stop.num_fixed())
-      stops = loop.evaluation_interrupts(self.strategy, interrupted)
+      stops = stopping.evaluation_interrupts(self.strategy, interrupted)
       metrics.update(self.evaluate(interrupted=stops))
       if self.method.child_eval:
         metrics.update(self.evaluate(child=True, interrupted=stops))
     except KeyboardInterrupt as e:  # A stop in evaluation: keep the sums.
-      self._save(epoch_done=False, totals=totals)
+      self._save(totals=totals)
       e.saved = True
       raise
     temperature = getattr(self.ctx.distribution, "temperature", None)
@@ -471,7 +473,7 @@ class Search:
     metrics["epoch_seconds"] = time.time() - t0
     self.epoch.assign(epoch + 1)
     self.step_in_epoch.assign(0)
-    genotype = self._save(epoch_done=True)
+    genotype = self._save()
     loop.drop_partial_epoch(self.write_dir)
     step = int(self.w_opt.iterations.numpy())
     summaries.write_scalars(
