@@ -3,6 +3,7 @@ a checkpoint that does not fit is explained in one line; a resume skips
 unreadable checkpoints for the newest one that reads."""
 
 import glob
+import json
 import os
 
 import keras
@@ -14,8 +15,10 @@ from tests import helpers
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import shufflenet
 from tfnas.errors import TfnasError
-from tfnas.train.checkpointing import (ModelVariables, resolve_checkpoint,
-                                       restore_latest, restore_problem)
+from tfnas.train import rundir
+from tfnas.train.checkpointing import (ModelVariables, checkpoint_progress,
+                                       resolve_checkpoint, restore_latest,
+                                       restore_problem)
 
 
 def _network(kind):
@@ -193,6 +196,14 @@ class RestoreLatestTest(tf.test.TestCase):
                  glob.glob(self.paths[0] + ".data-*")[0], self.paths[0]):
       self.assertEqual(resolve_checkpoint(run, name, "-"), self.paths[0])
 
+  def test_a_missing_checkpoint_names_those_kept(self):
+    # A checkpoint rotated away (max_to_keep) is asked for by its number.
+    gone = os.path.join(self.dir, "ckpt-0")
+    with self.assertRaisesRegex(
+        TfnasError, r"ckpt-0 not found \(no ckpt-0.index\); .*ckpt holds "
+                    r"ckpt-1, ckpt-2, ckpt-3$"):
+      resolve_checkpoint(os.path.dirname(self.dir), gone, "-")
+
   def test_export_of_an_unreadable_checkpoint_names_the_older_ones(self):
     with open(glob.glob(self.paths[2] + ".data-*")[0], "r+b") as f:
       f.truncate(10)
@@ -210,6 +221,37 @@ class RestoreLatestTest(tf.test.TestCase):
       self._restore(wider)
     for v, value in zip(wider.variables, before):
       self.assertAllEqual(v, value)
+
+
+class CheckpointProgressTest(tf.test.TestCase):
+  """Which epoch a checkpoint belongs to (what an export reports with it)."""
+
+  def test_epoch_and_step_of_a_run_checkpoint_and_its_history_line(self):
+    directory = self.get_temp_dir()
+    epoch = tf.Variable(0, dtype=tf.int64)
+    step_in_epoch = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(epoch=epoch, step_in_epoch=step_in_epoch)
+    epoch.assign(2)
+    at_end = checkpoint.save(os.path.join(directory, "end"))
+    step_in_epoch.assign(5)
+    mid = checkpoint.save(os.path.join(directory, "mid"))
+    self.assertEqual(checkpoint_progress(at_end), (2, 0))
+    self.assertEqual(checkpoint_progress(mid), (2, 5))
+    other = tf.train.Checkpoint(w=tf.Variable(1.0)).save(
+        os.path.join(directory, "other"))
+    self.assertIsNone(checkpoint_progress(other))
+
+    with open(os.path.join(directory, "history.jsonl"), "w") as f:
+      for line in ({"epoch": 1, "val/acc": 0.1}, {"epoch": 2, "val/acc": 0.2},
+                   {"epoch": 3, "val/acc": 0.3}, {"epoch": 2, "val/acc": 0.25}):
+        f.write(json.dumps(line) + "\n")
+      f.write("not json\n")
+    # The latest line of the epoch (an epoch repeated after a resume).
+    self.assertEqual(rundir.epoch_history(directory, 2)["val/acc"], 0.25)
+    self.assertEqual(rundir.epoch_history(directory, 1)["val/acc"], 0.1)
+    self.assertEqual(rundir.epoch_history(directory, 7), {})
+    self.assertEqual(rundir.epoch_history(self.get_temp_dir() + "/none", 1),
+                     {})
 
 
 if __name__ == "__main__":

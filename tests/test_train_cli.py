@@ -72,6 +72,7 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   meta = json.loads((export_dir / "1" / "metadata.json").read_text())
   assert meta["dataset"] == "digits" and meta["input_shape"] == [8, 8, 1]
   assert meta["val_acc"] == pytest.approx(history[-1]["val/acc"])
+  assert meta["epoch"] == len(history)
   assert meta["params"] > 0 and (export_dir / "1" / "saved_model.pb").exists()
   # The line names the checkpoint as metadata.json does (absolute).
   assert os.path.isabs(meta["checkpoint"])
@@ -91,7 +92,22 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   same = app("export", f"--checkpoint={run_dir / 'ckpt'}",
              f"--export_dir={export_dir}", "--version=1")
   assert same.returncode == 0, same.stderr[-3000:]
+  assert "already holds this model" in same.stdout
   assert snapshot(export_dir) == before
+  # The older checkpoint as the next version: its metadata are its epoch's
+  # (the checkpoints kept are those of the last epochs, one per epoch).
+  older = app("export", f"--checkpoint={ckpts[0]}", f"--export_dir={export_dir}")
+  assert older.returncode == 0, older.stderr[-3000:]
+  meta = json.loads((export_dir / "2" / "metadata.json").read_text())
+  epoch = len(history) - len(ckpts) + 1
+  assert meta["epoch"] == epoch < len(history)
+  assert meta["val_acc"] == pytest.approx(history[epoch - 1]["val/acc"])
+  # Exported again without --version: the highest version holds it already.
+  repeated = app("export", f"--checkpoint={ckpts[0]}",
+                 f"--export_dir={export_dir}")
+  assert repeated.returncode == 0, repeated.stderr[-3000:]
+  assert "already holds this model" in repeated.stdout
+  assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]
 
   # A run directory whose config describes another network than its
   # checkpoint: one line, no TF warning flood, nothing exported.

@@ -23,7 +23,9 @@ Serving contract (signature ``serving_default``):
 
 An existing version directory is never overwritten: exporting the same model
 again (same weights, genotype and metadata: same fingerprint) returns the
-existing path, a different model raises :class:`ExportError`. The version
+existing path, a different model raises :class:`ExportError`. Without a
+version the model goes one above the highest version, unless that version
+already holds it (an export repeated is not a new version). The version
 is written to a hidden temporary directory and renamed into place, so TF
 Serving never sees a partial version.
 """
@@ -114,10 +116,22 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _existing_versions(base_path: str) -> list[int]:
+def existing_versions(base_path: str) -> list[int]:
+  """The numbered version folders under ``base_path``, ascending."""
   if not os.path.isdir(base_path):
     return []
   return sorted(int(d) for d in os.listdir(base_path) if d.isdigit())
+
+
+def exported_versions(base_path: str) -> dict[int, str]:
+  """The versions under ``base_path`` that hold a tfnas export, with their
+  fingerprints."""
+  found = {}
+  for version in existing_versions(base_path):
+    fingerprint = _read_fingerprint(os.path.join(base_path, str(version)))
+    if fingerprint is not None:
+      found[version] = fingerprint
+  return found
 
 
 def _read_fingerprint(version_dir: str) -> str | None:
@@ -145,8 +159,9 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
       :class:`tfnas.genotype.Genotype` (cells) or a
       :class:`tfnas.block_genotype.BlockGenotype` (a single-path child);
       anything with ``to_dict`` and ``to_json``.
-    version: version directory number (>= 1); default: one above the
-      highest existing version (1 for a new base path).
+    version: version directory number (>= 1); default: the highest
+      existing version when it holds this same model, else one above it (1
+      for a new base path).
 
   Returns:
     The version directory written (or the existing identical one).
@@ -156,12 +171,15 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
       different model (nothing is overwritten).
   """
   metadata = _check_metadata(metadata)
+  fingerprint = model_fingerprint(model, metadata, genotype)
   if version is None:
-    versions = _existing_versions(base_path)
+    versions = existing_versions(base_path)
     version = versions[-1] + 1 if versions else 1
+    if versions and _read_fingerprint(
+        os.path.join(base_path, str(versions[-1]))) == fingerprint:
+      version = versions[-1]
   if isinstance(version, bool) or not isinstance(version, int) or version < 1:
     raise ExportError(f"version must be an integer >= 1, got {version!r}")
-  fingerprint = model_fingerprint(model, metadata, genotype)
   target = os.path.join(base_path, str(version))
   if os.path.isdir(target) and not os.listdir(target):
     os.rmdir(target)  # An empty folder holds nothing to keep: written anew.

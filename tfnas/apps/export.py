@@ -74,8 +74,16 @@ def _read_run_config(run_dir: str) -> dict:
   return rundir.read_config(run_dir)
 
 
-def _signature_line(checkpoint_path: str, path: str, input_shape) -> str:
-  return (f"exported {checkpoint_path} to {path} (signature serving_default: "
+def _signature_line(checkpoint_path: str, path: str, input_shape,
+                    before: dict[int, str]) -> str:
+  """What was exported where; ``before``: `export.exported_versions` before
+  the export (a version that held this model already was not written)."""
+  if int(os.path.basename(path)) in before:
+    head = (f"{path} already holds this model ({checkpoint_path}); nothing "
+            f"written")
+  else:
+    head = f"exported {checkpoint_path} to {path}"
+  return (f"{head} (signature serving_default: "
           f"images float32 [batch, {', '.join(map(str, input_shape))}] in "
           f"[0, 255] -> logits, probabilities)")
 
@@ -95,6 +103,8 @@ def _export_search_child(run_dir: str, method_name: str,
                      f"{', '.join(deployable)} children deploy with their "
                      f"search weights)")
   from tfnas import child_export
+  from tfnas import export
+  before = export.exported_versions(FLAGS.export_dir)
   exported = child_export.export_search_child(
       run_dir, FLAGS.export_dir,
       recalibrate_batches=FLAGS.recalibrate_batches,
@@ -115,7 +125,7 @@ def _export_search_child(run_dir: str, method_name: str,
           f"({meta['val_examples']} examples): val/acc {meta['val_acc']:.4f}, "
           f"val/loss {meta['val_loss']:.4f}")
   print(_signature_line(meta["checkpoint"], exported.path,
-                        meta["input_shape"]))
+                        meta["input_shape"], before))
 
 
 def _export_retrained(run_dir: str, saved: dict,
@@ -147,7 +157,6 @@ def _export_retrained(run_dir: str, saved: dict,
   network_cost = cost.network_cost(genotype, config.network, info.input_shape,
                                    info.num_classes, config.num_cells,
                                    config.channels)
-  history = rundir.last_history(run_dir)
   metadata = {
       "dataset": config.dataset, "num_classes": info.num_classes,
       "input_shape": list(info.input_shape), "mean": list(info.mean),
@@ -155,15 +164,33 @@ def _export_retrained(run_dir: str, saved: dict,
       "num_cells": config.num_cells, "channels": config.channels,
       "params": network_cost.params, "madds": network_cost.madds,
       "checkpoint": os.path.abspath(checkpoint_path),
-      "val_acc": history.get("val/acc"), "epoch": history.get("epoch"),
+      **_checkpoint_metrics(run_dir, checkpoint_path),
   }
+  before = export.exported_versions(FLAGS.export_dir)
   path = export.export_saved_model(network, FLAGS.export_dir,
                                    metadata=metadata, genotype=genotype,
                                    version=FLAGS.version or None)
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")
-  print(_signature_line(metadata["checkpoint"], path, info.input_shape))
+  print(_signature_line(metadata["checkpoint"], path, info.input_shape,
+                        before))
+
+
+def _checkpoint_metrics(run_dir: str, checkpoint_path: str) -> dict:
+  """``epoch`` (finished when ``checkpoint_path`` was written) and the
+  ``val_acc`` that epoch logged in history.jsonl; a checkpoint written
+  mid-epoch (a stop, ``--checkpoint_every_steps``) adds its
+  ``step_in_epoch`` and has no val_acc: it was never evaluated."""
+  from tfnas.train.checkpointing import checkpoint_progress
+  progress = checkpoint_progress(checkpoint_path)
+  if progress is None:
+    return {"epoch": None, "val_acc": None}
+  epoch, step_in_epoch = progress
+  if step_in_epoch:
+    return {"epoch": epoch, "step_in_epoch": step_in_epoch, "val_acc": None}
+  return {"epoch": epoch,
+          "val_acc": rundir.epoch_history(run_dir, epoch).get("val/acc")}
 
 
 @common.clean_errors("tfnas-export")

@@ -81,8 +81,14 @@ def checkpoint_prefix(path: str) -> str:
   """
   prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
   if not tf.io.gfile.exists(prefix + ".index"):
+    folder = os.path.dirname(prefix) or "."
+    kept = [p for p in checkpoint_list(folder)[1]
+            if tf.io.gfile.exists(p + ".index")] if tf.io.gfile.isdir(
+                folder) else []
+    hint = (f"; {folder} holds {', '.join(os.path.basename(p) for p in kept)}"
+            if kept else "")
     raise TfnasError(f"checkpoint {prefix} not found (no "
-                     f"{os.path.basename(prefix)}.index)")
+                     f"{os.path.basename(prefix)}.index){hint}")
   return prefix
 
 
@@ -174,6 +180,19 @@ def restore_problem(path: str, **objects) -> str | None:
     # IndexError: a data file cut short.
     problem = str(e).strip().splitlines()[0][:300]
   return problem
+
+
+def checkpoint_progress(path: str) -> tuple[int, int] | None:
+  """``(epoch, step_in_epoch)`` saved in the checkpoint ``path`` of a tfnas
+  run: the epochs finished when it was written and the steps of the next
+  one already taken (0 at an epoch's end); None when it does not hold
+  them."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    return tuple(int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                 for name in ("epoch", "step_in_epoch"))
+  except (tf.errors.OpError, ValueError, TypeError):
+    return None
 
 
 def unreadable(path: str) -> str | None:

@@ -79,6 +79,25 @@ def last_history(run_dir: str) -> dict[str, Any]:
   return last if isinstance(last, dict) else {}
 
 
+def epoch_history(run_dir: str, epoch: int) -> dict[str, Any]:
+  """The metrics ``run_dir/history.jsonl`` logged for (1-based) ``epoch``,
+  its latest line if several ({} when there is none or the file cannot be
+  read)."""
+  found = {}
+  try:
+    with open(os.path.join(run_dir, "history.jsonl")) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and record.get("epoch") == epoch:
+          found = record
+  except OSError:
+    return {}
+  return found
+
+
 def read_config(run_dir: str) -> dict[str, Any]:
   """The ``config.json`` a run directory holds, as saved.
 
