@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tests import helpers
 from tfnas.config import TrainConfig
+from tfnas import genotypes
 from tfnas.genotype import Genotype
 from tfnas.train import optim, rundir, stopping
 from tfnas.train.retrain import Retrain
@@ -166,18 +167,38 @@ class RetrainTest(tf.test.TestCase):
 
   def test_run_dir_refuses_other_run(self):
     run_dir = os.path.join(self.get_temp_dir(), "r")
-    Retrain(tiny_config(run_dir, epochs=1, max_steps_per_epoch=1),
-            show_progress=False).run()
+    source = os.path.join(self.get_temp_dir(), "source.json")
+    genotypes.resolve("DARTS_V2").save(source)
+    config = tiny_config(run_dir, epochs=1, max_steps_per_epoch=1,
+                         genotype=source)
+    Retrain(config, show_progress=False).run()
     before = {f: os.path.getmtime(os.path.join(run_dir, f))
               for f in os.listdir(run_dir)}
     with self.assertRaisesRegex(rundir.RunDirError, "already holds a run"):
-      Retrain(tiny_config(run_dir, epochs=1), show_progress=False)
+      Retrain(config, show_progress=False)
     with self.assertRaisesRegex(rundir.RunDirError, "different config"):
-      Retrain(tiny_config(run_dir, channels=6), resume=True,
+      Retrain(tiny_config(run_dir, channels=6, genotype=source), resume=True,
               show_progress=False)
     after = {f: os.path.getmtime(os.path.join(run_dir, f))
              for f in os.listdir(run_dir)}
     self.assertEqual(before, after)
+    # A finished run resumed writes no (empty) event file.
+    events = sorted(os.listdir(os.path.join(run_dir, "tb")))
+    self.assertEqual(Retrain(config, resume=True,
+                             show_progress=False).run().history, [])
+    self.assertEqual(sorted(os.listdir(os.path.join(run_dir, "tb"))), events)
+    # The run's genotype.json lost and its --genotype file changed (the
+    # checkpoint of DARTS_V2 would restore into DARTS_V1's tiny network
+    # without an error): refused, nothing written.
+    os.remove(os.path.join(run_dir, "genotype.json"))
+    genotypes.resolve("DARTS_V1").save(source)
+    before = {f: os.path.getmtime(os.path.join(run_dir, f))
+              for f in os.listdir(run_dir)}
+    with self.assertRaisesRegex(rundir.RunDirError,
+                                "genotype.json is missing"):
+      Retrain(config, resume=True, show_progress=False)
+    self.assertEqual(before, {f: os.path.getmtime(os.path.join(run_dir, f))
+                              for f in os.listdir(run_dir)})
 
 
 def test_exponential_schedule():

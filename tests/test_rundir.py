@@ -103,6 +103,21 @@ def test_the_same_run_resumes_under_another_spelling_or_place(tmp_path):
     rundir.prepare(where, {"run_dir": where, "a": 2}, resume=True)
 
 
+def test_resume_names_a_run_of_the_other_command_and_few_keys(tmp_path):
+  search = {"run_dir": str(tmp_path), "method": "darts_1st", "w_lr": 0.1}
+  rundir.prepare(str(tmp_path), search, resume=False)
+  with pytest.raises(rundir.RunDirError,
+                     match=r"holds a tfnas-search run, not a tfnas-train "
+                           r"run; choose another --run_dir$"):
+    rundir.prepare(str(tmp_path), {"genotype": "DARTS_V2"}, resume=True)
+  many = dict(search, **{f"k{i:02d}": i for i in range(12)})
+  with pytest.raises(rundir.RunDirError) as refused:
+    rundir.prepare(str(tmp_path), many, resume=True)
+  message = str(refused.value)
+  assert "k00: None -> 0" in message and "k07: None -> 7" in message
+  assert "k08" not in message and "and 4 more" in message
+
+
 @pytest.mark.parametrize("saved", ["[1]", "null", '"text"'])
 def test_resume_refuses_a_config_json_that_is_not_an_object(tmp_path, saved):
   (tmp_path / "config.json").write_text(saved)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfnas.config import SearchConfig
 from tfnas.distribute import mirrored_strategy
+from tfnas.errors import TfnasError
 from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
 from tfnas.genotype import Genotype
 from tfnas.train import rundir
@@ -52,6 +53,20 @@ class SearchLoopTest(tf.test.TestCase):
     self.assertEqual(straight.genotype, resumed.genotype)
     saved = Genotype.load(os.path.join(base, "b", "genotype.json"))
     self.assertEqual(saved, resumed.genotype)
+
+    # Read-only (tools/child_eval.py): the finished run's own evaluation,
+    # nothing in its directory written (no config, list or event file).
+    run_a = os.path.join(base, "a")
+    files = lambda: {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+                     for d, _, names in os.walk(run_a) for f in names}
+    before = files()
+    reader = Search(tiny_config(run_a), show_progress=False, read_only=True)
+    measured = reader.evaluate()
+    for key in ("val/acc", "val/loss"):
+      self.assertAllClose(measured[key], straight.history[-1][key])
+    self.assertEqual(files(), before)
+    with self.assertRaisesRegex(TfnasError, "does not run"):
+      reader.run()
 
   def test_resume_after_the_last_step_of_an_epoch(self):
     # A SIGTERM right after an epoch's last step saves step == steps; the

@@ -4,6 +4,7 @@ Loads a search run directory (config.json + latest checkpoint) and evaluates
 the supernet on the validation split twice: with the search distribution's
 sample (softmax α / relaxed sample at the final temperature) and with the
 one-hot argmax child (SNAS Table 1: the child as derived, no fine-tuning).
+Nothing in the run directory is written.
 
     python tools/child_eval.py --run_dir=runs/snas_digits
 """
@@ -14,7 +15,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,18 +29,22 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from tfnas.config import SearchConfig
-  from tfnas.train.rundir import RunDirError
-  path = os.path.join(FLAGS.run_dir, "config.json")
-  if not os.path.exists(path):
-    raise RunDirError(f"{FLAGS.run_dir} holds no search run (no config.json)")
-  with open(path) as f:
-    config = SearchConfig.from_dict(json.load(f))
+  from tfnas.train import rundir
+  if not os.path.exists(os.path.join(FLAGS.run_dir, "config.json")):
+    raise rundir.RunDirError(f"{FLAGS.run_dir} holds no search run (no "
+                             f"config.json)")
+  saved = rundir.read_config(FLAGS.run_dir)
+  if rundir.run_kind(saved) != "tfnas-search":
+    raise rundir.RunDirError(f"{FLAGS.run_dir} holds a "
+                             f"{rundir.run_kind(saved) or 'non-tfnas'} run, "
+                             f"not a tfnas-search run")
+  config = SearchConfig.from_dict(saved)
   common.import_tensorflow()
   from tfnas.train.search import Search
-  search = Search(config, resume=True, show_progress=False)
+  search = Search(config, show_progress=False, read_only=True)
   result = {**search.evaluate(), **search.evaluate(child=True)}
   print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main, __doc__)

@@ -260,8 +260,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
       if misfit is not None:
         raise TfnasError(
             f"cannot resume from {path}: {misfit}; this run's network does "
-            "not match its checkpoint (was config.json edited?): start a new "
-            "--run_dir")
+            "not match its checkpoint (were config.json or genotype.json "
+            "changed?): start a new --run_dir")
       problem = problem or unreadable(path)
     if problem is not None:
       skipped.append((path, problem))

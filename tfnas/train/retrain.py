@@ -31,6 +31,7 @@ from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.layers.batch_norm import synchronized_batch_norm
 from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
+from tfnas.train.checkpointing import checkpoint_list
 from tfnas.train.step import StepContext, batch_sums, cross_entropy
 
 
@@ -41,10 +42,22 @@ class TrainResult:
 
 
 def load_genotype(config: TrainConfig, resuming: bool) -> Genotype:
-  """The run's genotype: its saved copy when resuming, else ``--genotype``."""
+  """The run's genotype: its saved copy when resuming, else ``--genotype``.
+
+  Raises:
+    RunDirError: resuming a run that holds checkpoints but lost its
+      genotype.json: which network they hold is not known (``--genotype``
+      may name a file changed since; a checkpoint of another genotype
+      can even restore without error when its shapes happen to line up).
+  """
   saved = os.path.join(config.run_dir, "genotype.json")
   if resuming and os.path.exists(saved):
     return Genotype.load(saved)
+  if resuming and checkpoint_list(os.path.join(config.run_dir, "ckpt"))[1]:
+    raise rundir.RunDirError(
+        f"{saved} is missing, so the network its checkpoints hold is not "
+        f"known; put back the genotype the run started with or start a new "
+        f"--run_dir")
   return genotypes.resolve(config.genotype)
 
 
@@ -77,7 +90,7 @@ class Retrain:
     # Bad genotypes and data fail before the run directory is touched.
     has_saved = resume and os.path.exists(
         os.path.join(config.run_dir, "genotype.json"))
-    self.genotype = load_genotype(config, has_saved)
+    self.genotype = load_genotype(config, resume)
     self.cost = cost.network_cost(
         self.genotype, config.network, self.info.input_shape,
         self.info.num_classes, config.num_cells, config.channels)
@@ -98,9 +111,11 @@ class Retrain:
         self.strategy, config.run_dir, resume, lambda: rundir.prepare(
             config.run_dir, config.to_dict(), resume,
             TrainConfig.RESUMABLE_CHANGES, defaults=TrainConfig().to_dict()))
-    if not has_saved:
-      self.genotype.save(os.path.join(self.write_dir, "genotype.json"))
     self._build()
+    if not has_saved:
+      # After the build: a resume whose checkpoint does not fit this
+      # genotype fails there and leaves the run's files as they were.
+      self.genotype.save(os.path.join(self.write_dir, "genotype.json"))
 
   # ------------------------------------------------------------------ build
   def _build(self):
@@ -128,8 +143,7 @@ class Retrain:
         restore_dir=config.run_dir)
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
-    self.writer = tf.summary.create_file_writer(
-        os.path.join(self.write_dir, "tb"))
+    self.writer = summaries.LazyFileWriter(os.path.join(self.write_dir, "tb"))
     self._agree = stopping.stop_agreement(self.strategy)
 
   def _stream(self, split, training, epoch=0, skip=0):

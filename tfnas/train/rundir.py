@@ -138,6 +138,19 @@ def worker_scratch(run_dir: str, resume: bool, worker: str) -> str:
   return path
 
 
+_MAX_LISTED = 8  # Differing config keys named in one error line.
+
+
+def run_kind(config: dict[str, Any]) -> str | None:
+  """Which command wrote a run's config: ``"tfnas-search"`` (it names a
+  ``method``), ``"tfnas-train"`` (a ``genotype``) or None (neither)."""
+  if "method" in config:
+    return "tfnas-search"
+  if "genotype" in config:
+    return "tfnas-train"
+  return None
+
+
 def prepare(run_dir: str, config: dict[str, Any], resume: bool,
             allowed_changes: Iterable[str] = (),
             defaults: dict[str, Any] | None = None) -> bool:
@@ -178,6 +191,10 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   except RunDirError as e:
     raise RunDirError(f"{e}; this directory cannot be resumed, choose "
                       "another --run_dir") from None
+  kinds = run_kind(saved), run_kind(config)
+  if None not in kinds and kinds[0] != kinds[1]:
+    raise RunDirError(f"run directory {run_dir} holds a {kinds[0]} run, not "
+                      f"a {kinds[1]} run; choose another --run_dir")
   saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
   # The directory is the run: a path spelt differently (a trailing slash,
   # relative) or a run moved or copied elsewhere resumes.
@@ -186,7 +203,9 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
                      if k not in allowed and saved.get(k) != config.get(k))
   if differing:
     details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
-                        for k in differing)
+                        for k in differing[:_MAX_LISTED])
+    if len(differing) > _MAX_LISTED:
+      details += f" and {len(differing) - _MAX_LISTED} more"
     raise RunDirError(f"run directory {run_dir} holds a run with a different "
                       f"config ({details}); resume with the same flags or "
                       "choose another --run_dir")

@@ -51,7 +51,7 @@ from tfnas.layers.batch_norm import batch_norm_parameters
 from tfnas.spaces import names as space_names
 from tfnas.spaces import registry as space_registry
 from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
-from tfnas.train.checkpointing import ModelVariables
+from tfnas.train.checkpointing import ModelVariables, restore_latest
 from tfnas.train.child_cache import ChildCache
 from tfnas.train.step import StepContext
 
@@ -131,11 +131,15 @@ class Search:
     strategy: a ``tf.distribute`` strategy (default strategy if None).
     resume: continue from the last checkpoint of ``config.run_dir``.
     show_progress: draw a progress bar per epoch and per evaluation.
+    read_only: load the latest checkpoint of ``config.run_dir`` to evaluate
+      it, writing nothing there (no config, checkpoint list or events); such
+      a Search does not `run`.
   """
 
   def __init__(self, config: SearchConfig, strategy=None, resume=False,
-               show_progress=True):
+               show_progress=True, read_only=False):
     self.config = config
+    self.read_only = read_only
     self.strategy = strategy or tf.distribute.get_strategy()
     self.method = methods_lib.get_method(config.method)
     self.show_progress = show_progress
@@ -148,11 +152,14 @@ class Search:
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
     self._check_sync_batch_norm(kind)
-    self.resuming, self.write_dir = loop.open_run(
-        self.strategy, config.run_dir, resume, lambda: rundir.prepare(
-            config.run_dir, config.to_dict(), resume,
-            SearchConfig.RESUMABLE_CHANGES,
-            defaults=SearchConfig().to_dict()))
+    if read_only:
+      self.resuming, self.write_dir = True, None
+    else:
+      self.resuming, self.write_dir = loop.open_run(
+          self.strategy, config.run_dir, resume, lambda: rundir.prepare(
+              config.run_dir, config.to_dict(), resume,
+              SearchConfig.RESUMABLE_CHANGES,
+              defaults=SearchConfig().to_dict()))
     self._build()
 
   def _check_sync_batch_norm(self, kind: str) -> None:
@@ -238,17 +245,24 @@ class Search:
         network=ModelVariables(self.network), arch=self.arch,
         weight_optimizer=self.w_opt, arch_optimizer=self.a_opt,
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
-    self.manager = loop.checkpoint_manager(
-        self.checkpoint, self.write_dir, self.resuming,
-        restore_dir=config.run_dir)
+    if self.read_only:
+      self.manager = None
+      if restore_latest(
+          self.checkpoint, os.path.join(config.run_dir, "ckpt"),
+          forget_unreadable=False) is None:
+        raise TfnasError(f"{config.run_dir}/ckpt holds no checkpoint yet")
+    else:
+      self.manager = loop.checkpoint_manager(
+          self.checkpoint, self.write_dir, self.resuming,
+          restore_dir=config.run_dir)
     self._children = ChildCache(config.compiled_children, self.arch,
                                 self.early_stop)
     self._switch_step = None  # Traced on first use (--single_path_step).
     self._train_loop = self._make_train_loop()
     self._eval_steps = {child: self._make_eval_step(child)
                         for child in (False, True)}
-    self.writer = tf.summary.create_file_writer(
-        os.path.join(self.write_dir, "tb"))
+    self.writer = (tf.summary.create_noop_writer() if self.read_only else
+                   summaries.LazyFileWriter(os.path.join(self.write_dir, "tb")))
     self._agree = stopping.stop_agreement(self.strategy)
 
   def _make_train_loop(self):
@@ -422,6 +436,8 @@ class Search:
     checkpoint is written and a later ``Search(..., resume=True).run()``
     continues as if never stopped (same schedule, data order and α).
     """
+    if self.read_only:
+      raise TfnasError("a read-only Search evaluates; it does not run")
     history = loop.run_epochs(
         strategy=self.strategy, epoch=self.epoch, epochs=self.config.epochs,
         run_epoch=self._run_epoch, save=self._save,

@@ -10,6 +10,25 @@ import tensorflow as tf
 from tfnas.arch import ArchParams
 
 
+class LazyFileWriter:
+  """A summary file writer whose event file is created by the first write:
+  a run that writes nothing (a finished run resumed, an evaluation) adds no
+  empty event file to its ``tb/`` folder."""
+
+  def __init__(self, logdir: str):
+    self._logdir = logdir
+    self._writer = None
+
+  def as_default(self, step=None):
+    if self._writer is None:
+      self._writer = tf.summary.create_file_writer(self._logdir)
+    return self._writer.as_default(step=step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+
 def write_scalars(writer, values: Mapping[str, float], step: int) -> None:
   with writer.as_default(step=step):
     for tag, value in values.items():
