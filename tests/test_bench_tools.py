@@ -110,12 +110,21 @@ def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
   assert abs(reported[2] - (reported[0] + reported[1]) / 2) < 0.011
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--rounds=0", "--rounds must be at least 1, got 0"),
-    ("--intra_op_threads=-1", "--intra_op_threads and --inter_op_threads "
-     "must be 0"),
+@pytest.mark.parametrize("script, arg, message", [
+    ("bench_single_path.py", "--rounds=0", "--rounds must be at least 1, got 0"),
+    ("bench_single_path.py", "--intra_op_threads=-1",
+     "--intra_op_threads must be 0 or more, got -1"),
+    ("bench_single_path.py", "--steps=0", "--steps must be at least 1, got 0"),
+    ("bench_single_path.py", "--warmup=-2", "--warmup must be 0 or more"),
+    ("bench_search_step.py", "--batch_size=0",
+     "--batch_size must be at least 1, got 0"),
+    ("bench_search_step.py", "--intra_op_threads=-1",
+     "--intra_op_threads must be 0 or more, got -1"),
+    ("bench_search_step.py", "--grappler_off=remapping,bogus",
+     "--grappler_off: unknown optimizer(s) ['bogus']"),
 ])
-def test_bad_arguments_are_one_clear_error(arg, message):
-  proc = _run("bench_single_path.py", arg)
+def test_bad_arguments_are_one_clear_error(script, arg, message):
+  proc = _run(script, arg)
   assert proc.returncode == 2
   assert message in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr

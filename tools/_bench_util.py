@@ -72,6 +72,18 @@ def select_measurements(parser: argparse.ArgumentParser, only: str,
   return chosen
 
 
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 positive: Sequence[str] = (),
+                 non_negative: Sequence[str] = ()) -> None:
+  """Refuses (``parser.error``, status 2) sizes and counts out of range."""
+  for name in positive:
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  for name in non_negative:
+    if getattr(args, name) < 0:
+      parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
+
+
 def child_main(measure: Callable[[str], dict], which: str) -> None:
   """In the child process: measure one row and print its RESULT line."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -39,6 +39,15 @@ import _bench_util as util
 MEASUREMENTS = ("fwd_bwd", "arch_pass", "first_order", "second_order")
 
 
+# The on/off keys of tf.config.optimizer.set_experimental_options.
+GRAPPLER_OPTIMIZERS = (
+    "layout_optimizer", "constant_folding", "shape_optimization",
+    "remapping", "arithmetic_optimization", "dependency_optimization",
+    "loop_optimization", "function_optimization", "debug_stripper",
+    "scoped_allocator_optimization", "pin_to_host_optimization",
+    "implementation_selector", "auto_mixed_precision")
+
+
 def _parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch_size", type=int, default=64)
@@ -80,6 +89,15 @@ def _parse_args(argv=None):
     args.batch_size, args.channels, args.cells = 4, 4, 3
     args.nodes, args.image_size, args.steps = 2, 8, 2
   only = util.select_measurements(p, args.only, MEASUREMENTS)
+  util.check_counts(
+      p, args, positive=("batch_size", "channels", "cells", "nodes",
+                         "image_size", "num_classes", "steps"),
+      non_negative=("intra_op_threads", "inter_op_threads"))
+  unknown = [k for k in args.grappler_off.split(",")
+             if k and k not in GRAPPLER_OPTIMIZERS]
+  if unknown:
+    p.error(f"--grappler_off: unknown optimizer(s) {unknown}; choose from "
+            f"{GRAPPLER_OPTIMIZERS}")
   args.only = only
   return args
 

@@ -130,11 +130,11 @@ def _parse_args(argv=None):
     args.warmup = 2
     args.shufflenet, args.shufflenet_image_size = "small", 8
   only = util.select_measurements(p, args.only, MEASUREMENTS)
-  if args.rounds < 1:
-    p.error(f"--rounds must be at least 1, got {args.rounds}")
-  if min(args.intra_op_threads, args.inter_op_threads) < 0:
-    p.error("--intra_op_threads and --inter_op_threads must be 0 (TF's "
-            "default) or more")
+  util.check_counts(
+      p, args, positive=("batch_size", "channels", "cells", "nodes",
+                         "image_size", "shufflenet_image_size", "steps",
+                         "rounds"),
+      non_negative=("warmup", "intra_op_threads", "inter_op_threads"))
   args.only = only
   return args
 
