@@ -93,6 +93,21 @@ def test_block_genotype_is_written_and_fingerprinted(tmp_path):
                               version=1)
 
 
+def test_a_random_op_is_refused_unless_allowed(tmp_path):
+  # The model stands in: what is checked is the genotype it is exported with.
+  net = trained_like_network()
+  noisy = Genotype(GENOTYPE.normal, CellGenotype(
+      ((("noise", 0), ("dil_conv_3x3", 1)), (("skip_connect", 2),))))
+  base = str(tmp_path / "m")
+  with pytest.raises(export.ExportError, match="uses noise.*--allow_random_ops"):
+    export.export_saved_model(net, base, metadata=METADATA, genotype=noisy)
+  assert not os.path.exists(base)
+  path = export.export_saved_model(net, base, metadata=METADATA,
+                                   genotype=noisy, allow_random_ops=True)
+  with open(os.path.join(path, "metadata.json")) as f:
+    assert json.load(f)["random_ops"] == ["noise"]
+
+
 def test_saved_model_cli_lists_the_signature(tmp_path):
   net = trained_like_network()
   path = export.export_saved_model(net, str(tmp_path / "m"),
@@ -176,7 +191,9 @@ def test_readme_rest_body_fits_the_signature(tmp_path):
   import re
   readme = open(os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "README.md")).read()
-  body = json.loads(re.findall(r"```json\n(.*?)\n```", readme, re.S)[0])
+  body = json.loads(next(block for block in
+                         re.findall(r"```json\n(.*?)\n```", readme, re.S)
+                         if '"signature_name"' in block))
   assert body["signature_name"] == export.SIGNATURE
   images = np.asarray(body["instances"], np.float32)
   assert images.shape == (1, 8, 8, 1) and images.max() <= 255

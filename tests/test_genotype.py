@@ -213,6 +213,69 @@ def test_empty_cell():
   expect_error("normal: cell is empty", Genotype.from_dict, d)
 
 
+def test_warnings_of_valid_genotypes_that_cannot_learn_well():
+  from tfnas import genotypes
+  assert genotypes.resolve("DARTS_V2").warnings() == []
+  cell = CellGenotype(((("none", 0), ("sep_conv_3x3", 1)), ()),
+                      concat=(2, 3))
+  dead = CellGenotype(((("noise", 0),), (("skip_connect", 2),)))
+  assert Genotype(cell, dead).warnings() == [
+      "normal node 2: a none edge adds zeros",
+      "normal node 3 has no inputs: its value is 0",
+      "reduce cell uses noise: random at inference too",
+      "the reduce cell's output does not depend on its inputs"]
+  # Every node empty: nothing reaches the output.
+  empty = CellGenotype(((), ()))
+  assert ("the normal cell's output does not depend on its inputs" in
+          Genotype(empty, cell).warnings())
+
+
+def _flat(cell):
+  return [tuple(edge) for node in cell.nodes for edge in node]
+
+
+def test_darts_code_forms_of_a_genotype_file(tmp_path):
+  from tfnas import genotypes
+  v2 = genotypes.resolve("DARTS_V2")
+  text = tmp_path / "v2.txt"
+  # As the DARTS code prints it (its namedtuple's repr).
+  text.write_text(f"Genotype(normal={_flat(v2.normal)!r}, "
+                  f"normal_concat=range(2, 6), reduce={_flat(v2.reduce)!r}, "
+                  f"reduce_concat=[2, 3, 4, 5])\n")
+  assert genotypes.resolve(str(text)) == v2
+  flat = tmp_path / "v2.json"
+  flat.write_text(json.dumps({"normal": _flat(v2.normal),
+                              "normal_concat": [2, 3, 4, 5],
+                              "reduce": _flat(v2.reduce)}))
+  assert genotypes.resolve(str(flat)) == v2
+  bad = tmp_path / "bad.txt"
+  bad.write_text(text.read_text().replace("sep_conv_3x3", "sep_conv_9x9", 1))
+  with pytest.raises(GenotypeError, match=r"bad.txt: DARTS genotype: .*"
+                                          r"sep_conv_9x9"):
+    genotypes.resolve(str(bad))
+  # Neither form: the JSON error, and where the format is described.
+  other = tmp_path / "other.json"
+  other.write_text('{"normal": {"nodes": []}}')
+  with pytest.raises(GenotypeError, match=r"missing key 'version'.*"
+                                          r"'Genotype files'"):
+    genotypes.resolve(str(other))
+  code = tmp_path / "code.py"
+  code.write_text("Genotype(normal=__import__('os').getcwd())")
+  with pytest.raises(GenotypeError, match="not valid JSON"):
+    genotypes.resolve(str(code))
+
+
+def test_readme_genotype_example_is_a_valid_genotype():
+  import re
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "README.md")).read()
+  block = next(b for b in re.findall(r"```json\n(.*?)\n```", readme, re.S)
+               if '"nodes"' in b)
+  example = Genotype.from_json(block, op_names=DARTS_OPS)
+  assert example.normal.concat == (2, 3) and example.reduce.concat == (2, 3)
+  assert example.warnings() == []
+
+
 def test_corrupt_json_file(tmp_path):
   path = tmp_path / "genotype.json"
   path.write_text('{"version": 1, "normal": ')

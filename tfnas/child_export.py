@@ -72,7 +72,8 @@ def export_search_child(run_dir: str, base_path: str, *,
                         data_dir: str | None = None,
                         checkpoint: str | None = None,
                         evaluate: bool = False,
-                        show_progress: bool = False) -> ExportedChild:
+                        show_progress: bool = False,
+                        allow_random_ops: bool = False) -> ExportedChild:
   """Exports the inherited-weight child of the search in ``run_dir``.
 
   Args:
@@ -87,6 +88,8 @@ def export_search_child(run_dir: str, base_path: str, *,
       evaluation split (`tfnas.child.evaluate_search_child`); the metadata
       gets ``val_acc``, ``val_loss``, ``val_split`` and ``val_examples``.
     show_progress: draw a progress bar over the evaluation batches.
+    allow_random_ops: export a child using an op that is random at
+      inference (`tfnas.export.check_random_ops`).
 
   Returns:
     An `ExportedChild` (export path, genotype, metadata).
@@ -94,6 +97,7 @@ def export_search_child(run_dir: str, base_path: str, *,
   child, genotype, info = load_search_child(
       run_dir, recalibrate_batches=recalibrate_batches, data_dir=data_dir,
       checkpoint=checkpoint)
+  export.check_random_ops(genotype, allow_random_ops)  # Before measuring.
   metadata = search_child_metadata(run_dir, info)
   if evaluate:
     measured = evaluate_search_child(child, run_dir, data_dir=data_dir,
@@ -103,5 +107,6 @@ def export_search_child(run_dir: str, base_path: str, *,
                     val_split=measured["split"],
                     val_examples=measured["examples"])
   path = export.export_saved_model(child, base_path, metadata=metadata,
-                                   genotype=genotype, version=version)
+                                   genotype=genotype, version=version,
+                                   allow_random_ops=allow_random_ops)
   return ExportedChild(path, genotype, metadata)

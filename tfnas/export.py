@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.errors import TfnasError
+from tfnas.genotype import RANDOM_OPS
 from tfnas.train import rundir
 
 SIGNATURE = "serving_default"
@@ -142,8 +143,27 @@ def _read_fingerprint(version_dir: str) -> str | None:
     return None
 
 
+def check_random_ops(genotype, allow: bool = False) -> list[str]:
+  """The ops of ``genotype`` whose output is random at inference
+  (`tfnas.genotype.RANDOM_OPS`), sorted.
+
+  Raises:
+    ExportError: there are some and ``allow`` is False: a served model
+      would answer the same request differently each time.
+  """
+  used = sorted(set(genotype.ops()) & RANDOM_OPS) if genotype else []
+  if used and not allow:
+    raise ExportError(
+        f"the genotype uses {', '.join(used)}, which draws new random values "
+        f"on every call, at inference too: the exported model would give "
+        f"different predictions for the same input; pass "
+        f"--allow_random_ops to export it anyway, nothing was written")
+  return used
+
+
 def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
-                       genotype=None, version: int | None = None) -> str:
+                       genotype=None, version: int | None = None,
+                       allow_random_ops: bool = False) -> str:
   """Writes ``base_path/<version>/`` (SavedModel + genotype + metadata).
 
   Args:
@@ -162,15 +182,22 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
     version: version directory number (>= 1); default: the highest
       existing version when it holds this same model, else one above it (1
       for a new base path).
+    allow_random_ops: export a genotype using an op that is random at
+      inference (`check_random_ops`); metadata then lists it as
+      ``random_ops``.
 
   Returns:
     The version directory written (or the existing identical one).
 
   Raises:
-    ExportError: bad metadata or version, or ``base_path/<version>`` holds a
-      different model (nothing is overwritten).
+    ExportError: bad metadata or version, a random op not allowed, or
+      ``base_path/<version>`` holds a different model (nothing is
+      overwritten).
   """
   metadata = _check_metadata(metadata)
+  random_ops = check_random_ops(genotype, allow_random_ops)
+  if random_ops:
+    metadata["random_ops"] = random_ops
   fingerprint = model_fingerprint(model, metadata, genotype)
   if version is None:
     versions = existing_versions(base_path)

@@ -41,6 +41,7 @@ __all__ = [
     "Genotype",
     "SUPPORTED_VERSIONS",
     "NONE_OP",
+    "RANDOM_OPS",
     "num_edges",
     "edge_index",
     "check_num_nodes",
@@ -57,6 +58,11 @@ SUPPORTED_VERSIONS = (1,)
 #: Name of the zero op; never chosen by the DARTS magnitude rule, and marks a
 #: dropped edge for the argmax rule.
 NONE_OP = "none"
+
+#: Ops whose output is random at inference too and ignores the input (the S4
+#: space's noise): a network using one answers the same input differently
+#: each time (`tfnas.export` refuses it unless allowed).
+RANDOM_OPS = frozenset({"noise"})
 
 NUM_INPUTS = 2
 _CELL_NAMES = ("normal", "reduce")
@@ -356,6 +362,30 @@ class Genotype:
   def ops(self) -> set[str]:
     """The set of op names used by either cell."""
     return self.normal.ops() | self.reduce.ops()
+
+  def warnings(self) -> list[str]:
+    """What makes this genotype's network learn or predict badly though it
+    is valid: ``none`` edges (they add zeros), nodes without inputs, random
+    ops, and cells whose output does not depend on their inputs."""
+    found = []
+    for name in _CELL_NAMES:
+      cell = getattr(self, name)
+      depends = {0, 1}  # Nodes whose value depends on the cell's inputs.
+      for i, node in enumerate(cell.nodes):
+        index = i + NUM_INPUTS
+        live = [(op, j) for op, j in node if op != NONE_OP]
+        if len(live) < len(node):
+          found.append(f"{name} node {index}: a {NONE_OP} edge adds zeros")
+        if not live:
+          found.append(f"{name} node {index} has no inputs: its value is 0")
+        if any(op not in RANDOM_OPS and j in depends for op, j in live):
+          depends.add(index)
+      for op in sorted(cell.ops() & RANDOM_OPS):
+        found.append(f"{name} cell uses {op}: random at inference too")
+      if not depends.intersection(cell.concat):
+        found.append(f"the {name} cell's output does not depend on its "
+                     f"inputs")
+    return found
 
   def __str__(self) -> str:
     lines = [f"Genotype (version {self.version})"]

@@ -1,7 +1,11 @@
 """Published genotypes by name, and resolving ``--genotype`` values.
 
 ``--genotype`` accepts a registered name (``DARTS_V2``), a genotype JSON file
-(``runs/snas_digits/genotype.json``) or a run directory holding one.
+(``runs/snas_digits/genotype.json``) or a run directory holding one. A file
+may also hold a cell pair in the DARTS code's own forms, as papers and
+repositories print them: the ``Genotype(normal=[('sep_conv_3x3', 0), ...],
+normal_concat=range(2, 6), reduce=[...], reduce_concat=...)`` text, or the
+same fields as a JSON object (two edges per node, in order).
 
 Registered cells (DARTS op names, inputs 0/1 = cells k-2/k-1):
 
@@ -19,6 +23,8 @@ tfnas search is the way to retrain such a cell.
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 
 from tfnas import ops
@@ -95,4 +101,66 @@ def resolve(spec: str) -> Genotype:
         f"unknown genotype {spec!r}; known names: "
         f"{', '.join(sorted(PUBLISHED))}, or give a genotype.json path or "
         f"a run directory")
-  return Genotype.load(path, op_names=ops.OPS)
+  try:
+    return Genotype.load(path, op_names=ops.OPS)
+  except GenotypeError as e:
+    darts = _darts_form(path)
+    if darts is None:
+      if not os.path.isfile(path):
+        raise
+      raise GenotypeError(f"{e} (see README.md, 'Genotype files', for the "
+                          f"format)") from None
+  try:
+    genotype = Genotype.from_darts(darts["normal"], darts.get("normal_concat"),
+                                   darts["reduce"], darts.get("reduce_concat"))
+    genotype.validate(ops.OPS)
+  except (GenotypeError, TypeError) as e:
+    raise GenotypeError(f"{path}: DARTS genotype: {e}") from None
+  return genotype
+
+
+_DARTS_FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
+
+
+def _darts_form(path: str) -> dict | None:
+  """The fields of a DARTS-code genotype in the file ``path`` (its
+  ``Genotype(...)`` text or a JSON object of its fields), or None when the
+  file holds neither."""
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      text = f.read().strip()
+  except (OSError, UnicodeDecodeError):
+    return None
+  try:
+    fields = json.loads(text)
+  except ValueError:
+    fields = _darts_text(text)
+  if (not isinstance(fields, dict) or not set(fields) <= set(_DARTS_FIELDS)
+      or not {"normal", "reduce"} <= set(fields)):
+    return None
+  return fields
+
+
+def _darts_text(text: str) -> dict | None:
+  """The keyword arguments of a ``Genotype(...)`` call whose values are
+  literals or ``range(...)`` of literals; None otherwise."""
+  try:
+    call = ast.parse(text, mode="eval").body
+  except (SyntaxError, ValueError, RecursionError):
+    return None
+  if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and
+          call.func.id == "Genotype" and not call.args):
+    return None
+  fields = {}
+  try:
+    for keyword in call.keywords:
+      value = keyword.value
+      if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+          and value.func.id == "range" and not value.keywords):
+        fields[keyword.arg] = list(range(
+            *(ast.literal_eval(a) for a in value.args)))
+      else:
+        fields[keyword.arg] = ast.literal_eval(value)
+  except (ValueError, TypeError, SyntaxError, RecursionError):
+    return None
+  return fields

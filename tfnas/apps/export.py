@@ -62,6 +62,11 @@ flags.DEFINE_boolean("evaluate", True,
                      "own val/child_acc uses batch statistics.")
 flags.DEFINE_boolean("progress", True,
                      "Show a progress bar over the evaluation batches.")
+flags.DEFINE_boolean("allow_random_ops", False,
+                     "Export a genotype that uses an op whose output is "
+                     "random at inference too (the S4 space's noise): the "
+                     "model then answers the same input differently each "
+                     "time. Refused without this flag.")
 FLAGS = flags.FLAGS
 
 
@@ -110,7 +115,7 @@ def _export_search_child(run_dir: str, method_name: str,
       recalibrate_batches=FLAGS.recalibrate_batches,
       version=FLAGS.version or None, checkpoint=checkpoint_path,
       data_dir=FLAGS.data_dir, evaluate=FLAGS.evaluate,
-      show_progress=FLAGS.progress)
+      show_progress=FLAGS.progress, allow_random_ops=FLAGS.allow_random_ops)
   meta = exported.metadata
   used = meta["bn_recalibration_batches"]
   bn = (f"BN statistics re-estimated on {used} training batches" if used
@@ -142,6 +147,7 @@ def _export_retrained(run_dir: str, saved: dict,
   common.import_tensorflow()  # Quietly, before tfnas modules load it.
   from tfnas import cost, data, export, models
   from tfnas.train.checkpointing import resolve_checkpoint, restore_problem
+  export.check_random_ops(genotype, FLAGS.allow_random_ops)
   checkpoint_path = resolve_checkpoint(run_dir, checkpoint_path,
                                        "train first or pass --checkpoint")
   info = data.dataset_info(config.dataset)
@@ -169,7 +175,8 @@ def _export_retrained(run_dir: str, saved: dict,
   before = export.exported_versions(FLAGS.export_dir)
   path = export.export_saved_model(network, FLAGS.export_dir,
                                    metadata=metadata, genotype=genotype,
-                                   version=FLAGS.version or None)
+                                   version=FLAGS.version or None,
+                                   allow_random_ops=FLAGS.allow_random_ops)
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")

@@ -10,6 +10,7 @@ the result into a SavedModel for TF Serving.
 
 from __future__ import annotations
 
+from absl import logging
 
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
@@ -41,6 +42,8 @@ def main(argv):
   run = Retrain(config, strategy, resume=FLAGS.resume,
                 show_progress=FLAGS.progress)
   print(run.genotype)
+  for problem in run.genotype.warnings():
+    logging.warning("genotype: %s", problem)
   print(f"network: {config.network}, {config.num_cells} cells, "
         f"C={config.channels}: {describe_cost(run.cost)}")
   result = run.run()
