@@ -111,7 +111,8 @@ def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
 
 
 @pytest.mark.parametrize("script, arg, message", [
-    ("bench_single_path.py", "--rounds=0", "--rounds must be at least 1, got 0"),
+    ("bench_single_path.py", "--rounds=0",
+     "--rounds must be at least 1, got 0"),
     ("bench_single_path.py", "--intra_op_threads=-1",
      "--intra_op_threads must be 0 or more, got -1"),
     ("bench_single_path.py", "--steps=0", "--steps must be at least 1, got 0"),

@@ -17,6 +17,7 @@ from tfnas.spaces import shufflenet
 from tfnas.errors import TfnasError
 from tfnas.train import rundir
 from tfnas.train.checkpointing import (ModelVariables, checkpoint_progress,
+                                       existing_checkpoints,
                                        resolve_checkpoint, restore_latest,
                                        restore_problem)
 
@@ -196,6 +197,14 @@ class RestoreLatestTest(tf.test.TestCase):
                  glob.glob(self.paths[0] + ".data-*")[0], self.paths[0]):
       self.assertEqual(resolve_checkpoint(run, name, "-"), self.paths[0])
 
+  def test_existing_checkpoints_are_those_with_files(self):
+    self.assertEqual(existing_checkpoints(self.dir), self.paths)
+    for f in glob.glob(self.paths[1] + ".*"):
+      os.remove(f)  # Still named by the list.
+    self.assertEqual(existing_checkpoints(self.dir),
+                     [self.paths[0], self.paths[2]])
+    self.assertEqual(existing_checkpoints(self.dir + "/none"), [])
+
   def test_a_missing_checkpoint_names_those_kept(self):
     # A checkpoint rotated away (max_to_keep) is asked for by its number.
     gone = os.path.join(self.dir, "ckpt-0")
@@ -246,12 +255,15 @@ class CheckpointProgressTest(tf.test.TestCase):
                    {"epoch": 3, "val/acc": 0.3}, {"epoch": 2, "val/acc": 0.25}):
         f.write(json.dumps(line) + "\n")
       f.write("not json\n")
+    with open(os.path.join(directory, "history.jsonl"), "ab") as f:
+      f.write(b"\xff\xfe not UTF-8\n")
     # The latest line of the epoch (an epoch repeated after a resume).
     self.assertEqual(rundir.epoch_history(directory, 2)["val/acc"], 0.25)
     self.assertEqual(rundir.epoch_history(directory, 1)["val/acc"], 0.1)
     self.assertEqual(rundir.epoch_history(directory, 7), {})
     self.assertEqual(rundir.epoch_history(self.get_temp_dir() + "/none", 1),
                      {})
+    self.assertEqual(rundir.last_history(directory)["epoch"], 2)
 
 
 if __name__ == "__main__":

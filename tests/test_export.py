@@ -99,7 +99,8 @@ def test_a_random_op_is_refused_unless_allowed(tmp_path):
   noisy = Genotype(GENOTYPE.normal, CellGenotype(
       ((("noise", 0), ("dil_conv_3x3", 1)), (("skip_connect", 2),))))
   base = str(tmp_path / "m")
-  with pytest.raises(export.ExportError, match="uses noise.*--allow_random_ops"):
+  with pytest.raises(export.ExportError,
+                     match="uses noise.*--allow_random_ops"):
     export.export_saved_model(net, base, metadata=METADATA, genotype=noisy)
   assert not os.path.exists(base)
   path = export.export_saved_model(net, base, metadata=METADATA,

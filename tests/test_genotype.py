@@ -263,6 +263,30 @@ def test_darts_code_forms_of_a_genotype_file(tmp_path):
   code.write_text("Genotype(normal=__import__('os').getcwd())")
   with pytest.raises(GenotypeError, match="not valid JSON"):
     genotypes.resolve(str(code))
+  # tfnas' own per-cell objects without a version: that is what is said.
+  nodes = tmp_path / "nodes.json"
+  nodes.write_text(json.dumps({"normal": {"nodes": [[["skip_connect", 0]]]},
+                               "reduce": {"nodes": [[["skip_connect", 1]]]}}))
+  with pytest.raises(GenotypeError, match="missing key 'version'"):
+    genotypes.resolve(str(nodes))
+  # Unordered edges (a set literal), a range no cell has, deep nesting:
+  # one-line errors, nothing expanded.
+  unordered = tmp_path / "set.txt"
+  unordered.write_text(text.read_text().replace(
+      f"normal={_flat(v2.normal)!r}", "normal={('skip_connect', 0)}"))
+  with pytest.raises(GenotypeError, match="not valid JSON"):
+    genotypes.resolve(str(unordered))
+  huge = tmp_path / "huge.txt"
+  huge.write_text(text.read_text().replace("range(2, 6)",
+                                           "range(2, 1000000000000)"))
+  with pytest.raises(GenotypeError, match=r"huge.txt: DARTS genotype: "
+                                          r"normal_concat=range.* names "
+                                          r"999999999998 nodes"):
+    genotypes.resolve(str(huge))
+  deep = tmp_path / "deep.json"
+  deep.write_text("[" * 100000 + "]" * 100000)
+  with pytest.raises(GenotypeError, match="nested too deeply"):
+    genotypes.resolve(str(deep))
 
 
 def test_readme_genotype_example_is_a_valid_genotype():

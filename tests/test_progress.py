@@ -15,7 +15,7 @@ def test_evaluation_bar_counts_the_batches_and_changes_nothing(capsys):
   quiet = step_loops.evaluate(batches, _step)
   assert capsys.readouterr().err == ""
   shown = step_loops.evaluate(batches, _step, prefix="val/child_",
-                        show_progress=True, batches=3)
+                              show_progress=True, batches=3)
   assert quiet == {"val/loss": 1.0, "val/acc": 0.5}
   assert shown == {"val/child_loss": 1.0, "val/child_acc": 0.5}
   err = capsys.readouterr().err

@@ -96,7 +96,8 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   assert snapshot(export_dir) == before
   # The older checkpoint as the next version: its metadata are its epoch's
   # (the checkpoints kept are those of the last epochs, one per epoch).
-  older = app("export", f"--checkpoint={ckpts[0]}", f"--export_dir={export_dir}")
+  older = app("export", f"--checkpoint={ckpts[0]}",
+              f"--export_dir={export_dir}")
   assert older.returncode == 0, older.stderr[-3000:]
   meta = json.loads((export_dir / "2" / "metadata.json").read_text())
   epoch = len(history) - len(ckpts) + 1

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfnas import export
 from tfnas.errors import TfnasError
 from tfnas.layers.batch_norm import batch_norm_layers
 from tfnas.spaces import darts as darts_space
@@ -180,7 +181,8 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
 
 def load_search_child(run_dir: str, recalibrate_batches: int = 0,
                       data_dir: str | None = None,
-                      checkpoint: str | None = None):
+                      checkpoint: str | None = None,
+                      allow_random_ops: bool = True):
   """The child of a finished (or checkpointed) search run.
 
   Rebuilds the supernet and α from ``run_dir/config.json`` and its latest
@@ -197,6 +199,8 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     data_dir: tfds data directory for those batches (default: the run's).
     checkpoint: a checkpoint prefix of this run (``<run_dir>/ckpt/ckpt-N``);
       default: the latest.
+    allow_random_ops: False: refuse a child using an op that is random at
+      inference (`tfnas.export.check_random_ops`), before building it.
 
   Returns:
     ``(child, genotype, info)``: the `FixedChild`, the run's genotype
@@ -207,8 +211,9 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     and ``checkpoint`` (the path restored).
 
   Raises:
-    TfnasError: no checkpoint, a missing ``checkpoint``, or one that does not
-      hold the supernet described by config.json.
+    TfnasError: no checkpoint, a missing ``checkpoint``, one that does not
+      hold the supernet described by config.json, or a random op not
+      allowed.
   """
   from tfnas import data as data_lib
   from tfnas import methods
@@ -230,6 +235,12 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     raise TfnasError(f"checkpoint {checkpoint} does not hold the supernet "
                      f"and α described by {run_dir}/config.json ({problem})")
   indices = argmax_indices(arch)
+  masks = {g.name: g.mask_array() for g in arch.groups if g.mask is not None}
+  genotype = methods.get_method(config.method).selector(
+      arch.numpy(), arch.groups[0].candidates,
+      getattr(space, "num_nodes", None), masks)
+  if not allow_random_ops:
+    export.check_random_ops(genotype)
   child = build_child(supernet, indices, input_shape)
   recalibrated = 0
   if recalibrate_batches:
@@ -240,10 +251,6 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     ds = split.dataset(batch_size=config.batch_size, training=False,
                        epoch=0, seed=config.seed)
     recalibrated = recalibrate_batch_norm(child, ds.take(recalibrate_batches))
-  masks = {g.name: g.mask_array() for g in arch.groups if g.mask is not None}
-  genotype = methods.get_method(config.method).selector(
-      arch.numpy(), arch.groups[0].candidates,
-      getattr(space, "num_nodes", None), masks)
   cost = child_cost(supernet, indices, info.image_size, child)
   if registry.space_kind(space) == names.BLOCKS:
     scope = "whole network, multiply-adds per image"
@@ -289,8 +296,8 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
 
   def replica(images, labels):
     logits = child(images, training=False)
-    return step_loops.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
-                             logits, labels)
+    return step_loops.eval_metrics(
+        tf.reduce_sum(cross_entropy(logits, labels)), logits, labels)
   metrics = step_loops.evaluate(
       splits.eval_stream(strategy),
       tf.function(step_loops.summed_eval_step(strategy, replica)),

@@ -96,8 +96,7 @@ def export_search_child(run_dir: str, base_path: str, *,
   """
   child, genotype, info = load_search_child(
       run_dir, recalibrate_batches=recalibrate_batches, data_dir=data_dir,
-      checkpoint=checkpoint)
-  export.check_random_ops(genotype, allow_random_ops)  # Before measuring.
+      checkpoint=checkpoint, allow_random_ops=allow_random_ops)
   metadata = search_child_metadata(run_dir, info)
   if evaluate:
     measured = evaluate_search_child(child, run_dir, data_dir=data_dir,

@@ -104,28 +104,35 @@ def resolve(spec: str) -> Genotype:
   try:
     return Genotype.load(path, op_names=ops.OPS)
   except GenotypeError as e:
-    darts = _darts_form(path)
-    if darts is None:
-      if not os.path.isfile(path):
-        raise
-      raise GenotypeError(f"{e} (see README.md, 'Genotype files', for the "
-                          f"format)") from None
+    error = e
   try:
-    genotype = Genotype.from_darts(darts["normal"], darts.get("normal_concat"),
-                                   darts["reduce"], darts.get("reduce_concat"))
-    genotype.validate(ops.OPS)
+    darts = _darts_form(path)
+    if darts is not None:
+      genotype = Genotype.from_darts(
+          darts["normal"], darts.get("normal_concat"), darts["reduce"],
+          darts.get("reduce_concat"))
+      genotype.validate(ops.OPS)
+      return genotype
   except (GenotypeError, TypeError) as e:
     raise GenotypeError(f"{path}: DARTS genotype: {e}") from None
-  return genotype
+  if not os.path.isfile(path):
+    raise error
+  raise GenotypeError(f"{error} (see README.md, 'Genotype files', for the "
+                      f"format)") from None
 
 
 _DARTS_FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
+_MAX_RANGE = 64  # Nodes a concat range may name (a cell has a handful).
 
 
 def _darts_form(path: str) -> dict | None:
   """The fields of a DARTS-code genotype in the file ``path`` (its
-  ``Genotype(...)`` text or a JSON object of its fields), or None when the
-  file holds neither."""
+  ``Genotype(...)`` text or a JSON object of its fields: lists, not
+  tfnas' per-node objects), or None when the file holds neither.
+
+  Raises:
+    GenotypeError: a ``range`` too long for a cell.
+  """
   try:
     with open(path, encoding="utf-8-sig") as f:
       text = f.read().strip()
@@ -133,34 +140,54 @@ def _darts_form(path: str) -> dict | None:
     return None
   try:
     fields = json.loads(text)
+  except RecursionError:
+    return None
   except ValueError:
     fields = _darts_text(text)
   if (not isinstance(fields, dict) or not set(fields) <= set(_DARTS_FIELDS)
       or not {"normal", "reduce"} <= set(fields)):
+    return None
+  # Ordered sequences only: tfnas' own per-cell objects are not this form,
+  # and a set literal would order its edges differently on every run.
+  if not all(isinstance(v, (list, tuple)) or (v is None and k.endswith(
+      "_concat")) for k, v in fields.items()):
     return None
   return fields
 
 
 def _darts_text(text: str) -> dict | None:
   """The keyword arguments of a ``Genotype(...)`` call whose values are
-  literals or ``range(...)`` of literals; None otherwise."""
+  literals or ``range(...)`` of literals; None otherwise.
+
+  Raises:
+    GenotypeError: a ``range`` of more than ``_MAX_RANGE`` nodes.
+  """
   try:
     call = ast.parse(text, mode="eval").body
-  except (SyntaxError, ValueError, RecursionError):
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
     return None
   if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and
           call.func.id == "Genotype" and not call.args):
     return None
   fields = {}
-  try:
-    for keyword in call.keywords:
-      value = keyword.value
-      if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
-          and value.func.id == "range" and not value.keywords):
-        fields[keyword.arg] = list(range(
-            *(ast.literal_eval(a) for a in value.args)))
+  for keyword in call.keywords:
+    value = keyword.value
+    is_range = (isinstance(value, ast.Call) and
+                isinstance(value.func, ast.Name) and
+                value.func.id == "range" and not value.keywords)
+    try:
+      if is_range:
+        nodes = range(*(ast.literal_eval(a) for a in value.args))
+        size = len(nodes)
       else:
-        fields[keyword.arg] = ast.literal_eval(value)
-  except (ValueError, TypeError, SyntaxError, RecursionError):
-    return None
+        nodes = ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError, RecursionError,
+            OverflowError):
+      return None
+    if is_range:
+      if size > _MAX_RANGE:
+        raise GenotypeError(f"{keyword.arg}={nodes!r} names {size} nodes; "
+                            f"a cell has at most {_MAX_RANGE}")
+      nodes = list(nodes)
+    fields[keyword.arg] = nodes
   return fields

@@ -45,7 +45,9 @@ GRAPPLER_OPTIMIZERS = (
     "remapping", "arithmetic_optimization", "dependency_optimization",
     "loop_optimization", "function_optimization", "debug_stripper",
     "scoped_allocator_optimization", "pin_to_host_optimization",
-    "implementation_selector", "auto_mixed_precision")
+    "implementation_selector", "auto_mixed_precision",
+    "auto_mixed_precision_onednn_bfloat16", "auto_mixed_precision_mkl",
+    "use_plugin_optimizers")
 
 
 def _parse_args(argv=None):

@@ -38,7 +38,8 @@ def main(argv):
     raise rundir.RunDirError(f"{FLAGS.run_dir} holds a "
                              f"{rundir.run_kind(saved) or 'non-tfnas'} run, "
                              f"not a tfnas-search run")
-  config = SearchConfig.from_dict(saved)
+  # The directory is the run (moved or copied runs included).
+  config = SearchConfig.from_dict({**saved, "run_dir": FLAGS.run_dir})
   common.import_tensorflow()
   from tfnas.train.search import Search
   search = Search(config, show_progress=False, read_only=True)

@@ -44,7 +44,8 @@ flags.DEFINE_string("export_dir", None,
                     "<export_dir>/<version>/.")
 flags.DEFINE_integer("version", 0,
                      "Version directory number (0: one above the highest "
-                     "existing version).")
+                     "existing version, or that version when it already "
+                     "holds this model).")
 flags.DEFINE_integer("recalibrate_batches", 0,
                      "DSNAS search runs only: re-estimate the child's BN "
                      "statistics on this many training batches before "
@@ -237,7 +238,7 @@ def main(argv):
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(
         checkpoint_path)))
   saved = _read_run_config(run_dir)
-  if "method" in saved:
+  if rundir.run_kind(saved) == "tfnas-search":
     _export_search_child(run_dir, saved["method"], checkpoint_path)
   else:
     _export_retrained(run_dir, saved, checkpoint_path)

@@ -72,6 +72,15 @@ def checkpoint_list(directory: str):
   return None, [p for _, p in numbered]
 
 
+def existing_checkpoints(directory: str) -> list[str]:
+  """The checkpoints `checkpoint_list` finds in ``directory`` whose files
+  are there (an ``.index`` file), oldest first."""
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return [p for p in checkpoint_list(directory)[1]
+          if tf.io.gfile.exists(p + ".index")]
+
+
 def checkpoint_prefix(path: str) -> str:
   """The checkpoint ``path`` names: a prefix, or one of its files (tab
   completion) meaning its prefix.
@@ -82,9 +91,7 @@ def checkpoint_prefix(path: str) -> str:
   prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
   if not tf.io.gfile.exists(prefix + ".index"):
     folder = os.path.dirname(prefix) or "."
-    kept = [p for p in checkpoint_list(folder)[1]
-            if tf.io.gfile.exists(p + ".index")] if tf.io.gfile.isdir(
-                folder) else []
+    kept = existing_checkpoints(folder)
     hint = (f"; {folder} holds {', '.join(os.path.basename(p) for p in kept)}"
             if kept else "")
     raise TfnasError(f"checkpoint {prefix} not found (no "
@@ -109,9 +116,8 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None,
   checkpoint = checkpoint_prefix(checkpoint)
   problem = unreadable(checkpoint)
   if problem is not None:
-    _, listed = checkpoint_list(os.path.join(run_dir, "ckpt"))
-    older = listed[:listed.index(checkpoint)] if checkpoint in listed else []
-    older = [p for p in older if tf.io.gfile.exists(p + ".index")]
+    kept = existing_checkpoints(os.path.join(run_dir, "ckpt"))
+    older = kept[:kept.index(checkpoint)] if checkpoint in kept else []
     hint = (f"; pass an older one with --checkpoint: {', '.join(older)}"
             if older else "")
     raise TfnasError(f"checkpoint {checkpoint} cannot be read "
@@ -229,7 +235,8 @@ def _forget(directory: str, state, paths: list, latest: str,
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
-                   forget_unreadable: bool = True) -> str | None:
+                   forget_unreadable: bool = True,
+                   described_by: str = "config.json") -> str | None:
   """Restores the newest checkpoint in ``directory`` that can be read into
   ``checkpoint``, for a resumed run; returns its path (None: no checkpoint
   there yet).
@@ -242,7 +249,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
   made afterwards neither keeps them nor deletes a readable one for them; a
   list that cannot be read is written anew from the files (`checkpoint_list`).
   One that reads but does not fit the network (another architecture or
-  width) stops the resume: the older ones would not fit either.
+  width) stops the resume: the older ones would not fit either; the error
+  names ``described_by``, the run's files the network is built from.
 
   Raises:
     TfnasError: the newest readable checkpoint does not fit, or none reads.
@@ -260,8 +268,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
       if misfit is not None:
         raise TfnasError(
             f"cannot resume from {path}: {misfit}; this run's network does "
-            "not match its checkpoint (were config.json or genotype.json "
-            "changed?): start a new --run_dir")
+            f"not match its checkpoint (was {described_by} edited?): start a "
+            f"new --run_dir")
       problem = problem or unreadable(path)
     if problem is not None:
       skipped.append((path, problem))

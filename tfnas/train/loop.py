@@ -3,8 +3,9 @@
 Both loops run epochs of chunks (``steps_per_loop`` steps per call of a
 step loop, `step_loops`), checkpoint with a ``tf.train.CheckpointManager``
 (epoch and step-in-epoch included, so a resumed run continues mid-epoch),
-save on SIGTERM / Ctrl-C before exiting (`stopping`), draw a progress bar and append one
-JSON line of metrics per epoch to ``history.jsonl``. The pieces live here;
+save on SIGTERM / Ctrl-C before exiting (`stopping`), draw a progress bar
+and append one JSON line of metrics per epoch to ``history.jsonl``. The
+pieces live here;
 what a step computes stays with each loop.
 """
 
@@ -45,7 +46,8 @@ def run_epochs(*, strategy: tf.distribute.Strategy, epoch: tf.Variable,
         if stop_after_epochs is not None and len(history) >= stop_after_epochs:
           break
         history.append(run_epoch(interrupted))
-        stopping.stop_after_epoch(agree, interrupted, int(epoch.numpy()) < epochs)
+        stopping.stop_after_epoch(agree, interrupted,
+                                  int(epoch.numpy()) < epochs)
     except KeyboardInterrupt as e:
       if not getattr(e, "saved", False):
         save()
@@ -74,18 +76,20 @@ def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
 
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,
                        resuming: bool, max_to_keep: int = 3,
-                       restore_dir: str | None = None):
+                       restore_dir: str | None = None,
+                       described_by: str = "config.json"):
   """The run's CheckpointManager (``run_dir/ckpt``); restores when resuming,
   from the latest checkpoint in ``restore_dir/ckpt`` (default ``run_dir``:
   a non-chief worker saves into its scratch directory but restores the
-  chief's checkpoint)."""
+  chief's checkpoint). ``described_by``: the run's files its network is
+  built from (`checkpointing.restore_latest`)."""
   if resuming:
     # Before the manager reads the checkpoint list: unreadable checkpoints
     # skipped here leave it (only this process's own directory is edited).
     restore_dir = restore_dir or run_dir
     latest = checkpointing.restore_latest(
         checkpoint, os.path.join(restore_dir, "ckpt"),
-        forget_unreadable=restore_dir == run_dir)
+        forget_unreadable=restore_dir == run_dir, described_by=described_by)
     if latest is None:
       log.warning("no checkpoint in %s yet; starting from scratch",
                   restore_dir)
@@ -188,7 +192,8 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
   """
   totals = dict(totals or {})
   with progress_bar(steps, initial=start, desc=desc,
-                    enabled=show_progress) as bar, stopping.ctrl_c_stops(interrupted):
+                    enabled=show_progress) as bar, \
+       stopping.ctrl_c_stops(interrupted):
     done = start
     while done < steps:
       n = min(steps_per_loop, steps - done)
@@ -212,7 +217,7 @@ def run_epoch(*, run_chunk: Callable[[int], Mapping[str, tf.Tensor]],
 
 def chunk_runner(train_loop, iterators: tuple, optimizer, writer):
   """``run_chunk(n)`` for `run_epoch`: ``n`` steps of ``train_loop`` (a step
-  loop, below) on ``iterators``, then the chunk's ``train/lr`` (at its
+  loop, `step_loops`) on ``iterators``, then the chunk's ``train/lr`` (at its
   start) and mean ``train/step_loss`` to TensorBoard."""
   def run_chunk(n):
     lr = float(optimizer.current_lr())

@@ -6,11 +6,12 @@
         strategy.run(step, batch)               (CE + aux_weight * CE_aux)
       evaluate on the test split, TensorBoard, checkpoint, history.jsonl
 
-The run directory, checkpointing (epoch and step in epoch), SIGTERM saving,
-progress bars and history come from ``tfnas.train.loop``, shared with the
-search loop. The run directory also receives ``genotype.json`` (the
-architecture being trained) so that ``tfnas-export`` can rebuild the
-network from the directory alone.
+The run directory, checkpointing (epoch and step in epoch), progress bars
+and history come from ``tfnas.train.loop``, stop requests from
+``tfnas.train.stopping`` and the step loop from ``tfnas.train.step_loops``,
+shared with the search loop. The run directory also receives
+``genotype.json`` (the architecture being trained) so that ``tfnas-export``
+can rebuild the network from the directory alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.layers.batch_norm import synchronized_batch_norm
 from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
-from tfnas.train.checkpointing import checkpoint_list
+from tfnas.train.checkpointing import existing_checkpoints
 from tfnas.train.step import StepContext, batch_sums, cross_entropy
 
 
@@ -53,7 +54,7 @@ def load_genotype(config: TrainConfig, resuming: bool) -> Genotype:
   saved = os.path.join(config.run_dir, "genotype.json")
   if resuming and os.path.exists(saved):
     return Genotype.load(saved)
-  if resuming and checkpoint_list(os.path.join(config.run_dir, "ckpt"))[1]:
+  if resuming and existing_checkpoints(os.path.join(config.run_dir, "ckpt")):
     raise rundir.RunDirError(
         f"{saved} is missing, so the network its checkpoints hold is not "
         f"known; put back the genotype the run started with or start a new "
@@ -140,7 +141,8 @@ class Retrain:
         step_in_epoch=self.step_in_epoch)
     self.manager = loop.checkpoint_manager(
         self.checkpoint, self.write_dir, self.resuming,
-        restore_dir=config.run_dir)
+        restore_dir=config.run_dir,
+        described_by="config.json or genotype.json")
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
     self.writer = summaries.LazyFileWriter(os.path.join(self.write_dir, "tb"))
@@ -180,15 +182,15 @@ class Retrain:
       return batch_sums("train", ce, logits, labels)
 
     return step_loops.compiled_step_loop(strategy, keys,
-                                   lambda batch: step(*batch))
+                                         lambda batch: step(*batch))
 
   def _make_eval_step(self):
     net = self.network
 
     def replica(images, labels):
       logits = net(images, training=False)
-      return step_loops.eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)),
-                               logits, labels)
+      return step_loops.eval_metrics(
+          tf.reduce_sum(cross_entropy(logits, labels)), logits, labels)
     return tf.function(step_loops.summed_eval_step(self.strategy, replica))
 
   # ------------------------------------------------------------------- run

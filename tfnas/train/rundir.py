@@ -67,35 +67,39 @@ def atomic_write(path: str, text: str) -> None:
     raise
 
 
+def _history_records(run_dir: str) -> list[dict[str, Any]]:
+  """The JSON objects of ``run_dir/history.jsonl``, in order (other lines
+  skipped; [] when the file cannot be read)."""
+  try:
+    with open(os.path.join(run_dir, "history.jsonl"),
+              errors="replace") as f:
+      lines = f.readlines()
+  except OSError:
+    return []
+  records = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except (ValueError, RecursionError):
+      continue
+    if isinstance(record, dict):
+      records.append(record)
+  return records
+
+
 def last_history(run_dir: str) -> dict[str, Any]:
   """The last epoch's metrics in ``run_dir/history.jsonl`` ({} when there
   are none or the file cannot be read)."""
-  try:
-    with open(os.path.join(run_dir, "history.jsonl")) as f:
-      lines = [line for line in f if line.strip()]
-    last = json.loads(lines[-1]) if lines else {}
-  except (OSError, ValueError):
-    return {}
-  return last if isinstance(last, dict) else {}
+  records = _history_records(run_dir)
+  return records[-1] if records else {}
 
 
 def epoch_history(run_dir: str, epoch: int) -> dict[str, Any]:
   """The metrics ``run_dir/history.jsonl`` logged for (1-based) ``epoch``,
   its latest line if several ({} when there is none or the file cannot be
   read)."""
-  found = {}
-  try:
-    with open(os.path.join(run_dir, "history.jsonl")) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and record.get("epoch") == epoch:
-          found = record
-  except OSError:
-    return {}
-  return found
+  found = [r for r in _history_records(run_dir) if r.get("epoch") == epoch]
+  return found[-1] if found else {}
 
 
 def read_config(run_dir: str) -> dict[str, Any]:

@@ -16,7 +16,8 @@ Python ints every step, and the chosen ops run as shared traced functions
 one graph and kept (before that, ``--single_path_step=switch`` runs every
 child through one traced graph whose edges or blocks choose their op at run
 time).
-The three step loops live in ``tfnas.train.loop``, shared with retraining.
+The three step loops live in ``tfnas.train.step_loops``, shared with
+retraining.
 Progressive early stop (methods with ``early_stop``) is checked at epoch
 ends or every N steps.
 
@@ -266,7 +267,7 @@ class Search:
     self._agree = stopping.stop_agreement(self.strategy)
 
   def _make_train_loop(self):
-    """The step loop for this method's estimator (see ``tfnas.train.loop``):
+    """The step loop for this method's estimator (``tfnas.train.step_loops``):
     iterators ``(train, val)``, the val one ``None`` for single-level
     methods."""
     estimator, ctx, strategy = self.estimator, self.ctx, self.strategy
@@ -347,8 +348,8 @@ class Search:
                                dropout=False)
       else:
         logits = ctx.forward(images, gates, arch_indices, training=False)
-      return step_loops.eval_metrics(_summed_cross_entropy(logits, labels), logits,
-                               labels)
+      return step_loops.eval_metrics(_summed_cross_entropy(logits, labels),
+                                     logits, labels)
     step = step_loops.summed_eval_step(self.strategy, replica)
     if self._children.active():
       return self._children.get(
@@ -371,8 +372,8 @@ class Search:
                                dropout=False)
       else:
         logits = ctx.forward(images, weights, training=False)
-      return step_loops.eval_metrics(_summed_cross_entropy(logits, labels), logits,
-                               labels)
+      return step_loops.eval_metrics(_summed_cross_entropy(logits, labels),
+                                     logits, labels)
     return tf.function(step_loops.summed_eval_step(self.strategy, replica))
 
   # --------------------------------------------------------------- helpers
@@ -387,7 +388,8 @@ class Search:
 
   def evaluate(self, child: bool = False,
                interrupted: list | None = None) -> dict[str, float]:
-    """Supernet accuracy on the validation split (BN per Method.eval_batch_stats).
+    """Supernet accuracy on the validation split (BN per
+    Method.eval_batch_stats).
 
     ``child=False`` uses the search distribution's sample (softmax α for
     DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
