@@ -1,4 +1,7 @@
-"""Progress bars of long loops: evaluation shows one and sums as without."""
+"""Long loops: progress bars (evaluation shows one and sums as without),
+stop requests and the epoch log."""
+
+import json
 
 import tensorflow as tf
 
@@ -107,3 +110,18 @@ def test_only_one_worker_stops_in_an_evaluation(monkeypatch):
   # Several workers evaluate in step: a stop there waits for the epoch end.
   monkeypatch.setattr(stopping.distribute, "num_workers", lambda strategy: 2)
   assert stopping.evaluation_interrupts(None, requests) is None
+
+
+def test_history_lines_of_repeated_epochs_are_replaced(tmp_path):
+  # A resume from an older checkpoint repeats epochs 2-3: each keeps one
+  # line, its latest; lines that are not ours (undecodable ones too) stay.
+  path = tmp_path / "history.jsonl"
+  for epoch in (1, 2, 3):
+    loop.append_history(str(tmp_path), {"epoch": epoch, "v": epoch})
+  with open(path, "ab") as f:
+    f.write(b"\xff damaged\n")
+  loop.append_history(str(tmp_path), {"epoch": 2, "v": 20})
+  lines = path.read_text(errors="replace").splitlines()
+  assert [json.loads(l) for l in lines if l.startswith("{")] == [
+      {"epoch": 1, "v": 1}, {"epoch": 2, "v": 20}]
+  assert len(lines) == 3 and "damaged" in lines[1]

@@ -252,7 +252,7 @@ def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
   path = os.path.join(run_dir, "history.jsonl")
   epoch = metrics.get("epoch")
   try:
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # A damaged line stays a line.
       lines = [line for line in f if line.strip()]
   except FileNotFoundError:
     lines = []
