@@ -57,6 +57,12 @@ def import_tensorflow(before_devices=None, threads=(0, 0)):
     if before_devices is not None:
       before_devices(tf)
     tf.config.list_logical_devices()
+    if quiet:
+      # oneDNN logs a one-time ERROR-level notice (not filtered by
+      # TF_CPP_MIN_LOG_LEVEL=2) on the process's first int64 transpose,
+      # which TFP's categorical sampling (DSNAS) makes mid-run. Making one
+      # here lets the notice fall into this silenced block.
+      tf.transpose(tf.zeros([1, 1], tf.int64))
   if quiet:
     # TensorFlow's own INFO chatter (e.g. the checkpoint saver's per-save
     # "Sharding callback duration") goes through absl's logger like ours.
