@@ -44,7 +44,8 @@ def test_edge_seeds_and_logit_gap_thresholds_are_accepted():
   TrainConfig(seed=0)
   SearchConfig(method="dsnas", early_stop_threshold=2.0,
                early_stop_on_logits=True)
-  SearchConfig(early_stop_threshold=2.0)  # Not DSNAS: ignored.
+  with pytest.raises(ConfigError, match="read only by --method=dsnas"):
+    SearchConfig(early_stop_threshold=2.0)  # Not DSNAS: never acts.
 
 
 def test_a_probability_gap_threshold_of_dsnas_is_below_one():
@@ -108,8 +109,53 @@ def test_from_dict_refuses_what_is_not_a_config(cls):
 
 def test_flops_target_needs_the_penalty():
   with pytest.raises(ConfigError, match="--flops_target=300 .*--flops_weight"):
-    SearchConfig(flops_target=300.0)
+    SearchConfig(method="dsnas", flops_target=300.0)
   with pytest.raises(ConfigError, match=r"^invalid --flops_target=-1.0: "
                      r"must be 0 \(no budget\) or more$"):
-    SearchConfig(flops_target=-1.0, flops_weight=0.1)
-  SearchConfig(flops_target=300.0, flops_weight=0.1)
+    SearchConfig(method="dsnas", flops_target=-1.0, flops_weight=0.1)
+  SearchConfig(method="dsnas", flops_target=300.0, flops_weight=0.1)
+
+
+@pytest.mark.parametrize("method,field,value,readers", [
+    ("dsnas", "resource_weight", 0.5, "snas"),
+    ("dsnas", "temperature_start", 5.0, "snas"),
+    ("darts_1st", "resource_weight", 0.5, "snas"),
+    ("snas", "flops_weight", 0.5, "dsnas"),
+    ("snas", "reward_normalization", True, "dsnas"),
+    ("snas", "early_stop_threshold", 0.5, "dsnas"),
+    ("darts_2nd", "compiled_children", 3, "dsnas"),
+    ("snas", "train_portion", 0.3, "darts_1st / darts_2nd"),
+    ("dsnas", "train_portion", 0.3, "darts_1st / darts_2nd"),
+])
+def test_a_field_of_another_method_is_refused(method, field, value, readers):
+  # Accepted silently, it was recorded in config.json as if it had acted.
+  with pytest.raises(ConfigError, match=(
+      rf"^--{field}={value!r} is read only by --method={readers}; "
+      rf"--method={method} ignores it")):
+    SearchConfig(method=method, **{field: value})
+
+
+def test_every_method_accepts_its_own_fields():
+  from tfnas import flags as tfnas_flags
+  assert sorted(SearchConfig.METHOD_FIELDS) == sorted(tfnas_flags.METHODS)
+  SearchConfig(method="snas", temperature_start=5.0, resource_weight=0.5,
+               resample_per_cell=True, resource_metric="flops")
+  SearchConfig(method="dsnas", flops_weight=0.5, reward_normalization=True,
+               early_stop_threshold=0.1, compiled_children=3)
+  SearchConfig(method="darts_2nd", train_portion=0.3)
+  # Defaults are fine everywhere (0.3 is DSNAS's default threshold).
+  for method in SearchConfig.METHOD_FIELDS:
+    SearchConfig(method=method)
+
+
+@pytest.mark.parametrize("field", ["w_lr", "resource_weight",
+                                   "temperature_end"])
+def test_infinite_values_are_refused(field):
+  # inf passed ">= 0" and failed minutes later as a diverged search.
+  method = "snas" if field != "w_lr" else "darts_1st"
+  with pytest.raises(ConfigError, match=(rf"^invalid --{field}=inf: must be "
+                                         r"a finite number$")):
+    SearchConfig(method=method, **{field: float("inf")})
+  with pytest.raises(ConfigError, match=r"^invalid --lr=-inf: must be a "
+                                        r"finite number$"):
+    TrainConfig(lr=float("-inf"))

@@ -303,6 +303,25 @@ def test_tfds_empty_version_folder_is_one_clear_error(tmp_path):
     assert "cifar-10-binary.tar.gz" in message and "--data_dir" in message
 
 
+@pytest.mark.parametrize("info", ["{}", "junk"])
+def test_tfds_damaged_dataset_info_is_one_clear_error(tmp_path, info):
+  # tfds raised an AssertionError (proto versions) or a protobuf ParseError
+  # while constructing the builder: a traceback before.
+  import tensorflow_datasets as tfds
+  version = str(tfds.builder("cifar10", data_dir=str(tmp_path)).version)
+  folder = tmp_path / "cifar10" / version
+  folder.mkdir(parents=True)
+  (folder / "dataset_info.json").write_text(info)
+  with pytest.raises(data.DataError) as err:
+    data.load_split("cifar10", "train", data_dir=str(tmp_path))
+  message = str(err.value)
+  assert message.startswith(f"dataset 'cifar10' in {tmp_path} cannot be "
+                            "read (")
+  assert "dataset_info.json is damaged" in message
+  assert "cifar-10-binary.tar.gz" in message and "--data_dir" in message
+  assert "\n" not in message
+
+
 def test_tfds_manual_dir_without_archive_fails_fast(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()

@@ -54,6 +54,25 @@ def test_resume_with_fewer_epochs_than_finished_keeps_the_runs_epochs(
   assert resume(3) == 3
 
 
+def test_resume_with_other_epochs_warns_that_schedules_stretch(
+    tmp_path, caplog):
+  run_dir = tmp_path / "r"
+  rundir.prepare(str(run_dir), {"epochs": 2}, resume=False)
+
+  def resume(epochs):
+    caplog.clear()
+    rundir.prepare(str(run_dir), {"epochs": epochs}, resume=True,
+                   allowed_changes=("epochs",))
+    return [r.getMessage() for r in caplog.records
+            if r.levelname == "WARNING"]
+  assert resume(2) == []
+  warned = resume(3)
+  assert len(warned) == 1
+  assert warned[0].startswith("--epochs=3 changes the run's planned 2: "
+                              "schedules that span the run")
+  assert resume(3) == []  # 3 is now the plan.
+
+
 def test_worker_scratch_writes_outside_the_run_and_needs_it_to_resume(
     tmp_path, monkeypatch):
   monkeypatch.setattr(rundir.tempfile, "tempdir", str(tmp_path / "tmp"))

@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tfnas.config import SearchConfig
@@ -221,3 +222,23 @@ def test_mirrored_evaluation_with_an_empty_replica_equals_default(tmp_path):
   np.testing.assert_allclose(got["val/acc"], expected["val/acc"], atol=1e-6)
   np.testing.assert_allclose(got["val/loss"], expected["val/loss"],
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_cells,missing", [(1, ["normal"]),
+                                               (2, ["normal"]), (3, []),
+                                               (8, [])])
+def test_a_network_without_normal_cells_is_warned_of(num_cells, missing,
+                                                      caplog):
+  # Reductions sit at num_cells // 3 and 2 * num_cells // 3: with fewer than
+  # 3 cells no normal cell trains, yet the genotype reports one.
+  from tfnas.spaces import darts as darts_space
+  from tfnas.train.search import _warn_missing_cell_types
+  space = darts_space.search_space("s3", num_cells=num_cells, num_nodes=2,
+                                   channels=4, num_classes=10)
+  caplog.clear()
+  _warn_missing_cell_types(space)
+  warned = [r.getMessage() for r in caplog.records
+            if r.levelname == "WARNING"]
+  assert len(warned) == len(missing)
+  for message, cell in zip(warned, missing):
+    assert message.startswith(f"--num_cells={num_cells} has no {cell} cell")

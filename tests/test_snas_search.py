@@ -72,6 +72,10 @@ def test_child_accuracy_close_to_search_accuracy(tmp_path):
                   show_progress=False).run()
   last = result.history[-1]
   assert last["arch/temperature"] == pytest.approx(0.03, abs=1e-6)
+  # Each epoch logs the λ of its own last step (step 19 of 0..99), not the
+  # next epoch's first.
+  assert result.history[0]["arch/temperature"] == pytest.approx(
+      1.0 + (0.03 - 1.0) * 19 / 99, abs=1e-6)
   assert last["val/acc"] > 0.6
   # SNAS Table 1: the derived child keeps the search accuracy (DARTS' child
   # loses ~33 points). Measured here: sampled 0.967, child 0.960 (in the

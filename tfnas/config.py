@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from tfnas.errors import TfnasError
@@ -24,7 +25,13 @@ class _Config:
 
   def _check(self, checks) -> None:
     """Raises ConfigError for the first ``(field, ok, requirement)`` whose
-    ``ok`` is false, saying what the value must be."""
+    ``ok`` is false, saying what the value must be. Every float field
+    must be finite first (``inf`` passes ``>= 0``)."""
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(
+            f"invalid --{field.name}={value!r}: must be a finite number")
     for name, ok, requirement in checks:
       if not ok:
         raise ConfigError(
@@ -191,7 +198,7 @@ class SearchConfig(_Config):
          "must be 0 (no budget) or more"),
         ("early_stop_threshold", self.early_stop_threshold >= 0,
          "must be 0 or more"),
-        # (Only DSNAS stops early; other runs ignore the flag.)
+        # (Only DSNAS stops early; other methods must keep the default.)
         ("early_stop_threshold",
          self.method != "dsnas" or self.early_stop_on_logits or
          self.early_stop_threshold < 1,
@@ -212,6 +219,7 @@ class SearchConfig(_Config):
       raise ConfigError(
           "--single_path_step=switch is a DSNAS step (one sampled op per "
           f"edge or block); got --method={self.method}")
+    self._check_method_fields()
     if self.w_lr_warmup_epochs >= self.epochs:
       raise ConfigError(
           f"--w_lr_warmup_epochs={self.w_lr_warmup_epochs} leaves no epoch "
@@ -226,6 +234,39 @@ class SearchConfig(_Config):
           f"--{shaped[0]} shapes the ShuffleNet spaces "
           f"{list(space_names.BLOCK_SPACES)}, not --space={self.space} (use "
           "--num_cells, --num_nodes and --channels for cell spaces)")
+
+  #: Fields only some methods read (method → its fields; every method of
+  #: ``tfnas.methods.METHODS`` has an entry, a test keeps them in step).
+  #: A run of another method must leave them at their defaults: set, they
+  #: would be recorded in config.json as if they had taken effect.
+  METHOD_FIELDS = {
+      # Bi-level: α learns on the held-out part of the training split.
+      "darts_1st": ("train_portion",),
+      "darts_2nd": ("train_portion",),
+      "snas": ("temperature_start", "temperature_end",
+               "temperature_schedule", "resample_per_cell",
+               "resource_weight", "resource_metric", "resource_gradient"),
+      "dsnas": ("reward_normalization", "update_unsampled", "flops_weight",
+                "flops_target", "early_stop_threshold",
+                "early_stop_on_logits", "early_stop_every_steps",
+                "compiled_children", "single_path_step"),
+  }
+
+  def _check_method_fields(self) -> None:
+    """Refuses a method-specific field set for a method that ignores it."""
+    own = self.METHOD_FIELDS.get(self.method, ())
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for names in self.METHOD_FIELDS.values():
+      for name in names:
+        value, default = getattr(self, name), defaults[name]
+        if name in own or value == default:
+          continue
+        readers = sorted(m for m, n in self.METHOD_FIELDS.items()
+                         if name in n)
+        raise ConfigError(
+            f"--{name}={value!r} is read only by --method="
+            f"{' / '.join(readers)}; --method={self.method} ignores it "
+            f"(leave it at its default, {default!r})")
 
   #: Overrides of a ShuffleNet space preset (see `shufflenet_overrides`).
   SHUFFLENET_SHAPE = ("stage_repeats", "stage_channels", "stem_channels",

@@ -76,7 +76,19 @@ def prepared_tfds_builder(tfds_name: str, archives: Sequence[str], *,
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged dataset_info.json (tfds: an AssertionError about proto
+    # versions, a protobuf ParseError, ...) in the version folder it found.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise DataError(
+        f"dataset {tfds_name!r} in {tfds_location(data_dir)} cannot be "
+        f"read ({type(e).__name__}: {reason}); its version folder's "
+        "dataset_info.json is damaged or from another tfds: remove that "
+        f"folder and prepare it again with {' and '.join(archives)} in "
+        "--manual_dir, or point --data_dir at a complete prepared "
+        "copy.") from None
   if not builder.is_prepared() and (manual_dir or allow_download):
     if manual_dir and not allow_download:
       missing = [a for a in archives

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from typing import Any, Iterable
 
+from absl import logging
+
 from tfnas.errors import TfnasError
 
 
@@ -221,6 +223,14 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
     # Fewer epochs than the run has finished: none run, and config.json
     # keeps the number it had (it sets the schedules' length).
     merged["epochs"] = saved.get("epochs", merged["epochs"])
+  planned = saved.get("epochs")
+  if isinstance(planned, int) and merged.get("epochs") != planned:
+    logging.warning(
+        "--epochs=%s changes the run's planned %s: schedules that span the "
+        "run (the learning-rate cosine, SNAS's temperature) are stretched "
+        "over %s epochs from the current step on, so this run will differ "
+        "from one planned with %s epochs from the start",
+        merged["epochs"], planned, merged["epochs"], merged["epochs"])
   _write_config(run_dir, merged)
   return True
 

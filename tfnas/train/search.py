@@ -74,6 +74,20 @@ class SearchResult:
   history: list  # One dict of epoch metrics per epoch.
 
 
+def _warn_missing_cell_types(space) -> None:
+  """Warns when a cell network lacks a cell type (fewer than 3 cells): its
+  α never gets a gradient, yet the genotype reports that cell."""
+  if not hasattr(space, "cell_types"):
+    return
+  present = set(space.cell_types())
+  for missing in sorted({"normal", "reduce"} - present):
+    log.warning(
+        "--num_cells=%d has no %s cell (reduction cells sit at 1/3 and 2/3 "
+        "of the depth): its α gets no gradient, and the genotype's %s cell "
+        "is the argmax of its initial α; search with 3 cells or more to "
+        "search both", space.num_cells, missing, missing)
+
+
 class SearchData:
   """The search-train and search-val splits (``tfnas.data.Split``)."""
 
@@ -153,6 +167,8 @@ class Search:
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
     self._check_sync_batch_norm(kind)
+    if not read_only:
+      _warn_missing_cell_types(self.space)
     if read_only:
       self.resuming, self.write_dir = True, None
     else:
@@ -486,8 +502,9 @@ class Search:
       e.saved = True
       raise
     temperature = getattr(self.ctx.distribution, "temperature", None)
-    if temperature is not None:
-      metrics["arch/temperature"] = float(temperature(self.w_opt.iterations))
+    if temperature is not None:  # λ of the epoch's last step.
+      last_step = max(int(self.w_opt.iterations.numpy()) - 1, 0)
+      metrics["arch/temperature"] = float(temperature(last_step))
     metrics["epoch_seconds"] = time.time() - t0
     self.epoch.assign(epoch + 1)
     self.step_in_epoch.assign(0)
