@@ -222,6 +222,60 @@ def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
   assert common.cluster_tasks(tf_config) == tasks
 
 
+def test_a_worker_waiting_for_its_cluster_says_so_and_stops_on_ctrl_c(
+    tmp_path):
+  # Its peer never starts. It used to wait silently (its start-up output is
+  # silenced) and ignore Ctrl-C, whose Python handler cannot run while
+  # TensorFlow blocks: a mistyped port looked like a dead job. (SIGTERM is
+  # caught by TensorFlow's own handler during that wait.)
+  signum = signal.SIGINT
+  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+             TF_CONFIG=_tf_config(workers, 0))
+  log = tmp_path / "stderr.txt"
+  with open(log, "w") as err:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tfnas.apps.search", "--dataset=digits",
+         f"--run_dir={tmp_path}/r"], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    deadline = time.monotonic() + 120
+    while "waiting until every task has connected" not in log.read_text():
+      assert proc.poll() is None, log.read_text()[-3000:]
+      assert time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.2)
+    assert "(worker 0 of a 2-task TF_CONFIG cluster)" in log.read_text()
+    time.sleep(1)  # Into TensorFlow's wait (logged just before it).
+    assert proc.poll() is None
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == -signum
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_cli_cpu_replicas_search_runs_mirrored_replicas(tmp_path):
+  # The README's mirrored run on CPUs, from the command line alone.
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfnas.apps.search",
+       "--flagfile=flags/darts_digits.cfg", "--cpu_replicas=2",
+       "--space=s3", "--num_cells=3", "--num_nodes=2", "--channels=4",
+       "--epochs=1", "--max_steps_per_epoch=2", "--steps_per_loop=2",
+       "--noprogress", f"--run_dir={tmp_path}/r"], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "MirroredStrategy: 2 replicas" in proc.stderr
+  assert "final: val/acc=" in proc.stdout
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfnas.apps.search", "--cpu_replicas=-1"],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "cpu_replicas" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_multi_worker_without_a_cluster_says_it_runs_one_worker():
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("TF_CONFIG", None)

@@ -39,6 +39,13 @@ def define_run_flags(defaults=_DEFAULTS):
                     "TF_CONFIG describes a cluster of several tasks, "
                     "mirrored when several GPUs are visible, else the "
                     "default strategy.")
+  flags.DEFINE_integer("cpu_replicas", 0,
+                       "Split the CPU into N logical devices, one replica "
+                       "each under --strategy=mirrored (which --strategy="
+                       "auto then picks): tries a multi-replica run on a "
+                       "machine without GPUs; no faster than one replica. "
+                       "0: TensorFlow's devices as they are.",
+                       lower_bound=0)
   flags.DEFINE_boolean("progress", True,
                        "Show progress bars: one per epoch, and one per "
                        "evaluation that is erased when it ends.")
@@ -63,9 +70,10 @@ def define_data_flags(defaults=_DEFAULTS):
                       "tfds preparation.")
   if hasattr(defaults, "train_portion"):
     flags.DEFINE_float("train_portion", defaults.train_portion,
-                       "Fraction of the training set used to train weights "
-                       "during search; the rest is the search validation "
-                       "split.")
+                       "DARTS (bi-level): fraction of the training set "
+                       "that trains the weights; the rest is the split α "
+                       "learns on. SNAS and DSNAS train both on the whole "
+                       "training split and report on the test split.")
   flags.DEFINE_integer("batch_size", defaults.batch_size,
                        "Global batch size (over all replicas).")
   flags.DEFINE_integer("pad_crop", defaults.pad_crop,
@@ -121,7 +129,10 @@ def define_search_flags():
   _define_shufflenet_flags()
   flags.DEFINE_float("w_lr", _DEFAULTS.w_lr, "Weight SGD learning rate.")
   flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
-                     "Final learning rate of the cosine schedule.")
+                     "Floor of the cosine schedule: epoch e of E runs at "
+                     "w_lr_min + (w_lr - w_lr_min)(1 + cos(πe/E))/2, so "
+                     "the last epoch stays a little above it (as in "
+                     "DARTS).")
   flags.DEFINE_integer("w_lr_warmup_epochs", _DEFAULTS.w_lr_warmup_epochs,
                        "Epochs of linear learning-rate warm-up before the "
                        "cosine schedule, which then spans the remaining "
@@ -147,22 +158,28 @@ def define_search_flags():
                      "α (logits) initialised as scale * N(0, 1); 0 gives "
                      "uniform logits.")
   flags.DEFINE_float("temperature_start", _DEFAULTS.temperature_start,
-                     "Gumbel-softmax temperature λ at the first step (SNAS).")
+                     "SNAS: Gumbel-softmax temperature λ at the first step.")
   flags.DEFINE_float("temperature_end", _DEFAULTS.temperature_end,
-                     "λ at the last step of the search.")
+                     "SNAS: λ at the last step of the search (--epochs "
+                     "times the steps per epoch: a resume with more "
+                     "--epochs stretches the schedule from there).")
   flags.DEFINE_enum("temperature_schedule", _DEFAULTS.temperature_schedule,
-                    ["linear", "exponential"], "How λ is annealed.")
+                    ["linear", "exponential"], "SNAS: how λ is annealed.")
   flags.DEFINE_boolean("resample_per_cell", _DEFAULTS.resample_per_cell,
-                       "Draw a separate architecture sample for every cell "
+                       "SNAS: draw a separate architecture sample for "
+                       "every cell "
                        "(default: one per cell type, shared).")
   flags.DEFINE_float("resource_weight", _DEFAULTS.resource_weight,
-                     "η of the resource constraint η·C(Z) (0: off).")
+                     "SNAS: η of the resource constraint η·C(Z) (0: off); "
+                     "DSNAS's cost penalty is --flops_weight.")
   flags.DEFINE_enum("resource_metric", _DEFAULTS.resource_metric,
                     ["params", "flops", "mac", "all"],
-                    "Local cost per op (all: mean of the three, normalised).")
+                    "SNAS: local cost per op (all: mean of the three, "
+                    "normalised).")
   flags.DEFINE_enum("resource_gradient", _DEFAULTS.resource_gradient,
                     ["policy", "reparam", "exact"],
-                    "α-gradient of the resource term: score function (SNAS "
+                    "SNAS: α-gradient of the resource term: score "
+                    "function (SNAS "
                     "eq. 11), through the relaxed sample, or exact "
                     "expectation under the discrete distribution.")
   flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing,
@@ -177,8 +194,10 @@ def define_search_flags():
                        "in the authors' code; off: a step updates only its "
                        "child's weights.")
   flags.DEFINE_float("flops_weight", _DEFAULTS.flops_weight,
-                     "DSNAS: η of a penalty η·E[FLOPs(Z)] / FLOPs of the "
-                     "costliest child, exact α-gradient (0: off).")
+                     "DSNAS: η of a penalty η·E[F(Z)], F(Z) = the searched "
+                     "decisions' multiply-adds of child Z divided by those "
+                     "of the costliest child (stem and head excluded; "
+                     "logged as train/flops), exact α-gradient (0: off).")
   flags.DEFINE_float("flops_target", _DEFAULTS.flops_target,
                      "DSNAS: FLOPs budget in millions of multiply-adds per "
                      "image, as tfnas-export reports a child's (0: none). "
@@ -190,11 +209,13 @@ def define_search_flags():
                      "much (probabilities, or logits with "
                      "--early_stop_on_logits); 0: never.")
   flags.DEFINE_boolean("early_stop_on_logits", _DEFAULTS.early_stop_on_logits,
-                       "Compare α logits (eq. 8 as printed) instead of "
+                       "DSNAS: compare α logits (eq. 8 as printed) instead "
+                       "of "
                        "softmax probabilities.")
   flags.DEFINE_integer("early_stop_every_steps",
                        _DEFAULTS.early_stop_every_steps,
-                       "Check the early-stop condition every N steps (0: at "
+                       "DSNAS: check the early-stop condition every N "
+                       "steps (0: at "
                        "the end of every epoch).")
   flags.DEFINE_integer("compiled_children", _DEFAULTS.compiled_children,
                        "Single-path methods (DSNAS): once early stop leaves "
@@ -254,7 +275,10 @@ def define_train_flags():
                      "over the epochs).")
   flags.DEFINE_float("lr", d.lr, "Initial SGD learning rate.")
   flags.DEFINE_float("lr_min", d.lr_min,
-                     "Final learning rate of the cosine schedule.")
+                     "Floor of the cosine schedule: epoch e of E runs at "
+                     "w_lr_min + (w_lr - w_lr_min)(1 + cos(πe/E))/2, so "
+                     "the last epoch stays a little above it (as in "
+                     "DARTS).")
   flags.DEFINE_enum("lr_schedule", d.lr_schedule, ["cosine", "exponential"],
                     "cosine (per epoch, to --lr_min) or exponential "
                     "(x --lr_decay after every epoch).")

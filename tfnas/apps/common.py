@@ -25,37 +25,52 @@ def _native_stderr_silenced(enabled: bool):
   TF_CPP_MIN_LOG_LEVEL in this release; Python exceptions still propagate.
   """
   if not enabled:
-    yield
+    yield contextlib.nullcontext
     return
   sys.stderr.flush()
   saved = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)
+
+  @contextlib.contextmanager
+  def unsilenced():
+    """Lets what is written inside reach stderr (our own lines)."""
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(devnull, 2)
   try:
-    yield
+    yield unsilenced
   finally:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
 
 
-def import_tensorflow(before_devices=None, threads=(0, 0)):
+def import_tensorflow(before_devices=None, threads=(0, 0), cpu_replicas=0):
   """Imports TensorFlow and initialises its devices without log noise.
 
-  ``before_devices(tf)``, if given, runs between the import and the device
-  initialisation (MultiWorkerMirroredStrategy must be created there: it
-  configures collective ops, which TF refuses once its context is up).
+  ``before_devices(tf, unsilenced)``, if given, runs between the import and
+  the device initialisation (MultiWorkerMirroredStrategy must be created
+  there: it configures collective ops, which TF refuses once its context is
+  up); ``unsilenced()`` is a context in which stderr is not silenced.
   ``threads`` is ``(intra_op, inter_op)``, each 0 for TensorFlow's default;
-  like ``before_devices`` it needs the first call of the process.
+  like ``before_devices`` it needs the first call of the process, as does
+  ``cpu_replicas`` (> 0: the CPU split into that many logical devices).
   Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's native start-up logs.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1")
-  with _native_stderr_silenced(quiet):
+  with _native_stderr_silenced(quiet) as unsilenced:
     import tensorflow as tf
     _set_threads(tf, *threads)
+    if cpu_replicas:
+      _split_cpu(tf, cpu_replicas)
     if before_devices is not None:
-      before_devices(tf)
+      before_devices(tf, unsilenced)
     tf.config.list_logical_devices()
     if quiet:
       # oneDNN logs a one-time ERROR-level notice (not filtered by
@@ -93,6 +108,20 @@ def _set_threads(tf, intra_op: int, inter_op: int) -> None:
       raise TfnasError(f"--{which}_threads={n} must be set before TensorFlow "
                        "starts; this process started it with "
                        f"{current or 'the default'}") from None
+
+
+def _split_cpu(tf, n: int) -> None:
+  """The first CPU as ``n`` logical devices (MirroredStrategy replicas)."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  wanted = [tf.config.LogicalDeviceConfiguration()] * n
+  current = tf.config.get_logical_device_configuration(cpu)
+  if current is not None and len(current) == n:
+    return
+  try:
+    tf.config.set_logical_device_configuration(cpu, wanted)
+  except RuntimeError:
+    raise TfnasError(f"--cpu_replicas={n} must be set before TensorFlow "
+                     "starts; this process started it already") from None
 
 
 def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
@@ -260,14 +289,15 @@ def cluster_tasks(tf_config: str | None) -> int:
     return -1
 
 
-def start_tensorflow(strategy_name: str, threads=(0, 0)):
+def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
   """Imports TensorFlow quietly and makes the strategy named by --strategy.
 
   Returns ``(tf, strategy)``. Apps call this before anything else touches
   TensorFlow: a multi-worker strategy and ``threads`` (``(intra_op,
   inter_op)``, 0 for TensorFlow's default) can only be set first. ``auto``
   is ``multi_worker`` when ``TF_CONFIG`` describes a cluster (of more than
-  one task), so workers started without the flag still form one run.
+  one task), so workers started without the flag still form one run, and
+  ``mirrored`` when ``cpu_replicas`` > 1 asks for CPU replicas.
   """
   tasks = cluster_tasks(os.environ.get("TF_CONFIG"))
   if strategy_name == "auto" and tasks not in (0, 1):
@@ -278,20 +308,82 @@ def start_tensorflow(strategy_name: str, threads=(0, 0)):
                 "several tasks (%s): running as one worker",
                 "no TF_CONFIG" if tasks == 0 else "one task")
   made = []
-  def multi_worker(tf):
+  def multi_worker(tf, unsilenced):
     # The cluster comes from TF_CONFIG, as for any TF multi-worker job.
-    try:
-      made.append(tf.distribute.MultiWorkerMirroredStrategy())
-    except (ValueError, KeyError, TypeError) as e:
-      raise TfnasError(f"bad TF_CONFIG for a multi-worker run ({e}); "
-                       "it must be JSON with a 'cluster' of 'worker' "
-                       "addresses and this process's 'task' (type, "
-                       "index)") from None
+    # TensorFlow blocks inside the constructor until every task of the
+    # cluster has connected; Python signal handlers cannot run meanwhile,
+    # so Ctrl-C gets its default action (end the process at once: nothing
+    # has been done yet) until it returns (SIGTERM: `_default_signal_actions`).
+    if tasks > 1:
+      from absl import logging as log
+      with unsilenced():
+        log.info("multi-worker run (%s of a %d-task TF_CONFIG cluster): "
+                 "waiting until every task has connected (Ctrl-C ends this "
+                 "process while it waits; TensorFlow holds SIGTERM until "
+                 "the cluster has formed)",
+                 _task_name(os.environ.get("TF_CONFIG")), tasks)
+    with _default_signal_actions():
+      try:
+        made.append(tf.distribute.MultiWorkerMirroredStrategy())
+      except (ValueError, KeyError, TypeError) as e:
+        raise TfnasError(f"bad TF_CONFIG for a multi-worker run ({e}); "
+                         "it must be JSON with a 'cluster' of 'worker' "
+                         "addresses and this process's 'task' (type, "
+                         "index)") from None
+  if strategy_name == "auto" and cpu_replicas > 1:
+    strategy_name = "mirrored"
+  elif strategy_name == "default" and cpu_replicas > 1:
+    from absl import logging as log
+    log.warning("--cpu_replicas=%d with --strategy=default: one replica "
+                "runs (use --strategy=mirrored)", cpu_replicas)
   tf = import_tensorflow(
-      multi_worker if strategy_name == "multi_worker" else None, threads)
+      multi_worker if strategy_name == "multi_worker" else None, threads,
+      cpu_replicas)
   if made:
-    return tf, made[0]
-  return tf, make_strategy(strategy_name)
+    strategy = made[0]
+  else:
+    strategy = make_strategy(strategy_name)
+  from absl import logging as log
+  log.info("%s: %d replica%s%s", type(strategy).__name__,
+           strategy.num_replicas_in_sync,
+           "" if strategy.num_replicas_in_sync == 1 else "s",
+           f" over {tasks} connected tasks" if made and tasks > 1 else "")
+  return tf, strategy
+
+
+def _task_name(tf_config: str | None) -> str:
+  """``type index`` of this process's task in ``TF_CONFIG`` ("task ?" when
+  it does not say; a malformed one is reported by the strategy)."""
+  try:
+    task = json.loads(tf_config or "{}").get("task", {})
+    return f"{task['type']} {task['index']}"
+  except (ValueError, AttributeError, TypeError, KeyError):
+    return "task ?"
+
+
+@contextlib.contextmanager
+def _default_signal_actions():
+  """SIGTERM and SIGINT take their default action (end the process)
+  inside the block; the previous handlers come back after it. Outside the
+  main thread, where handlers cannot be set, it does nothing.
+
+  Ctrl-C then ends a multi-worker start-up waiting for its cluster. SIGTERM
+  does only until TensorFlow's coordination service installs its own
+  handler (a preemption notice that does not stop the process) inside the
+  strategy's constructor; no Python code can run while that constructor
+  waits, so nothing can take it back before it returns.
+  """
+  try:
+    previous = {signum: signal.signal(signum, signal.SIG_DFL)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+  except ValueError:  # Not the main thread.
+    yield
+    return
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def make_strategy(name: str):
@@ -309,7 +401,8 @@ def make_strategy(name: str):
     if strategy.num_replicas_in_sync == 1:
       from absl import logging as log
       log.warning("--strategy=mirrored found one device (%s): running one "
-                  "replica, like --strategy=default",
+                  "replica, like --strategy=default (--cpu_replicas=N "
+                  "splits a CPU into N)",
                   ", ".join(strategy.extended.worker_devices))
     return strategy
   if name == "multi_worker":

@@ -23,7 +23,8 @@ def main(argv):
   del argv  # run_app refuses positional arguments.
   config = tfnas_flags.search_config()  # Validated before TF loads.
   tf, strategy = common.start_tensorflow(
-      FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads))
+      FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads),
+      cpu_replicas=FLAGS.cpu_replicas)
   import keras
   from tfnas.train.search import Search
   if config.deterministic:
