@@ -158,6 +158,9 @@ def test_the_interrupt_line_says_what_a_rerun_continues(tmp_path):
     (["--stage_channels=8,16"], "--stage_channels shapes the ShuffleNet"),
     (["--intra_op_threads=-1"], "--intra_op_threads"),
     (["--flagfile=flags/no_such.cfg"], "relative to the working directory"),
+    (["--resource_weight=0.5"], "--resource_weight=0.5 is read only by "
+     "--method=snas"),
+    (["--cpu_replicas=-1"], "--cpu_replicas"),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
   proc = search(*TINY, f"--run_dir={tmp_path}/r", *args)

@@ -45,7 +45,7 @@ def test_edge_seeds_and_logit_gap_thresholds_are_accepted():
   SearchConfig(method="dsnas", early_stop_threshold=2.0,
                early_stop_on_logits=True)
   with pytest.raises(ConfigError, match="read only by --method=dsnas"):
-    SearchConfig(early_stop_threshold=2.0)  # Not DSNAS: never acts.
+    SearchConfig(early_stop_threshold=2.0).check_method_fields()
 
 
 def test_a_probability_gap_threshold_of_dsnas_is_below_one():
@@ -132,20 +132,29 @@ def test_a_field_of_another_method_is_refused(method, field, value, readers):
   with pytest.raises(ConfigError, match=(
       rf"^--{field}={value!r} is read only by --method={readers}; "
       rf"--method={method} ignores it")):
-    SearchConfig(method=method, **{field: value})
+    SearchConfig(method=method, **{field: value}).check_method_fields()
+
+
+def test_a_saved_config_of_an_older_run_with_such_a_field_still_loads():
+  # Runs written before the check recorded such values; their config.json
+  # must still load for export, evaluation and resumption.
+  saved = SearchConfig(method="dsnas", train_portion=0.8).to_dict()
+  assert SearchConfig.from_dict(saved).train_portion == 0.8
 
 
 def test_every_method_accepts_its_own_fields():
   from tfnas import flags as tfnas_flags
   assert sorted(SearchConfig.METHOD_FIELDS) == sorted(tfnas_flags.METHODS)
   SearchConfig(method="snas", temperature_start=5.0, resource_weight=0.5,
-               resample_per_cell=True, resource_metric="flops")
+               resample_per_cell=True,
+               resource_metric="flops").check_method_fields()
   SearchConfig(method="dsnas", flops_weight=0.5, reward_normalization=True,
-               early_stop_threshold=0.1, compiled_children=3)
-  SearchConfig(method="darts_2nd", train_portion=0.3)
+               early_stop_threshold=0.1,
+               compiled_children=3).check_method_fields()
+  SearchConfig(method="darts_2nd", train_portion=0.3).check_method_fields()
   # Defaults are fine everywhere (0.3 is DSNAS's default threshold).
   for method in SearchConfig.METHOD_FIELDS:
-    SearchConfig(method=method)
+    SearchConfig(method=method).check_method_fields()
 
 
 @pytest.mark.parametrize("field", ["w_lr", "resource_weight",

@@ -234,10 +234,13 @@ def test_a_worker_waiting_for_its_cluster_says_so_and_stops_on_ctrl_c(
              TF_CONFIG=_tf_config(workers, 0))
   log = tmp_path / "stderr.txt"
   with open(log, "w") as err:
+    # A process started in the background inherits SIGINT ignored (which
+    # the app keeps, as it should): start from the interactive default.
     proc = subprocess.Popen(
         [sys.executable, "-m", "tfnas.apps.search", "--dataset=digits",
          f"--run_dir={tmp_path}/r"], env=env, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=err)
+        stdout=subprocess.DEVNULL, stderr=err,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 120
     while "waiting until every task has connected" not in log.read_text():

@@ -69,7 +69,7 @@ def test_resume_with_other_epochs_warns_that_schedules_stretch(
   warned = resume(3)
   assert len(warned) == 1
   assert warned[0].startswith("--epochs=3 changes the run's planned 2: "
-                              "schedules that span the run")
+                              "schedules computed over the whole run")
   assert resume(3) == []  # 3 is now the plan.
 
 

@@ -242,3 +242,13 @@ def test_a_network_without_normal_cells_is_warned_of(num_cells, missing,
   assert len(warned) == len(missing)
   for message, cell in zip(warned, missing):
     assert message.startswith(f"--num_cells={num_cells} has no {cell} cell")
+
+
+def test_a_new_run_refuses_a_field_its_method_ignores(tmp_path):
+  from tfnas.config import ConfigError
+  config = SearchConfig(run_dir=str(tmp_path / "r"), dataset="digits",
+                        method="dsnas", resource_weight=0.5)
+  with pytest.raises(ConfigError, match=r"^--resource_weight=0.5 is read "
+                                        r"only by --method=snas"):
+    Search(config, show_progress=False)
+  assert not (tmp_path / "r").exists()

@@ -219,7 +219,6 @@ class SearchConfig(_Config):
       raise ConfigError(
           "--single_path_step=switch is a DSNAS step (one sampled op per "
           f"edge or block); got --method={self.method}")
-    self._check_method_fields()
     if self.w_lr_warmup_epochs >= self.epochs:
       raise ConfigError(
           f"--w_lr_warmup_epochs={self.w_lr_warmup_epochs} leaves no epoch "
@@ -237,8 +236,9 @@ class SearchConfig(_Config):
 
   #: Fields only some methods read (method → its fields; every method of
   #: ``tfnas.methods.METHODS`` has an entry, a test keeps them in step).
-  #: A run of another method must leave them at their defaults: set, they
-  #: would be recorded in config.json as if they had taken effect.
+  #: A new run of another method must leave them at their defaults: set,
+  #: they would be recorded in config.json as if they had taken effect
+  #: (`check_method_fields`; saved configs of older runs still load).
   METHOD_FIELDS = {
       # Bi-level: α learns on the held-out part of the training split.
       "darts_1st": ("train_portion",),
@@ -252,8 +252,16 @@ class SearchConfig(_Config):
                 "compiled_children", "single_path_step"),
   }
 
-  def _check_method_fields(self) -> None:
-    """Refuses a method-specific field set for a method that ignores it."""
+  def check_method_fields(self) -> None:
+    """Refuses a method-specific field set for a method that ignores it.
+
+    Checked for new runs (the search flags, `Search` when it starts a run),
+    not in ``__init__``: a saved config.json of an older run that recorded
+    such a value still loads for export, evaluation and resumption.
+
+    Raises:
+      ConfigError: naming the field and the methods that read it.
+    """
     own = self.METHOD_FIELDS.get(self.method, ())
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
     for names in self.METHOD_FIELDS.values():

@@ -129,10 +129,11 @@ def define_search_flags():
   _define_shufflenet_flags()
   flags.DEFINE_float("w_lr", _DEFAULTS.w_lr, "Weight SGD learning rate.")
   flags.DEFINE_float("w_lr_min", _DEFAULTS.w_lr_min,
-                     "Floor of the cosine schedule: epoch e of E runs at "
-                     "w_lr_min + (w_lr - w_lr_min)(1 + cos(πe/E))/2, so "
-                     "the last epoch stays a little above it (as in "
-                     "DARTS).")
+                     "Floor of the cosine schedule: epoch e of the E "
+                     "epochs after any warm-up runs at w_lr_min + (w_lr - "
+                     "w_lr_min)(1 + cos(πe/E))/2, so the last epoch stays "
+                     "a little above it (as in DARTS; with --w_lr_per_step "
+                     "the last step nearly reaches it).")
   flags.DEFINE_integer("w_lr_warmup_epochs", _DEFAULTS.w_lr_warmup_epochs,
                        "Epochs of linear learning-rate warm-up before the "
                        "cosine schedule, which then spans the remaining "
@@ -161,14 +162,14 @@ def define_search_flags():
                      "SNAS: Gumbel-softmax temperature λ at the first step.")
   flags.DEFINE_float("temperature_end", _DEFAULTS.temperature_end,
                      "SNAS: λ at the last step of the search (--epochs "
-                     "times the steps per epoch: a resume with more "
-                     "--epochs stretches the schedule from there).")
+                     "times the steps per epoch; a resume that changes "
+                     "--epochs moves λ to where the new schedule is at "
+                     "that step).")
   flags.DEFINE_enum("temperature_schedule", _DEFAULTS.temperature_schedule,
                     ["linear", "exponential"], "SNAS: how λ is annealed.")
   flags.DEFINE_boolean("resample_per_cell", _DEFAULTS.resample_per_cell,
                        "SNAS: draw a separate architecture sample for "
-                       "every cell "
-                       "(default: one per cell type, shared).")
+                       "every cell (default: one per cell type, shared).")
   flags.DEFINE_float("resource_weight", _DEFAULTS.resource_weight,
                      "SNAS: η of the resource constraint η·C(Z) (0: off); "
                      "DSNAS's cost penalty is --flops_weight.")
@@ -179,9 +180,8 @@ def define_search_flags():
   flags.DEFINE_enum("resource_gradient", _DEFAULTS.resource_gradient,
                     ["policy", "reparam", "exact"],
                     "SNAS: α-gradient of the resource term: score "
-                    "function (SNAS "
-                    "eq. 11), through the relaxed sample, or exact "
-                    "expectation under the discrete distribution.")
+                    "function (eq. 11), through the relaxed sample, or "
+                    "exact expectation under the discrete distribution.")
   flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing,
                      "Cross-entropy label smoothing of the search loss.")
   flags.DEFINE_boolean("reward_normalization", _DEFAULTS.reward_normalization,
@@ -210,13 +210,11 @@ def define_search_flags():
                      "--early_stop_on_logits); 0: never.")
   flags.DEFINE_boolean("early_stop_on_logits", _DEFAULTS.early_stop_on_logits,
                        "DSNAS: compare α logits (eq. 8 as printed) instead "
-                       "of "
-                       "softmax probabilities.")
+                       "of softmax probabilities.")
   flags.DEFINE_integer("early_stop_every_steps",
                        _DEFAULTS.early_stop_every_steps,
                        "DSNAS: check the early-stop condition every N "
-                       "steps (0: at "
-                       "the end of every epoch).")
+                       "steps (0: at the end of every epoch).")
   flags.DEFINE_integer("compiled_children", _DEFAULTS.compiled_children,
                        "Single-path methods (DSNAS): once early stop leaves "
                        "at most N possible children, run each child's step "
@@ -276,9 +274,8 @@ def define_train_flags():
   flags.DEFINE_float("lr", d.lr, "Initial SGD learning rate.")
   flags.DEFINE_float("lr_min", d.lr_min,
                      "Floor of the cosine schedule: epoch e of E runs at "
-                     "w_lr_min + (w_lr - w_lr_min)(1 + cos(πe/E))/2, so "
-                     "the last epoch stays a little above it (as in "
-                     "DARTS).")
+                     "lr_min + (lr - lr_min)(1 + cos(πe/E))/2, so the last "
+                     "epoch stays a little above it (as in DARTS).")
   flags.DEFINE_enum("lr_schedule", d.lr_schedule, ["cosine", "exponential"],
                     "cosine (per epoch, to --lr_min) or exponential "
                     "(x --lr_decay after every epoch).")
@@ -304,4 +301,6 @@ def search_config() -> SearchConfig:
   values = {name: FLAGS[name].value for name in names}
   for name in ("stage_repeats", "stage_channels"):
     values[name] = tuple(int(v) for v in values[name])
-  return SearchConfig(**values)
+  config = SearchConfig(**values)
+  config.check_method_fields()
+  return config

@@ -23,6 +23,10 @@ def _native_stderr_silenced(enabled: bool):
 
   TensorFlow's start-up notices (oneDNN, CUDA probing) bypass
   TF_CPP_MIN_LOG_LEVEL in this release; Python exceptions still propagate.
+
+  Yields:
+    ``unsilenced``: a context manager inside which stderr is not silenced
+    (a no-op one when ``enabled`` is false).
   """
   if not enabled:
     yield contextlib.nullcontext
@@ -77,7 +81,8 @@ def import_tensorflow(before_devices=None, threads=(0, 0), cpu_replicas=0):
       # TF_CPP_MIN_LOG_LEVEL=2) on the process's first int64 transpose,
       # which TFP's categorical sampling (DSNAS) makes mid-run. Making one
       # here lets the notice fall into this silenced block.
-      tf.transpose(tf.zeros([1, 1], tf.int64))
+      with tf.device("/CPU:0"):
+        tf.transpose(tf.zeros([1, 1], tf.int64))
   if quiet:
     # TensorFlow's own INFO chatter (e.g. the checkpoint saver's per-save
     # "Sharding callback duration") goes through absl's logger like ours.
@@ -319,8 +324,8 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
       with unsilenced():
         log.info("multi-worker run (%s of a %d-task TF_CONFIG cluster): "
                  "waiting until every task has connected (Ctrl-C ends this "
-                 "process while it waits; TensorFlow holds SIGTERM until "
-                 "the cluster has formed)",
+                 "process while it waits; TensorFlow takes SIGTERM then as "
+                 "a preemption notice and ignores it)",
                  _task_name(os.environ.get("TF_CONFIG")), tasks)
     with _default_signal_actions():
       try:
@@ -332,10 +337,12 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
                          "index)") from None
   if strategy_name == "auto" and cpu_replicas > 1:
     strategy_name = "mirrored"
-  elif strategy_name == "default" and cpu_replicas > 1:
+  elif strategy_name in ("default", "multi_worker") and cpu_replicas > 1:
     from absl import logging as log
-    log.warning("--cpu_replicas=%d with --strategy=default: one replica "
-                "runs (use --strategy=mirrored)", cpu_replicas)
+    log.warning("--cpu_replicas=%d with --strategy=%s: one replica per "
+                "%s (CPU replicas need --strategy=mirrored)", cpu_replicas,
+                strategy_name, "process" if strategy_name == "default"
+                else "worker")
   tf = import_tensorflow(
       multi_worker if strategy_name == "multi_worker" else None, threads,
       cpu_replicas)
@@ -344,7 +351,13 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
   else:
     strategy = make_strategy(strategy_name)
   from absl import logging as log
-  log.info("%s: %d replica%s%s", type(strategy).__name__,
+  if cpu_replicas > 1 and tf.config.list_logical_devices("GPU"):
+    log.warning("--cpu_replicas=%d is ignored where GPUs are visible: "
+                "replicas run on the GPUs", cpu_replicas)
+  name = type(strategy).__name__
+  if name.startswith("_Default"):
+    name = "default strategy"
+  log.info("%s: %d replica%s%s", name,
            strategy.num_replicas_in_sync,
            "" if strategy.num_replicas_in_sync == 1 else "s",
            f" over {tasks} connected tasks" if made and tasks > 1 else "")
@@ -373,12 +386,13 @@ def _default_signal_actions():
   strategy's constructor; no Python code can run while that constructor
   waits, so nothing can take it back before it returns.
   """
+  previous = {}
   try:
-    previous = {signum: signal.signal(signum, signal.SIG_DFL)
-                for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      if signal.getsignal(signum) is not signal.SIG_IGN:  # E.g. `cmd &`.
+        previous[signum] = signal.signal(signum, signal.SIG_DFL)
   except ValueError:  # Not the main thread.
-    yield
-    return
+    pass
   try:
     yield
   finally:

@@ -79,8 +79,12 @@ def prepared_tfds_builder(tfds_name: str, archives: Sequence[str], *,
   try:
     builder = tfds.builder(tfds_name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
-    # A damaged dataset_info.json (tfds: an AssertionError about proto
-    # versions, a protobuf ParseError, ...) in the version folder it found.
+    # A damaged dataset_info.json in the version folder tfds found: an
+    # AssertionError about proto versions, a JSON or protobuf parse error.
+    # Anything else (permissions, an unknown name) keeps its own message.
+    if not (isinstance(e, (AssertionError, ValueError)) or
+            type(e).__module__.startswith("google.protobuf")):
+      raise
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     raise DataError(
         f"dataset {tfds_name!r} in {tfds_location(data_dir)} cannot be "

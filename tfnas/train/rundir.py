@@ -157,6 +157,12 @@ def run_kind(config: dict[str, Any]) -> str | None:
   return None
 
 
+def has_run(run_dir: str) -> bool:
+  """Whether ``run_dir`` holds a run (its config.json or checkpoints)."""
+  return os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(
+      os.path.join(run_dir, "ckpt"))
+
+
 def prepare(run_dir: str, config: dict[str, Any], resume: bool,
             allowed_changes: Iterable[str] = (),
             defaults: dict[str, Any] | None = None) -> bool:
@@ -177,10 +183,7 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
                       "choose another --run_dir")
   config = json.loads(json.dumps(config))
   defaults = json.loads(json.dumps(defaults or {}))
-  config_path = os.path.join(run_dir, "config.json")
-  has_run = os.path.exists(config_path) or os.path.isdir(
-      os.path.join(run_dir, "ckpt"))
-  if not has_run:
+  if not has_run(run_dir):
     if resume:
       raise RunDirError(f"--resume given but {run_dir} holds no run to "
                         "resume; drop --resume to start a new run")
@@ -226,11 +229,10 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   planned = saved.get("epochs")
   if isinstance(planned, int) and merged.get("epochs") != planned:
     logging.warning(
-        "--epochs=%s changes the run's planned %s: schedules that span the "
-        "run (the learning-rate cosine, SNAS's temperature) are stretched "
-        "over %s epochs from the current step on, so this run will differ "
-        "from one planned with %s epochs from the start",
-        merged["epochs"], planned, merged["epochs"], merged["epochs"])
+        "--epochs=%s changes the run's planned %s: schedules computed over "
+        "the whole run (learning rate, SNAS's temperature, tfnas-train's "
+        "drop-path) jump to where a %s-epoch run is at this step",
+        merged["epochs"], planned, merged["epochs"])
   _write_config(run_dir, merged)
   return True
 

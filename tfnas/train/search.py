@@ -153,6 +153,8 @@ class Search:
 
   def __init__(self, config: SearchConfig, strategy=None, resume=False,
                show_progress=True, read_only=False):
+    if not read_only and not (resume and rundir.has_run(config.run_dir)):
+      config.check_method_fields()  # A new run: nothing set in vain.
     self.config = config
     self.read_only = read_only
     self.strategy = strategy or tf.distribute.get_strategy()
