@@ -44,7 +44,8 @@ def test_flag_enums_match_the_registries():
 
 
 def test_method_refuses_a_space_kind_it_cannot_search(tmp_path):
-  config = dsnas_config(tmp_path / "r", method="darts_1st")
+  config = dsnas_config(tmp_path / "r", method="darts_1st",
+                        early_stop_threshold=0.3)  # DSNAS's flag: default.
   with pytest.raises(TfnasError, match="cannot search the blocks space"):
     Search(config, show_progress=False)
 
@@ -105,7 +106,8 @@ def test_sync_batch_norm_refused_for_eager_cell_steps_on_local_replicas(
   assert distribute.local_replicas(tf.distribute.get_strategy()) == 1
   # Compiled steps order every all-reduce: DARTS is allowed, and so is
   # DSNAS without synchronized BN.
-  for allowed in (config.replace(method="darts_1st", run_dir=str(tmp_path / "d")),
+  for allowed in (config.replace(method="darts_1st", early_stop_threshold=0.3,
+                                 run_dir=str(tmp_path / "d")),
                   config.replace(sync_batch_norm=False,
                                  run_dir=str(tmp_path / "p"))):
     Search(allowed, strategy=strategy, show_progress=False)

@@ -354,13 +354,11 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
   if cpu_replicas > 1 and tf.config.list_logical_devices("GPU"):
     log.warning("--cpu_replicas=%d is ignored where GPUs are visible: "
                 "replicas run on the GPUs", cpu_replicas)
-  name = type(strategy).__name__
-  if name.startswith("_Default"):
-    name = "default strategy"
-  log.info("%s: %d replica%s%s", name,
-           strategy.num_replicas_in_sync,
-           "" if strategy.num_replicas_in_sync == 1 else "s",
-           f" over {tasks} connected tasks" if made and tasks > 1 else "")
+  if strategy.num_replicas_in_sync > 1 or made:  # One replica: nothing new.
+    log.info("%s: %d replica%s%s", type(strategy).__name__,
+             strategy.num_replicas_in_sync,
+             "" if strategy.num_replicas_in_sync == 1 else "s",
+             f" over {tasks} connected tasks" if made and tasks > 1 else "")
   return tf, strategy
 
 
