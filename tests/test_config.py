@@ -168,3 +168,21 @@ def test_infinite_values_are_refused(field):
   with pytest.raises(ConfigError, match=r"^invalid --lr=-inf: must be a "
                                         r"finite number$"):
     TrainConfig(lr=float("-inf"))
+
+
+@pytest.mark.parametrize("method,field,value,switch", [
+    ("snas", "resource_metric", "flops", "resource_weight"),
+    ("snas", "resource_gradient", "exact", "resource_weight"),
+    ("dsnas", "early_stop_on_logits", True, "early_stop_threshold"),
+    ("dsnas", "early_stop_every_steps", 5, "early_stop_threshold"),
+])
+def test_a_companion_of_a_feature_that_is_off_is_refused(method, field,
+                                                          value, switch):
+  with pytest.raises(ConfigError, match=(
+      rf"^--{field}={value!r} acts only with --{switch} set, and "
+      rf"--{switch}=0.0 turns that off$")):
+    SearchConfig(method=method, **{field: value,
+                                   switch: 0.0}).check_method_fields()
+  # With the feature on, the companion is fine.
+  SearchConfig(method=method, **{field: value,
+                                 switch: 0.5}).check_method_fields()

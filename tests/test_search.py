@@ -252,3 +252,35 @@ def test_a_new_run_refuses_a_field_its_method_ignores(tmp_path):
                                         r"only by --method=snas"):
     Search(config, show_progress=False)
   assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("small,size,warned", [(False, 8, True),
+                                               (True, 8, False),
+                                               (False, 32, False)])
+def test_the_224_pixel_block_space_on_tiny_inputs_is_warned_of(
+    small, size, warned, caplog):
+  # On 8×8 digits, 15 of the 20 ImageNet-design blocks see 1×1 maps; the
+  # small space (the digits flagfile's) has 2 of 5, 32×32 3 of 20.
+  from tfnas.spaces import shufflenet
+  from tfnas.train.search import _warn_degenerate_blocks
+  preset = (shufflenet.ShuffleNetSpaceConfig.small if small else
+            shufflenet.ShuffleNetSpaceConfig)
+  space = preset(num_classes=10, input_size=size)
+  caplog.clear()
+  _warn_degenerate_blocks(space, "shufflenet")
+  messages = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING"]
+  if warned:
+    assert messages == [
+        "--space=shufflenet on 8×8 inputs: 15 of its 20 blocks get 1×1 "
+        "feature maps, where the kernel-size choices hardly differ; use a "
+        "space with fewer stride-2 stages (shufflenet_small, or "
+        "--stage_repeats/--stage_channels) or larger inputs"]
+  else:
+    assert messages == []
+  # The darts space has no blocks: nothing to say.
+  from tfnas.spaces import darts as darts_space
+  _warn_degenerate_blocks(darts_space.search_space(
+      "s3", num_cells=3, num_nodes=2, channels=4, num_classes=10), "s3")
+  assert len([r for r in caplog.records if r.levelname == "WARNING"]) == (
+      1 if warned else 0)

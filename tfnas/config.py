@@ -252,6 +252,15 @@ class SearchConfig(_Config):
                 "compiled_children", "single_path_step"),
   }
 
+  #: Fields that act only while another field of their method is on:
+  #: field → (that field, its "off" value).
+  COMPANION_FIELDS = {
+      "resource_metric": ("resource_weight", 0.0),
+      "resource_gradient": ("resource_weight", 0.0),
+      "early_stop_on_logits": ("early_stop_threshold", 0.0),
+      "early_stop_every_steps": ("early_stop_threshold", 0.0),
+  }
+
   def check_method_fields(self) -> None:
     """Refuses a method-specific field set for a method that ignores it.
 
@@ -275,6 +284,12 @@ class SearchConfig(_Config):
             f"--{name}={value!r} is read only by --method="
             f"{' / '.join(readers)}; --method={self.method} ignores it "
             f"(leave it at its default, {default!r})")
+    for name, (switch, off) in self.COMPANION_FIELDS.items():
+      if (name in own and getattr(self, switch) == off and
+          getattr(self, name) != defaults[name]):
+        raise ConfigError(
+            f"--{name}={getattr(self, name)!r} acts only with --{switch} "
+            f"set, and --{switch}={off!r} turns that off")
 
   #: Overrides of a ShuffleNet space preset (see `shufflenet_overrides`).
   SHUFFLENET_SHAPE = ("stage_repeats", "stage_channels", "stem_channels",

@@ -330,6 +330,19 @@ def build_shufflenet_supernet(space: ShuffleNetSpaceConfig,
   return net
 
 
+def block_input_sizes(space: ShuffleNetSpaceConfig,
+                      image_size: int | None = None) -> list[int]:
+  """Spatial size of the input of every searchable block, in order."""
+  size = -(-(image_size or space.input_size) // space.stem_stride)
+  if space.stem_pool:
+    size = -(-size // 2)
+  sizes = []
+  for _, _, stride in space.blocks():
+    sizes.append(size)
+    size = -(-size // stride)
+  return sizes
+
+
 def network_flops(space: ShuffleNetSpaceConfig, choices: Sequence[int],
                   image_size: int | None = None, in_channels: int = 3) -> int:
   """Multiply-adds of one image through the child with ``choices`` (indices

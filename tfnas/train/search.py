@@ -74,6 +74,24 @@ class SearchResult:
   history: list  # One dict of epoch metrics per epoch.
 
 
+def _warn_degenerate_blocks(space, flag_space: str) -> None:
+  """Warns when most ShuffleNet blocks see 1×1 inputs (the 224-pixel design
+  on tiny images): their k×k depthwise convs then see only padding, so the
+  kernel-size choices hardly differ."""
+  if not hasattr(space, "blocks"):
+    return
+  from tfnas.spaces import shufflenet  # pylint: disable=import-outside-toplevel
+  sizes = shufflenet.block_input_sizes(space)
+  tiny = sum(size == 1 for size in sizes)
+  if tiny * 2 > len(sizes):
+    log.warning(
+        "--space=%s on %d×%d inputs: %d of its %d blocks get 1×1 feature "
+        "maps, where the kernel-size choices hardly differ; use a space "
+        "with fewer stride-2 stages (shufflenet_small, or "
+        "--stage_repeats/--stage_channels) or larger inputs", flag_space,
+        space.input_size, space.input_size, tiny, len(sizes))
+
+
 def _warn_missing_cell_types(space) -> None:
   """Warns when a cell network lacks a cell type (fewer than 3 cells): its
   α never gets a gradient, yet the genotype reports that cell."""
@@ -171,6 +189,7 @@ class Search:
     self._check_sync_batch_norm(kind)
     if not read_only:
       _warn_missing_cell_types(self.space)
+      _warn_degenerate_blocks(self.space, config.space)
     if read_only:
       self.resuming, self.write_dir = True, None
     else:
