@@ -262,7 +262,9 @@ class SearchConfig(_Config):
   }
 
   def check_method_fields(self) -> None:
-    """Refuses a method-specific field set for a method that ignores it.
+    """Refuses a method-specific field set for a method that ignores it,
+    and a companion field set while the feature it tunes is off
+    (``COMPANION_FIELDS``).
 
     Checked for new runs (the search flags, `Search` when it starts a run),
     not in ``__init__``: a saved config.json of an older run that recorded
