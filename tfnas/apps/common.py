@@ -13,6 +13,8 @@ import signal
 import sys
 from typing import Callable
 
+from absl import logging as log
+
 from tfnas.errors import StopRequested, TfnasError
 from tfnas.train import rundir
 
@@ -308,7 +310,6 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
   if strategy_name == "auto" and tasks not in (0, 1):
     strategy_name = "multi_worker"
   elif strategy_name == "multi_worker" and tasks in (0, 1):
-    from absl import logging as log
     log.warning("--strategy=multi_worker without a TF_CONFIG cluster of "
                 "several tasks (%s): running as one worker",
                 "no TF_CONFIG" if tasks == 0 else "one task")
@@ -320,7 +321,6 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
     # so Ctrl-C gets its default action (end the process at once: nothing
     # has been done yet) until it returns (SIGTERM: `_default_signal_actions`).
     if tasks > 1:
-      from absl import logging as log
       with unsilenced():
         log.info("multi-worker run (%s of a %d-task TF_CONFIG cluster): "
                  "waiting until every task has connected (Ctrl-C ends this "
@@ -338,7 +338,6 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
   if strategy_name == "auto" and cpu_replicas > 1:
     strategy_name = "mirrored"
   elif strategy_name in ("default", "multi_worker") and cpu_replicas > 1:
-    from absl import logging as log
     log.warning("--cpu_replicas=%d with --strategy=%s: one replica per "
                 "%s (CPU replicas need --strategy=mirrored)", cpu_replicas,
                 strategy_name, "process" if strategy_name == "default"
@@ -350,7 +349,6 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
     strategy = made[0]
   else:
     strategy = make_strategy(strategy_name)
-  from absl import logging as log
   if cpu_replicas > 1 and tf.config.list_logical_devices("GPU"):
     log.warning("--cpu_replicas=%d is ignored where GPUs are visible: "
                 "replicas run on the GPUs", cpu_replicas)
@@ -411,7 +409,6 @@ def make_strategy(name: str):
     from tfnas.distribute import mirrored_strategy
     strategy = mirrored_strategy()
     if strategy.num_replicas_in_sync == 1:
-      from absl import logging as log
       log.warning("--strategy=mirrored found one device (%s): running one "
                   "replica, like --strategy=default (--cpu_replicas=N "
                   "splits a CPU into N)",

@@ -353,9 +353,8 @@ def network_flops(space: ShuffleNetSpaceConfig, choices: Sequence[int],
   total = stem * stem * 9 * in_channels * space.stem_channels
   table = block_costs(space, size)
   total += sum(table[b, int(k), 1] for b, k in enumerate(choices))
-  last = stem if not space.stem_pool else -(-stem // 2)
-  for _, _, stride in space.blocks():
-    last = -(-last // stride)
+  last_stride = space.blocks()[-1][2]
+  last = -(-block_input_sizes(space, size)[-1] // last_stride)
   total += last * last * space.stage_channels[-1] * space.head_channels
   total += space.head_channels * space.num_classes
   return int(total)

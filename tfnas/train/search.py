@@ -187,12 +187,11 @@ class Search:
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
     self._check_sync_batch_norm(kind)
-    if not read_only:
-      _warn_missing_cell_types(self.space)
-      _warn_degenerate_blocks(self.space, config.space)
     if read_only:
       self.resuming, self.write_dir = True, None
     else:
+      _warn_missing_cell_types(self.space)
+      _warn_degenerate_blocks(self.space, config.space)
       self.resuming, self.write_dir = loop.open_run(
           self.strategy, config.run_dir, resume, lambda: rundir.prepare(
               config.run_dir, config.to_dict(), resume,
