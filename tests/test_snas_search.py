@@ -84,3 +84,24 @@ def test_child_accuracy_close_to_search_accuracy(tmp_path):
   assert last["val/child_acc"] >= last["val/acc"] - 0.05
   assert abs(last["val/child_acc"] - last["val/acc"]) < 0.15
   assert os.path.exists(tmp_path / "run" / "genotype.json")
+
+
+def test_sampled_supernet_is_evaluated_at_the_logged_temperature(tmp_path):
+  # val/acc of SNAS scores a relaxed sample at λ of the last training step,
+  # the λ that arch/temperature logs, not the next step's.
+  search = Search(snas_config(tmp_path / "run", epochs=1,
+                              max_steps_per_epoch=3),
+                  show_progress=False)
+  distribution = search.ctx.distribution
+  sample, seen = distribution.sample, []
+
+  def spy(arch, step=None):
+    tf.py_function(lambda s: seen.append(int(s)), [step], [])
+    return sample(arch, step)
+
+  distribution.sample = spy
+  history = search.run().history
+  assert search.w_opt.iterations.numpy() == 3
+  assert seen and set(seen) == {2}  # One sample per validation batch.
+  assert history[-1]["arch/temperature"] == pytest.approx(
+      float(distribution.temperature(2)), abs=1e-7)

@@ -399,8 +399,8 @@ class Search:
     def replica(images, labels):
       if child:  # The one-hot argmax child (SNAS Table 1).
         weights = ArgmaxDistribution().sample(ctx.arch)
-      else:  # The search distribution at the current step.
-        weights = ctx.distribution.sample(ctx.arch, self.w_opt.iterations)
+      else:  # The search distribution at the last trained step's λ.
+        weights = ctx.distribution.sample(ctx.arch, self._last_step())
       if batch_stats:
         # Batch statistics; the scope swallows moving-statistic updates.
         with keras.StatelessScope():
@@ -413,6 +413,10 @@ class Search:
     return tf.function(step_loops.summed_eval_step(self.strategy, replica))
 
   # --------------------------------------------------------------- helpers
+  def _last_step(self):
+    """Index of the last training step taken (0 before any)."""
+    return tf.maximum(self.w_opt.iterations - 1, 0)
+
   def alphas(self) -> dict[str, np.ndarray]:
     return self.arch.numpy()
 
@@ -428,7 +432,8 @@ class Search:
     Method.eval_batch_stats).
 
     ``child=False`` uses the search distribution's sample (softmax α for
-    DARTS, a relaxed sample at the current λ for SNAS); ``child=True`` the
+    DARTS, for SNAS a relaxed sample at λ of the last training step, the λ
+    that ``arch/temperature`` logs); ``child=True`` the
     one-hot argmax architecture, without fine-tuning. ``interrupted``: as
     for `step_loops.evaluate`.
     """
@@ -523,8 +528,7 @@ class Search:
       raise
     temperature = getattr(self.ctx.distribution, "temperature", None)
     if temperature is not None:  # λ of the epoch's last step.
-      last_step = max(int(self.w_opt.iterations.numpy()) - 1, 0)
-      metrics["arch/temperature"] = float(temperature(last_step))
+      metrics["arch/temperature"] = float(temperature(self._last_step()))
     metrics["epoch_seconds"] = time.time() - t0
     self.epoch.assign(epoch + 1)
     self.step_in_epoch.assign(0)
