@@ -171,14 +171,14 @@ def test_bad_flags_give_one_clear_line(tmp_path, args, fragment):
 
 
 THREADS_PROBE = """
-from tfnas.apps import common
+from tfnas.apps import startup
 from tfnas.errors import TfnasError
-tf, _ = common.start_tensorflow("default", ({intra}, {inter}))
+tf, _ = startup.start_tensorflow("default", ({intra}, {inter}))
 print(tf.config.threading.get_intra_op_parallelism_threads(),
       tf.config.threading.get_inter_op_parallelism_threads())
-common.import_tensorflow(threads=({intra}, {inter}))  # Same sizes: fine.
+startup.import_tensorflow(threads=({intra}, {inter}))  # Same sizes: fine.
 try:
-  common.import_tensorflow(threads=(7, 0))
+  startup.import_tensorflow(threads=(7, 0))
 except TfnasError as e:
   print(e)
 """

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from tfnas import distribute
-from tfnas.apps import common
+from tfnas.apps import startup
 from tfnas.estimators.darts import DartsFirstOrder
 from tests import helpers
 
@@ -118,15 +118,15 @@ def test_the_chief_writes_the_run(cluster, task_type, task_id, expected):
 
 def test_mirrored_on_one_device_says_it_runs_one_replica(caplog,
                                                         monkeypatch):
-  from tfnas.apps import common
+  from tfnas.apps import startup
   # This process has two logical CPUs (conftest): quiet.
-  assert common.make_strategy("mirrored").num_replicas_in_sync == 2
+  assert startup.make_strategy("mirrored").num_replicas_in_sync == 2
   assert "found one device" not in caplog.text
   # A machine with one device (what tfnas-search sees on one CPU).
   monkeypatch.setattr(distribute, "mirrored_strategy",
                       lambda: distribute.tf.distribute.MirroredStrategy(
                           ["/cpu:0"]))
-  assert common.make_strategy("mirrored").num_replicas_in_sync == 1
+  assert startup.make_strategy("mirrored").num_replicas_in_sync == 1
   assert "--strategy=mirrored found one device (" in caplog.text
   assert "running one replica" in caplog.text
 
@@ -219,7 +219,7 @@ def test_cli_bad_tf_config_is_one_clear_line(tmp_path):
 def test_auto_strategy_counts_the_tf_config_cluster(tf_config, tasks):
   # --strategy=auto is multi_worker unless the count is 0 or 1 (a malformed
   # TF_CONFIG then fails with multi_worker's one-line error).
-  assert common.cluster_tasks(tf_config) == tasks
+  assert startup.cluster_tasks(tf_config) == tasks
 
 
 def test_a_worker_waiting_for_its_cluster_says_so_and_stops_on_ctrl_c(
@@ -283,8 +283,8 @@ def test_multi_worker_without_a_cluster_says_it_runs_one_worker():
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("TF_CONFIG", None)
   proc = subprocess.run(
-      [sys.executable, "-c", "from tfnas.apps import common\n"
-       "tf, strategy = common.start_tensorflow('multi_worker')\n"
+      [sys.executable, "-c", "from tfnas.apps import startup\n"
+       "tf, strategy = startup.start_tensorflow('multi_worker')\n"
        "print(type(strategy).__name__, strategy.num_replicas_in_sync)"],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -115,8 +115,8 @@ def _measure(args, which: str) -> dict:
   off = [o for o in args.grappler_off.split(",") if o]
   if off:
     tf.config.optimizer.set_experimental_options({o: False for o in off})
-  from tfnas.apps import common
-  common.import_tensorflow(
+  from tfnas.apps import startup
+  startup.import_tensorflow(
       threads=(args.intra_op_threads, args.inter_op_threads))
 
   from tfnas.arch import ArchParams, SoftmaxDistribution

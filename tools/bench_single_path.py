@@ -433,8 +433,8 @@ def _report_rounds(rounds: list[dict]) -> None:
 def main(argv=None):
   args = _parse_args(argv)
   if args.child:
-    from tfnas.apps import common
-    common.import_tensorflow(
+    from tfnas.apps import startup
+    startup.import_tensorflow(
         threads=(args.intra_op_threads, args.inter_op_threads))
     util.child_main(lambda which: _measure(args, which), args.only[0])
     return

@@ -20,6 +20,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tfnas.apps import common  # noqa: E402
+from tfnas.apps import startup  # noqa: E402
 
 flags.DEFINE_string("run_dir", None, "A search run directory.", required=True)
 FLAGS = flags.FLAGS
@@ -40,7 +41,7 @@ def main(argv):
                              f"not a tfnas-search run")
   # The directory is the run (moved or copied runs included).
   config = SearchConfig.from_dict({**saved, "run_dir": FLAGS.run_dir})
-  common.import_tensorflow()
+  startup.import_tensorflow()
   from tfnas.train.search import Search
   search = Search(config, show_progress=False, read_only=True)
   result = {**search.evaluate(), **search.evaluate(child=True)}

@@ -28,6 +28,7 @@ import os
 from absl import flags
 
 from tfnas.apps import common
+from tfnas.apps import startup
 from tfnas.errors import TfnasError
 from tfnas.train import rundir
 
@@ -97,7 +98,7 @@ def _signature_line(checkpoint_path: str, path: str, input_shape,
 def _export_search_child(run_dir: str, method_name: str,
                          checkpoint_path: str | None) -> None:
   """Exports the inherited-weight child of a search run, or says why not."""
-  common.import_tensorflow()  # Quietly, before tfnas.methods loads it.
+  startup.import_tensorflow()  # Quietly, before tfnas.methods loads it.
   from tfnas import methods
   method = methods.get_method(method_name)
   if not method.deploys_search_weights:
@@ -145,7 +146,7 @@ def _export_retrained(run_dir: str, saved: dict,
   config = TrainConfig.from_dict(saved)
   from tfnas.genotype import Genotype
   genotype = Genotype.load(os.path.join(run_dir, "genotype.json"))
-  common.import_tensorflow()  # Quietly, before tfnas modules load it.
+  startup.import_tensorflow()  # Quietly, before tfnas modules load it.
   from tfnas import cost, data, export, models
   from tfnas.train.checkpointing import resolve_checkpoint, restore_problem
   export.check_random_ops(genotype, FLAGS.allow_random_ops)
@@ -231,7 +232,7 @@ def main(argv):
     if not checkpoint_path:
       raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
     # Named before its run directory is derived from it.
-    common.import_tensorflow()
+    startup.import_tensorflow()
     from tfnas.train.checkpointing import checkpoint_prefix
     checkpoint_prefix(checkpoint_path)
     # <run_dir>/ckpt/ckpt-N

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
+from tfnas.apps import startup
 
 tfnas_flags.define_run_flags()
 tfnas_flags.define_data_flags()
@@ -22,7 +23,7 @@ FLAGS = tfnas_flags.FLAGS
 def main(argv):
   del argv  # run_app refuses positional arguments.
   config = tfnas_flags.search_config()  # Validated before TF loads.
-  tf, strategy = common.start_tensorflow(
+  tf, strategy = startup.start_tensorflow(
       FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads),
       cpu_replicas=FLAGS.cpu_replicas)
   import keras

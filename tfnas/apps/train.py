@@ -14,6 +14,7 @@ from absl import logging
 
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
+from tfnas.apps import startup
 from tfnas.config import TrainConfig
 
 tfnas_flags.define_run_flags(TrainConfig())
@@ -32,7 +33,7 @@ def describe_cost(network_cost) -> str:
 def main(argv):
   del argv  # run_app refuses positional arguments.
   config = tfnas_flags.train_config()  # Validated before TF loads.
-  tf, strategy = common.start_tensorflow(
+  tf, strategy = startup.start_tensorflow(
       FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads),
       cpu_replicas=FLAGS.cpu_replicas)
   import keras
