@@ -232,16 +232,17 @@ def test_a_network_without_normal_cells_is_warned_of(num_cells, missing,
   # Reductions sit at num_cells // 3 and 2 * num_cells // 3: with fewer than
   # 3 cells no normal cell trains, yet the genotype reports one.
   from tfnas.spaces import darts as darts_space
-  from tfnas.train.search import _warn_missing_cell_types
+  from tfnas.train.search import _warn_about_space
   space = darts_space.search_space("s3", num_cells=num_cells, num_nodes=2,
                                    channels=4, num_classes=10)
   caplog.clear()
-  _warn_missing_cell_types(space)
+  _warn_about_space(space, "s3")
   warned = [r.getMessage() for r in caplog.records
             if r.levelname == "WARNING"]
-  assert len(warned) == len(missing)
+  assert len(warned) == len(missing) == len(space.warnings())
   for message, cell in zip(warned, missing):
-    assert message.startswith(f"--num_cells={num_cells} has no {cell} cell")
+    assert message.startswith(
+        f"--space=s3: --num_cells={num_cells} has no {cell} cell")
 
 
 def test_a_new_run_refuses_a_field_its_method_ignores(tmp_path):
@@ -262,25 +263,24 @@ def test_the_224_pixel_block_space_on_tiny_inputs_is_warned_of(
   # On 8×8 digits, 15 of the 20 ImageNet-design blocks see 1×1 maps; the
   # small space (the digits flagfile's) has 2 of 5, 32×32 3 of 20.
   from tfnas.spaces import shufflenet
-  from tfnas.train.search import _warn_degenerate_blocks
+  from tfnas.train.search import _warn_about_space
   preset = (shufflenet.ShuffleNetSpaceConfig.small if small else
             shufflenet.ShuffleNetSpaceConfig)
   space = preset(num_classes=10, input_size=size)
   caplog.clear()
-  _warn_degenerate_blocks(space, "shufflenet")
+  _warn_about_space(space, "shufflenet")
   messages = [r.getMessage() for r in caplog.records
               if r.levelname == "WARNING"]
   if warned:
     assert messages == [
-        "--space=shufflenet on 8×8 inputs: 15 of its 20 blocks get 1×1 "
+        "--space=shufflenet: on 8×8 inputs 15 of its 20 blocks get 1×1 "
         "feature maps, where the kernel-size choices hardly differ; use a "
         "space with fewer stride-2 stages (shufflenet_small, or "
         "--stage_repeats/--stage_channels) or larger inputs"]
   else:
     assert messages == []
-  # The darts space has no blocks: nothing to say.
+  # A cell space of 3 cells or more has nothing to say.
   from tfnas.spaces import darts as darts_space
-  _warn_degenerate_blocks(darts_space.search_space(
-      "s3", num_cells=3, num_nodes=2, channels=4, num_classes=10), "s3")
-  assert len([r for r in caplog.records if r.levelname == "WARNING"]) == (
-      1 if warned else 0)
+  assert darts_space.search_space(
+      "s3", num_cells=3, num_nodes=2, channels=4,
+      num_classes=10).warnings() == []

@@ -109,6 +109,17 @@ class DartsSpaceConfig:
     return ["reduce" if i in self.reduction_layers else "normal"
             for i in range(self.num_cells)]
 
+  def warnings(self) -> list[str]:
+    """What makes a search in this space learn less than it seems to though
+    it is valid: a missing cell type (fewer than 3 cells) whose α never gets
+    a gradient, yet the genotype reports that cell."""
+    present = set(self.cell_types())
+    return [f"--num_cells={self.num_cells} has no {missing} cell (reduction "
+            f"cells sit at 1/3 and 2/3 of the depth): its α gets no gradient, "
+            f"and the genotype's {missing} cell is the argmax of its initial "
+            f"α; search with 3 cells or more to search both"
+            for missing in sorted({"normal", "reduce"} - present)]
+
   def ops_of(self, cell_type: str) -> tuple[tuple[str, ...], ...]:
     if self.edge_ops is not None and cell_type in self.edge_ops:
       return tuple(tuple(e) for e in self.edge_ops[cell_type])

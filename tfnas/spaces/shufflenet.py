@@ -141,6 +141,21 @@ class ShuffleNetSpaceConfig:
   def mid_channels(self, out_channels: int) -> int:
     return max(1, int(out_channels * self.mid_channels_ratio))
 
+  def warnings(self) -> list[str]:
+    """What makes a search in this space learn less than it seems to though
+    it is valid: most blocks seeing 1×1 inputs (the 224-pixel design on tiny
+    images), where their k×k depthwise convs see only padding and the
+    kernel-size choices hardly differ."""
+    sizes = block_input_sizes(self)
+    tiny = sum(size == 1 for size in sizes)
+    if tiny * 2 <= len(sizes):
+      return []
+    return [f"on {self.input_size}×{self.input_size} inputs {tiny} of its "
+            f"{len(sizes)} blocks get 1×1 feature maps, where the kernel-size "
+            f"choices hardly differ; use a space with fewer stride-2 stages "
+            f"(shufflenet_small, or --stage_repeats/--stage_channels) or "
+            f"larger inputs"]
+
   def decision_groups(self) -> list[DecisionGroup]:
     """One group ``blocks``: a decision per block over ``choices``."""
     return [DecisionGroup(GROUP, self.choices, self.num_blocks,

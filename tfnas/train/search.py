@@ -74,36 +74,10 @@ class SearchResult:
   history: list  # One dict of epoch metrics per epoch.
 
 
-def _warn_degenerate_blocks(space, flag_space: str) -> None:
-  """Warns when most ShuffleNet blocks see 1×1 inputs (the 224-pixel design
-  on tiny images): their k×k depthwise convs then see only padding, so the
-  kernel-size choices hardly differ."""
-  if not hasattr(space, "blocks"):
-    return
-  from tfnas.spaces import shufflenet  # pylint: disable=import-outside-toplevel
-  sizes = shufflenet.block_input_sizes(space)
-  tiny = sum(size == 1 for size in sizes)
-  if tiny * 2 > len(sizes):
-    log.warning(
-        "--space=%s on %d×%d inputs: %d of its %d blocks get 1×1 feature "
-        "maps, where the kernel-size choices hardly differ; use a space "
-        "with fewer stride-2 stages (shufflenet_small, or "
-        "--stage_repeats/--stage_channels) or larger inputs", flag_space,
-        space.input_size, space.input_size, tiny, len(sizes))
-
-
-def _warn_missing_cell_types(space) -> None:
-  """Warns when a cell network lacks a cell type (fewer than 3 cells): its
-  α never gets a gradient, yet the genotype reports that cell."""
-  if not hasattr(space, "cell_types"):
-    return
-  present = set(space.cell_types())
-  for missing in sorted({"normal", "reduce"} - present):
-    log.warning(
-        "--num_cells=%d has no %s cell (reduction cells sit at 1/3 and 2/3 "
-        "of the depth): its α gets no gradient, and the genotype's %s cell "
-        "is the argmax of its initial α; search with 3 cells or more to "
-        "search both", space.num_cells, missing, missing)
+def _warn_about_space(space, flag_space: str) -> None:
+  """Logs the space's `warnings()`, each after the --space it is about."""
+  for message in space.warnings():
+    log.warning("--space=%s: %s", flag_space, message)
 
 
 class SearchData:
@@ -190,8 +164,7 @@ class Search:
     if read_only:
       self.resuming, self.write_dir = True, None
     else:
-      _warn_missing_cell_types(self.space)
-      _warn_degenerate_blocks(self.space, config.space)
+      _warn_about_space(self.space, config.space)
       self.resuming, self.write_dir = loop.open_run(
           self.strategy, config.run_dir, resume, lambda: rundir.prepare(
               config.run_dir, config.to_dict(), resume,
