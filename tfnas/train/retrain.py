@@ -31,7 +31,8 @@ from tfnas.config import TrainConfig
 from tfnas.distribute import ordered_all_reduce
 from tfnas.genotype import Genotype
 from tfnas.layers.batch_norm import synchronized_batch_norm
-from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
+from tfnas.train import (loop, optim, rundir, schedules, step_loops, stopping,
+                         summaries)
 from tfnas.train.checkpointing import existing_checkpoints
 from tfnas.train.step import StepContext, batch_sums, cross_entropy
 
@@ -123,10 +124,10 @@ class Retrain:
     config, steps = self.config, self.steps_per_epoch
     keras.utils.set_random_seed(config.seed)
     if config.lr_schedule == "cosine":
-      schedule = optim.cosine_schedule(config.lr, config.lr_min,
+      schedule = schedules.cosine_schedule(config.lr, config.lr_min,
                                        config.epochs, steps)
     else:
-      schedule = optim.exponential_schedule(config.lr, config.lr_decay, steps)
+      schedule = schedules.exponential_schedule(config.lr, config.lr_decay, steps)
     with self.strategy.scope():
       self.network = build_network(config, self.genotype, self.info)
       self.optimizer = optim.SGD(schedule, momentum=config.momentum,

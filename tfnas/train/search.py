@@ -51,7 +51,8 @@ from tfnas.errors import TfnasError
 from tfnas.layers.batch_norm import batch_norm_parameters
 from tfnas.spaces import names as space_names
 from tfnas.spaces import registry as space_registry
-from tfnas.train import loop, optim, rundir, step_loops, stopping, summaries
+from tfnas.train import (loop, optim, rundir, schedules, step_loops, stopping,
+                         summaries)
 from tfnas.train.checkpointing import ModelVariables, restore_latest
 from tfnas.train.child_cache import ChildCache
 from tfnas.train.step import StepContext
@@ -217,7 +218,7 @@ class Search:
                              init_scale=config.arch_init_scale,
                              seed=config.seed)
       self.w_opt = optim.SGD(
-          optim.cosine_schedule(config.w_lr, config.w_lr_min, config.epochs,
+          schedules.cosine_schedule(config.w_lr, config.w_lr_min, config.epochs,
                                 steps, config.w_lr_warmup_epochs,
                                 config.w_lr_per_step),
           momentum=config.w_momentum, weight_decay=config.w_weight_decay,
