@@ -1,5 +1,6 @@
 """Tests for tfnas.data: datasets, search split and tf.data pipelines."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -41,6 +42,10 @@ def test_digits_shapes_and_split():
     np.testing.assert_allclose(
         np.sort(np.concatenate([x_tr, x_te]).sum(axis=(1, 2, 3))),
         np.sort(digits.images.sum(axis=(1, 2)) * 255.0 / 16.0), rtol=1e-5)
+    # The published range, recorded for exports' metadata.json.
+    assert digits.images.max() == info.source_pixel_max == 16.0
+    with pytest.raises(data.DataError, match="source_pixel_max"):
+        dataclasses.replace(info, source_pixel_max=0.0)
 
 
 def test_digits_deterministic():

@@ -167,8 +167,7 @@ def _export_retrained(run_dir: str, saved: dict,
                                    config.channels)
   metadata = {
       "dataset": config.dataset, "num_classes": info.num_classes,
-      "input_shape": list(info.input_shape), "mean": list(info.mean),
-      "std": list(info.std), "network": config.network,
+      **info.input_metadata(), "network": config.network,
       "num_cells": config.num_cells, "channels": config.channels,
       "params": network_cost.params, "madds": network_cost.madds,
       "checkpoint": os.path.abspath(checkpoint_path),

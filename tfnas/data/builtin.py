@@ -13,13 +13,16 @@ from tfnas.data.registry import (SPLITS, AugmentConfig, DataError,
 # Fixed seed of the digits train/test split.
 _DIGITS_SPLIT_SEED = 0
 _DIGITS_NUM_TEST = 300
+# scikit-learn's digits are 0-16; the loader scales them to 0-255.
+_DIGITS_PIXEL_MAX = 16.0
 
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   digits = load_digits()
-  images = (digits.images.astype(np.float32) * (255.0 / 16.0))[..., None]
+  images = (digits.images.astype(np.float32) * (255.0 / _DIGITS_PIXEL_MAX)
+            )[..., None]
   labels = digits.target.astype(np.int64)
   perm = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(labels))
   for array in (images, labels, perm):
@@ -37,7 +40,8 @@ def _load_digits(split: str, **unused_kwargs) -> tuple[np.ndarray, np.ndarray]:
 register_dataset(DatasetEntry(
     info=DatasetInfo(name="digits", image_size=8, channels=1, num_classes=10,
                      mean=(0.305710,), std=(0.376068,),
-                     num_train=1497, num_test=_DIGITS_NUM_TEST),
+                     num_train=1497, num_test=_DIGITS_NUM_TEST,
+                     source_pixel_max=_DIGITS_PIXEL_MAX),
     loader=_load_digits,
     augment=AugmentConfig(pad_crop=1)))
 

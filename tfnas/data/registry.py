@@ -39,6 +39,8 @@ class DatasetInfo:
       ``[0, 1]``.
     num_train: Nominal number of training examples.
     num_test: Nominal number of test examples.
+    source_pixel_max: Largest pixel value of the dataset as published; the
+      loader rescales it to 255 (scikit-learn's digits: 16).
   """
 
   name: str
@@ -49,6 +51,7 @@ class DatasetInfo:
   std: tuple[float, ...]
   num_train: int
   num_test: int
+  source_pixel_max: float = 255.0
 
   def __post_init__(self):
     for field in ("image_size", "channels", "num_classes"):
@@ -66,11 +69,24 @@ class DatasetInfo:
     if any(s <= 0 for s in self.std):
       raise DataError(
           f"DatasetInfo {self.name!r}: std {self.std} must be positive.")
+    if not self.source_pixel_max > 0:
+      raise DataError(
+          f"DatasetInfo {self.name!r}: source_pixel_max "
+          f"{self.source_pixel_max} must be positive.")
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
     """Shape ``(H, W, C)`` of one image."""
     return (self.image_size, self.image_size, self.channels)
+
+  def input_metadata(self) -> dict:
+    """An export's metadata.json facts about its input: shape, the
+    normalisation, and the pixel range the serving function expects
+    (``input_range``; the dataset's own range is ``[0, source_pixel_max]``,
+    to be multiplied by ``255 / source_pixel_max``)."""
+    return {"input_shape": list(self.input_shape), "mean": list(self.mean),
+            "std": list(self.std), "input_range": [0.0, 255.0],
+            "source_pixel_max": float(self.source_pixel_max)}
 
 
 @dataclasses.dataclass(frozen=True)
