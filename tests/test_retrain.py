@@ -75,11 +75,10 @@ class RetrainTest(tf.test.TestCase):
 
   def test_resume_past_an_unreadable_checkpoint_repeats_its_epoch_once(self):
     base = self.get_temp_dir()
-    straight = Retrain(tiny_config(os.path.join(base, "a")),
-                       show_progress=False)
-    straight.run()
     config = tiny_config(os.path.join(base, "b"))
-    Retrain(config, show_progress=False).run()
+    # The uninterrupted run whose last checkpoint is then damaged.
+    straight = Retrain(config, show_progress=False)
+    straight.run()
     # The last epoch's checkpoint is cut short (a full disk, a crash).
     newest = tf.train.latest_checkpoint(os.path.join(config.run_dir, "ckpt"))
     self.assertTrue(newest.endswith("ckpt-6"))
