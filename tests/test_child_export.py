@@ -28,7 +28,7 @@ from tfnas.train.checkpointing import ModelVariables
 # metadata.json keys of a retrained export that a child's export keeps, so
 # serving clients preprocess both the same way.
 RETRAIN_KEYS = ("dataset", "num_classes", "input_shape", "mean", "std",
-                "input_range", "source_pixel_max", "params", "checkpoint")
+                "source_pixel_max", "params", "checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
       "digits", 10, [8, 8, 1])
   assert (meta["mean"], meta["std"]) == (list(digits.mean), list(digits.std))
   # Served inputs are 0-255; scikit-learn's digits are 0-16.
-  assert (meta["input_range"], meta["source_pixel_max"]) == ([0, 255], 16)
+  assert (meta["input"]["range"], meta["source_pixel_max"]) == ([0, 255], 16)
   assert (meta["params"], meta["flops"]) == (info["params"], info["flops"])
   assert meta["flops"] > 0 and meta["source"] == child_export.SOURCE
   # The whole network's count, under a retrained export's key (block space).

@@ -137,6 +137,11 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   assert export.export_saved_model(
       net, base, metadata=dict(METADATA, val_acc=0.5, val_split="test"),
       version=3) == first
+  # Nor do facts of the dataset (hashed by its name) added to later
+  # versions of tfnas: an export made before them keeps its fingerprint.
+  assert export.export_saved_model(
+      net, base, metadata=dict(METADATA, source_pixel_max=16.0),
+      version=3) == first
   other = trained_like_network(seed=5)
   with pytest.raises(export.ExportError, match="already holds a different"):
     export.export_saved_model(other, base, metadata=METADATA, version=3)

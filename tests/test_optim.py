@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.distribute import mirrored_strategy
-from tfnas.train import optim, schedules
+from tfnas.train import optim
 
 
 class OptimTest(tf.test.TestCase):
@@ -212,40 +212,6 @@ class OptimTest(tf.test.TestCase):
       x = x - 0.01 * (m / (1 - 0.5 ** t)) / (
           np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
       self.assertAllClose(w, x, rtol=1e-5)
-
-  def test_cosine_schedule(self):
-    lr = schedules.cosine_schedule(0.025, 0.001, total_epochs=10, steps_per_epoch=5)
-    self.assertAllClose(lr(tf.constant(0, tf.int64)), 0.025)
-    self.assertAllClose(lr(tf.constant(4, tf.int64)), 0.025)  # Per epoch.
-    self.assertAllClose(lr(tf.constant(25, tf.int64)), 0.013)
-    self.assertAllClose(lr(tf.constant(50, tf.int64)), 0.001)
-
-  def test_cosine_schedule_with_warm_up_and_per_step(self):
-    """Linear warm-up over 2 epochs of 5 steps, then cosine over the other 8
-    epochs (per epoch), or over the other 40 steps (per step)."""
-    def at(lr, step):
-      return float(lr(tf.constant(step, tf.int64)))
-    per_epoch = schedules.cosine_schedule(0.5, 0.0, total_epochs=10,
-                                      steps_per_epoch=5, warmup_epochs=2)
-    for t in range(10):
-      self.assertAllClose(at(per_epoch, t), 0.5 * (t + 1) / 10)
-    for t in range(10, 51):
-      e = (t - 10) // 5
-      self.assertAllClose(at(per_epoch, t),
-                          0.25 * (1 + np.cos(np.pi * min(e / 8, 1.0))),
-                          atol=1e-7)
-    per_step = schedules.cosine_schedule(0.5, 0.1, total_epochs=10,
-                                     steps_per_epoch=5, warmup_epochs=2,
-                                     per_step=True)
-    self.assertAllClose(at(per_step, 9), 0.5)  # The last warm-up step.
-    for t in range(10, 51):
-      self.assertAllClose(at(per_step, t), 0.1 + 0.2 * (
-          1 + np.cos(np.pi * min((t - 10) / 40, 1.0))), atol=1e-7)
-    plain = schedules.cosine_schedule(0.5, 0.0, total_epochs=10,
-                                  steps_per_epoch=5, per_step=True)
-    self.assertAllClose(at(plain, 0), 0.5)
-    self.assertAllClose(at(plain, 25), 0.25)
-    self.assertAllClose(at(plain, 7), 0.25 * (1 + np.cos(np.pi * 7 / 50)))
 
   def test_no_decay_variables_skip_weight_decay_only(self):
     """With zero gradients only decayed variables move, eagerly, traced and

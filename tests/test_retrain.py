@@ -13,7 +13,7 @@ from tests import helpers
 from tfnas.config import TrainConfig
 from tfnas import genotypes
 from tfnas.genotype import Genotype
-from tfnas.train import rundir, schedules, stopping
+from tfnas.train import rundir, stopping
 from tfnas.train.retrain import Retrain
 
 
@@ -198,13 +198,6 @@ class RetrainTest(tf.test.TestCase):
       Retrain(config, resume=True, show_progress=False)
     self.assertEqual(before, {f: os.path.getmtime(os.path.join(run_dir, f))
                               for f in os.listdir(run_dir)})
-
-
-def test_exponential_schedule():
-  lr = schedules.exponential_schedule(0.1, 0.97, steps_per_epoch=10)
-  np.testing.assert_allclose([float(lr(tf.constant(s, tf.int64)))
-                              for s in (0, 9, 10, 25)],
-                             [0.1, 0.1, 0.097, 0.1 * 0.97 ** 2], rtol=1e-6)
 
 
 # Runs in its own interpreter: collectives of MirroredStrategy objects that

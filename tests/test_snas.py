@@ -46,6 +46,11 @@ class RelaxedSampleTest(tf.test.TestCase):
     self.assertAllClose(a, b)  # Same (seed, step): same Z on every replica.
     self.assertGreater(float(tf.reduce_max(tf.abs(a - c))), 1e-3)
     self.assertAllClose(tf.reduce_sum(a, -1), tf.ones(5))
+    # Evaluation draws at the same step use their own noise.
+    e = dist.sample(arch, step=3, salt=arch_lib.EVAL_SALT)["normal"]
+    self.assertAllClose(e, dist.sample(arch, step=3,
+                                       salt=arch_lib.EVAL_SALT)["normal"])
+    self.assertGreater(float(tf.reduce_max(tf.abs(a - e))), 1e-3)
     per_cell = arch_lib.RelaxedOneHotDistribution(
         constant_temperature(0.5), seed=1, per_cell=True,
         cells_per_group={"normal": 3}).sample(arch, step=3)["normal"]

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfnas import objectives
+from tfnas.arch import EVAL_SALT
 from tfnas.config import SearchConfig
 from tfnas.spaces import darts as darts_space
 from tfnas.train.search import Search
@@ -88,20 +89,24 @@ def test_child_accuracy_close_to_search_accuracy(tmp_path):
 
 def test_sampled_supernet_is_evaluated_at_the_logged_temperature(tmp_path):
   # val/acc of SNAS scores a relaxed sample at λ of the last training step,
-  # the λ that arch/temperature logs, not the next step's.
-  search = Search(snas_config(tmp_path / "run", epochs=1,
+  # the λ that arch/temperature logs (not the next step's), drawn with noise
+  # apart from the training steps' (not the last step's own Z).
+  search = Search(snas_config(tmp_path / "run", epochs=2,
                               max_steps_per_epoch=3),
                   show_progress=False)
   distribution = search.ctx.distribution
   sample, seen = distribution.sample, []
 
-  def spy(arch, step=None):
-    tf.py_function(lambda s: seen.append(int(s)), [step], [])
-    return sample(arch, step)
+  def spy(arch, step=None, salt=0):
+    tf.py_function(lambda s: seen.append((int(s), salt)), [step], [])
+    return sample(arch, step, salt)
 
   distribution.sample = spy
   history = search.run().history
-  assert search.w_opt.iterations.numpy() == 3
-  assert seen and set(seen) == {2}  # One sample per validation batch.
-  assert history[-1]["arch/temperature"] == pytest.approx(
-      float(distribution.temperature(2)), abs=1e-7)
+  assert search.w_opt.iterations.numpy() == 6
+  # One sample per validation batch, after steps 0-2 and 3-5.
+  assert seen and sorted(set(seen)) == [(2, EVAL_SALT), (5, EVAL_SALT)]
+  temperature = distribution.temperature
+  assert abs(float(temperature(2)) - float(temperature(3))) > 0.1
+  assert history[0]["arch/temperature"] == pytest.approx(
+      float(temperature(2)), abs=1e-7)

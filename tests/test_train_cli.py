@@ -71,7 +71,7 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   assert "multiply-adds" in out.stdout and "parameters" in out.stdout
   meta = json.loads((export_dir / "1" / "metadata.json").read_text())
   assert meta["dataset"] == "digits" and meta["input_shape"] == [8, 8, 1]
-  assert (meta["input_range"], meta["source_pixel_max"]) == ([0, 255], 16)
+  assert (meta["input"]["range"], meta["source_pixel_max"]) == ([0, 255], 16)
   assert meta["val_acc"] == pytest.approx(history[-1]["val/acc"])
   assert meta["epoch"] == len(history)
   assert meta["params"] > 0 and (export_dir / "1" / "saved_model.pb").exists()

@@ -120,14 +120,18 @@ class ArchDistribution:
   #: True when the sample is one-hot and only the chosen ops need to run.
   single_path = False
 
-  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
+  def sample(self, arch: ArchParams, step=None,
+             salt: int = 0) -> dict[str, tf.Tensor]:
+    """The sample at ``step``; ``salt`` picks an independent noise stream
+    (`EVAL_SALT`: evaluation draws, apart from every training step's)."""
     raise NotImplementedError
 
 
 class SoftmaxDistribution(ArchDistribution):
   """DARTS: the deterministic continuous relaxation softmax(α)."""
 
-  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
+  def sample(self, arch: ArchParams, step=None,
+             salt: int = 0) -> dict[str, tf.Tensor]:
     return {name: arch.probabilities(name) for name in arch.group_names}
 
 
@@ -149,6 +153,11 @@ def exponential_temperature(start: float, end: float, total_steps: int):
 
 TEMPERATURE_SCHEDULES = {"linear": linear_temperature,
                          "exponential": exponential_temperature}
+
+
+#: Salt of evaluation draws: a noise stream apart from the training steps'
+#: (whose salts are the group indices).
+EVAL_SALT = 1000
 
 
 def stateless_seed(seed: int, step, salt: int = 0) -> tf.Tensor:
@@ -226,12 +235,12 @@ class RelaxedOneHotDistribution(ArchDistribution):
     return (tf.math.lgamma(k) + (k - 1.0) * tf.math.log(lam) + total
             - k * lse)
 
-  def sample_with_log(self, arch: ArchParams, step=None):
+  def sample_with_log(self, arch: ArchParams, step=None, salt: int = 0):
     """(Z, log Z) per group; Z is reparameterised (carries α-gradients)."""
     samples, logs = {}, {}
     for i, name in enumerate(arch.group_names):
       dist = self._log_space(arch, name, step)
-      seed = stateless_seed(self.seed, step, salt=i)
+      seed = stateless_seed(self.seed, step, salt=salt + i)
       if self.per_cell:
         y = dist.sample(self.cells_per_group.get(name, 1), seed=seed)
       else:
@@ -240,8 +249,9 @@ class RelaxedOneHotDistribution(ArchDistribution):
       samples[name] = tf.exp(y)
     return samples, logs
 
-  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
-    return self.sample_with_log(arch, step)[0]
+  def sample(self, arch: ArchParams, step=None,
+             salt: int = 0) -> dict[str, tf.Tensor]:
+    return self.sample_with_log(arch, step, salt)[0]
 
 
 class ArgmaxDistribution(ArchDistribution):
@@ -250,7 +260,8 @@ class ArgmaxDistribution(ArchDistribution):
   Includes ``none``: an edge whose argmax is ``none`` contributes nothing.
   """
 
-  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
+  def sample(self, arch: ArchParams, step=None,
+             salt: int = 0) -> dict[str, tf.Tensor]:
     out = {}
     for name in arch.group_names:
       logits = arch.masked_logits(name)
@@ -289,8 +300,8 @@ class OneHotDistribution(ArchDistribution):
         logits=arch.masked_logits(name), dtype=arch.logits[name].dtype)
 
   def sample_indices(self, arch: ArchParams, step=None,
-                     fixed: Mapping[str, np.ndarray] | None = None
-                     ) -> dict[str, np.ndarray]:
+                     fixed: Mapping[str, np.ndarray] | None = None,
+                     salt: int = 0) -> dict[str, np.ndarray]:
     """One candidate index per decision, group → int array ``[E]``.
 
     Args:
@@ -298,11 +309,12 @@ class OneHotDistribution(ArchDistribution):
       step: global step (seeds the draw).
       fixed: optional group → ``[E]`` ints, ``-1`` where the decision is
         still sampled, else the index to use.
+      salt: noise stream (see `ArchDistribution.sample`).
     """
     out = {}
     for i, name in enumerate(arch.group_names):
       z = self.distribution(arch, name).sample(
-          seed=stateless_seed(self.seed, step, salt=i))
+          seed=stateless_seed(self.seed, step, salt=salt + i))
       index = np.argmax(z.numpy(), axis=-1).astype(np.int64)
       if fixed is not None and name in fixed:
         f = np.asarray(fixed[name])
@@ -314,8 +326,9 @@ class OneHotDistribution(ArchDistribution):
     """Per-decision ``log p_α(Z_e)``, shape ``[E]``."""
     return self.distribution(arch, name).log_prob(one_hot)
 
-  def sample(self, arch: ArchParams, step=None) -> dict[str, tf.Tensor]:
-    return one_hot_weights(arch, self.sample_indices(arch, step))
+  def sample(self, arch: ArchParams, step=None,
+             salt: int = 0) -> dict[str, tf.Tensor]:
+    return one_hot_weights(arch, self.sample_indices(arch, step, salt=salt))
 
 
 def one_hot_weights(arch: ArchParams, indices: Mapping[str, np.ndarray]

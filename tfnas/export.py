@@ -80,12 +80,15 @@ class _ServingModule(tf.Module):
 # Measurements of the model, not part of it: the same model exported again
 # with another (or no) measurement is the same model.
 MEASURED_METADATA = ("val_acc", "val_loss", "val_split", "val_examples")
+# Facts of the dataset, which the fingerprint covers by its name; leaving
+# them out keeps the fingerprints of exports written before they were added.
+DATASET_METADATA = ("source_pixel_max",)
 
 
 def model_fingerprint(model, metadata: Mapping[str, Any],
                       genotype=None) -> str:
   """SHA-256 of the weights (names, shapes, values), genotype and metadata
-  (without its `MEASURED_METADATA`)."""
+  (without its `MEASURED_METADATA` and `DATASET_METADATA`)."""
   digest = hashlib.sha256()
   for v in model.weights:
     value = np.asarray(v.numpy())
@@ -94,7 +97,7 @@ def model_fingerprint(model, metadata: Mapping[str, Any],
   if genotype is not None:
     digest.update(json.dumps(genotype.to_dict(), sort_keys=True).encode())
   described = {k: v for k, v in metadata.items()
-               if k not in MEASURED_METADATA}
+               if k not in MEASURED_METADATA + DATASET_METADATA}
   digest.update(json.dumps(described, sort_keys=True).encode())
   return digest.hexdigest()
 

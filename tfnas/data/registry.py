@@ -69,10 +69,10 @@ class DatasetInfo:
     if any(s <= 0 for s in self.std):
       raise DataError(
           f"DatasetInfo {self.name!r}: std {self.std} must be positive.")
-    if not self.source_pixel_max > 0:
+    if not 0 < self.source_pixel_max < float("inf"):
       raise DataError(
           f"DatasetInfo {self.name!r}: source_pixel_max "
-          f"{self.source_pixel_max} must be positive.")
+          f"{self.source_pixel_max} must be positive and finite.")
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
@@ -81,11 +81,11 @@ class DatasetInfo:
 
   def input_metadata(self) -> dict:
     """An export's metadata.json facts about its input: shape, the
-    normalisation, and the pixel range the serving function expects
-    (``input_range``; the dataset's own range is ``[0, source_pixel_max]``,
-    to be multiplied by ``255 / source_pixel_max``)."""
+    normalisation, and the dataset's largest published pixel value (served
+    inputs are 0-255: multiply the dataset's by ``255 / source_pixel_max``).
+    """
     return {"input_shape": list(self.input_shape), "mean": list(self.mean),
-            "std": list(self.std), "input_range": [0.0, 255.0],
+            "std": list(self.std),
             "source_pixel_max": float(self.source_pixel_max)}
 
 

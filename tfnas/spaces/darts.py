@@ -110,8 +110,8 @@ class DartsSpaceConfig:
             for i in range(self.num_cells)]
 
   def warnings(self) -> list[str]:
-    """What makes a search in this space learn less than it seems to though
-    it is valid: a missing cell type (fewer than 3 cells) whose α never gets
+    """Valid settings under which a search in this space learns less than it
+    appears to: a missing cell type (fewer than 3 cells) whose α never gets
     a gradient, yet the genotype reports that cell."""
     present = set(self.cell_types())
     return [f"--num_cells={self.num_cells} has no {missing} cell (reduction "

@@ -142,8 +142,8 @@ class ShuffleNetSpaceConfig:
     return max(1, int(out_channels * self.mid_channels_ratio))
 
   def warnings(self) -> list[str]:
-    """What makes a search in this space learn less than it seems to though
-    it is valid: most blocks seeing 1×1 inputs (the 224-pixel design on tiny
+    """Valid settings under which a search in this space learns less than it
+    appears to: most blocks seeing 1×1 inputs (the 224-pixel design on tiny
     images), where their k×k depthwise convs see only padding and the
     kernel-size choices hardly differ."""
     sizes = block_input_sizes(self)

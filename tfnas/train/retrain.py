@@ -125,9 +125,10 @@ class Retrain:
     keras.utils.set_random_seed(config.seed)
     if config.lr_schedule == "cosine":
       schedule = schedules.cosine_schedule(config.lr, config.lr_min,
-                                       config.epochs, steps)
+                                           config.epochs, steps)
     else:
-      schedule = schedules.exponential_schedule(config.lr, config.lr_decay, steps)
+      schedule = schedules.exponential_schedule(config.lr, config.lr_decay,
+                                                steps)
     with self.strategy.scope():
       self.network = build_network(config, self.genotype, self.info)
       self.optimizer = optim.SGD(schedule, momentum=config.momentum,

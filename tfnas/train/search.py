@@ -42,8 +42,8 @@ from tfnas import data as data_lib
 from tfnas import distribute
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
-from tfnas.arch import (ArchParams, ArgmaxDistribution, argmax_indices,
-                        one_hot_weights)
+from tfnas.arch import (EVAL_SALT, ArchParams, ArgmaxDistribution,
+                        argmax_indices, one_hot_weights)
 from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.base import METRIC_SUMS
 from tfnas.config import SearchConfig
@@ -218,9 +218,10 @@ class Search:
                              init_scale=config.arch_init_scale,
                              seed=config.seed)
       self.w_opt = optim.SGD(
-          schedules.cosine_schedule(config.w_lr, config.w_lr_min, config.epochs,
-                                steps, config.w_lr_warmup_epochs,
-                                config.w_lr_per_step),
+          schedules.cosine_schedule(config.w_lr, config.w_lr_min,
+                                    config.epochs, steps,
+                                    config.w_lr_warmup_epochs,
+                                    config.w_lr_per_step),
           momentum=config.w_momentum, weight_decay=config.w_weight_decay,
           clip_norm=config.grad_clip, name="weight_sgd")
       self.w_opt.build(
@@ -337,12 +338,14 @@ class Search:
                self.arch.group(group).candidates[k])
 
   def _eval_indices(self, child: bool):
-    """Single-path evaluation: the argmax child, or this step's sample."""
+    """Single-path evaluation: the argmax child, or a child drawn from the
+    current α (noise apart from the training steps')."""
     if child:
       return argmax_indices(self.arch)
     fixed = self.early_stop.fixed() if self.early_stop is not None else None
     return self.ctx.distribution.sample_indices(
-        self.arch, int(self.w_opt.iterations.numpy()), fixed=fixed)
+        self.arch, int(self._last_step().numpy()), fixed=fixed,
+        salt=EVAL_SALT)
 
   def _make_single_path_eval(self, child: bool):
     ctx = self.ctx
@@ -373,8 +376,10 @@ class Search:
     def replica(images, labels):
       if child:  # The one-hot argmax child (SNAS Table 1).
         weights = ArgmaxDistribution().sample(ctx.arch)
-      else:  # The search distribution at the last trained step's λ.
-        weights = ctx.distribution.sample(ctx.arch, self._last_step())
+      else:  # The search distribution at the last trained step's λ, with
+        # noise apart from the training steps'.
+        weights = ctx.distribution.sample(ctx.arch, self._last_step(),
+                                          salt=EVAL_SALT)
       if batch_stats:
         # Batch statistics; the scope swallows moving-statistic updates.
         with keras.StatelessScope():
