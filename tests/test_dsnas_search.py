@@ -179,6 +179,21 @@ def test_flops_target_is_checked_against_the_space_and_normalised():
     methods.get_method("dsnas").estimator(setup(too_low)[1])
 
 
+def test_evaluation_draws_its_child_apart_from_the_training_steps(tmp_path):
+  # val/acc scores a child drawn from α with its own noise stream, not the
+  # child the last training step used (nor the next one's).
+  from tfnas.arch import EVAL_SALT
+  search = Search(dsnas_config(tmp_path / "run"), show_progress=False)
+  search.w_opt.iterations.assign(7)
+  dist, arch = search.ctx.distribution, search.arch
+  drawn = search._eval_indices(child=False)  # pylint: disable=protected-access
+  def same(a, b):
+    return all((a[g] == b[g]).all() for g in a)
+  assert same(drawn, dist.sample_indices(arch, 6, salt=EVAL_SALT))
+  assert not same(drawn, dist.sample_indices(arch, 6))
+  assert not same(drawn, dist.sample_indices(arch, 7))
+
+
 def test_only_dsnas_steps_run_eagerly():
   for name, method in methods.METHODS.items():
     config = SearchConfig(method=name)
