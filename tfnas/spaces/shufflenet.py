@@ -375,8 +375,9 @@ def network_flops(space: ShuffleNetSpaceConfig, choices: Sequence[int],
   return int(total)
 
 
-def _spec_cost(spec, size: int, in_channels: int) -> tuple[int, int, int]:
-  """(params, multiply-adds, output size) of a `_ConvBNStack` spec.
+def _spec_cost(spec, size: int, in_channels: int) -> tuple[int, int]:
+  """(params, multiply-adds) of a `_ConvBNStack` spec on ``size``×``size``
+  inputs.
 
   Convolution weights and BN scale/shift count as parameters; FLOPs are the
   convolutions' multiply-adds (BN and ReLU are not counted), as in the
@@ -395,7 +396,7 @@ def _spec_cost(spec, size: int, in_channels: int) -> tuple[int, int, int]:
       params += c * out + 2 * out
       flops += size * size * c * out
       c = out
-  return params, flops, size
+  return params, flops
 
 
 def block_costs(space: ShuffleNetSpaceConfig, image_size: int | None = None
@@ -408,22 +409,18 @@ def block_costs(space: ShuffleNetSpaceConfig, image_size: int | None = None
   (``choice_3``) and 15 805 440 (``choice_5``), the official table's values.
   """
   from tfnas.layers.choice_block import CHOICE_KERNELS, choice_branch_spec
-  size = image_size or space.input_size
-  size = -(-size // space.stem_stride)
-  if space.stem_pool:
-    size = -(-size // 2)
   table = np.zeros((space.num_blocks, len(space.choices), 2))
-  for b, (c_in, c_out, stride) in enumerate(space.blocks()):
+  for b, ((c_in, c_out, stride), size) in enumerate(
+      zip(space.blocks(), block_input_sizes(space, image_size))):
     branch_in = c_in // 2 if stride == 1 else c_in
     mid = space.mid_channels(c_out)
     for k, choice in enumerate(space.choices):
       spec = choice_branch_spec(choice, branch_in, mid, c_out - branch_in,
                                 stride)
-      params, flops, out_size = _spec_cost(spec, size, branch_in)
+      params, flops = _spec_cost(spec, size, branch_in)
       if stride == 2:
-        p, f, _ = _spec_cost((("dw", CHOICE_KERNELS[choice], 2),
+        p, f = _spec_cost((("dw", CHOICE_KERNELS[choice], 2),
                               ("pw", branch_in)), size, branch_in)
         params, flops = params + p, flops + f
       table[b, k] = params, flops
-    size = out_size
   return table
