@@ -180,7 +180,9 @@ def _measure(args, which: str) -> dict:
   else:
     phases = [lambda train, val, step, p=p: p(ctx, train, val, step)
               for p in phases]
-  fns = [tf.function(p, jit_compile=args.jit or None) for p in phases]
+  # Traced as written, as the search loop's phases are (no autograph).
+  fns = [tf.function(p, jit_compile=args.jit or None, autograph=False)
+         for p in phases]
   def run():
     for f in fns:
       tf.nest.map_structure(lambda t: t.numpy(), f(train, val, step))

@@ -238,8 +238,9 @@ def _measure(args, which: str) -> dict:
 
   def compiled(body):
     """``(trace s, graph ops, first s, step times)`` of ``body`` traced as
-    one tf.function: trace, first call, one warm-up call, timed steps."""
-    fn = tf.function(body)
+    one tf.function: trace, first call, one warm-up call, timed steps.
+    Traced as written, as the library's step loops trace (no autograph)."""
+    fn = tf.function(body, autograph=False)
     start = time.perf_counter()
     ops = len(fn.get_concrete_function().graph.get_operations())
     trace = time.perf_counter() - start
@@ -273,7 +274,8 @@ def _measure(args, which: str) -> dict:
     return result
   if which in ("dsnas_switch_darts", "dsnas_switch_shufflenet"):
     est = DsnasEstimator()
-    fn = tf.function(lambda child: est.switch_step(ctx, batch, child))
+    fn = tf.function(lambda child: est.switch_step(ctx, batch, child),
+                     autograph=False)
 
     def child(s):  # A new child per step (the step seeds the draw).
       return {g: tf.constant(v, tf.int32)

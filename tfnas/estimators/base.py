@@ -26,7 +26,9 @@ class Estimator:
   uses_val_batch = True
   #: False: the loop calls ``step`` eagerly, once per step, from Python (a
   #: single-path method choosing the child with Python ints, DSNAS); True:
-  #: ``steps_per_loop`` steps run inside one ``tf.function``.
+  #: ``steps_per_loop`` steps run inside one ``tf.function``. Traced steps
+  #: are traced as written, without autograph (`step_loops.as_written`):
+  #: a choice made by a tensor must be ``tf.cond`` / ``tf.switch_case``.
   compiled_step = True
   #: True: ``child_step`` runs the step of a given single-path child as
   #: pure TensorFlow, which the loop may trace once per child when few

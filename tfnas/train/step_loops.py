@@ -17,6 +17,22 @@ from tfnas.train.step import batch_sums
 from tfnas.train.stopping import stop_requested
 
 
+def as_written(fn: Callable) -> Callable:
+  """``fn`` to be traced as written: autograph does not convert it, nor
+  anything it calls.
+
+  A step function is plain Python over the network's static structure;
+  tensors choose through ``tf.cond`` / ``tf.switch_case`` where they must.
+  Inside an autograph-converted ``tf.function`` (a chunk's ``tf.range``
+  loop) ``strategy.run`` would otherwise rewrite every function the step
+  reaches, ~400 of them (layers, estimators, optimizers, TFP): ~2.5 s of
+  every process's first trace, for the same graph (WORKSPACE_NOTES.md,
+  "Stop 32"). Python control flow on a tensor in step code then fails
+  loudly at trace time instead of being converted.
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _next_batches(iterators: tuple) -> tuple:
   return tuple(next(it) if it is not None else None for it in iterators)
 
@@ -34,11 +50,12 @@ def compiled_step_loop(strategy: tf.distribute.Strategy, keys: Sequence[str],
   sums (at least ``keys``).
   """
   keys = tuple(keys)
+  replica_step = as_written(replica_step)
 
   @tf.function
   def train_loop(iterators, num_steps):
     totals = tuple(tf.constant(0.0) for _ in keys)
-    for _ in tf.range(num_steps):
+    for _ in tf.range(num_steps):  # Autograph makes this a graph loop.
       per_replica = strategy.run(replica_step,
                                  args=_next_batches(iterators))
       sums = _replica_sums(strategy, per_replica, keys)
@@ -56,7 +73,9 @@ def compiled_replica_step(strategy: tf.distribute.Strategy,
   keeps its last partial batch) must not retrace a supernet step more than
   once.
   """
-  @tf.function(reduce_retracing=True)
+  replica_step = as_written(replica_step)
+
+  @tf.function(reduce_retracing=True, autograph=False)
   def run(batches):
     per_replica = strategy.run(replica_step, args=batches)
     return _replica_sums(strategy, per_replica, per_replica.keys())
@@ -144,6 +163,8 @@ def summed_eval_step(strategy: tf.distribute.Strategy,
       return replica_fn(images, labels)
     return tf.cond(tf.shape(labels)[0] > 0,
                    lambda: replica_fn(images, labels), empty)
+
+  guarded = as_written(guarded)
 
   def step(batch):
     per_replica = strategy.run(guarded, args=batch)
