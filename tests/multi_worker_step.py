@@ -43,7 +43,7 @@ def main(method, out_path):
 
   dist = strategy.distribute_datasets_from_function(dataset_fn)
 
-  @tf.function
+  @tf.function(autograph=False)  # As the search loop traces its steps.
   def step(batches):
     return strategy.run(DartsFirstOrder().step,
                         args=(ctx, batches[0], batches[1],

@@ -208,7 +208,8 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
     ctx = make_context(kind)
     opt = ctx.weight_optimizer
     est = DsnasEstimator(update_unsampled=True)
-    step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
+    step = tf.function(lambda b, i: est.switch_step(ctx, b, i),
+                       autograph=False)
     wvars = ctx.weight_variables
     w = [v.numpy() for v in wvars]
     buf = [np.zeros_like(x) for x in w]

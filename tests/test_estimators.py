@@ -99,7 +99,9 @@ class PhasesTest(tf.test.TestCase):
     estimator.build(ctx)
     phases = estimator.phases() if split else [estimator.step]
     metrics = {}
-    compiled = [tf.function(lambda t, v, s, p=p: p(ctx, t, v, s))
+    # Traced as the loop traces its phases (as written, no autograph).
+    compiled = [tf.function(lambda t, v, s, p=p: p(ctx, t, v, s),
+                            autograph=False)
                 for p in phases]
     for _ in range(2):
       for fn in compiled:

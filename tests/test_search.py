@@ -151,7 +151,7 @@ class MirroredStepTest(tf.test.TestCase):
     dist = strategy.experimental_distribute_dataset(dataset)
 
     def compile_phase(phase):
-      @tf.function
+      @tf.function(autograph=False)  # As the loop traces its steps.
       def run(batches):
         return strategy.run(phase, args=(ctx, batches[0], batches[1],
                                          tf.constant(0, tf.int64)))

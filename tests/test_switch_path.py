@@ -58,7 +58,8 @@ class SwitchedStepTest(tf.test.TestCase):
       est = DsnasEstimator(RewardNormalizer(
           {g.name: g.num_decisions for g in ctx.arch.groups}))
       start = _state(ctx)
-      step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
+      step = tf.function(lambda b, i: est.switch_step(ctx, b, i),
+                         autograph=False)
       for s, indices in enumerate(children):
         batch = helpers.batch(classes=3, seed=s)
         if switched:
@@ -97,7 +98,8 @@ class SwitchedStepTest(tf.test.TestCase):
       # ~1e4, which rounding differences of 1e-6 then show.
       est = DsnasEstimator()
       start = _state(ctx)
-      step = tf.function(lambda b, i: est.switch_step(ctx, b, i))
+      step = tf.function(lambda b, i: est.switch_step(ctx, b, i),
+                         autograph=False)
       for s, blocks in enumerate(children):
         batch = helpers.batch(classes=3, seed=s)
         if switched:
