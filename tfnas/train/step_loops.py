@@ -24,11 +24,14 @@ def as_written(fn: Callable) -> Callable:
   A step function is plain Python over the network's static structure;
   tensors choose through ``tf.cond`` / ``tf.switch_case`` where they must.
   Inside an autograph-converted ``tf.function`` (a chunk's ``tf.range``
-  loop) ``strategy.run`` would otherwise rewrite every function the step
-  reaches, ~400 of them (layers, estimators, optimizers, TFP): ~2.5 s of
-  every process's first trace, for the same graph (WORKSPACE_NOTES.md,
-  "Stop 32"). Python control flow on a tensor in step code then fails
-  loudly at trace time instead of being converted.
+  loop) ``strategy.run`` would otherwise convert the library functions the
+  step calls directly (estimators, ``StepContext``, optimizers,
+  distributions: ~40 functions, ~400 conversions per trace; Keras layers
+  and TFP are never converted): ~2.5 s of every process's first trace, for
+  the same graph (WORKSPACE_NOTES.md, "Stop 32"). Python control flow on a
+  tensor in step code then fails loudly at trace time instead of being
+  converted. A nested ``tf.function`` with autograph on would still convert
+  its own body: the library's are traced with ``autograph=False``.
   """
   return tf.autograph.experimental.do_not_convert(fn)
 
