@@ -23,14 +23,8 @@ FLAGS = tfnas_flags.FLAGS
 def main(argv):
   del argv  # run_app refuses positional arguments.
   config = tfnas_flags.search_config()  # Validated before TF loads.
-  tf, strategy = startup.start_tensorflow(
-      FLAGS.strategy, (FLAGS.intra_op_threads, FLAGS.inter_op_threads),
-      cpu_replicas=FLAGS.cpu_replicas)
-  import keras
+  strategy = startup.start_run(FLAGS, config)
   from tfnas.train.search import Search
-  if config.deterministic:
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
   search = Search(config, strategy, resume=FLAGS.resume,
                   show_progress=FLAGS.progress)
   result = search.run()

@@ -220,6 +220,20 @@ def start_tensorflow(strategy_name: str, threads=(0, 0), cpu_replicas=0):
   return tf, strategy
 
 
+def start_run(flags, config):
+  """`start_tensorflow` from a run app's --strategy, thread and replica
+  flags, then op determinism and the global seeds when ``config`` asks for
+  a deterministic run. Returns the strategy."""
+  tf, strategy = start_tensorflow(
+      flags.strategy, (flags.intra_op_threads, flags.inter_op_threads),
+      cpu_replicas=flags.cpu_replicas)
+  if config.deterministic:
+    import keras
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+  return strategy
+
+
 def _task_name(tf_config: str | None) -> str:
   """``type index`` of this process's task in ``TF_CONFIG`` ("task ?" when
   it does not say; a malformed one is reported by the strategy)."""
