@@ -1,5 +1,6 @@
 """The derived child with inherited weights: predictions, cost, BN, export."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ from absl.testing import parameterized
 
 from tests import helpers
 from tfnas import child as child_lib
+from tfnas.errors import TfnasError
 from tfnas.layers.batch_norm import BatchNorm
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import shufflenet
@@ -68,6 +70,18 @@ class ChildTest(tf.test.TestCase, parameterized.TestCase):
       for b, k in enumerate(indices["blocks"]):
         self.assertEqual(child.network.blocks[b].choices,
                          (BLOCK_SPACE.choices[k],))
+
+  def test_inheriting_from_another_supernet_is_refused(self):
+    child = child_lib.build_child(supernet("blocks"), BLOCK_CHILD, (8, 8, 3))
+    wider = shufflenet.build_shufflenet_supernet(
+        dataclasses.replace(BLOCK_SPACE, stage_channels=(8, 16, 32, 48)),
+        (8, 8, 3))
+    with self.assertRaisesRegex(TfnasError, "no counterpart"):
+      child_lib.inherit_weights(child, wider)  # A weight of another shape.
+    renamed = shufflenet.build_shufflenet_supernet(BLOCK_SPACE, (8, 8, 3),
+                                                   name="other")
+    with self.assertRaisesRegex(TfnasError, "no counterpart"):
+      child_lib.inherit_weights(child, renamed)  # No weight of that path.
 
   def test_child_cost_params_exact_and_flops_analytic(self):
     net = supernet("blocks")

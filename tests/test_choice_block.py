@@ -141,6 +141,30 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
             total += int(np.prod(conv.kernel.shape)) * hw * hw
         macs.append(total)
       self.assertEqual(macs, expected, f"block {row}")
+    # The analytic table the FLOPs penalty and the export use says the same.
+    table = shufflenet.block_costs(shufflenet.ShuffleNetSpaceConfig())
+    for row, expected in official.items():
+      self.assertEqual(table[row, :, 1].tolist(), expected, f"block {row}")
+
+  def test_strided_depthwise_convs_pad_symmetrically(self):
+    # On even inputs TF's 'SAME' pads a stride-2 conv at the bottom/right
+    # only; the blocks pad kernel // 2 on every side, as PyTorch does.
+    block = ChoiceBlock(4, 12, 2)
+    x = tf.random.stateless_normal([2, 8, 8, 4], seed=[3, 8])
+    _build_all(block, x)
+    for name in CHOICES:
+      stack = block.candidates[name].projection
+      (dw, pw), (bn_dw, bn_pw) = stack.convs, stack.bns
+      k = CHOICE_KERNELS[name]
+      pad = [[0, 0], [k // 2, k // 2], [k // 2, k // 2], [0, 0]]
+      y = tf.nn.depthwise_conv2d(tf.pad(x, pad), dw.kernel, [1, 2, 2, 1],
+                                 "VALID")
+      expected = tf.nn.relu(bn_pw(pw(bn_dw(y, training=False)),
+                                  training=False))
+      self.assertEqual(expected.shape, (2, 4, 4, 4))
+      self.assertAllClose(stack(x, training=False), expected, atol=1e-5)
+      same = tf.nn.depthwise_conv2d(x, dw.kernel, [1, 2, 2, 1], "SAME")
+      self.assertNotAllClose(y, same)  # The conventions differ here.
 
   def test_unselected_choices_are_never_built(self):
     block, x = _tiny_block(2)
@@ -272,7 +296,8 @@ class ChoiceBlockTest(tf.test.TestCase, parameterized.TestCase):
       ours = block(ours, index=k, training=False)
       candidate = block.candidates[block.choices[k]]
       if block.stride == 2:
-        official = tf.concat(candidate(x, training=False), -1)
+        official = tf.concat([candidate.projection(x, training=False),
+                              candidate.branch(x, training=False)], -1)
       else:
         official = tf.concat(
             [official[..., 0::2],

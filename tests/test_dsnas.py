@@ -274,6 +274,61 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(out["g"][1], 0.0)
     self.assertGreater(float(out["g"][0]), 1e6)
 
+  def test_reward_normalizer_tracks_running_statistics_by_hand(self):
+    # Bias-corrected EMAs of C and C² (decay 0.9, as Adam's moments); each
+    # step's cost is standardised by the statistics of the steps before it.
+    decay, eps = 0.9, 1e-8
+    norm = RewardNormalizer({"g": 2}, decay=decay, epsilon=eps)
+    costs = np.array([[1.0, -2.0], [3.0, -1.0], [0.5, 4.0], [2.0, 2.0]])
+    m = v = np.zeros(2)
+    for t, c in enumerate(costs):
+      if t == 0:
+        expected = c
+      else:
+        mean = m / (1 - decay ** t)
+        std = np.sqrt(np.maximum(v / (1 - decay ** t) - mean ** 2, 0.0))
+        expected = (c - mean) / (std + eps)
+      out = norm({"g": tf.constant(c, tf.float32)})["g"]
+      # Step 1 divides by a zero variance (another test); from step 2 on
+      # the variance is not 0 and the outputs are moderate.
+      if t != 1:
+        self.assertAllClose(out, expected, rtol=1e-4, atol=1e-5)
+        self.assertTrue(np.all(np.abs(expected) < 100), expected)
+      m = decay * m + (1 - decay) * c
+      v = decay * v + (1 - decay) * c ** 2
+
+  def test_sample_draws_a_new_child_each_step(self):
+    # α held fixed: the step number alone must change the draw (a draw that
+    # ignored it would train nearly one child for the whole search).
+    ctx = block_context(arch_init_scale=0.0)
+    est = DsnasEstimator()
+    draws = [tuple(est.sample(ctx, s)["blocks"]) for s in range(10)]
+    self.assertGreater(len(set(draws)), 5)
+    self.assertEqual(draws, [tuple(est.sample(ctx, s)["blocks"])
+                             for s in range(10)])  # Reproducible per step.
+
+  def test_flops_metrics_sum_to_the_childs_over_replicas(self):
+    # The loop sums a step's metrics over replicas: each replica reports its
+    # share, so that two replicas read the same F(Z) as one.
+    strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+      ctx = block_context()
+    f = shufflenet.block_costs(tiny_block_space(), 8)[..., 1]
+    f = f / f.max(1).sum()
+    sampled = f[np.arange(5), BLOCK_CHILD["blocks"]].sum()
+    est = DsnasEstimator(flops_tables={"blocks": f}, flops_weight=1.0,
+                         flops_target=sampled - 1e-4)
+    gates = one_hot_weights(ctx.arch, BLOCK_CHILD)
+
+    def replica():
+      metrics = {}
+      est.arch_gradients(ctx, gates, {"blocks": tf.zeros([5])}, metrics)
+      return metrics
+    summed = {k: strategy.reduce("SUM", v, axis=None)
+              for k, v in strategy.run(replica).items()}
+    self.assertAllClose(summed["train/flops"], sampled)
+    self.assertAllClose(summed["train/over_flops_target"], 1.0)
+
   def test_reward_normalizer_traced_equals_eager(self):
     eager = RewardNormalizer({"g": 2}, decay=0.5)
     traced = RewardNormalizer({"g": 2}, decay=0.5)
@@ -459,6 +514,40 @@ class EarlyStopTest(tf.test.TestCase):
     self.assertEqual(remaining_children(ArchParams([masked])), 2 * 3)
     self.assertEqual(remaining_children(ArchParams([masked]),
                                         {"g": np.array([-1, 0])}), 2)
+
+  def test_on_logits_compares_logits(self):
+    arch = ArchParams(tiny_block_space().decision_groups(), init_scale=0.0)
+    logits = np.zeros((5, 4), np.float32)
+    logits[1] = [0.5, 0.0, 0.0, 0.0]  # Logit gap 0.5, probability gap 0.14.
+    arch.logits["blocks"].assign(logits)
+    self.assertEqual(ProgressiveEarlyStop(arch, 0.4).check(), [])
+    self.assertEqual(ProgressiveEarlyStop(arch, 0.4, on_logits=True).check(),
+                     [("blocks", 1, 0)])
+
+  def test_a_candidate_the_decision_does_not_offer_is_never_fixed(self):
+    # The largest raw logit belongs to a masked candidate: the decision is
+    # fixed to the best candidate it offers, as its sampler and the derived
+    # child would pick.
+    group = DecisionGroup("g", ("a", "b", "c"), 1,
+                          mask=((False, True, True),))
+    arch = ArchParams([group], init_scale=0.0)
+    arch.logits["g"].assign([[5.0, 1.0, 0.0]])
+    self.assertEqual(ProgressiveEarlyStop(arch, 0.1).check(), [("g", 0, 1)])
+
+  def test_a_decision_fixed_to_its_first_candidate_is_frozen(self):
+    arch = ArchParams(tiny_block_space().decision_groups(), init_scale=0.0)
+    logits = np.zeros((5, 4), np.float32)
+    logits[3, 0] = 5.0
+    arch.logits["blocks"].assign(logits)
+    stop = ProgressiveEarlyStop(arch, threshold=0.3)
+    self.assertEqual(stop.check(), [("blocks", 3, 0)])
+    (masked,) = stop.mask_gradients([tf.ones([5, 4])])
+    self.assertAllEqual(masked.numpy().sum(1), [4, 4, 4, 0, 4])
+    arch.logits["blocks"].assign(logits + 1.0)  # An update moved every row.
+    stop.restore_fixed()
+    after = arch.logits["blocks"].numpy()
+    self.assertAllEqual(after[3], logits[3])
+    self.assertAllEqual(after[0], logits[0] + 1.0)
 
   def test_below_threshold_nothing_is_fixed(self):
     ctx = block_context(arch_init_scale=0.01)

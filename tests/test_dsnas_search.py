@@ -89,6 +89,20 @@ def test_imagenet_recipe_options_reach_the_weight_optimizer(tmp_path):
           for v in default.network.trainable_variables} == {3e-4}
 
 
+def test_early_stop_flags_reach_the_policy(tmp_path):
+  narrow = dict(stage_channels=(8, 16, 32, 64), stem_channels=4,
+                head_channels=16)
+  search = Search(dsnas_config(tmp_path / "l", early_stop_threshold=1.5,
+                               early_stop_on_logits=True, **narrow),
+                  show_progress=False)
+  assert search.early_stop.on_logits
+  assert search.early_stop.threshold == 1.5
+  default = Search(dsnas_config(tmp_path / "p", **narrow),
+                   show_progress=False)
+  assert not default.early_stop.on_logits
+  assert default.early_stop.threshold == 0.05
+
+
 def test_sync_batch_norm_refused_for_eager_cell_steps_on_local_replicas(
     tmp_path):
   # Eager single-path steps issue BN all-reduces from each local replica's
