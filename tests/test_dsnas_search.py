@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -188,9 +189,22 @@ def test_flops_target_is_checked_against_the_space_and_normalised():
   assert 0 < est.flops_target < 1
   assert "train/over_flops_target" in est.metric_keys()
   too_low = SearchConfig(**base, flops_target=cheapest / 1e6 * 0.99)
-  with pytest.raises(TfnasError, match=rf"below the cheapest child .*"
-                     rf"\({cheapest / 1e6:.2f}M at 16x16\)"):
-    methods.get_method("dsnas").estimator(setup(too_low)[1])
+  check = methods.get_method("dsnas").check
+  with pytest.raises(TfnasError, match=r"below the cheapest child .*"
+                     r"\(([0-9.]+)M at 16x16\)") as refused:
+    check(setup(too_low)[1])
+  # The printed bound is rounded up to 4 digits: passing it back is allowed.
+  printed = float(re.search(r"\(([0-9.]+)M", str(refused.value)).group(1))
+  assert printed == pytest.approx(cheapest / 1e6, rel=1e-3)
+  check(setup(SearchConfig(**base, flops_target=printed))[1])
+
+
+def test_a_refused_flops_target_leaves_no_run_directory(tmp_path):
+  run_dir = tmp_path / "run"
+  config = dsnas_config(run_dir, flops_weight=0.5, flops_target=1e-4)
+  with pytest.raises(TfnasError, match="below the cheapest child"):
+    Search(config, show_progress=False)
+  assert not run_dir.exists()  # The corrected command can use it.
 
 
 def test_evaluation_draws_its_child_apart_from_the_training_steps(tmp_path):

@@ -8,6 +8,7 @@ loop derived from it) so nothing below reads flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -74,6 +75,9 @@ class Method:
       (``compiled_step = False``: a single-path child chosen by Python ints
       every step). Cross-replica sums inside such a step are issued eagerly
       by each local replica's thread, in no fixed order across threads.
+    check: refuses (`TfnasError`) a setup the method cannot search; called
+      before the run directory is written, so a refused command leaves
+      nothing behind.
   """
   name: str
   description: str
@@ -88,6 +92,7 @@ class Method:
   early_stop: bool = False
   deploys_search_weights: bool = False
   eager_steps: bool = False
+  check: Callable[[SearchSetup], None] | None = None
 
 
 def magnitude_selector(alphas, candidates, num_nodes, masks=None):
@@ -137,6 +142,39 @@ def _snas_estimator(setup: SearchSetup):
   return SnasEstimator(resource)
 
 
+def _round_up(x: float, digits: int = 4) -> float:
+  """``x`` rounded up to ``digits`` significant digits: a printed lower
+  bound that a user can pass back as is."""
+  if x <= 0:
+    return x
+  scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+  return math.ceil(x * scale - 1e-9) / scale
+
+
+def _check_dsnas(setup: SearchSetup) -> None:
+  """Refuses a --flops_target below the space's cheapest child; warns about
+  one that even its costliest child meets."""
+  from tfnas import objectives  # Cost tables only when needed.
+  c = setup.config
+  if not (c.flops_weight and c.flops_target):
+    return
+  flops = objectives.decision_flops(setup.space, setup.image_size,
+                                    setup.channels)
+  masks = {g.name: g.mask_array() for g in setup.space.decision_groups()
+           if g.mask is not None}
+  low, high = (flops.extreme_child(cheapest, masks) / 1e6
+               for cheapest in (True, False))
+  if c.flops_target < low:
+    raise TfnasError(
+        f"--flops_target={c.flops_target:g} (M multiply-adds) is below the "
+        f"cheapest child of this space ({_round_up(low):g}M at "
+        f"{setup.image_size}x{setup.image_size}): no child meets it")
+  if c.flops_target >= high:
+    logging.warning("--flops_target=%g M: even the costliest child "
+                    "(%gM) meets it; the FLOPs penalty never acts",
+                    c.flops_target, _round_up(high))
+
+
 def _dsnas_estimator(setup: SearchSetup):
   from tfnas import objectives  # Cost tables only when needed.
   from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
@@ -150,21 +188,8 @@ def _dsnas_estimator(setup: SearchSetup):
     for g in setup.space.decision_groups():  # A group no cell uses: free.
       tables.setdefault(g.name, np.zeros(
           (g.num_decisions, len(g.candidates)), np.float32))
-    if c.flops_target:
+    if c.flops_target:  # Within the space's range (`_check_dsnas`).
       target = flops.normalise(c.flops_target * 1e6)
-      masks = {g.name: g.mask_array() for g in setup.space.decision_groups()
-               if g.mask is not None}
-      low, high = (flops.extreme_child(cheapest, masks) / 1e6
-                   for cheapest in (True, False))
-      if c.flops_target < low:
-        raise TfnasError(
-            f"--flops_target={c.flops_target:g} (M multiply-adds) is below "
-            f"the cheapest child of this space ({low:.2f}M at "
-            f"{setup.image_size}x{setup.image_size}): no child meets it")
-      if c.flops_target >= high:
-        logging.warning("--flops_target=%g M: even the costliest child "
-                        "(%.2fM) meets it; the FLOPs penalty never acts",
-                        c.flops_target, high)
   normalizer = RewardNormalizer(groups) if c.reward_normalization else None
   return DsnasEstimator(normalizer, tables, c.flops_weight, target,
                        update_unsampled=c.update_unsampled)
@@ -202,7 +227,7 @@ register_method(Method(
     lambda setup: OneHotDistribution(seed=setup.config.seed),
     _dsnas_estimator, argmax_selector, single_level=True, child_eval=True,
     eval_batch_stats=True, space_kinds=("cells", "blocks"), early_stop=True,
-    deploys_search_weights=True, eager_steps=True))
+    deploys_search_weights=True, eager_steps=True, check=_check_dsnas))
 
 
 def get_method(name: str) -> Method:

@@ -162,6 +162,12 @@ class Search:
                        f"space --space={config.space}; it supports "
                        f"{list(self.method.space_kinds)} spaces")
     self._check_sync_batch_norm(kind)
+    info = self.data.info
+    self.setup = methods_lib.SearchSetup(
+        config, self.space, self.data.steps_per_epoch, info.image_size,
+        info.channels)
+    if self.method.check is not None and not read_only:
+      self.method.check(self.setup)
     if read_only:
       self.resuming, self.write_dir = True, None
     else:
@@ -239,8 +245,7 @@ class Search:
         self.early_stop = ProgressiveEarlyStop(
             self.arch, config.early_stop_threshold,
             on_logits=config.early_stop_on_logits)
-      setup = methods_lib.SearchSetup(config, self.space, steps,
-                                      info.image_size, info.channels)
+      setup = self.setup
       self.ctx = StepContext(self.network, self.arch,
                              self.method.distribution(setup), self.w_opt,
                              self.a_opt, config.batch_size,
