@@ -5,7 +5,7 @@ import json
 
 import tensorflow as tf
 
-from tfnas.train import loop, step_loops, stopping
+from tfnas.train import loop, rundir, step_loops, stopping
 
 
 def _step(batch):
@@ -125,3 +125,17 @@ def test_history_lines_of_repeated_epochs_are_replaced(tmp_path):
   assert [json.loads(l) for l in lines if l.startswith("{")] == [
       {"epoch": 1, "v": 1}, {"epoch": 2, "v": 20}]
   assert len(lines) == 3 and "damaged" in lines[1]
+
+
+def test_a_history_cut_short_gets_a_new_line(tmp_path):
+  # A file cut inside its last line (a full disk, a copy broken off): the
+  # next epoch's line must not be glued onto it.
+  path = tmp_path / "history.jsonl"
+  for epoch in (1, 2):
+    loop.append_history(str(tmp_path), {"epoch": epoch, "v": epoch})
+  path.write_text(path.read_text()[:-8])
+  loop.append_history(str(tmp_path), {"epoch": 3, "v": 3})
+  lines = path.read_text().splitlines()
+  assert len(lines) == 3 and json.loads(lines[0]) == {"epoch": 1, "v": 1}
+  assert json.loads(lines[2]) == {"epoch": 3, "v": 3}
+  assert rundir.last_history(str(tmp_path)) == {"epoch": 3, "v": 3}

@@ -257,13 +257,20 @@ def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
   except FileNotFoundError:
     lines = []
   keep = [line for line in lines if not _logs_epoch_from(line, epoch)]
-  if len(keep) == len(lines):
+  cut = bool(lines) and not lines[-1].endswith("\n")
+  if len(keep) == len(lines) and not cut:
     with open(path, "a") as f:
       f.write(json.dumps(dict(metrics)) + "\n")
     return
-  log.warning("history.jsonl: replacing the lines of epochs from %s on, "
-              "which this run repeated from an older checkpoint", epoch)
-  rundir.atomic_write(path, "".join(keep) + json.dumps(dict(metrics)) + "\n")
+  if cut:  # Appending would glue the new line onto the damaged one.
+    log.warning("history.jsonl: its last line is cut short (%r); epoch %s "
+                "starts a line of its own", lines[-1][-40:], epoch)
+  if len(keep) != len(lines):
+    log.warning("history.jsonl: replacing the lines of epochs from %s on, "
+                "which this run repeated from an older checkpoint", epoch)
+  rundir.atomic_write(path, "".join(
+      line if line.endswith("\n") else line + "\n" for line in keep) +
+                      json.dumps(dict(metrics)) + "\n")
 
 
 def _logs_epoch_from(line: str, epoch) -> bool:
