@@ -238,6 +238,12 @@ def test_bad_export_input(tmp_path):
              f"--export_dir={tmp_path / 'serving'}")
   assert proc.returncode == 2
   assert "is a folder of another run than --run_dir" in error_line(proc)
+  (tmp_path / "a" / "config.json").write_text("{}")  # A prefix of run a.
+  proc = app("export", f"--checkpoint={tmp_path / 'a' / 'ckpt' / 'ckpt-3'}",
+             f"--run_dir={tmp_path / 'b'}",
+             f"--export_dir={tmp_path / 'serving'}")
+  assert proc.returncode == 2
+  assert "is a checkpoint of another run" in error_line(proc)
   assert not (tmp_path / "serving").exists()
 
 

@@ -227,6 +227,17 @@ def main(argv):
                        f"another run than --run_dir={run_dir}; give one of "
                        "them")
     run_dir, checkpoint_path = folder_run, None
+  elif checkpoint_path and run_dir is not None:
+    # <run>/ckpt/ckpt-N of a run directory other than --run_dir: which
+    # run's network is meant? (A prefix outside any run directory, e.g. a
+    # copied checkpoint, is restored into --run_dir's network.)
+    owner = os.path.dirname(os.path.dirname(os.path.abspath(
+        checkpoint_path)))
+    if (os.path.isfile(os.path.join(owner, "config.json")) and
+        os.path.realpath(owner) != os.path.realpath(run_dir)):
+      raise TfnasError(f"--checkpoint={checkpoint_path} is a checkpoint of "
+                       f"another run ({owner}) than --run_dir={run_dir}; "
+                       "give one of them")
   if run_dir is None:
     if not checkpoint_path:
       raise TfnasError("give --run_dir (latest checkpoint) or --checkpoint")
