@@ -28,7 +28,7 @@ from tfnas.train.checkpointing import ModelVariables
 # metadata.json keys of a retrained export that a child's export keeps, so
 # serving clients preprocess both the same way.
 RETRAIN_KEYS = ("dataset", "num_classes", "input_shape", "mean", "std",
-                "source_pixel_max", "params", "checkpoint")
+                "source_pixel_max", "params", "checkpoint", "epoch")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,7 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
   assert meta["madds"] == round(meta["flops"])
   assert meta["checkpoint"] == os.path.abspath(info["checkpoint"])
   assert meta["bn_recalibration_batches"] == 0
+  assert meta["epoch"] == 1 and "step_in_epoch" not in meta  # Epoch's end.
   assert meta["method"] == "dsnas" and meta["space"] == "shufflenet_small"
   # --evaluate (default): the deployed child's accuracy on the test split.
   accuracy, examples = digits_test_accuracy(child)
@@ -148,6 +149,8 @@ def test_recalibrated_child_of_an_older_checkpoint(search_run, tmp_path):
   meta = json.loads((export_dir / "1" / "metadata.json").read_text())
   assert meta["bn_recalibration_batches"] == 2
   assert meta["checkpoint"] == os.path.abspath(older)
+  # Written mid-epoch (--checkpoint_every_steps=2 of 4 steps).
+  assert (meta["epoch"], meta["step_in_epoch"]) == (0, 2)
   # Measured with the re-estimated statistics.
   assert meta["val_acc"] == pytest.approx(
       digits_test_accuracy(recalibrated)[0], abs=1e-6)

@@ -224,6 +224,11 @@ def test_warnings_of_valid_genotypes_that_cannot_learn_well():
       "normal node 3 has no inputs: its value is 0",
       "reduce cell uses noise: random at inference too",
       "the reduce cell's output does not depend on its inputs"]
+  # A search child's `none` edges are dropped edges: only the rest is said.
+  assert Genotype(cell, dead).warnings(none_edges=False) == [
+      "normal node 3 has no inputs: its value is 0",
+      "reduce cell uses noise: random at inference too",
+      "the reduce cell's output does not depend on its inputs"]
   # Every node empty: nothing reaches the output.
   empty = CellGenotype(((), ()))
   assert ("the normal cell's output does not depend on its inputs" in

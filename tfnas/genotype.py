@@ -363,10 +363,12 @@ class Genotype:
     """The set of op names used by either cell."""
     return self.normal.ops() | self.reduce.ops()
 
-  def warnings(self) -> list[str]:
+  def warnings(self, none_edges: bool = True) -> list[str]:
     """What makes this genotype's network learn or predict badly though it
-    is valid: ``none`` edges (they add zeros), nodes without inputs, random
-    ops, and cells whose output does not depend on their inputs."""
+    is valid: ``none`` edges (they add zeros; left out with
+    ``none_edges=False``, e.g. for a child whose ``none`` edges are dropped
+    edges), nodes without inputs, random ops, and cells whose output does
+    not depend on their inputs."""
     found = []
     for name in _CELL_NAMES:
       cell = getattr(self, name)
@@ -374,7 +376,7 @@ class Genotype:
       for i, node in enumerate(cell.nodes):
         index = i + NUM_INPUTS
         live = [(op, j) for op, j in node if op != NONE_OP]
-        if len(live) < len(node):
+        if none_edges and len(live) < len(node):
           found.append(f"{name} node {index}: a {NONE_OP} edge adds zeros")
         if not live:
           found.append(f"{name} node {index} has no inputs: its value is 0")

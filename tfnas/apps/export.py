@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 
 from absl import flags
+from absl import logging
 
 from tfnas.apps import common
 from tfnas.apps import startup
@@ -123,6 +124,11 @@ def _export_search_child(run_dir: str, method_name: str,
   bn = (f"BN statistics re-estimated on {used} training batches" if used
         else "the supernet's BN statistics")
   print(exported.genotype)
+  # A cell-space child drops edges as `none`; what else makes it predict
+  # badly is said (a block genotype has nothing of the kind).
+  for problem in getattr(exported.genotype, "warnings", lambda **_: [])(
+      none_edges=False):
+    logging.warning("genotype: %s", problem)
   print(f"{meta['method']} child of {run_dir} ({meta['space']} space, "
         f"inherited weights, {bn}): {meta['params'] / 1e6:.3f}M "
         f"parameters, {meta['flops'] / 1e6:.4g}M FLOPs "
