@@ -178,6 +178,11 @@ class RetrainTest(tf.test.TestCase):
     with self.assertRaisesRegex(rundir.RunDirError, "different config"):
       Retrain(tiny_config(run_dir, channels=6, genotype=source), resume=True,
               show_progress=False)
+    with self.assertRaisesRegex(rundir.RunDirError,
+                                "different config .*dataset: 'digits'"):
+      Retrain(tiny_config(run_dir, genotype=source, dataset="cifar10",
+                          data_dir=os.path.join(run_dir, "none")),
+              resume=True, show_progress=False)
     after = {f: os.path.getmtime(os.path.join(run_dir, f))
              for f in os.listdir(run_dir)}
     self.assertEqual(before, after)

@@ -101,6 +101,12 @@ class SearchLoopTest(tf.test.TestCase):
       Search(tiny_config(run_dir, epochs=1), show_progress=False)
     with self.assertRaisesRegex(rundir.RunDirError, "different config"):
       Search(tiny_config(run_dir, channels=6), resume=True, show_progress=False)
+    # Named before the other dataset's (missing) files are looked for.
+    with self.assertRaisesRegex(rundir.RunDirError,
+                                "different config .*dataset: 'digits'"):
+      Search(tiny_config(run_dir, dataset="cifar10",
+                         data_dir=os.path.join(run_dir, "none")),
+             resume=True, show_progress=False)
     after = {f: os.path.getmtime(os.path.join(run_dir, f))
              for f in os.listdir(run_dir)}
     self.assertEqual(before, after)

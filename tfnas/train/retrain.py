@@ -85,6 +85,12 @@ class Retrain:
 
   def __init__(self, config: TrainConfig, strategy=None, resume=False,
                show_progress=True):
+    if resume and rundir.has_run(config.run_dir):
+      # Flags other than the run's are named before anything they load
+      # (e.g. another --dataset or --genotype) can fail.
+      rundir.resumable_config(config.run_dir, config.to_dict(),
+                              TrainConfig.RESUMABLE_CHANGES,
+                              defaults=TrainConfig().to_dict())
     self.config = config
     self.strategy = strategy or tf.distribute.get_strategy()
     self.show_progress = show_progress

@@ -182,7 +182,6 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
     raise RunDirError(f"--run_dir {run_dir} is a file, not a directory; "
                       "choose another --run_dir")
   config = json.loads(json.dumps(config))
-  defaults = json.loads(json.dumps(defaults or {}))
   if not has_run(run_dir):
     if resume:
       raise RunDirError(f"--resume given but {run_dir} holds no run to "
@@ -195,29 +194,8 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   if not resume:
     raise RunDirError(f"run directory {run_dir} already holds a run; pass "
                       "--resume to continue it or choose another --run_dir")
-  try:
-    saved = read_config(run_dir)
-  except RunDirError as e:
-    raise RunDirError(f"{e}; this directory cannot be resumed, choose "
-                      "another --run_dir") from None
-  kinds = run_kind(saved), run_kind(config)
-  if None not in kinds and kinds[0] != kinds[1]:
-    raise RunDirError(f"run directory {run_dir} holds a {kinds[0]} run, not "
-                      f"a {kinds[1]} run; choose another --run_dir")
-  saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
-  # The directory is the run: a path spelt differently (a trailing slash,
-  # relative) or a run moved or copied elsewhere resumes.
-  allowed = set(allowed_changes) | {"resume", "run_dir"}
-  differing = sorted(k for k in set(saved) | set(config)
-                     if k not in allowed and saved.get(k) != config.get(k))
-  if differing:
-    details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
-                        for k in differing[:_MAX_LISTED])
-    if len(differing) > _MAX_LISTED:
-      details += f" and {len(differing) - _MAX_LISTED} more"
-    raise RunDirError(f"run directory {run_dir} holds a run with a different "
-                      f"config ({details}); resume with the same flags or "
-                      "choose another --run_dir")
+  saved = resumable_config(run_dir, config, allowed_changes, defaults)
+  allowed = set(allowed_changes) | _ALWAYS_ALLOWED
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
   finished = last_history(run_dir).get("epoch")
@@ -235,6 +213,50 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
         merged["epochs"], planned, merged["epochs"])
   _write_config(run_dir, merged)
   return True
+
+
+_ALWAYS_ALLOWED = {"resume", "run_dir"}
+
+
+def resumable_config(run_dir: str, config: dict[str, Any],
+                     allowed_changes: Iterable[str] = (),
+                     defaults: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+  """The config saved in ``run_dir`` (missing keys from ``defaults``), after
+  checking that ``config`` may resume it; writes nothing. Apps call it
+  before loading data or building anything, so that a resume with other
+  flags is told so, not refused for what those flags would load.
+
+  Raises:
+    RunDirError: ``config.json`` cannot be read, is of another kind of run,
+      or differs from ``config`` outside ``allowed_changes``.
+  """
+  config = json.loads(json.dumps(config))
+  defaults = json.loads(json.dumps(defaults or {}))
+  try:
+    saved = read_config(run_dir)
+  except RunDirError as e:
+    raise RunDirError(f"{e}; this directory cannot be resumed, choose "
+                      "another --run_dir") from None
+  kinds = run_kind(saved), run_kind(config)
+  if None not in kinds and kinds[0] != kinds[1]:
+    raise RunDirError(f"run directory {run_dir} holds a {kinds[0]} run, not "
+                      f"a {kinds[1]} run; choose another --run_dir")
+  saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
+  # The directory is the run: a path spelt differently (a trailing slash,
+  # relative) or a run moved or copied elsewhere resumes.
+  allowed = set(allowed_changes) | _ALWAYS_ALLOWED
+  differing = sorted(k for k in set(saved) | set(config)
+                     if k not in allowed and saved.get(k) != config.get(k))
+  if differing:
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
+                        for k in differing[:_MAX_LISTED])
+    if len(differing) > _MAX_LISTED:
+      details += f" and {len(differing) - _MAX_LISTED} more"
+    raise RunDirError(f"run directory {run_dir} holds a run with a different "
+                      f"config ({details}); resume with the same flags or "
+                      "choose another --run_dir")
+  return saved
 
 
 def _write_config(run_dir: str, config: dict[str, Any]) -> None:

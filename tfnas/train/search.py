@@ -148,6 +148,12 @@ class Search:
                show_progress=True, read_only=False):
     if not read_only and not (resume and rundir.has_run(config.run_dir)):
       config.check_method_fields()  # A new run: nothing set in vain.
+    if resume and not read_only and rundir.has_run(config.run_dir):
+      # Flags other than the run's are named before anything they load
+      # (e.g. another --dataset) can fail.
+      rundir.resumable_config(config.run_dir, config.to_dict(),
+                              SearchConfig.RESUMABLE_CHANGES,
+                              defaults=SearchConfig().to_dict())
     self.config = config
     self.read_only = read_only
     self.strategy = strategy or tf.distribute.get_strategy()
