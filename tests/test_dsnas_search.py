@@ -104,6 +104,19 @@ def test_early_stop_flags_reach_the_policy(tmp_path):
   assert default.early_stop.threshold == 0.05
 
 
+def test_an_early_stop_interval_longer_than_the_run_is_warned_of(
+    tmp_path, caplog):
+  narrow = dict(stage_channels=(8, 16, 32, 64), stem_channels=4,
+                head_channels=16)
+  Search(dsnas_config(tmp_path / "a", early_stop_every_steps=8, **narrow),
+         show_progress=False)  # 2 epochs of 4 steps: checked once.
+  assert "early stop never checks" not in caplog.text
+  Search(dsnas_config(tmp_path / "b", early_stop_every_steps=9, **narrow),
+         show_progress=False)
+  assert ("--early_stop_every_steps=9 is more than this run's 8 steps"
+          in caplog.text)
+
+
 def test_sync_batch_norm_refused_for_eager_cell_steps_on_local_replicas(
     tmp_path):
   # Eager single-path steps issue BN all-reduces from each local replica's
