@@ -88,6 +88,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "SIGTERM: stopping with a checkpoint after this chunk" in err
   assert f"{run_dir} holds the last checkpoint: rerun with --resume" in err
   epochs_done = len((run_dir / "history.jsonl").read_text().splitlines())
   assert epochs_done < 50

@@ -22,6 +22,15 @@ class _Bar:
     self._bar.update(n)
 
 
+def log_above_bars(log_fn, *args) -> None:
+  """Calls ``log_fn(*args)`` (an absl log call) with the progress bars
+  lifted, so the line does not land at the end of a half-drawn bar; the
+  bars are redrawn below it. Safe in a signal handler of the main thread
+  (tqdm's locks are re-entrant)."""
+  with tqdm.external_write_mode(file=sys.stderr):
+    log_fn(*args)
+
+
 @contextlib.contextmanager
 def progress_bar(total: int | None, initial: int = 0, desc: str = "",
                  enabled: bool = True, leave: bool = True, unit: str = "step"):

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfnas import distribute
 from tfnas.errors import StopRequested
+from tfnas.train.progress import log_above_bars
 
 
 def stop_requested(interrupted: list, saved: bool = False) -> StopRequested:
@@ -45,10 +46,18 @@ def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   signums = (signal.SIGTERM, signal.SIGINT) if multi_worker else (
       signal.SIGTERM,)
   previous = {}
+
+  def request(signum, frame):
+    del frame
+    if not interrupted:  # Said once: a scheduler may repeat its SIGTERM.
+      log_above_bars(log.warning, "%s: stopping with a checkpoint after "
+                     "this chunk of steps or %s", signal.Signals(signum).name,
+                     "at the end of this epoch's evaluation" if multi_worker
+                     else "evaluation batch")
+    interrupted.append(signum)
   try:
     for signum in signums:
-      previous[signum] = signal.signal(
-          signum, lambda signum, frame: interrupted.append(signum))
+      previous[signum] = signal.signal(signum, request)
   except ValueError:  # Not the main thread.
     pass
   try:
@@ -113,8 +122,8 @@ def ctrl_c_stops(interrupted: list):
     del frame
     interrupted.append(signum)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    log.warning("Ctrl-C: stopping after this chunk of steps with a "
-                "checkpoint (Ctrl-C again to stop at once)")
+    log_above_bars(log.warning, "Ctrl-C: stopping after this chunk of "
+                   "steps with a checkpoint (Ctrl-C again to stop at once)")
   try:
     signal.signal(signal.SIGINT, request)
   except ValueError:  # Not the main thread.
