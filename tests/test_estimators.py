@@ -83,6 +83,34 @@ class DartsSecondOrderTest(tf.test.TestCase):
     self.assertEqual(int(ctx.arch_optimizer.iterations.numpy()), 1)
 
 
+class DartsFirstOrderTest(tf.test.TestCase):
+
+  def test_alpha_gradient_is_of_the_validation_loss(self):
+    ctx = helpers.tiny_context()
+    train, val = helpers.batch(seed=1), helpers.batch(seed=2)
+    grads, _, _ = DartsFirstOrder().arch_gradient(ctx, train, val)
+    with tf.GradientTape() as tape:
+      weights = ctx.distribution.sample(ctx.arch)
+      loss = ctx.loss(ctx.forward(val[0], weights, training=True), val[1])
+    for got, expected in zip(grads, tape.gradient(loss, ctx.arch_variables)):
+      self.assertGreater(float(tf.reduce_max(tf.abs(expected))), 0.0)
+      self.assertAllClose(got, expected, rtol=1e-4, atol=1e-7)
+
+  def test_the_weight_step_learns_from_the_training_batch(self):
+    train, val = helpers.batch(seed=1), helpers.batch(seed=2)
+    a, b = helpers.tiny_context(), helpers.tiny_context()
+    for va, vb in zip(a.weight_variables + a.arch_variables,
+                      b.weight_variables + b.arch_variables):
+      vb.assign(va)
+    est = DartsFirstOrder()
+    est.step(a, train, val, tf.constant(0))
+    # The same step by hand: the α step, then w on the training batch.
+    est.arch_phase(b, train, val, tf.constant(0))
+    est.weight_step(b, train)
+    for va, vb in zip(a.weight_variables, b.weight_variables):
+      self.assertAllClose(va, vb, rtol=1e-5, atol=1e-7)
+
+
 class PhasesTest(tf.test.TestCase):
   """The loop's per-phase tf.functions make the same step as ``step``."""
 

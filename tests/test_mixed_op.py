@@ -73,6 +73,15 @@ class MixedOpTest(tf.test.TestCase):
   def test_edge_subset(self):
     mixed = MixedOp(4, 1, OPS, edge_ops=("skip_connect", "sep_conv_3x3"))
     self.assertEqual(sorted(mixed.ops), ["sep_conv_3x3", "skip_connect"])
+    # Each offered op takes the weight of its column in the full list.
+    x = tf.random.stateless_normal([2, 8, 8, 4], seed=[1, 2])
+    skip, sep = OPS.index("skip_connect"), OPS.index("sep_conv_3x3")
+    weights = tf.tensor_scatter_nd_update(tf.zeros([len(OPS)]),
+                                          [[skip], [sep]], [0.3, 0.7])
+    self.assertAllClose(
+        mixed(x, weights=weights, training=False),
+        0.3 * mixed.ops["skip_connect"](x, training=False) +
+        0.7 * mixed.ops["sep_conv_3x3"](x, training=False), atol=1e-5)
     with self.assertRaisesRegex(ValueError, "not offered"):
       mixed(tf.zeros([1, 8, 8, 4]), index=OPS.index("max_pool_3x3"))
     with self.assertRaisesRegex(ValueError, "not among"):

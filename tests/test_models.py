@@ -107,6 +107,16 @@ def test_shapes_auxiliary_and_irregular_nodes():
       net.count_params_without_auxiliary())
 
 
+def test_auxiliary_head_follows_the_cell_at_two_thirds_depth():
+  net = tiny(cells=6)
+  net(images(), training=True, drop_seed=tf.constant([1, 2], tf.int64))
+  # Cells 2 and 4 reduce: the head reads cell 4's output (DARTS), whose
+  # width differs from every earlier cell's.
+  widths = [c.output_channels for c in net.cells]
+  assert net.auxiliary_head.conv1.kernel.shape[2] == widths[4]
+  assert widths[4] not in widths[:4]
+
+
 def test_input_less_node_outputs_zeros():
   cell = DerivedCell(IRREGULAR.normal, 4, 4, 4, reduction=False,
                             reduction_prev=False)
@@ -133,8 +143,18 @@ def test_drop_path_depends_on_seed_and_spares_identity():
   b = net(x, training=True, drop_seed=seed_b)
   np.testing.assert_allclose(a1, a2, atol=1e-6)  # Same seed, same masks.
   assert np.abs(a1.numpy() - b.numpy()).max() > 1e-4
-  # Inference ignores drop-path.
+  # Inference ignores drop-path, with or without a seed.
   np.testing.assert_allclose(net(x, training=False), net(x, training=False))
+  np.testing.assert_allclose(net(x, training=False, drop_seed=seed_a),
+                             net(x, training=False))
+  # Identity edges are never dropped: a cell of skips is unchanged.
+  skips = CellGenotype(((("skip_connect", 0), ("skip_connect", 1)),),
+                       concat=(2,))
+  cell = DerivedCell(skips, 4, 4, 4, reduction=False, reduction_prev=False)
+  s = images(8, 4) @ tf.ones([3, 4])
+  np.testing.assert_allclose(
+      cell(s, s, drop_prob=0.9, seed=seed_a, training=True),
+      cell(s, s, drop_prob=0.0, seed=seed_a, training=True), atol=1e-6)
 
 
 def test_drop_path_keeps_the_expectation():

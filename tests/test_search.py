@@ -123,6 +123,17 @@ class SearchLoopTest(tf.test.TestCase):
     self.assertEqual(record["groups"]["normal"]["candidates"][0], "none")
 
 
+def test_optimizer_settings_reach_both_optimizers(tmp_path):
+  config = tiny_config(tmp_path / "r", w_momentum=0.8, w_weight_decay=5e-4,
+                       grad_clip=3.0, arch_lr=2e-3, arch_beta1=0.6,
+                       arch_beta2=0.99, arch_weight_decay=2e-3)
+  search = Search(config, show_progress=False)
+  w, a = search.w_opt, search.a_opt
+  assert (w.momentum, w.weight_decay, w.clip_norm) == (0.8, 5e-4, 3.0)
+  assert float(a.current_lr()) == pytest.approx(2e-3)
+  assert (a.beta_1, a.beta_2, a.weight_decay) == (0.6, 0.99, 2e-3)
+
+
 def test_checkpoint_holds_every_network_variable(tmp_path):
   """Cells, edges and ops kept in lists/dicts are checkpoint dependencies."""
   from tfnas.spaces import darts as darts_space

@@ -2,9 +2,12 @@
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
+from tests import helpers
 from tfnas import arch as arch_lib
 from tfnas.arch import DecisionGroup
+from tfnas.estimators.snas import SnasEstimator
 from tfnas.objectives import ResourceConstraint
 
 OPS = ("none", "skip_connect", "max_pool_3x3", "sep_conv_3x3")
@@ -55,6 +58,37 @@ class RelaxedSampleTest(tf.test.TestCase):
         constant_temperature(0.5), seed=1, per_cell=True,
         cells_per_group={"normal": 3}).sample(arch, step=3)["normal"]
     self.assertEqual(per_cell.shape, (3, 5, 4))
+
+  def test_each_step_samples_at_its_scheduled_temperature(self):
+    # The annealed λ reaches the sampler, not only the logged temperature:
+    # the draw equals TFP's relaxed one-hot at λ(step) with the step's seed.
+    arch = make_arch(num_decisions=3, seed=0)
+    schedule = arch_lib.linear_temperature(1.0, 0.05, total_steps=11)
+    dist = arch_lib.RelaxedOneHotDistribution(schedule, seed=1)
+    for step in (0, 10):
+      _, logs = dist.sample_with_log(arch, step=step)
+      expected = tfp.distributions.ExpRelaxedOneHotCategorical(
+          tf.cast(schedule(step), tf.float64),
+          logits=arch.logits["normal"]).sample(
+              seed=arch_lib.stateless_seed(1, step, 0))
+      self.assertAllClose(logs["normal"], expected, rtol=1e-6)
+
+  def test_the_step_draws_with_its_step_number(self):
+    # A step that ignored its number would reuse one Z (and λ) throughout.
+    ctx = helpers.tiny_context()
+    ctx.distribution = arch_lib.RelaxedOneHotDistribution(
+        arch_lib.linear_temperature(1.0, 0.05, 10), seed=0)
+    drawn = ctx.distribution.sample_with_log
+    seen = []
+
+    def spy(arch, step=None, salt=0):
+      seen.append(int(step))
+      return drawn(arch, step, salt)
+    ctx.distribution.sample_with_log = spy
+    for step in (0, 9):
+      SnasEstimator().gradients(ctx, helpers.batch(seed=1),
+                                tf.constant(step, tf.int64))
+    self.assertEqual(seen, [0, 9])
 
   def test_alpha_gradient_matches_eq6(self):
     """∂L/∂α_k = Σ_k' (∂L/∂x_j·O_k') Z_k' (δ_k'k − Z_k) / λ (logits form).
@@ -124,6 +158,16 @@ class ResourceGradientTest(tf.test.TestCase):
   def test_reparameterised_mean_matches_exact(self):
     mc, exact = self._mc_gradient("reparam", 200000)
     self.assertAllClose(mc, exact, atol=0.002)
+
+  def test_a_shared_sample_costs_every_cell_of_its_type(self):
+    # One Z for the two cells of a type: C(Z) sums both cells' costs.
+    rng = np.random.default_rng(0)
+    table = rng.uniform(size=(2, 3, 4))
+    z = rng.dirichlet(np.ones(4), size=3)
+    cost = ResourceConstraint({"normal": table}, 1.0, "reparam").cost(
+        {"normal": tf.constant(z)})
+    self.assertAllClose(cost, (z * table.sum(0)).sum())
+    self.assertGreater(float(cost), (z * table[0]).sum() * 1.2)
 
   def test_exact_option_is_discrete_expectation(self):
     arch = make_arch(num_decisions=3, seed=4)

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfnas import cost
+from tfnas import derive
+from tfnas import methods
 from tfnas import objectives
 from tfnas.arch import EVAL_SALT
 from tfnas.config import SearchConfig
@@ -45,6 +48,35 @@ def test_edge_cost_tables_shape_and_reduction_edges():
   combined = objectives.combine_metric(tables, "all")
   assert combined["normal"].shape == (1, 5, 8)
   assert 0 < sum(c.max(axis=-1).sum() for c in combined.values()) <= 1 + 1e-9
+  # `all` (the default) averages the three normalised metrics.
+  parts = [objectives.combine_metric(tables, m)
+           for m in ("params", "flops", "mac")]
+  for group, value in combined.items():
+    np.testing.assert_allclose(value, sum(p[group] for p in parts) / 3)
+  # Reduction cells double C; their input edges have stride 2 on the
+  # incoming resolution, the inner edges run at the halved one (cell 1:
+  # 8x8 in, 4x4 inside; cell 2: 4x4 in, 2x2 inside).
+  sep = space.candidates.index("sep_conv_3x3")
+  flops = lambda c, stride, hw: cost.op_cost("sep_conv_3x3", c, stride,
+                                             (hw, hw)).flops
+  assert tables["reduce"][0, 0, sep, 1] == flops(8, 2, 8)
+  assert tables["reduce"][0, 4, sep, 1] == flops(8, 1, 4)
+  assert tables["reduce"][1, 4, sep, 1] == flops(16, 1, 2)
+  assert tables["normal"][0, 4, sep, 1] == flops(4, 1, 8)
+
+
+def test_snas_keeps_the_argmax_child():
+  # Its genotype is the argmax of every edge, `none` (dropped edges)
+  # included, with no top-k pruning: not the DARTS rule.
+  ops = ("none", "skip_connect", "sep_conv_3x3")
+  rng = np.random.default_rng(0)
+  alphas = {"normal": rng.standard_normal((5, 3)),
+            "reduce": rng.standard_normal((5, 3))}
+  alphas["normal"][:, 0] += 3  # `none` wins every normal edge.
+  genotype = methods.get_method("snas").selector(alphas, ops, 2)
+  assert genotype == derive.derive_argmax(alphas["normal"], alphas["reduce"],
+                                          ops, num_nodes=2)
+  assert genotype.normal.nodes == ((), ())
 
 
 @pytest.mark.slow
