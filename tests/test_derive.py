@@ -69,6 +69,15 @@ def test_derive_darts_hand_built():
   assert "none" not in g.ops()
   # Lists are accepted too.
   assert derive.derive_darts(a_normal.tolist(), a_reduce.tolist(), DARTS_OPS) == g
+  # `none` is found by name, not by its column: reversed columns give the
+  # same cells (α without ties, whose order follows the columns).
+  rng = np.random.default_rng(0)
+  a_normal, a_reduce = rng.standard_normal((2, 14, len(DARTS_OPS)))
+  a_normal[:, DARTS_OPS.index("none")] += 2  # `none` would win everywhere.
+  g = derive.derive_darts(a_normal, a_reduce, DARTS_OPS)
+  assert "none" not in g.ops()
+  assert derive.derive_darts(a_normal[:, ::-1], a_reduce[:, ::-1],
+                             DARTS_OPS[::-1]) == g
 
 
 def test_derive_darts_edges_per_node():

@@ -88,6 +88,18 @@ class MixedOpTest(tf.test.TestCase):
       MixedOp(4, 1, OPS, edge_ops=("sep_conv_5x5",))
 
 
+  def test_pooling_is_followed_by_batch_norm(self):
+    # As in DARTS' search cell: a non-affine BN after each pooling op, so
+    # its scale matches the convolutions' normalised outputs.
+    mixed = MixedOp(4, 1, OPS, edge_ops=("max_pool_3x3",))
+    x = 5.0 + 3.0 * tf.random.stateless_normal([8, 8, 8, 4], seed=[2, 3])
+    y = mixed(x, weights=tf.one_hot(OPS.index("max_pool_3x3"), len(OPS)),
+              training=True)
+    mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
+    self.assertAllClose(mean, tf.zeros(4), atol=1e-4)
+    self.assertAllClose(variance, tf.ones(4), atol=1e-2)
+
+
 class CellTest(tf.test.TestCase):
 
   def test_edges_and_shapes(self):

@@ -32,6 +32,25 @@ class RetrainTest(tf.test.TestCase):
     super().setUp()
     tf.config.experimental.enable_op_determinism()
 
+  def test_auxiliary_weight_scales_the_auxiliary_loss(self):
+    # One plain SGD step (no decay, no clipping): the auxiliary classifier
+    # learns from the auxiliary loss alone, so its step scales with the
+    # weight.
+    moves = []
+    for weight in (0.4, 0.8):
+      run = Retrain(tiny_config(
+          os.path.join(self.get_temp_dir(), f"w{weight}"), epochs=1,
+          max_steps_per_epoch=1, steps_per_loop=1, weight_decay=0.0,
+          grad_clip=0.0, drop_path_prob=0.0, auxiliary_weight=weight),
+                    show_progress=False)
+      kernel = run.network.auxiliary_head.classifier.kernel
+      before = kernel.numpy()
+      run.run()
+      moves.append(kernel.numpy() - before)
+    self.assertGreater(np.abs(moves[0]).max(), 1e-6)
+    # float32 differences of weights ~1e-1 moved by ~1e-5: ~1e-3 relative.
+    self.assertAllClose(moves[1], 2 * moves[0], rtol=2e-3, atol=1e-8)
+
   def test_resume_matches_uninterrupted_run(self):
     base = self.get_temp_dir()
     straight = Retrain(tiny_config(os.path.join(base, "a")),
