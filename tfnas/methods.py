@@ -148,7 +148,7 @@ def _round_up(x: float, digits: int = 4) -> float:
   if x <= 0:
     return x
   scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
-  return math.ceil(x * scale - 1e-9) / scale
+  return math.ceil(x * scale) / scale
 
 
 def _check_dsnas(setup: SearchSetup) -> None:
