@@ -184,6 +184,21 @@ def test_each_augmentation_changes_images(augment):
     assert not np.array_equal(plain[0][0], aug[0][0])
 
 
+def test_pad_crop_shifts_both_ways_by_at_most_pad():
+  x = np.zeros((64, 8, 8, 1), np.uint8)
+  x[:, 3:5, 3:5] = 255  # A centred bright square.
+  info = data.dataset_info("digits")
+  (images, _), = data.make_dataset(x, np.zeros(64, np.int64), info,
+                                   batch_size=64, training=True, seed=1,
+                                   augment=data.AugmentConfig(pad_crop=2))
+  shifts = set()
+  for image in images.numpy():
+    rows, cols = np.nonzero(image[..., 0] > 0)
+    shifts.add((rows.min() - 3, cols.min() - 3))
+  assert {s[0] for s in shifts} == {s[1] for s in shifts} == {
+      -2, -1, 0, 1, 2}
+
+
 def test_cutout_zeros_a_square():
     x, y = data.load_split("synthetic", "train")
     info = data.dataset_info("synthetic")
@@ -348,3 +363,19 @@ def test_tfds_manual_dir_with_a_bad_archive_is_one_clear_error(tmp_path):
                              r"original"):
         data.load_split("cifar10", "train", data_dir=str(tmp_path / "data"),
                         manual_dir=str(manual))
+
+
+def test_multi_pipeline_shards_have_the_same_number_of_batches():
+  # Shards of 64 and 63 examples: each worker runs the same number of
+  # steps, or their collectives would wait for each other forever.
+  x, y = data.load_split("digits", "train")
+  x, y = x[:127], y[:127]
+  counts = []
+  for pipeline in range(2):
+    ctx = tf.distribute.InputContext(num_input_pipelines=2,
+                                     input_pipeline_id=pipeline,
+                                     num_replicas_in_sync=2)
+    counts.append(sum(1 for _ in data.make_dataset(
+        x, y, data.dataset_info("digits"), batch_size=64, training=True,
+        input_context=ctx)))
+  assert counts == [data.steps_per_epoch(127, 64)] * 2 == [1, 1]

@@ -151,6 +151,9 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   # Without a version the next number is used.
   assert export.export_saved_model(other, base, metadata=METADATA).endswith(
       os.sep + "4")
+  # ...and the same model again, without a version, is that version.
+  assert export.export_saved_model(other, base, metadata=METADATA).endswith(
+      os.sep + "4")
   assert not [d for d in os.listdir(base) if d.startswith(".tmp")]
   # Readable like any new folder (a temp folder's mode is owner-only).
   assert stat.S_IMODE(os.stat(first).st_mode) == rundir.new_dir_mode()

@@ -174,6 +174,10 @@ def test_bad_input_index():
   d = valid_dict()
   d["reduce"]["nodes"][0][0] = ["sep_conv_3x3", -1]
   expect_error("reduce node 2 edge 0: input -1", Genotype.from_dict, d)
+  d = valid_dict()
+  d["normal"]["nodes"][1][1] = ["sep_conv_3x3", 3]  # Node 3 reads itself.
+  expect_error("normal node 3 edge 1: input 3 is not an earlier node "
+               "(allowed 0..2)", Genotype.from_dict, d)
 
 
 def test_malformed_edge():
@@ -205,6 +209,12 @@ def test_bad_concat():
                "nodes 2..5)", Genotype.from_dict, d)
   d["normal"]["concat"] = []
   expect_error("normal concat: is empty", Genotype.from_dict, d)
+  d["normal"]["concat"] = [1, 2, 3]  # An input of the cell.
+  expect_error("normal concat: index 1 is out of range (allowed "
+               "intermediate nodes 2..5)", Genotype.from_dict, d)
+  d["normal"]["concat"] = [2, 3, 3]
+  expect_error("normal concat: [2, 3, 3] repeats a node", Genotype.from_dict,
+               d)
 
 
 def test_empty_cell():

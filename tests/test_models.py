@@ -92,6 +92,27 @@ def test_madds_by_hand_for_a_one_cell_network():
   assert c.params == net.count_params_without_auxiliary()
 
 
+def test_madds_of_a_reduction_edge_from_an_intermediate_node():
+  # Node 3 of the reduction cell reads node 2, already at the 2x2 output.
+  normal = CellGenotype(((("skip_connect", 0),),))
+
+  def madds(op):
+    reduce = CellGenotype(((("sep_conv_3x3", 1),), ((op, 2),)), concat=(3,))
+    return cost.network_cost(Genotype(normal, reduce), "cifar", (4, 4, 3),
+                             2, 1, 2).madds
+  # sep_conv_3x3 at C=4 on 2x2: twice (dw 3x3 + pw 4x4) per pixel.
+  assert madds("sep_conv_3x3") - madds("skip_connect") == 4 * (9 * 4 + 16) * 2
+
+
+def test_imagenet_first_stem_conv_runs_at_half_resolution():
+  g = genotypes.resolve("DARTS_V2")
+  rgb = cost.network_cost(g, "imagenet", (224, 224, 3), 1000, 14, 48)
+  grey = cost.network_cost(g, "imagenet", (224, 224, 1), 1000, 14, 48)
+  # Only the first 3x3 conv (to 24 channels, stride 2: 112x112) reads them.
+  assert rgb.madds - grey.madds == 112 * 112 * 9 * 2 * 24
+  assert rgb.params - grey.params == 9 * 2 * 24
+
+
 def test_shapes_auxiliary_and_irregular_nodes():
   net = tiny()
   x = images()

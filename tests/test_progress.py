@@ -4,8 +4,9 @@ stop requests and the epoch log."""
 import json
 
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
 
-from tfnas.train import loop, rundir, step_loops, stopping
+from tfnas.train import loop, rundir, step_loops, stopping, summaries
 
 
 def _step(batch):
@@ -139,3 +140,70 @@ def test_a_history_cut_short_gets_a_new_line(tmp_path):
   assert len(lines) == 3 and json.loads(lines[0]) == {"epoch": 1, "v": 1}
   assert json.loads(lines[2]) == {"epoch": 3, "v": 3}
   assert rundir.last_history(str(tmp_path)) == {"epoch": 3, "v": 3}
+
+
+def test_chunks_end_at_every_checkpoint_step():
+  # --checkpoint_every_steps=2 with chunks of 3: chunks are cut so that a
+  # checkpoint is written at steps 2, 4 and 6 (not at the epoch's end, 7,
+  # which the epoch's own checkpoint covers).
+  step, chunks, saved = tf.Variable(0), [], []
+
+  def run_chunk(n):
+    chunks.append(n)
+    return {"train/loss_sum": tf.constant(float(n)),
+            "train/count": tf.constant(float(n))}
+  totals = loop.run_epoch(run_chunk=run_chunk, steps=7, start=0,
+                          steps_per_loop=3, checkpoint_every_steps=2,
+                          step_in_epoch=step, interrupted=[],
+                          save=lambda t: saved.append(t["train/count"]),
+                          desc="", show_progress=False)
+  assert chunks == [2, 2, 2, 1]
+  assert saved == [2.0, 4.0, 6.0]
+  assert totals["train/count"] == 7.0 and int(step.numpy()) == 7
+
+
+class _CountingOptimizer:
+  def __init__(self):
+    self.iterations = tf.Variable(0, dtype=tf.int64)
+
+  def current_lr(self):
+    return 0.1 * float(self.iterations.numpy() + 1)
+
+
+def _scalars(log_dir):
+  events = event_accumulator.EventAccumulator(
+      str(log_dir), size_guidance={"tensors": 0})
+  events.Reload()
+  return events
+
+
+def test_a_chunk_logs_the_rate_at_its_start_and_its_mean_loss(tmp_path):
+  opt = _CountingOptimizer()
+
+  def train_loop(iterators, n):
+    opt.iterations.assign_add(tf.cast(n, tf.int64))
+    return {"train/loss_sum": tf.constant(6.0),
+            "train/count": tf.constant(4.0)}
+  writer = summaries.LazyFileWriter(str(tmp_path))
+  loop.chunk_runner(train_loop, (), opt, writer)(3)
+  writer.flush()
+  events = _scalars(tmp_path)
+  (lr,), (loss,) = events.Tensors("train/lr"), events.Tensors(
+      "train/step_loss")
+  assert lr.step == loss.step == 3
+  assert abs(float(tf.make_ndarray(lr.tensor_proto)) - 0.1) < 1e-7
+  assert float(tf.make_ndarray(loss.tensor_proto)) == 1.5
+
+
+def test_arch_tags_per_group_and_candidate(tmp_path):
+  from tests import helpers
+  arch = helpers.tiny_context().arch
+  writer = summaries.LazyFileWriter(str(tmp_path))
+  summaries.write_arch(writer, arch, 5)
+  writer.flush()
+  tags = set(_scalars(tmp_path).Tags()["tensors"])
+  for group in arch.groups:
+    assert f"arch/{group.name}/entropy" in tags
+    assert (f"arch/{group.name}/{group.decision}_0/{group.candidates[-1]}"
+            in tags)
+  assert "arch/entropy" in tags

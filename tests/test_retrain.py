@@ -78,6 +78,8 @@ class RetrainTest(tf.test.TestCase):
     self.assertEqual(saved, resumed.genotype)
     lines = open(os.path.join(base, "b", "history.jsonl")).read().splitlines()
     self.assertEqual([json.loads(l)["epoch"] for l in lines], [1, 2])
+    # Each line is written after the epoch's evaluation.
+    self.assertTrue(all("val/acc" in json.loads(l) for l in lines))
     # A resume asking for fewer epochs than finished runs none, and the
     # run's config.json still says how many it has.
     fewer = Retrain(tiny_config(os.path.join(base, "b"), epochs=1),

@@ -55,3 +55,15 @@ def test_a_step_written_with_graph_control_flow_runs():
   assert float(out["loss"]) == 3.0
   run = step_loops.compiled_replica_step(strategy, step)
   assert float(run((tf.constant(-5.0),))["loss"]) == 5.0
+
+
+def test_the_evaluation_step_counts_a_last_batch_of_one_example():
+  # Only an empty replica batch is skipped (CPU kernels mis-shape those).
+  def replica(images, labels):
+    return step_loops.eval_metrics(tf.reduce_sum(images),
+                                   tf.one_hot(labels, 3), labels)
+  step = tf.function(step_loops.summed_eval_step(
+      tf.distribute.get_strategy(), replica))
+  batches = tf.data.Dataset.from_tensor_slices(
+      (tf.ones([5, 2]), tf.range(5) % 3)).batch(4)  # Batches of 4 and 1.
+  assert [float(step(b)["eval/count"]) for b in batches] == [4.0, 1.0]
