@@ -219,6 +219,18 @@ def test_cutout_zeros_a_square():
         assert height <= 3 and width <= 3
 
 
+def test_cutout_centre_covers_every_pixel():
+    # A 1-pixel cutout lands anywhere, the last row and column included
+    # (centres drawn from [0, size), as in DARTS' code).
+    from tfnas.data.pipeline import cutout
+    image = tf.ones([4, 4, 1])
+    hits = np.zeros((4, 4))
+    for i in range(200):
+        hits += (cutout(image, 1, tf.constant([7, i], tf.int64))[..., 0]
+                 .numpy() == 0)
+    assert hits.sum() == 200 and np.all(hits > 0)
+
+
 def test_make_dataset_rejects_bad_arguments():
     x, y = _digits_train()
     info = data.dataset_info("digits")
