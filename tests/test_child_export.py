@@ -182,6 +182,20 @@ def test_checkpoint_of_another_network_is_one_error_line(search_run,
   assert not serving.exists()
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_the_run_itself_is_accepted_however_spelt(
+    search_run, tmp_path):
+  # --run_dir through a symlink and with a trailing slash: the same run as
+  # the checkpoint's, not "another run".
+  link = tmp_path / "link"
+  link.symlink_to(search_run)
+  out = app("export", f"--run_dir={link}/",
+            f"--checkpoint={search_run / 'ckpt' / 'ckpt-2'}",
+            f"--export_dir={tmp_path / 'serving'}", "--noevaluate")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (tmp_path / "serving" / "1" / "saved_model.pb").exists()
+
+
 def test_only_dsnas_search_runs_deploy_their_search_weights(tmp_path):
   deployable = {m.name for m in methods.METHODS.values()
                 if m.deploys_search_weights}

@@ -293,7 +293,7 @@ class SinglePathStepTest(tf.test.TestCase, parameterized.TestCase):
       # the variance is not 0 and the outputs are moderate.
       if t != 1:
         self.assertAllClose(out, expected, rtol=1e-4, atol=1e-5)
-        self.assertTrue(np.all(np.abs(expected) < 100), expected)
+        self.assertTrue(np.all(np.abs(out) < 100), out)
       m = decay * m + (1 - decay) * c
       v = decay * v + (1 - decay) * c ** 2
 

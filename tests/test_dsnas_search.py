@@ -212,6 +212,15 @@ def test_flops_target_is_checked_against_the_space_and_normalised():
   check(setup(SearchConfig(**base, flops_target=printed))[1])
 
 
+def test_printed_flops_bounds_stay_bounds():
+  rng = np.random.default_rng(0)
+  for x in np.concatenate([rng.uniform(0, 1, 500) * 10.0 ** rng.integers(
+      -3, 4, 500), [31.310000000000002, 0.06, 1.0, 270.4]]):
+    up, down = methods._rounded(x, up=True), methods._rounded(x, up=False)
+    assert down <= x <= up, x
+    assert up - down <= 10.0 ** (np.floor(np.log10(x)) - 3) * 1.0001, x
+
+
 def test_a_refused_flops_target_leaves_no_run_directory(tmp_path):
   run_dir = tmp_path / "run"
   config = dsnas_config(run_dir, flops_weight=0.5, flops_target=1e-4)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from tfnas import data
 from tfnas import export
 from tfnas.child import evaluate_search_child, load_search_child
-from tfnas.train.checkpointing import checkpoint_progress
+from tfnas.train.checkpointing import progress_metadata
 
 SOURCE = "search child with inherited supernet weights (no retraining)"
 
@@ -59,12 +59,7 @@ def search_child_metadata(run_dir: str, info: Mapping[str, Any]
       "run_dir": os.path.abspath(run_dir),
       "bn_recalibration_batches": info["recalibrated_batches"],
   }
-  # As a retrained export: the epochs finished when the checkpoint was
-  # written, and the steps of the next one for a mid-epoch checkpoint.
-  progress = checkpoint_progress(info["checkpoint"])
-  metadata["epoch"] = progress[0] if progress else None
-  if progress and progress[1]:
-    metadata["step_in_epoch"] = progress[1]
+  metadata.update(progress_metadata(info["checkpoint"]))  # As a retrained.
   if info["flops_scope"].startswith("whole network"):
     # Under the key (and type) of a retrained network's export, where the
     # count is of the whole network too (a cell-space count is not).

@@ -142,13 +142,17 @@ def _snas_estimator(setup: SearchSetup):
   return SnasEstimator(resource)
 
 
-def _round_up(x: float, digits: int = 4) -> float:
-  """``x`` rounded up to ``digits`` significant digits: a printed lower
-  bound that a user can pass back as is."""
-  if x <= 0:
+def _rounded(x: float, up: bool, digits: int = 4) -> float:
+  """``x`` to ``digits`` significant digits, rounded up (never below ``x``)
+  or down (never above): a printed bound that stays a bound, so a lower one
+  can be passed back as is."""
+  if not math.isfinite(x) or x <= 0:
     return x
   scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
-  return math.ceil(x * scale) / scale
+  k = math.ceil(x * scale) if up else math.floor(x * scale)
+  while (k / scale < x) if up else (k / scale > x):  # Float round-off.
+    k += 1 if up else -1
+  return k / scale
 
 
 def _check_dsnas(setup: SearchSetup) -> None:
@@ -167,12 +171,12 @@ def _check_dsnas(setup: SearchSetup) -> None:
   if c.flops_target < low:
     raise TfnasError(
         f"--flops_target={c.flops_target:g} (M multiply-adds) is below the "
-        f"cheapest child of this space ({_round_up(low):g}M at "
+        f"cheapest child of this space ({_rounded(low, up=True):g}M at "
         f"{setup.image_size}x{setup.image_size}): no child meets it")
   if c.flops_target >= high:
     logging.warning("--flops_target=%g M: even the costliest child "
                     "(%gM) meets it; the FLOPs penalty never acts",
-                    c.flops_target, _round_up(high))
+                    c.flops_target, _rounded(high, up=False))
 
 
 def _dsnas_estimator(setup: SearchSetup):

@@ -124,11 +124,12 @@ def _export_search_child(run_dir: str, method_name: str,
   bn = (f"BN statistics re-estimated on {used} training batches" if used
         else "the supernet's BN statistics")
   print(exported.genotype)
-  # A cell-space child drops edges as `none`; what else makes it predict
-  # badly is said (a block genotype has nothing of the kind).
-  for problem in getattr(exported.genotype, "warnings", lambda **_: [])(
-      none_edges=False):
-    logging.warning("genotype: %s", problem)
+  from tfnas.genotype import Genotype
+  if isinstance(exported.genotype, Genotype):  # A cell-space child.
+    # Its `none` edges are dropped edges, not worth a warning; input-less
+    # nodes and input-independent cells are.
+    for problem in exported.genotype.warnings(none_edges=False):
+      logging.warning("genotype: %s", problem)
   print(f"{meta['method']} child of {run_dir} ({meta['space']} space, "
         f"inherited weights, {bn}): {meta['params'] / 1e6:.3f}M "
         f"parameters, {meta['flops'] / 1e6:.4g}M FLOPs "
@@ -192,19 +193,15 @@ def _export_retrained(run_dir: str, saved: dict,
 
 
 def _checkpoint_metrics(run_dir: str, checkpoint_path: str) -> dict:
-  """``epoch`` (finished when ``checkpoint_path`` was written) and the
-  ``val_acc`` that epoch logged in history.jsonl; a checkpoint written
-  mid-epoch (a stop, ``--checkpoint_every_steps``) adds its
-  ``step_in_epoch`` and has no val_acc: it was never evaluated."""
-  from tfnas.train.checkpointing import checkpoint_progress
-  progress = checkpoint_progress(checkpoint_path)
-  if progress is None:
-    return {"epoch": None, "val_acc": None}
-  epoch, step_in_epoch = progress
-  if step_in_epoch:
-    return {"epoch": epoch, "step_in_epoch": step_in_epoch, "val_acc": None}
-  return {"epoch": epoch,
-          "val_acc": rundir.epoch_history(run_dir, epoch).get("val/acc")}
+  """`checkpointing.progress_metadata` and the ``val_acc`` that the
+  checkpoint's epoch logged in history.jsonl (None for a checkpoint written
+  mid-epoch: it was never evaluated)."""
+  from tfnas.train.checkpointing import progress_metadata
+  found = progress_metadata(checkpoint_path)
+  epoch = found["epoch"]
+  ended = epoch is not None and "step_in_epoch" not in found
+  return {**found, "val_acc": (rundir.epoch_history(run_dir, epoch).get(
+      "val/acc") if ended else None)}
 
 
 @common.clean_errors("tfnas-export")
@@ -240,7 +237,7 @@ def main(argv):
     owner = os.path.dirname(os.path.dirname(os.path.abspath(
         checkpoint_path)))
     if (os.path.isfile(os.path.join(owner, "config.json")) and
-        os.path.realpath(owner) != os.path.realpath(run_dir)):
+        not (os.path.isdir(run_dir) and os.path.samefile(owner, run_dir))):
       raise TfnasError(f"--checkpoint={checkpoint_path} is a checkpoint of "
                        f"another run ({owner}) than --run_dir={run_dir}; "
                        "give one of them")

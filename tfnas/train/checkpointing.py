@@ -201,6 +201,20 @@ def checkpoint_progress(path: str) -> tuple[int, int] | None:
     return None
 
 
+def progress_metadata(path: str) -> dict[str, int | None]:
+  """Export metadata of checkpoint ``path``: ``epoch`` (the epochs finished
+  when it was written; None when it does not say) and, for a checkpoint
+  written mid-epoch (a stop, ``--checkpoint_every_steps``),
+  ``step_in_epoch``."""
+  progress = checkpoint_progress(path)
+  if progress is None:
+    return {"epoch": None}
+  epoch, step_in_epoch = progress
+  if step_in_epoch:
+    return {"epoch": epoch, "step_in_epoch": step_in_epoch}
+  return {"epoch": epoch}
+
+
 def unreadable(path: str) -> str | None:
   """Why the values of checkpoint ``path`` cannot all be read (a missing or
   truncated data file), in one line; None when every value reads."""

@@ -263,8 +263,9 @@ def append_history(run_dir: str, metrics: Mapping[str, float]) -> None:
       f.write(json.dumps(dict(metrics)) + "\n")
     return
   if cut:  # Appending would glue the new line onto the damaged one.
-    log.warning("history.jsonl: its last line is cut short (%r); epoch %s "
-                "starts a line of its own", lines[-1][-40:], epoch)
+    log.warning("history.jsonl: its last line does not end (%r: a file cut "
+                "short?); epoch %s starts a line of its own", lines[-1][-40:],
+                epoch)
   if len(keep) != len(lines):
     log.warning("history.jsonl: replacing the lines of epochs from %s on, "
                 "which this run repeated from an older checkpoint", epoch)

@@ -24,11 +24,18 @@ class _Bar:
 
 def log_above_bars(log_fn, *args) -> None:
   """Calls ``log_fn(*args)`` (an absl log call) with the progress bars
-  lifted, so the line does not land at the end of a half-drawn bar; the
-  bars are redrawn below it. Safe in a signal handler of the main thread
-  (tqdm's locks are re-entrant)."""
-  with tqdm.external_write_mode(file=sys.stderr):
-    log_fn(*args)
+  lifted, so the line does not land at the end of a bar; the bars are
+  redrawn below it. Meant for signal handlers: with no bar on screen it
+  just logs (tqdm's lock is not created there), and a failure to write is
+  dropped rather than raised into the interrupted code."""
+  try:
+    if getattr(tqdm, "_instances", None):
+      with tqdm.external_write_mode(file=sys.stderr):
+        log_fn(*args)
+    else:
+      log_fn(*args)
+  except Exception:  # pylint: disable=broad-except
+    pass  # A message lost, not a run.
 
 
 @contextlib.contextmanager

@@ -182,8 +182,9 @@ class Search:
       if (self.method.early_stop and config.early_stop_threshold > 0 and
           config.early_stop_every_steps > total):
         log.warning("--early_stop_every_steps=%d is more than this run's %d "
-                    "steps: early stop never checks (0 checks at the end of "
-                    "every epoch)", config.early_stop_every_steps, total)
+                    "steps: early stop never checks "
+                    "(--early_stop_every_steps=0 checks at the end of every "
+                    "epoch)", config.early_stop_every_steps, total)
       self.resuming, self.write_dir = loop.open_run(
           self.strategy, config.run_dir, resume, lambda: rundir.prepare(
               config.run_dir, config.to_dict(), resume,

@@ -49,12 +49,13 @@ def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
 
   def request(signum, frame):
     del frame
-    if not interrupted:  # Said once: a scheduler may repeat its SIGTERM.
+    first = not interrupted
+    interrupted.append(signum)  # Recorded before anything that may fail.
+    if first:  # Said once: a scheduler may repeat its SIGTERM.
       log_above_bars(log.warning, "%s: stopping with a checkpoint after "
                      "this chunk of steps or %s", signal.Signals(signum).name,
                      "at the end of this epoch's evaluation" if multi_worker
                      else "evaluation batch")
-    interrupted.append(signum)
   try:
     for signum in signums:
       previous[signum] = signal.signal(signum, request)
