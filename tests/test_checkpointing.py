@@ -16,7 +16,8 @@ from tfnas.spaces import darts as darts_space
 from tfnas.spaces import shufflenet
 from tfnas.errors import TfnasError
 from tfnas.train import rundir
-from tfnas.train.checkpointing import (ModelVariables, checkpoint_progress,
+from tfnas.train.checkpointing import (ModelVariables, checkpoint_list,
+                                       checkpoint_progress,
                                        existing_checkpoints,
                                        resolve_checkpoint, restore_latest,
                                        restore_problem)
@@ -268,3 +269,27 @@ class CheckpointProgressTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class NumberOrderTest(tf.test.TestCase):
+
+  def test_a_lost_list_restores_the_highest_number(self):
+    directory = os.path.join(self.get_temp_dir(), "ckpt")
+    model = _dense_stack(3)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(network=ModelVariables(model)), directory,
+        max_to_keep=6)
+    # Saved out of order: neither name nor creation order is number order.
+    for number in (3, 11, 1, 12, 2, 10):
+      for v in model.variables:
+        v.assign(tf.fill(v.shape, float(number)))
+      manager.save(checkpoint_number=number)
+    os.remove(os.path.join(directory, "checkpoint"))
+    _, paths = checkpoint_list(directory)
+    self.assertEqual([os.path.basename(p) for p in paths],
+                     [f"ckpt-{n}" for n in (1, 2, 3, 10, 11, 12)])
+    target = _dense_stack(3)
+    restored = restore_latest(
+        tf.train.Checkpoint(network=ModelVariables(target)), directory)
+    self.assertEqual(os.path.basename(restored), "ckpt-12")
+    self.assertAllEqual(target.variables[0], tf.fill((4, 3), 12.0))

@@ -1,5 +1,6 @@
 """tfnas-search end to end on digits, and its bad-input errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -239,3 +240,15 @@ def test_a_flagfile_given_without_its_flag_is_a_short_error():
   assert "unexpected arguments ['flags/darts_digits.cfg']" in lines[0]
   assert "pass --flagfile=flags/darts_digits.cfg" in lines[0]
   assert proc.stdout == ""
+
+
+def test_final_line_of_a_finished_run_names_its_epochs(tmp_path, capsys):
+  from tfnas.apps import common
+  (tmp_path / "history.jsonl").write_text(
+      "".join(json.dumps({"epoch": e, "val/acc": 0.5}) + "\n"
+              for e in (1, 2, 3)))
+  common.print_final([], str(tmp_path), 2, ("val/acc",))
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == (f"{tmp_path} already finished 3 epochs (--epochs=2); "
+                    "resume with a larger --epochs to train longer")
+  assert out[1] == f"final: val/acc=0.5000; run directory: {tmp_path}"

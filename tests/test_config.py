@@ -186,3 +186,21 @@ def test_a_companion_of_a_feature_that_is_off_is_refused(method, field,
   # With the feature on, the companion is fine.
   SearchConfig(method=method, **{field: value,
                                  switch: 0.5}).check_method_fields()
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (SearchConfig, "train_portion", 1.0),
+    (SearchConfig, "train_portion", 0.0),
+    (TrainConfig, "lr_decay", 0.0),
+    (TrainConfig, "drop_path_prob", 1.0),
+])
+def test_open_interval_ends_are_refused(cls, field, value):
+  with pytest.raises(ConfigError,
+                     match=rf"^invalid --{field}={value!r}: must \S"):
+    cls(**{field: value})
+
+
+def test_odd_search_channels_are_refused_in_process():
+  with pytest.raises(ConfigError, match=r"^invalid --channels=5: must be "
+                                        r"even"):
+    SearchConfig(channels=5)

@@ -391,3 +391,10 @@ def test_multi_pipeline_shards_have_the_same_number_of_batches():
         x, y, data.dataset_info("digits"), batch_size=64, training=True,
         input_context=ctx)))
   assert counts == [data.steps_per_epoch(127, 64)] * 2 == [1, 1]
+
+
+def test_dataset_info_refuses_a_zero_std():
+  from tfnas.data.registry import DataError, DatasetInfo
+  with pytest.raises(DataError, match="must be positive"):
+    DatasetInfo(name="flat", image_size=8, channels=1, num_classes=2,
+                mean=(0.5,), std=(0.0,), num_train=1, num_test=1)

@@ -359,3 +359,22 @@ def test_saved_genotype_has_the_mode_of_a_plain_new_file(tmp_path):
     os.umask(old)
   mode = stat.S_IMODE(os.stat(tmp_path / "genotype.json").st_mode)
   assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o640
+
+
+def test_a_block_genotype_of_another_version_is_refused():
+  from tfnas.block_genotype import BlockGenotype
+  from tfnas.genotype import GenotypeError
+  for version in (2, None):
+    with pytest.raises(GenotypeError, match="unsupported block genotype "
+                                            "version"):
+      BlockGenotype.from_dict({"kind": "blocks", "version": version,
+                               "blocks": ["choice_3"]})
+
+
+# a run directory path that does not exist is
+# named as a missing file, not taken for an unknown published name.
+def test_a_missing_run_directory_is_named(tmp_path):
+  from tfnas import genotypes
+  from tfnas.genotype import GenotypeError
+  with pytest.raises(GenotypeError, match=r"no_such_run.*not found"):
+    genotypes.resolve(str(tmp_path / "no_such_run"))

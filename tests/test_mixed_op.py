@@ -1,5 +1,6 @@
 """MixedOp, Cell and the DARTS supernet."""
 
+import pytest
 import tensorflow as tf
 
 from tfnas.layers.cell import Cell, cell_edges
@@ -164,3 +165,20 @@ class SearchNetworkTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def test_robust_darts_spaces_have_the_papers_candidates():
+  from tfnas.spaces import darts as darts_space
+  assert darts_space.search_space("s2").candidates == (
+      "skip_connect", "sep_conv_3x3")
+  assert darts_space.search_space("s3").candidates == (
+      "none", "skip_connect", "sep_conv_3x3")
+  assert darts_space.search_space("s4").candidates == (
+      "sep_conv_3x3", "noise")
+
+
+def test_an_empty_edge_op_list_is_refused():
+  from tests import helpers
+  space = helpers.tiny_space()
+  with pytest.raises(ValueError, match=r"must be a non-empty subset"):
+    helpers.tiny_space(edge_ops={"normal": ((),) * space.num_edges})

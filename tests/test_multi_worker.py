@@ -327,3 +327,17 @@ def test_ctrl_c_is_a_stop_request_in_multi_worker_runs():
                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split("\n")[:2] == ["requests True", "ctrl-c raises True"]
+
+
+def test_cli_bad_tf_config_under_auto_is_one_clear_line(tmp_path):
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+             TF_CONFIG="{not json")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfnas.apps.search", "--dataset=digits",
+       "--space=s3", "--num_cells=3", "--num_nodes=1", "--channels=4",
+       "--epochs=1", "--max_steps_per_epoch=1", "--steps_per_loop=1",
+       "--noprogress", f"--run_dir={tmp_path}/r"], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "bad TF_CONFIG for a multi-worker run" in proc.stderr
+  assert not (tmp_path / "r").exists()

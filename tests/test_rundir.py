@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from tfnas.config import SearchConfig, TrainConfig
 from tfnas.train import rundir
 
 
@@ -154,3 +155,37 @@ def test_atomic_write_gives_the_mode_of_a_plain_new_file(tmp_path):
     os.umask(old)
   mode = stat.S_IMODE(os.stat(tmp_path / "run" / "config.json").st_mode)
   assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o640
+
+
+@pytest.mark.parametrize("changes", [
+    dict(recompute=True), dict(recompute=True, recompute_unit="cell"),
+    dict(method="dsnas", compiled_children=0),
+    dict(method="dsnas", single_path_step="switch"),
+    dict(data_dir="/elsewhere", manual_dir="/archives", epochs=9)])
+def test_search_resume_accepts_its_resumable_changes(tmp_path, changes):
+  method = changes.get("method", "darts_1st")
+  saved = SearchConfig(method=method, epochs=3).to_dict()
+  rundir.prepare(str(tmp_path), saved, resume=False)
+  changed = SearchConfig(**dict(changes, method=method)).to_dict()
+  assert rundir.prepare(str(tmp_path), changed, resume=True,
+                        allowed_changes=SearchConfig.RESUMABLE_CHANGES,
+                        defaults=SearchConfig().to_dict())
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (SearchConfig, "train_portion", 0.6), (SearchConfig, "seed", 1),
+    (TrainConfig, "channels", 8), (TrainConfig, "seed", 1)])
+def test_resume_refuses_a_change_of_the_maths(tmp_path, cls, field, value):
+  rundir.prepare(str(tmp_path), cls().to_dict(), resume=False)
+  with pytest.raises(rundir.RunDirError, match=rf"different config \({field}"):
+    rundir.prepare(str(tmp_path), cls(**{field: value}).to_dict(),
+                   resume=True, allowed_changes=cls.RESUMABLE_CHANGES,
+                   defaults=cls().to_dict())
+
+
+def test_train_resume_accepts_other_data_locations(tmp_path):
+  rundir.prepare(str(tmp_path), TrainConfig().to_dict(), resume=False)
+  assert rundir.prepare(
+      str(tmp_path), TrainConfig(data_dir="/d", manual_dir="/m").to_dict(),
+      resume=True, allowed_changes=TrainConfig.RESUMABLE_CHANGES,
+      defaults=TrainConfig().to_dict())
