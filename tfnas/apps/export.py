@@ -31,6 +31,7 @@ from absl import logging
 from tfnas.apps import common
 from tfnas.apps import startup
 from tfnas.errors import TfnasError
+from tfnas.genotype import Genotype
 from tfnas.train import rundir
 
 flags.DEFINE_string("run_dir", None,
@@ -124,7 +125,6 @@ def _export_search_child(run_dir: str, method_name: str,
   bn = (f"BN statistics re-estimated on {used} training batches" if used
         else "the supernet's BN statistics")
   print(exported.genotype)
-  from tfnas.genotype import Genotype
   if isinstance(exported.genotype, Genotype):  # A cell-space child.
     # Its `none` edges are dropped edges, not worth a warning; input-less
     # nodes and input-independent cells are.

@@ -146,14 +146,15 @@ class Search:
 
   def __init__(self, config: SearchConfig, strategy=None, resume=False,
                show_progress=True, read_only=False):
-    if not read_only and not (resume and rundir.has_run(config.run_dir)):
-      config.check_method_fields()  # A new run: nothing set in vain.
-    if resume and not read_only and rundir.has_run(config.run_dir):
-      # Flags other than the run's are named before anything they load
-      # (e.g. another --dataset) can fail.
-      rundir.resumable_config(config.run_dir, config.to_dict(),
-                              SearchConfig.RESUMABLE_CHANGES,
-                              defaults=SearchConfig().to_dict())
+    if not read_only:
+      if resume and rundir.has_run(config.run_dir):
+        # Flags other than the run's are named before anything they load
+        # (e.g. another --dataset) can fail.
+        rundir.resumable_config(config.run_dir, config.to_dict(),
+                                SearchConfig.RESUMABLE_CHANGES,
+                                defaults=SearchConfig().to_dict())
+      else:
+        config.check_method_fields()  # A new run: nothing set in vain.
     self.config = config
     self.read_only = read_only
     self.strategy = strategy or tf.distribute.get_strategy()
@@ -178,7 +179,7 @@ class Search:
       self.resuming, self.write_dir = True, None
     else:
       _warn_about_space(self.space, config.space)
-      total = config.epochs * self.data.steps_per_epoch
+      total = self.setup.total_steps
       if (self.method.early_stop and config.early_stop_threshold > 0 and
           config.early_stop_every_steps > total):
         log.warning("--early_stop_every_steps=%d is more than this run's %d "
