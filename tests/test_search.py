@@ -69,6 +69,19 @@ class SearchLoopTest(tf.test.TestCase):
     with self.assertRaisesRegex(TfnasError, "does not run"):
       reader.run()
 
+    # Epoch 2's checkpoint lost: a resume repeats that epoch from epoch 1's.
+    # TensorBoard shows every step once (the repeated ones with their new
+    # values), as in the straight run.
+    run_b = os.path.join(base, "b")
+    newest = tf.train.latest_checkpoint(os.path.join(run_b, "ckpt"))
+    os.remove(newest + ".index")
+    with self.assertLogs(level="WARNING"):
+      again = Search(config, resume=True, show_progress=False).run()
+    self.assertEqual([h["epoch"] for h in again.history], [2])
+    tensors = lambda run: _tensor_steps(os.path.join(base, run, "tb"))
+    self.assertEqual(tensors("b"), tensors("a"))
+    self.assertIn(6, tensors("b")["train/step_loss"])
+
   def test_resume_after_the_last_step_of_an_epoch(self):
     # A SIGTERM right after an epoch's last step saves step == steps; the
     # resumed run must still finish that epoch (eval, checkpoint, genotype).
@@ -121,6 +134,17 @@ class SearchLoopTest(tf.test.TestCase):
     with open(os.path.join(run_dir, "arch.json")) as f:
       record = json.load(f)
     self.assertEqual(record["groups"]["normal"]["candidates"][0], "none")
+
+
+def _tensor_steps(log_dir):
+  """tag → the steps TensorBoard shows it at (a step twice: listed twice),
+  read as TensorBoard's ``--load_fast=false`` loader reads them."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  events = plugin_event_accumulator.EventAccumulator(
+      log_dir, size_guidance={"tensors": 0})
+  events.Reload()
+  return {tag: [e.step for e in events.Tensors(tag)]
+          for tag in events.Tags()["tensors"]}
 
 
 def test_optimizer_settings_reach_both_optimizers(tmp_path):

@@ -153,7 +153,9 @@ class Retrain:
         described_by="config.json or genotype.json")
     self._train_loop = self._make_train_loop()
     self._eval_step = self._make_eval_step()
-    self.writer = summaries.LazyFileWriter(os.path.join(self.write_dir, "tb"))
+    self.writer = summaries.LazyFileWriter(
+        os.path.join(self.write_dir, "tb"),
+        start_step=int(self.optimizer.iterations.numpy()) + 1)
     self._agree = stopping.stop_agreement(self.strategy)
 
   def _stream(self, split, training, epoch=0, skip=0):

@@ -292,8 +292,11 @@ class Search:
     self._train_loop = self._make_train_loop()
     self._eval_steps = {child: self._make_eval_step(child)
                         for child in (False, True)}
+    # TensorBoard's view restarts after the restored step (see the writer).
+    first_step = int(self.w_opt.iterations.numpy()) + 1
     self.writer = (tf.summary.create_noop_writer() if self.read_only else
-                   summaries.LazyFileWriter(os.path.join(self.write_dir, "tb")))
+                   summaries.LazyFileWriter(os.path.join(self.write_dir, "tb"),
+                                            start_step=first_step))
     self._agree = stopping.stop_agreement(self.strategy)
 
   def _make_train_loop(self):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
+# tf.summary has no public call that writes a whole Event; this one is what
+# TF's own compat.v1 FileWriter uses on a TF2 summary file.
+from tensorflow.python.ops import summary_ops_v2
 
 from tfnas.arch import ArchParams
 
@@ -13,20 +18,38 @@ from tfnas.arch import ArchParams
 class LazyFileWriter:
   """A summary file writer whose event file is created by the first write:
   a run that writes nothing (a finished run resumed, an evaluation) adds no
-  empty event file to its ``tb/`` folder."""
+  empty event file to its ``tb/`` folder.
 
-  def __init__(self, logdir: str):
+  The new file opens with a ``SessionLog.START`` event at ``start_step``
+  (the first step this process runs: one past the restored checkpoint's).
+  TensorBoard drops the events an earlier process wrote at that step or
+  later, so the steps a resumed run repeats (those after its checkpoint,
+  or after an older one when the newest could not be read) are shown once,
+  with their new values. TensorBoard's fast loader does this by itself; the
+  event does it for ``--load_fast=false`` and `EventAccumulator` readers.
+  """
+
+  def __init__(self, logdir: str, start_step: int = 0):
     self._logdir = logdir
+    self._start_step = int(start_step)
     self._writer = None
 
   def as_default(self, step=None):
     if self._writer is None:
       self._writer = tf.summary.create_file_writer(self._logdir)
+      with self._writer.as_default():
+        _write_session_start(self._start_step)
     return self._writer.as_default(step=step)
 
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+
+
+def _write_session_start(step: int) -> None:
+  event = event_pb2.Event(step=step, wall_time=time.time())
+  event.session_log.status = event_pb2.SessionLog.START
+  summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
 
 
 def write_scalars(writer, values: Mapping[str, float], step: int) -> None:
