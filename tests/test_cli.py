@@ -91,7 +91,9 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
   assert "SIGTERM: stopping with a checkpoint after this chunk" in err
   assert f"{run_dir} holds the last checkpoint: rerun with --resume" in err
+  assert err.count("--resume") == 1, err[-2000:]  # Said once, by the app.
   epochs_done = len((run_dir / "history.jsonl").read_text().splitlines())
+  assert f"stopped: state saved in {run_dir} ({epochs_done} of 50 " in err
   assert epochs_done < 50
   resumed = search(*TINY, "--num_nodes=1", "--epochs=50",
                    "--max_steps_per_epoch=4", f"--run_dir={run_dir}",

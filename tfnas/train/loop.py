@@ -52,8 +52,9 @@ def run_epochs(*, strategy: tf.distribute.Strategy, epoch: tf.Variable,
       if not getattr(e, "saved", False):
         save()
       writer.flush()
-      log.warning("interrupted: state saved in %s; rerun with --resume to "
-                  "continue", run_dir)
+      # How to continue is the caller's to say (the apps: --resume).
+      log.warning("stopped: state saved in %s (%d of %d epochs finished)",
+                  run_dir, int(epoch.numpy()), epochs)
       raise
   return history
 
