@@ -189,3 +189,23 @@ def test_train_resume_accepts_other_data_locations(tmp_path):
       str(tmp_path), TrainConfig(data_dir="/d", manual_dir="/m").to_dict(),
       resume=True, allowed_changes=TrainConfig.RESUMABLE_CHANGES,
       defaults=TrainConfig().to_dict())
+
+
+@pytest.mark.parametrize("first, second", [
+    ({}, dict(stage_channels=(16, 32, 64, 128), stem_channels=8)),
+    (dict(stage_repeats=(1, 1, 2, 1), head_channels=128), {})])
+def test_search_resume_takes_a_preset_value_spelt_out_as_the_preset(
+    tmp_path, first, second):
+  # shufflenet_small's own shape, given by flags or left to the preset.
+  from tfnas.train import search
+  rules = search._RESUME_RULES  # pylint: disable=protected-access
+  config = lambda **shape: SearchConfig(
+      method="dsnas", space="shufflenet_small", **shape).to_dict()
+  rundir.prepare(str(tmp_path), config(**first), resume=False)
+  assert rundir.prepare(str(tmp_path), config(**second), resume=True, **rules)
+  # Another shape is another run, named by the values it compares.
+  with pytest.raises(rundir.RunDirError,
+                     match=r"stage_channels: \[16, 32, 64, 128\] -> "
+                           r"\[16, 32, 64, 96\]"):
+    rundir.prepare(str(tmp_path), config(stage_channels=(16, 32, 64, 96)),
+                   resume=True, **rules)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tfnas.config import ConfigError
+from tfnas.config import ConfigError, SearchConfig
 from tfnas.errors import TfnasError
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import names
@@ -55,6 +55,25 @@ def space_config(config: Any, num_classes: int, image_size: int):
       raise ConfigError(f"--space={name} {shown}: {e}") from None
   raise TfnasError(f"unknown search space {name!r}; known spaces: "
                    f"{list(names.SPACES)}")
+
+
+def resolved_shape(config: dict[str, Any]) -> dict[str, Any]:
+  """A config dict (``SearchConfig.to_dict()`` or a saved config.json) with
+  each ShuffleNet shape field left to its ``--space`` preset (empty or 0)
+  replaced by the preset's value: a run started on the preset and resumed
+  with the same shape spelt out (or the other way round) is the same run.
+  Other spaces' configs are returned unchanged."""
+  name = config.get("space")
+  if name not in names.BLOCK_SPACES:
+    return config
+  preset = (shufflenet.ShuffleNetSpaceConfig() if name == "shufflenet" else
+            shufflenet.ShuffleNetSpaceConfig.small())
+  resolved = dict(config)
+  for field in SearchConfig.SHUFFLENET_SHAPE:
+    if not resolved.get(field):
+      value = getattr(preset, field)
+      resolved[field] = list(value) if isinstance(value, tuple) else value
+  return resolved
 
 
 def _flag_value(value) -> str:

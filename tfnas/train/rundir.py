@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from absl import logging
 
@@ -165,7 +165,8 @@ def has_run(run_dir: str) -> bool:
 
 def prepare(run_dir: str, config: dict[str, Any], resume: bool,
             allowed_changes: Iterable[str] = (),
-            defaults: dict[str, Any] | None = None) -> bool:
+            defaults: dict[str, Any] | None = None,
+            normalize: Callable[[dict], dict] | None = None) -> bool:
   """Checks ``run_dir`` against ``config``; returns True when resuming.
 
   * fresh or empty directory: writes ``config.json``;
@@ -176,7 +177,8 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
 
   Values compare as JSON (tuples equal lists); a key missing from the saved
   config (a run written before the key existed) compares as its entry in
-  ``defaults``.
+  ``defaults``; ``normalize`` maps both configs to the form they compare in
+  (e.g. a value spelt out and the preset it equals).
   """
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise RunDirError(f"--run_dir {run_dir} is a file, not a directory; "
@@ -194,7 +196,8 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   if not resume:
     raise RunDirError(f"run directory {run_dir} already holds a run; pass "
                       "--resume to continue it or choose another --run_dir")
-  saved = resumable_config(run_dir, config, allowed_changes, defaults)
+  saved = resumable_config(run_dir, config, allowed_changes, defaults,
+                           normalize)
   allowed = set(allowed_changes) | _ALWAYS_ALLOWED
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
@@ -220,12 +223,14 @@ _ALWAYS_ALLOWED = {"resume", "run_dir"}
 
 def resumable_config(run_dir: str, config: dict[str, Any],
                      allowed_changes: Iterable[str] = (),
-                     defaults: dict[str, Any] | None = None
+                     defaults: dict[str, Any] | None = None,
+                     normalize: Callable[[dict], dict] | None = None
                      ) -> dict[str, Any]:
   """The config saved in ``run_dir`` (missing keys from ``defaults``), after
   checking that ``config`` may resume it; writes nothing. Apps call it
   before loading data or building anything, so that a resume with other
   flags is told so, not refused for what those flags would load.
+  ``normalize``: as in `prepare`.
 
   Raises:
     RunDirError: ``config.json`` cannot be read, is of another kind of run,
@@ -246,10 +251,12 @@ def resumable_config(run_dir: str, config: dict[str, Any],
   # The directory is the run: a path spelt differently (a trailing slash,
   # relative) or a run moved or copied elsewhere resumes.
   allowed = set(allowed_changes) | _ALWAYS_ALLOWED
-  differing = sorted(k for k in set(saved) | set(config)
-                     if k not in allowed and saved.get(k) != config.get(k))
+  before, after = ((normalize(saved), normalize(config)) if normalize else
+                   (saved, config))
+  differing = sorted(k for k in set(before) | set(after)
+                     if k not in allowed and before.get(k) != after.get(k))
   if differing:
-    details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
+    details = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
                         for k in differing[:_MAX_LISTED])
     if len(differing) > _MAX_LISTED:
       details += f" and {len(differing) - _MAX_LISTED} more"

@@ -131,6 +131,12 @@ class SearchData:
     return self._stream(strategy, self.val, 0, self.seed, 0, False)
 
 
+#: How a search's config.json and a resume's flags compare (`rundir.prepare`).
+_RESUME_RULES = dict(allowed_changes=SearchConfig.RESUMABLE_CHANGES,
+                     defaults=SearchConfig().to_dict(),
+                     normalize=space_registry.resolved_shape)
+
+
 class Search:
   """A search run: builds everything under a strategy and runs the loop.
 
@@ -151,8 +157,7 @@ class Search:
         # Flags other than the run's are named before anything they load
         # (e.g. another --dataset) can fail.
         rundir.resumable_config(config.run_dir, config.to_dict(),
-                                SearchConfig.RESUMABLE_CHANGES,
-                                defaults=SearchConfig().to_dict())
+                                **_RESUME_RULES)
       else:
         config.check_method_fields()  # A new run: nothing set in vain.
     self.config = config
@@ -188,9 +193,7 @@ class Search:
                     "epoch)", config.early_stop_every_steps, total)
       self.resuming, self.write_dir = loop.open_run(
           self.strategy, config.run_dir, resume, lambda: rundir.prepare(
-              config.run_dir, config.to_dict(), resume,
-              SearchConfig.RESUMABLE_CHANGES,
-              defaults=SearchConfig().to_dict()))
+              config.run_dir, config.to_dict(), resume, **_RESUME_RULES))
     self._build()
 
   def _check_sync_batch_norm(self, kind: str) -> None:
