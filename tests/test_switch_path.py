@@ -264,15 +264,23 @@ class SwitchedStepTest(tf.test.TestCase):
 
     def run(switched, init=None):
       ctx, _ = _mirrored_steps(strategy, context, children, switched, init)
-      return [np.asarray(v.numpy())
-              for v in ctx.weight_variables + ctx.arch_variables]
+      trained = [np.asarray(v.numpy())
+                 for v in ctx.weight_variables + ctx.arch_variables]
+      # BN statistics too (they start at their defaults in every context).
+      stats = [np.asarray(v.numpy())
+               for v in ctx.network.non_trainable_variables]
+      return trained, stats
 
-    init = run(False)
-    eager = run(False, init)
-    switched = run(True, init)
+    init, _ = run(False)
+    eager, eager_stats = run(False, init)
+    switched, switched_stats = run(True, init)
     self.assertGreater(max(np.abs(a - b).max()
                            for a, b in zip(eager, init)), 1e-4)
     for a, b in zip(eager, switched):
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+    self.assertGreater(max(np.abs(s - np.round(s)).max()
+                           for s in eager_stats), 1e-3)  # They moved.
+    for a, b in zip(eager_stats, switched_stats):
       self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
 
   def test_mirrored_block_space_switched_step_equals_eager_child_step(self):
