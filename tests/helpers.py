@@ -3,10 +3,12 @@ a SavedModel served in a fresh process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -19,6 +21,27 @@ from tfnas.train.step import StepContext
 
 TINY_OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
 
+
+@contextlib.contextmanager
+def floatx(dtype):
+  """New Keras layers in ``dtype`` inside the block. Keras caches the global
+  dtype policy on first use, after which set_floatx alone no longer changes
+  the dtype of new layers: both are set, and both restored."""
+  old_floatx, old_policy = keras.config.floatx(), keras.config.dtype_policy()
+  keras.config.set_floatx(dtype)
+  keras.config.set_dtype_policy(dtype)
+  try:
+    yield
+  finally:
+    keras.config.set_floatx(old_floatx)
+    keras.config.set_dtype_policy(old_policy)
+
+
+def float64_for(test) -> None:
+  """`floatx` float64 from now until the end of ``test`` (a TestCase)."""
+  block = floatx("float64")
+  block.__enter__()
+  test.addCleanup(block.__exit__, None, None, None)
 
 def tiny_space(**overrides):
   kwargs = dict(candidates=TINY_OPS, num_nodes=2, num_cells=3, channels=4,

@@ -109,17 +109,8 @@ class DsnasGradientTest(tf.test.TestCase, parameterized.TestCase):
   def setUp(self):
     super().setUp()
     # Finite differences in float64 (ReLU / max-pool kinks and float32
-    # round-off make float32 differences unreliable); Keras needs both the
-    # floatx and the dtype policy.
-    self._floatx = keras.config.floatx()
-    self._policy = keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-
-  def tearDown(self):
-    keras.config.set_floatx(self._floatx)
-    keras.config.set_dtype_policy(self._policy)
-    super().tearDown()
+    # round-off make float32 differences unreliable).
+    helpers.float64_for(self)
 
   def _loss(self, ctx, images, labels, indices, gates):
     arch_indices = {g: tuple(int(i) for i in v) for g, v in indices.items()}

@@ -13,17 +13,7 @@ class DartsSecondOrderTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
-    # Hessian terms are compared in float64. Keras 3 needs both the floatx
-    # and the dtype policy set (the policy is derived from floatx once).
-    self._floatx = keras.config.floatx()
-    self._policy = keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-
-  def tearDown(self):
-    keras.config.set_floatx(self._floatx)
-    keras.config.set_dtype_policy(self._policy)
-    super().tearDown()
+    helpers.float64_for(self)  # Hessian terms are compared in float64.
 
   def _exact_unrolled_gradient(self, ctx, train_batch, val_batch):
     """∇α L_val(w − ξ(μ·buf + ∇w L_train(w, α) + λw), α) by nested tapes."""
@@ -139,19 +129,13 @@ class PhasesTest(tf.test.TestCase):
             ctx.weight_optimizer.slots["momentum"]], metrics
 
   def _compare(self, estimator):
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
+    with helpers.floatx("float64"):
       init = [v.numpy() for v in
               (lambda c: c.weight_variables + c.arch_variables)(
                   helpers.tiny_context(space=self.SPACE, dtype=tf.float64))]
       self.assertGreaterEqual(len(estimator.phases()), 2)
       whole, whole_metrics = self._run(estimator, init, split=False)
       split, split_metrics = self._run(estimator, init, split=True)
-    finally:
-      keras.config.set_floatx(floatx)
-      keras.config.set_dtype_policy(policy)
     self.assertGreater(max(np.abs(a - b).max()
                            for a, b in zip(whole, init)), 1e-4)
     for a, b in zip(whole, split):

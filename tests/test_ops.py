@@ -1,7 +1,5 @@
 """Tests for tfnas.ops and tfnas.layers.batch_norm."""
 
-import contextlib
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -9,24 +7,11 @@ from absl.testing import parameterized
 
 from tfnas import ops
 from tfnas.layers.batch_norm import BatchNorm
+from tests.helpers import floatx
 
 EPS = 1e-5
 ALL_OPS = tuple(sorted(ops.OPS))
 CONV_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
-
-
-@contextlib.contextmanager
-def floatx(dtype):
-  # Keras caches the global dtype policy on first use, after which set_floatx
-  # alone no longer changes the dtype of new layers: set both.
-  old_floatx, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-  keras.config.set_floatx(dtype)
-  keras.config.set_dtype_policy(dtype)
-  try:
-    yield
-  finally:
-    keras.config.set_floatx(old_floatx)
-    keras.config.set_dtype_policy(old_policy)
 
 
 def rand(*shape, seed=0, dtype=np.float32):

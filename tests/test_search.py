@@ -3,7 +3,6 @@
 import json
 import os
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -226,9 +225,6 @@ class MirroredStepTest(tf.test.TestCase):
     # (which differs with the summation order of two replicas) by 2ε, and
     # Adam's first step is ±lr per α entry, so a near-zero entry could flip
     # sign in float32.
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
     # Graph optimisation (grappler) of the mirrored second-order graphs is a
     # large part of this slowest test's time and does not change what is
     # compared (first_order keeps it on).
@@ -236,10 +232,9 @@ class MirroredStepTest(tf.test.TestCase):
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": True})
     try:
-      self._compare(DartsSecondOrder(), tf.float64, atol=1e-9, rtol=1e-7)
+      with helpers.floatx("float64"):
+        self._compare(DartsSecondOrder(), tf.float64, atol=1e-9, rtol=1e-7)
     finally:
-      keras.config.set_floatx(floatx)
-      keras.config.set_dtype_policy(policy)
       tf.config.optimizer.set_experimental_options(
           {"disable_meta_optimizer": options.get("disable_meta_optimizer",
                                                  False)})
