@@ -30,6 +30,9 @@ from tfnas.config import ConfigError, SearchConfig, TrainConfig
     (SearchConfig, "seed", -1),
     (SearchConfig, "seed", 2**32),
     (TrainConfig, "seed", -1),
+    # An empty run directory wrote the run into the working directory.
+    (SearchConfig, "run_dir", ""),
+    (TrainConfig, "run_dir", " "),
     # A probability gap never reaches 1: early stop was silently off.
 ])
 def test_out_of_range_values_name_their_flag(cls, field, value):

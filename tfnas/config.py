@@ -40,6 +40,10 @@ class _Config:
   def _loop_checks(self) -> list:
     """The checks of the loop and data fields every run config has."""
     return [
+        # Empty (e.g. --run_dir=$UNSET) would write the run into the
+        # working directory.
+        ("run_dir", bool(str(self.run_dir).strip()),
+         "must name the run's directory"),
         ("epochs", self.epochs >= 1, "must be at least 1"),
         ("batch_size", self.batch_size >= 1, "must be at least 1"),
         ("steps_per_loop", self.steps_per_loop >= 1, "must be at least 1"),
