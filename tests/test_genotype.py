@@ -320,6 +320,9 @@ def test_corrupt_json_file(tmp_path):
   path.write_text('{"version": 1, "normal": ')
   msg = expect_error("not valid JSON", Genotype.load, path)
   assert str(path) in msg
+  path.write_text('{"version": 1, "normal": "abc')  # Cut inside a string.
+  expect_error("not valid JSON (Unterminated string starting at line 1 "
+               "column 26)", Genotype.load, path)
   path.write_bytes(b"\xff\xfe\x00garbage")
   expect_error("not valid JSON", Genotype.load, path)
   path.write_text("[1, 2]")

@@ -483,10 +483,14 @@ class Genotype:
     try:
       d = json.loads(s)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-      detail = (f"{e.msg} at line {e.lineno} column {e.colno}"
-                if isinstance(e, json.JSONDecodeError) else
-                "nested too deeply" if isinstance(e, RecursionError) else
-                str(e))
+      if isinstance(e, json.JSONDecodeError):
+        # Some messages end in "at" already ("Unterminated string
+        # starting at").
+        at = "" if e.msg.endswith(" at") else " at"
+        detail = f"{e.msg}{at} line {e.lineno} column {e.colno}"
+      else:
+        detail = ("nested too deeply" if isinstance(e, RecursionError) else
+                  str(e))
       raise GenotypeError(f"{source}: not valid JSON ({detail}); the file "
                           f"may be truncated or not a genotype") from None
     return cls.from_dict(d, source=source, op_names=op_names)
