@@ -398,3 +398,21 @@ def test_dataset_info_refuses_a_zero_std():
   with pytest.raises(DataError, match="must be positive"):
     DatasetInfo(name="flat", image_size=8, channels=1, num_classes=2,
                 mean=(0.5,), std=(0.0,), num_train=1, num_test=1)
+
+
+def test_augmentation_that_can_erase_an_image_is_refused():
+  # The CIFAR recipe's cutout 16 covers all of every 8x8 digit (from
+  # 2*8 - 1 on); as wide as the image it covers some images whole.
+  for augment, flag in ((data.AugmentConfig(cutout=16), "--cutout=16"),
+                        (data.AugmentConfig(cutout=8), "--cutout=8"),
+                        (data.AugmentConfig(pad_crop=8), "--pad_crop=8")):
+    with pytest.raises(data.DataError, match=rf"{flag} is not smaller than "
+                       r"the 8x8 images of digits: .*at most 4 .*train_digits"):
+      augment.check_fits(8, "digits")
+  # Large for the image: a warning each.
+  warnings = data.AugmentConfig(cutout=5, pad_crop=2).check_fits(8, "digits")
+  assert [w.split(" ")[0] for w in warnings] == ["--cutout=5", "--pad_crop=2"]
+  # The CIFAR-10 recipe on 32x32 and the digits recipe on 8x8 pass quietly.
+  assert not data.AugmentConfig(cutout=16, pad_crop=4,
+                                flip=True).check_fits(32, "cifar10")
+  assert not data.AugmentConfig(cutout=4, pad_crop=1).check_fits(8, "digits")

@@ -241,7 +241,7 @@ strategy = tf.distribute.MirroredStrategy(devices)
 config = TrainConfig(run_dir=sys.argv[1], dataset="digits",
                      genotype="DARTS_V2", num_cells=2, channels=4,
                      batch_size=32, epochs=2, max_steps_per_epoch=2,
-                     steps_per_loop=2, pad_crop=1, flip=False,
+                     steps_per_loop=2, pad_crop=1, flip=False, cutout=0,
                      drop_path_prob=0.3, seed=4, sync_batch_norm=True)
 run = Retrain(config, strategy=strategy, show_progress=False)
 from tfnas.layers.batch_norm import BatchNorm
@@ -330,3 +330,24 @@ def test_two_replicas_train_like_one_device(tmp_path):
       if key.startswith(("train/", "val/")):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5,
                                    err_msg=key)
+
+
+def test_the_genotype_of_an_unfinished_search_is_warned_of(tmp_path, caplog):
+  from tfnas.train.retrain import load_genotype
+  search = tmp_path / "search"
+  search.mkdir()
+  genotypes.resolve("DARTS_V2").save(str(search / "genotype.json"))
+  (search / "config.json").write_text(json.dumps(
+      {"method": "darts_1st", "epochs": 3}))
+  (search / "history.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+  for spec in (search, search / "genotype.json"):
+    caplog.clear()
+    load_genotype(tiny_config(tmp_path / "run", genotype=str(spec)), False)
+    assert (f"the search in {search} finished 1 of its 3 epochs" in
+            caplog.text)
+  # Finished: nothing to say.
+  (search / "history.jsonl").write_text("".join(
+      json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+  caplog.clear()
+  load_genotype(tiny_config(tmp_path / "run", genotype=str(search)), False)
+  assert "epochs" not in caplog.text

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tfnas import data
+from tfnas.config import TrainConfig
 from tfnas.genotype import Genotype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,6 +208,8 @@ def _genotype_flag(name, mutate):
     (lambda p: [f"--genotype={p / 'missing.json'}"], "not found"),
     (lambda p: ["--channels=5"], "channels"),
     (lambda p: ["--drop_path_prob=1.5"], "drop_path_prob"),
+    (lambda p: ["--cutout=16"],
+     "--cutout=16 is not smaller than the 8x8 images of digits"),
 ])
 def test_bad_train_input_one_line_nothing_written(tmp_path, make_args,
                                                   fragment):
@@ -244,6 +247,14 @@ def test_bad_export_input(tmp_path):
              f"--export_dir={tmp_path / 'serving'}")
   assert proc.returncode == 2
   assert "is a checkpoint of another run" in error_line(proc)
+  # A tfnas-train run stopped before its first checkpoint (config.json
+  # only): the missing checkpoint is named, not its genotype.json.
+  (tmp_path / "t").mkdir()
+  (tmp_path / "t" / "config.json").write_text(TrainConfig().to_json())
+  proc = app("export", f"--run_dir={tmp_path / 't'}",
+             f"--export_dir={tmp_path / 'serving'}")
+  assert proc.returncode == 2
+  assert "t/ckpt holds no checkpoint yet; train first" in error_line(proc)
   assert not (tmp_path / "serving").exists()
 
 

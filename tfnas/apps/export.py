@@ -151,6 +151,12 @@ def _export_retrained(run_dir: str, saved: dict,
                      f"statistics were estimated on its own network")
   from tfnas.config import TrainConfig  # Light: no TensorFlow.
   config = TrainConfig.from_dict(saved)
+  if checkpoint_path is None and not common.holds_checkpoints(
+      os.path.join(run_dir, "ckpt")):
+    # A run stopped before its first checkpoint may not have written its
+    # genotype.json either: the missing checkpoint is what to say.
+    raise TfnasError(f"{run_dir}/ckpt holds no checkpoint yet; train first "
+                     "or pass --checkpoint")
   from tfnas.genotype import Genotype
   genotype = Genotype.load(os.path.join(run_dir, "genotype.json"))
   startup.import_tensorflow()  # Quietly, before tfnas modules load it.

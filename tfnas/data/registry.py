@@ -126,6 +126,39 @@ class AugmentConfig:
     """True when no random augmentation is configured."""
     return not (self.pad_crop or self.flip or self.cutout)
 
+  def check_fits(self, image_size: int, dataset: str) -> list[str]:
+    """Refuses augmentation that can erase a whole ``image_size`` image of
+    ``dataset`` (messages name the flags, --cutout and --pad_crop); returns
+    warnings for settings that hide much of it (more than the CIFAR
+    recipe's cutout of half the side or padding of an eighth).
+
+    Raises:
+      DataError: a cutout square as wide as the image (from 2·side − 1 on
+        it covers every image), or padding as wide (a crop can then be all
+        padding).
+    """
+    side = f"{image_size}x{image_size}"
+    hint = ("; flags/train_digits.cfg holds settings for 8x8 digits"
+            if dataset == "digits" else "")
+    for flag, value in (("cutout", self.cutout), ("pad_crop", self.pad_crop)):
+      if value >= image_size:
+        what = ("a square that can cover a whole image" if flag == "cutout"
+                else "a random crop that can be all padding")
+        raise DataError(
+            f"--{flag}={value} is not smaller than the {side} images of "
+            f"{dataset}: {what}; use at most {image_size // 2} "
+            f"(or 0: off){hint}")
+    warnings = []
+    if self.cutout > image_size // 2:
+      warnings.append(f"--cutout={self.cutout} hides more than half the "
+                      f"side of the {side} images of {dataset} (CIFAR-10's "
+                      f"16 is half of 32){hint}")
+    if self.pad_crop > max(image_size // 8, 1):
+      warnings.append(f"--pad_crop={self.pad_crop} shifts the {side} "
+                      f"images of {dataset} by more than an eighth of their "
+                      f"side (CIFAR-10's 4 is an eighth of 32){hint}")
+    return warnings
+
 
 Loader = Callable[..., tuple[np.ndarray, np.ndarray]]
 

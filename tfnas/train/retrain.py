@@ -20,6 +20,7 @@ import dataclasses
 import os
 import time
 
+from absl import logging as log
 import keras
 import tensorflow as tf
 
@@ -60,7 +61,31 @@ def load_genotype(config: TrainConfig, resuming: bool) -> Genotype:
         f"{saved} is missing, so the network its checkpoints hold is not "
         f"known; put back the genotype the run started with or start a new "
         f"--run_dir")
-  return genotypes.resolve(config.genotype)
+  genotype = genotypes.resolve(config.genotype)
+  unfinished = _unfinished_search(config.genotype)
+  if unfinished:
+    log.warning("--genotype=%s: %s", config.genotype, unfinished)
+  return genotype
+
+
+def _unfinished_search(spec: str) -> str | None:
+  """What to say when ``spec`` (a run directory or its genotype.json) is
+  the genotype of a search that stopped before its last epoch: the
+  genotype is the one the search held when it stopped."""
+  folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
+  try:
+    saved = rundir.read_config(folder)
+  except rundir.RunDirError:  # A published name, a file elsewhere.
+    return None
+  planned = saved.get("epochs")
+  done = rundir.last_history(folder).get("epoch", 0)
+  if (rundir.run_kind(saved) != "tfnas-search" or
+      not isinstance(planned, int) or not isinstance(done, int) or
+      done >= planned):
+    return None
+  return (f"the search in {folder} finished {done} of its {planned} epochs, "
+          f"so this is the genotype it held when it stopped (tfnas-search "
+          f"--resume finishes it)")
 
 
 def build_network(config: TrainConfig, genotype: Genotype,
@@ -115,6 +140,9 @@ class Retrain:
     self.steps_per_epoch = steps
     self.augment = data_lib.AugmentConfig(
         pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
+    for warning in self.augment.check_fits(self.info.image_size,
+                                           config.dataset):
+      log.warning("%s", warning)
     self.resuming, self.write_dir = loop.open_run(
         self.strategy, config.run_dir, resume, lambda: rundir.prepare(
             config.run_dir, config.to_dict(), resume,

@@ -98,6 +98,9 @@ class SearchData:
     self.single_level = single_level
     self.augment = data_lib.AugmentConfig(
         pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
+    for warning in self.augment.check_fits(self.info.image_size,
+                                           config.dataset):
+      log.warning("%s", warning)
     self.batch_size = config.batch_size
     self.seed = config.seed
     steps = self.train.num_examples // config.batch_size
