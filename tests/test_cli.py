@@ -89,7 +89,11 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-  assert "SIGTERM: stopping with a checkpoint after this chunk" in err
+  # Said by the handler, or, when TensorFlow held the main thread for a
+  # while (a slow machine), at once by the watcher thread.
+  assert ("SIGTERM: stopping with a checkpoint after this chunk" in err or
+          "SIGTERM arrived while TensorFlow runs a compiled call" in err), (
+              err[-2000:])
   assert f"{run_dir} holds the last checkpoint: rerun with --resume" in err
   assert err.count("--resume") == 1, err[-2000:]  # Said once, by the app.
   epochs_done = len((run_dir / "history.jsonl").read_text().splitlines())
