@@ -218,6 +218,9 @@ class TestResolve:
     with pytest.raises(GenotypeError, match="unknown genotype 'DARTS_V9'.*"
                        "DARTS_V2"):
       genotypes.resolve("DARTS_V9")
+    with pytest.raises(GenotypeError, match=r"unknown genotype 'darts_v2' "
+                       r"\(names are case-sensitive: DARTS_V2\)"):
+      genotypes.resolve("darts_v2")
 
   def test_json_file_and_run_dir(self, tmp_path):
     IRREGULAR.save(tmp_path / "genotype.json")

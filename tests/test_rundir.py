@@ -209,3 +209,13 @@ def test_search_resume_takes_a_preset_value_spelt_out_as_the_preset(
                            r"\[16, 32, 64, 96\]"):
     rundir.prepare(str(tmp_path), config(stage_channels=(16, 32, 64, 96)),
                    resume=True, **rules)
+
+
+def test_a_damaged_config_names_how_to_resume(tmp_path):
+  # Its checkpoints may be intact: put the file back, not only "elsewhere".
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "config.json").write_text('{"method": "darts_1st", ')
+  with pytest.raises(rundir.RunDirError,
+                     match=r"cannot read .*config.json .*put it back \(a new "
+                           r"run with the run's flags writes the same file"):
+    rundir.prepare(str(tmp_path), SearchConfig().to_dict(), resume=True)

@@ -255,6 +255,14 @@ def test_bad_export_input(tmp_path):
              f"--export_dir={tmp_path / 'serving'}")
   assert proc.returncode == 2
   assert "t/ckpt holds no checkpoint yet; train first" in error_line(proc)
+  # A run directory as the model's base path: its files would sit among
+  # the versions.
+  proc = app("export", f"--run_dir={tmp_path / 't'}",
+             f"--export_dir={tmp_path / 't'}")
+  assert proc.returncode == 2
+  assert "t holds a tfnas run; give the model a folder of its own" in (
+      error_line(proc))
+  assert sorted(os.listdir(tmp_path / "t")) == ["config.json"]
   assert not (tmp_path / "serving").exists()
 
 

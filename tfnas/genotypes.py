@@ -97,8 +97,10 @@ def resolve(spec: str) -> Genotype:
     path = os.path.join(path, "genotype.json")
   elif not (os.path.exists(path) or path.endswith(".json")
             or os.sep in path):
+    same = [name for name in PUBLISHED if name.lower() == spec.lower()]
+    hint = f" (names are case-sensitive: {same[0]})" if same else ""
     raise GenotypeError(
-        f"unknown genotype {spec!r}; known names: "
+        f"unknown genotype {spec!r}{hint}; known names: "
         f"{', '.join(sorted(PUBLISHED))}, or give a genotype.json path or "
         f"a run directory")
   try:

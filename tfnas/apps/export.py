@@ -216,6 +216,10 @@ def main(argv):
   if not FLAGS.export_dir:
     raise TfnasError("--export_dir is required (the TF Serving model base "
                      "path)")
+  if rundir.has_run(FLAGS.export_dir):
+    raise TfnasError(f"--export_dir={FLAGS.export_dir} holds a tfnas run; "
+                     "give the model a folder of its own (TF Serving reads "
+                     "every numbered folder there as a version)")
   if FLAGS.version < 0:
     raise TfnasError(f"invalid --version={FLAGS.version}; use 0 for the next "
                      f"version or a positive number")

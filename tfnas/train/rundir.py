@@ -241,8 +241,11 @@ def resumable_config(run_dir: str, config: dict[str, Any],
   try:
     saved = read_config(run_dir)
   except RunDirError as e:
-    raise RunDirError(f"{e}; this directory cannot be resumed, choose "
-                      "another --run_dir") from None
+    # Its checkpoints may be intact: the run's flags are what is lost.
+    raise RunDirError(f"{e}; without it this run cannot be resumed: put "
+                      "it back (a new run with the run's flags writes the "
+                      "same file in an empty --run_dir) or choose another "
+                      "--run_dir") from None
   kinds = run_kind(saved), run_kind(config)
   if None not in kinds and kinds[0] != kinds[1]:
     raise RunDirError(f"run directory {run_dir} holds a {kinds[0]} run, not "
