@@ -218,5 +218,20 @@ class ResourceGradientTest(tf.test.TestCase):
       ResourceConstraint({}, 1.0, "magic")
 
 
+def test_a_rising_temperature_is_warned_of(caplog):
+  from tfnas import methods
+  from tfnas.config import SearchConfig
+  from tfnas.spaces import registry
+  for end, warned in ((2.0, True), (0.03, False)):
+    config = SearchConfig(method="snas", space="s3", temperature_start=1.0,
+                          temperature_end=end)
+    space = registry.space_config(config, 10, 8)
+    caplog.clear()
+    methods.get_method("snas").distribution(
+        methods.SearchSetup(config, space, 10, 8, channels=1))
+    assert ("--temperature_end=2 is above --temperature_start=1" in
+            caplog.text) == warned
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -121,6 +121,11 @@ def _relaxed_distribution(setup: SearchSetup) -> RelaxedOneHotDistribution:
     raise TfnasError(f"unknown --temperature_schedule="
                      f"{c.temperature_schedule!r}; choose from "
                      f"{sorted(TEMPERATURE_SCHEDULES)}")
+  if c.temperature_end > c.temperature_start:
+    logging.warning("--temperature_end=%g is above --temperature_start=%g: "
+                    "the relaxation's temperature rises during the search "
+                    "(SNAS anneals it down, towards one-hot samples)",
+                    c.temperature_end, c.temperature_start)
   schedule = TEMPERATURE_SCHEDULES[c.temperature_schedule](
       c.temperature_start, c.temperature_end, setup.total_steps)
   cells = setup.space.cell_types()
