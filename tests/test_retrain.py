@@ -332,7 +332,8 @@ def test_two_replicas_train_like_one_device(tmp_path):
                                    err_msg=key)
 
 
-def test_the_genotype_of_an_unfinished_search_is_warned_of(tmp_path, caplog):
+def test_the_genotype_of_an_unfinished_search_is_warned_of(tmp_path, caplog,
+                                                           monkeypatch):
   from tfnas.train.retrain import load_genotype
   search = tmp_path / "search"
   search.mkdir()
@@ -345,6 +346,13 @@ def test_the_genotype_of_an_unfinished_search_is_warned_of(tmp_path, caplog):
     load_genotype(tiny_config(tmp_path / "run", genotype=str(spec)), False)
     assert (f"the search in {search} finished 1 of its 3 epochs" in
             caplog.text)
+  # A published name is not that search's, run from inside it or not.
+  monkeypatch.chdir(search)
+  for spec in ("DARTS_V2", "genotype.json"):
+    caplog.clear()
+    load_genotype(tiny_config(tmp_path / "run", genotype=spec), False)
+    assert ("finished 1 of its 3 epochs" in caplog.text) == (
+        spec == "genotype.json")
   # Finished: nothing to say.
   (search / "history.jsonl").write_text("".join(
       json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))

@@ -72,7 +72,9 @@ def _unfinished_search(spec: str) -> str | None:
   """What to say when ``spec`` (a run directory or its genotype.json) is
   the genotype of a search that stopped before its last epoch: the
   genotype is the one the search held when it stopped."""
-  folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
+  if spec in genotypes.PUBLISHED:  # Not a path, even if a folder is so named.
+    return None
+  folder = spec if os.path.isdir(spec) else os.path.dirname(spec) or "."
   try:
     saved = rundir.read_config(folder)
   except rundir.RunDirError:  # A published name, a file elsewhere.
