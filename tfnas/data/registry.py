@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Callable, Optional
 
+from absl import logging
 import numpy as np
 
 from tfnas.errors import TfnasError
@@ -125,6 +126,17 @@ class AugmentConfig:
   def is_identity(self) -> bool:
     """True when no random augmentation is configured."""
     return not (self.pad_crop or self.flip or self.cutout)
+
+  @classmethod
+  def of_run(cls, config, image_size: int) -> "AugmentConfig":
+    """The augmentation a run config sets (``pad_crop``, ``flip``,
+    ``cutout``) for its ``dataset``'s ``image_size`` images, refused or
+    warned of as `check_fits` says (warnings logged)."""
+    augment = cls(pad_crop=config.pad_crop, flip=config.flip,
+                  cutout=config.cutout)
+    for warning in augment.check_fits(image_size, config.dataset):
+      logging.warning("%s", warning)
+    return augment
 
   def check_fits(self, image_size: int, dataset: str) -> list[str]:
     """Refuses augmentation that can erase a whole ``image_size`` image of

@@ -77,7 +77,7 @@ def _unfinished_search(spec: str) -> str | None:
   folder = spec if os.path.isdir(spec) else os.path.dirname(spec) or "."
   try:
     saved = rundir.read_config(folder)
-  except rundir.RunDirError:  # A published name, a file elsewhere.
+  except rundir.RunDirError:  # Not in a run directory.
     return None
   planned = saved.get("epochs")
   done = rundir.last_history(folder).get("epoch", 0)
@@ -100,6 +100,12 @@ def build_network(config: TrainConfig, genotype: Genotype,
         auxiliary=config.auxiliary_weight > 0)
 
 
+#: How a retraining's config.json and a resume's flags compare
+#: (`rundir.prepare`).
+_RESUME_RULES = dict(allowed_changes=TrainConfig.RESUMABLE_CHANGES,
+                     defaults=TrainConfig().to_dict())
+
+
 class Retrain:
   """A retraining run: builds everything under a strategy and runs the loop.
 
@@ -116,8 +122,7 @@ class Retrain:
       # Flags other than the run's are named before anything they load
       # (e.g. another --dataset or --genotype) can fail.
       rundir.resumable_config(config.run_dir, config.to_dict(),
-                              TrainConfig.RESUMABLE_CHANGES,
-                              defaults=TrainConfig().to_dict())
+                              **_RESUME_RULES)
     self.config = config
     self.strategy = strategy or tf.distribute.get_strategy()
     self.show_progress = show_progress
@@ -140,15 +145,11 @@ class Retrain:
     if config.max_steps_per_epoch:
       steps = min(steps, config.max_steps_per_epoch)
     self.steps_per_epoch = steps
-    self.augment = data_lib.AugmentConfig(
-        pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
-    for warning in self.augment.check_fits(self.info.image_size,
-                                           config.dataset):
-      log.warning("%s", warning)
+    self.augment = data_lib.AugmentConfig.of_run(config,
+                                                 self.info.image_size)
     self.resuming, self.write_dir = loop.open_run(
         self.strategy, config.run_dir, resume, lambda: rundir.prepare(
-            config.run_dir, config.to_dict(), resume,
-            TrainConfig.RESUMABLE_CHANGES, defaults=TrainConfig().to_dict()))
+            config.run_dir, config.to_dict(), resume, **_RESUME_RULES))
     self._build()
     if not has_saved:
       # After the build: a resume whose checkpoint does not fit this

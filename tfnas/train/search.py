@@ -96,11 +96,8 @@ class SearchData:
       self.train, self.val = data_lib.open_search_splits(
           config.dataset, config.train_portion, **load)
     self.single_level = single_level
-    self.augment = data_lib.AugmentConfig(
-        pad_crop=config.pad_crop, flip=config.flip, cutout=config.cutout)
-    for warning in self.augment.check_fits(self.info.image_size,
-                                           config.dataset):
-      log.warning("%s", warning)
+    self.augment = data_lib.AugmentConfig.of_run(config,
+                                                 self.info.image_size)
     self.batch_size = config.batch_size
     self.seed = config.seed
     steps = self.train.num_examples // config.batch_size
