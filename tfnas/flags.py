@@ -6,6 +6,8 @@ configs (``tfnas.config``) and pass those down.
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from tfnas.config import SearchConfig, TrainConfig
@@ -17,6 +19,8 @@ _DEFAULTS = SearchConfig()
 _TRAIN_DEFAULTS = TrainConfig()
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped",
             "imagenet2012")
+#: --dataset=npz:PATH reads a NumPy file (tfnas.data.npz_source.PREFIX).
+NPZ_PREFIX = "npz:"
 SPACES = space_names.SPACES
 #: The registered methods (tfnas.methods.METHODS; a test keeps them equal).
 #: Listed here so defining flags does not import TensorFlow.
@@ -61,9 +65,12 @@ def define_run_flags(defaults=_DEFAULTS):
 
 
 def define_data_flags(defaults=_DEFAULTS):
-  flags.DEFINE_enum("dataset", defaults.dataset, DATASETS,
-                    "Dataset (digits is embedded, no download; tfds datasets "
-                    "need --data_dir with the prepared data).")
+  flags.DEFINE_string("dataset", defaults.dataset,
+                      f"Dataset: one of {', '.join(DATASETS)} (digits is "
+                      "embedded, no download; tfds datasets need --data_dir "
+                      "with the prepared data), or npz:PATH, a NumPy file of "
+                      "your own images (README \"Your own data\").")
+  flags.register_validator("dataset", _known_dataset)
   flags.DEFINE_string("data_dir", None, "tensorflow_datasets data directory.")
   flags.DEFINE_string("manual_dir", None,
                       "Directory holding the dataset archive for an offline "
@@ -81,6 +88,34 @@ def define_data_flags(defaults=_DEFAULTS):
   flags.DEFINE_boolean("flip", defaults.flip, "Random horizontal flips.")
   flags.DEFINE_integer("cutout", defaults.cutout,
                        "Cutout square side (0: off).")
+
+
+def _known_dataset(name: str) -> bool:
+  """Flag check of --dataset: a known name, or ``npz:`` and an existing
+  file (read later, before the run directory is written)."""
+  if name in DATASETS:
+    return True
+  if name.startswith(NPZ_PREFIX):
+    path = os.path.expanduser(name[len(NPZ_PREFIX):])
+    if not path.strip():
+      raise flags.ValidationError(
+          "npz: needs a file: --dataset=npz:/path/to/data.npz")
+    if not os.path.isfile(path):
+      raise flags.ValidationError(
+          f"{os.path.abspath(path)} is not a file (npz:PATH names a NumPy "
+          ".npz file, see README \"Your own data\")")
+    return True
+  raise flags.ValidationError(
+      f"unknown dataset; use one of {', '.join(DATASETS)}, or npz:PATH for a "
+      "NumPy file of your own images")
+
+
+def dataset_name(name: str) -> str:
+  """--dataset as a run saves it: an npz file by its absolute path."""
+  if name.startswith(NPZ_PREFIX):
+    return NPZ_PREFIX + os.path.abspath(os.path.expanduser(
+        name[len(NPZ_PREFIX):]))
+  return name
 
 
 def _define_loop_flags(defaults):
@@ -292,7 +327,9 @@ def define_train_flags():
 def train_config() -> TrainConfig:
   """Reads the retraining flags once into a frozen config."""
   names = [f for f in TrainConfig.__dataclass_fields__]
-  return TrainConfig(**{name: FLAGS[name].value for name in names})
+  values = {name: FLAGS[name].value for name in names}
+  values["dataset"] = dataset_name(values["dataset"])
+  return TrainConfig(**values)
 
 
 def search_config() -> SearchConfig:
@@ -301,6 +338,7 @@ def search_config() -> SearchConfig:
   values = {name: FLAGS[name].value for name in names}
   for name in ("stage_repeats", "stage_channels"):
     values[name] = tuple(int(v) for v in values[name])
+  values["dataset"] = dataset_name(values["dataset"])
   config = SearchConfig(**values)
   config.check_method_fields()
   return config

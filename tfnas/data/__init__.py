@@ -8,7 +8,8 @@ This package provides:
 * loaders for the embedded scikit-learn ``digits`` set (the default, no
   download), a deterministic ``synthetic`` set, and the ``tensorflow_datasets``
   sets ``cifar10``, ``cifar100`` and ``svhn_cropped`` (which are never
-  downloaded implicitly);
+  downloaded implicitly), and a user's own NumPy file, ``npz:PATH``
+  (``npz_source``, resolved by name rather than registered);
 * the fixed search split (:func:`search_splits`) used by architecture search;
 * :func:`make_dataset`, the one-epoch training/evaluation pipeline, whose
   randomness (shuffle order and augmentation) is a pure function of

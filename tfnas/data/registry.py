@@ -42,6 +42,8 @@ class DatasetInfo:
     num_test: Nominal number of test examples.
     source_pixel_max: Largest pixel value of the dataset as published; the
       loader rescales it to 255 (scikit-learn's digits: 16).
+    class_names: The name of each class, by label, where the dataset gives
+      them (empty otherwise).
   """
 
   name: str
@@ -53,6 +55,7 @@ class DatasetInfo:
   num_train: int
   num_test: int
   source_pixel_max: float = 255.0
+  class_names: tuple[str, ...] = ()
 
   def __post_init__(self):
     for field in ("image_size", "channels", "num_classes"):
@@ -74,6 +77,12 @@ class DatasetInfo:
       raise DataError(
           f"DatasetInfo {self.name!r}: source_pixel_max "
           f"{self.source_pixel_max} must be positive and finite.")
+    object.__setattr__(self, "class_names",
+                       tuple(str(n) for n in self.class_names))
+    if self.class_names and len(self.class_names) != self.num_classes:
+      raise DataError(
+          f"DatasetInfo {self.name!r}: {len(self.class_names)} class_names "
+          f"for {self.num_classes} classes.")
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
@@ -83,11 +92,15 @@ class DatasetInfo:
   def input_metadata(self) -> dict:
     """An export's metadata.json facts about its input: shape, the
     normalisation, and the dataset's largest published pixel value (served
-    inputs are 0-255: multiply the dataset's by ``255 / source_pixel_max``).
+    inputs are 0-255: multiply the dataset's by ``255 / source_pixel_max``);
+    and ``class_names`` (output index to name) where the dataset has them.
     """
-    return {"input_shape": list(self.input_shape), "mean": list(self.mean),
-            "std": list(self.std),
-            "source_pixel_max": float(self.source_pixel_max)}
+    facts = {"input_shape": list(self.input_shape), "mean": list(self.mean),
+             "std": list(self.std),
+             "source_pixel_max": float(self.source_pixel_max)}
+    if self.class_names:
+      facts["class_names"] = list(self.class_names)
+    return facts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,14 +238,19 @@ def register_dataset(entry: DatasetEntry, *, overwrite: bool = False) -> None:
 
 
 def get_entry(name: str) -> DatasetEntry:
-  """The registered :class:`DatasetEntry` of ``name`` (a :class:`DataError`
-  listing the known names if there is none)."""
+  """The :class:`DatasetEntry` of ``name``: a registered dataset, or a
+  NumPy file ``npz:PATH`` (`tfnas.data.npz_source`, read on first use). A
+  :class:`DataError` lists the known names if there is none."""
+  from tfnas.data import npz_source  # pylint: disable=import-outside-toplevel
+  if npz_source.is_npz_name(name):
+    return npz_source.entry(name)
   try:
     return DATASETS[name]
   except (KeyError, TypeError):
     raise DataError(
         f"unknown dataset {name!r}; known datasets: "
-        f"{', '.join(sorted(DATASETS))}.") from None
+        f"{', '.join(sorted(DATASETS))}, or npz:PATH (a NumPy file of your "
+        "own images).") from None
 
 
 def dataset_info(name: str) -> DatasetInfo:

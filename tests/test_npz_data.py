@@ -1,0 +1,277 @@
+"""A user's own images: `--dataset=npz:PATH` and tools/images_to_npz.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfnas import data
+from tfnas.data import npz_source
+from tfnas import flags as tfnas_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+def _arrays(num_train=40, num_test=12, side=8, channels=3, classes=3,
+            seed=0, dtype=np.uint8, high=255):
+  rng = np.random.default_rng(seed)
+  shape = (side, side, channels) if channels else (side, side)
+  def images(n):
+    values = rng.uniform(0, high, (n,) + shape)
+    return values.astype(dtype) if dtype != np.uint8 else np.round(
+        values).astype(np.uint8)
+  return dict(x_train=images(num_train),
+              y_train=np.arange(num_train) % classes,
+              x_test=images(num_test), y_test=np.arange(num_test) % classes)
+
+
+def _save(path, **arrays):
+  np.savez(path, **arrays)
+  return f"npz:{path}"
+
+
+def test_uint8_images_are_read_as_they_are_and_measured(tmp_path):
+  arrays = _arrays()
+  name = _save(tmp_path / "mine.npz", **arrays,
+               class_names=np.array(["cat", "dog", "owl"]))
+  info = data.dataset_info(name)
+  assert (info.image_size, info.channels, info.num_classes) == (8, 3, 3)
+  assert (info.num_train, info.num_test) == (40, 12)
+  scaled = arrays["x_train"].astype(np.float64) / 255
+  np.testing.assert_allclose(info.mean, scaled.mean(axis=(0, 1, 2)),
+                             rtol=1e-12)
+  np.testing.assert_allclose(info.std, scaled.std(axis=(0, 1, 2)), rtol=1e-9)
+  assert info.source_pixel_max == 255
+  images, labels = data.load_split(name, "test")
+  np.testing.assert_array_equal(images, arrays["x_test"])
+  np.testing.assert_array_equal(labels, arrays["y_test"])
+  assert labels.dtype == np.int64
+  assert info.input_metadata()["class_names"] == ["cat", "dog", "owl"]
+  assert "class_names" not in data.dataset_info("digits").input_metadata()
+
+
+@pytest.mark.parametrize("dtype, high, pixel_max", [
+    (np.float32, 1.0, None),  # Float images: 0-1.
+    (np.uint16, 4000, 4095),  # 12-bit images with their pixel_max.
+    (np.float64, 16.0, 16),   # scikit-learn's digits as published.
+])
+def test_other_ranges_are_scaled_to_0_255(tmp_path, dtype, high, pixel_max):
+  arrays = _arrays(channels=0, dtype=dtype, high=high)  # (N, H, W): grey.
+  arrays["y_train"] = arrays["y_train"][:, None]  # (N, 1) labels.
+  extra = {} if pixel_max is None else {"pixel_max": np.array(pixel_max)}
+  name = _save(tmp_path / "mine.npz", **arrays, **extra)
+  images, labels = data.load_split(name, "train")
+  scale = 255.0 / (pixel_max or 1.0)
+  assert images.shape == (40, 8, 8, 1)
+  np.testing.assert_allclose(images[..., 0],
+                             arrays["x_train"].astype(np.float64) * scale,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(labels, np.arange(40) % 3)
+  info = data.dataset_info(name)
+  assert info.source_pixel_max == (pixel_max or 1.0)
+  np.testing.assert_allclose(info.mean, [images.mean() / 255], rtol=1e-6)
+
+
+def test_a_relative_name_means_its_absolute_file_and_a_new_file_is_reread(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _save("mine.npz", **_arrays(classes=3))
+  info = data.dataset_info("npz:mine.npz")
+  assert info.name == f"npz:{tmp_path}/mine.npz"
+  assert tfnas_flags.dataset_name("npz:mine.npz") == info.name
+  assert tfnas_flags.NPZ_PREFIX == npz_source.PREFIX
+  assert info.num_classes == 3
+  _save("mine.npz", **_arrays(classes=5, num_train=45))
+  os.utime("mine.npz", ns=(1, 1))  # A different version, whatever the clock.
+  assert data.dataset_info("npz:mine.npz").num_classes == 5
+  assert "npz:mine.npz" not in data.DATASETS  # Resolved, not registered.
+
+
+def _bad(arrays, **changes):
+  arrays = dict(arrays, **changes)
+  return {k: v for k, v in arrays.items() if v is not None}
+
+
+GOOD = _arrays()
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    (_bad(GOOD, x_test=None, y_test=None, X_test=GOOD["x_test"]),
+     "has no x_test, y_test (it holds X_test, x_train, y_train)"),
+    (_bad(GOOD, x_train=GOOD["x_train"][:, :, :6]),
+     "x_train images are 8x6; tfnas searches square images"),
+    (_bad(GOOD, x_test=GOOD["x_test"][:, :4, :4]),
+     "x_train images are 8x8x3 but x_test images 4x4x3"),
+    (_bad(GOOD, y_train=GOOD["y_train"][:-1]),
+     "x_train holds 40 images but y_train 39 labels"),
+    (_bad(GOOD, y_test=GOOD["y_test"] - 1), "negative label -1"),
+    (_bad(GOOD, y_train=GOOD["y_train"].astype(np.float32)),
+     "labels are integer class indices"),
+    (_bad(GOOD, y_train=np.eye(3)[GOOD["y_train"]].astype(np.int64)),
+     "one-hot labels: store y.argmax(axis=1)"),
+    (_bad(GOOD, x_train=GOOD["x_train"].astype(np.float32)),
+     "float images are read as 0-1"),
+    (_bad(GOOD, x_train=GOOD["x_train"].astype(np.int32) * 4),
+     "add the largest possible value as pixel_max"),
+    (_bad(GOOD, pixel_max=np.array([255, 255])), "pixel_max must be one"),
+    (_bad(GOOD, x_train=GOOD["x_train"] / 255.0,
+          x_test=np.full((12, 8, 8, 3), np.nan)), "NaN or infinite"),
+    (_bad(GOOD, y_train=np.zeros(40, np.int64), y_test=np.zeros(12, np.int64)),
+     "at least two classes"),
+    (_bad(GOOD, class_names=np.array(["cat", "dog"])),
+     "2 class_names for labels up to 2"),
+    (_bad(GOOD, x_train=np.full((40, 8, 8, 3), 7, np.uint8)),
+     "channel 0 of x_train has the same value in every pixel"),
+    (_bad(GOOD, x_train=np.zeros((0, 8, 8, 3), np.uint8),
+          y_train=np.zeros(0, np.int64)), "with N > 0 images"),
+])
+def test_a_bad_file_is_one_error_naming_the_problem(tmp_path, arrays,
+                                                    fragment):
+  name = _save(tmp_path / "bad.npz", **arrays)
+  with pytest.raises(data.DataError) as error:
+    data.dataset_info(name)
+  assert fragment in str(error.value)
+  assert str(tmp_path / "bad.npz") in str(error.value)
+
+
+def _npy(path):
+  with open(path, "wb") as f:
+    np.save(f, np.zeros(3))
+
+
+@pytest.mark.parametrize("write, fragment", [
+    (_npy, "holds one array (.npy)"),
+    (lambda p: p.write_text("hello"), "is not a NumPy .npz file"),
+    (lambda p: np.savez(p, **_bad(GOOD, x_train=np.array([{}], object))),
+     "pickled Python objects"),
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: None, "does not exist"),
+])
+def test_files_that_are_not_npz_datasets(tmp_path, write, fragment):
+  path = tmp_path / "data.npz"
+  write(path)
+  with pytest.raises(data.DataError) as error:
+    data.dataset_info(f"npz:{path}")
+  assert fragment in str(error.value), str(error.value)
+
+
+def test_unknown_names_offer_npz():
+  with pytest.raises(data.DataError, match="or npz:PATH"):
+    data.dataset_info("mnist")
+
+
+def _run(args, cwd, timeout=300):
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_search_export_on_a_relative_npz_file(tmp_path):
+  """From a working directory holding the file: the run saves its absolute
+  path, and the export (from elsewhere) finds the data and names the
+  classes."""
+  names = np.array(["zero", "one", "two"])
+  _save(tmp_path / "mine.npz", **_arrays(num_train=64, num_test=16),
+        class_names=names)
+  search = _run(
+      ["-m", "tfnas.apps.search", "--method=dsnas", "--space=shufflenet_small",
+       "--dataset=npz:mine.npz", "--run_dir=run", "--epochs=1", "--pad_crop=1",
+       "--max_steps_per_epoch=2", "--batch_size=16", "--stage_repeats=1,1",
+       "--stage_channels=8,16", "--stem_channels=4", "--head_channels=16",
+       "--noprogress"], cwd=tmp_path)
+  assert search.returncode == 0, search.stderr[-3000:]
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert config["dataset"] == f"npz:{tmp_path}/mine.npz"
+  export = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
+                 f"--export_dir={tmp_path}/exported"], cwd=ROOT)
+  assert export.returncode == 0, export.stderr[-3000:]
+  metadata = json.loads(
+      (tmp_path / "exported" / "1" / "metadata.json").read_text())
+  assert metadata["class_names"] == names.tolist()
+  assert metadata["input_shape"] == [8, 8, 3]
+  assert metadata["dataset"] == config["dataset"]
+
+
+def test_a_bad_npz_file_stops_the_search_before_its_run_directory(tmp_path):
+  name = _save(tmp_path / "bad.npz",
+               **_bad(GOOD, x_train=GOOD["x_train"][:, :, :6]))
+  proc = _run(["-m", "tfnas.apps.search",
+               f"--flagfile={ROOT}/flags/darts_digits.cfg", f"--dataset={name}",
+               f"--run_dir={tmp_path}/run"], cwd=ROOT)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("tfnas-search: error: "), proc.stderr[-2000:]
+  assert "square images" in lines[-1]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def _image_folder(root, sizes):
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(["b_dog", "a_cat"]):
+    os.makedirs(root / name)
+    for i, (h, w) in enumerate(sizes):
+      image = np.full((h, w, 3), 40 + 100 * c, np.uint8)
+      image[..., 2] = rng.integers(0, 255, (h, w))
+      encode = tf.io.encode_png if i % 2 else tf.io.encode_jpeg
+      (root / name / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(
+          encode(image).numpy())
+  (root / "a_cat" / "notes.txt").write_text("not an image")
+
+
+def test_images_to_npz_writes_a_file_the_search_reads(tmp_path):
+  _image_folder(tmp_path / "photos", [(12, 20), (16, 16), (20, 12), (9, 9),
+                                      (30, 14)])
+  tool = os.path.join(ROOT, "tools", "images_to_npz.py")
+  out = tmp_path / "photos.npz"
+  mixed = _run([tool, f"--input_dir={tmp_path}/photos", f"--output={out}"],
+               cwd=ROOT)
+  assert mixed.returncode == 2, mixed.stderr[-2000:]
+  assert "pass --size=N" in mixed.stderr
+  assert not out.exists()
+  proc = _run([tool, f"--input_dir={tmp_path}/photos", f"--output={out}",
+               "--size=8", "--channels=1"], cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "8 train and 2 test images of 8x8x1, 2 classes (a_cat, b_dog)" in (
+      proc.stdout)
+  with np.load(out) as npz:
+    assert npz["class_names"].tolist() == ["a_cat", "b_dog"]
+    assert npz["x_train"].shape == (8, 8, 8, 1)
+    assert npz["x_train"].dtype == np.uint8
+    # Each class's grey level, from its own folder (a_cat is label 0).
+    for split in ("train", "test"):
+      x, y = npz[f"x_{split}"], npz[f"y_{split}"]
+      for label, red in ((0, 140), (1, 40)):
+        grey = x[y == label].astype(np.float64).mean(axis=(1, 2, 3))
+        expected = 0.299 * red + 0.587 * red  # + 0.114 * noisy blue.
+        assert np.all(np.abs(grey - expected - 0.114 * 127) < 25), grey
+  info = data.dataset_info(f"npz:{out}")
+  assert (info.image_size, info.channels, info.num_classes) == (8, 1, 2)
+  again = _run([tool, f"--input_dir={tmp_path}/photos", f"--output={out}",
+                "--size=8"], cwd=ROOT)
+  assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+_TRAIN_CONFIG = r"""
+import sys
+from tfnas import flags as tfnas_flags
+import tfnas.apps.train  # Defines tfnas-train's flags.
+tfnas_flags.FLAGS(["tfnas-train", "--genotype=DARTS_V2", *sys.argv[1:]])
+print(tfnas_flags.train_config().dataset)
+"""
+
+
+def test_tfnas_train_saves_the_absolute_path_too(tmp_path):
+  _save(tmp_path / "mine.npz", **GOOD)
+  proc = _run(["-c", _TRAIN_CONFIG, "--dataset=npz:mine.npz"], cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == [f"npz:{tmp_path}/mine.npz"]
+  missing = _run(["-c", _TRAIN_CONFIG, "--dataset=npz:other.npz"],
+                 cwd=tmp_path)
+  assert missing.returncode != 0
+  assert f"{tmp_path}/other.npz is not a file" in missing.stderr
