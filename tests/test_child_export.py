@@ -252,3 +252,33 @@ def test_madds_only_where_the_count_is_the_whole_network():
   cells = dict(info, space="darts", flops_scope="multiply-adds per image of "
                "the chosen op of every cell edge; stem ... excluded")
   assert "madds" not in child_export.search_child_metadata("r", cells)
+
+
+# tfnas-export whose process receives a signal right after the version is in
+# place (while its summary prints): the export stands and the status is 0.
+_LATE_SIGNAL = r"""
+import os, signal, sys
+from tfnas.apps import export as app
+signum = getattr(signal, sys.argv.pop(1))
+line = app._signature_line
+def signalled(*args):
+  os.kill(os.getpid(), signum)
+  return line(*args)
+app._signature_line = signalled
+app.run()
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_export_is_written_leaves_status_0(
+    search_run, tmp_path, signum):
+  import subprocess
+  import sys
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run(
+      [sys.executable, "-c", _LATE_SIGNAL, signum, f"--run_dir={search_run}",
+       f"--export_dir={tmp_path}/serving", "--noevaluate"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"to {tmp_path}/serving/1 (signature" in proc.stdout
+  assert (tmp_path / "serving" / "1" / "saved_model.pb").exists()

@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests import helpers
 from tfnas.config import TrainConfig
+from tfnas import data
+from tfnas import models
 from tfnas import genotypes
 from tfnas.genotype import Genotype
 from tfnas.train import rundir, stopping
@@ -359,3 +362,23 @@ def test_the_genotype_of_an_unfinished_search_is_warned_of(tmp_path, caplog,
   caplog.clear()
   load_genotype(tiny_config(tmp_path / "run", genotype=str(search)), False)
   assert "epochs" not in caplog.text
+
+
+def test_a_network_ill_suited_to_the_image_size_is_warned_of(tmp_path,
+                                                              caplog):
+  assert models.size_warnings("imagenet", 224) == []
+  assert models.size_warnings("imagenet", 32) == []
+  assert models.size_warnings("cifar", 32) == []
+  assert models.size_warnings("cifar", 64) == []
+  assert "shrinks 16x16 inputs to 2x2" in models.size_warnings(
+      "imagenet", 16)[0]
+  assert "full 224x224 inputs" in models.size_warnings("cifar", 224)[0]
+  for network, warned in (("imagenet", True), ("cifar", False)):
+    caplog.clear()
+    # An oversized batch stops the run after the warning, before any build.
+    with pytest.raises(data.DataError, match="--batch_size"):
+      Retrain(tiny_config(tmp_path / network, network=network,
+                          batch_size=100000))
+    assert ("--network=imagenet shrinks 8x8 inputs to 1x1" in
+            caplog.text) == warned, caplog.text
+    assert not (tmp_path / network).exists()

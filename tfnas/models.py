@@ -210,6 +210,26 @@ class NetworkImageNet(_EvalNetwork):
     return s0, s1
 
 
+def size_warnings(kind: str, image_size: int) -> list[str]:
+  """Valid but ill-suited pairings of an evaluation network and an input
+  size: the ImageNet network (8x down in its stems, 32x by its last cells)
+  on small images, whose cells then see a few pixels or one, and the CIFAR
+  network (stride-1 stem) on ImageNet-size images, whose first cells run at
+  full resolution."""
+  side = f"{image_size}x{image_size}"
+  if kind == "imagenet" and image_size < 32:
+    first = max(-(-image_size // 8), 1)
+    return [f"--network=imagenet shrinks {side} inputs to {first}x{first} "
+            "before its first cell and to 1x1 by its last; --network=cifar "
+            "(stride-1 stem) suits images this small"]
+  if kind == "cifar" and image_size >= 128:
+    return [f"--network=cifar runs its first cells on the full {side} "
+            "inputs (stride-1 stem): slow and memory-hungry; "
+            "--network=imagenet (8x down in its stems) is the ImageNet "
+            "recipe"]
+  return []
+
+
 def build_network(kind: str, genotype: Genotype,
                   input_shape: Sequence[int], num_classes: int,
                   num_cells: int, channels: int,

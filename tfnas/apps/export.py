@@ -24,6 +24,7 @@ exported; retrain their genotype first.
 from __future__ import annotations
 
 import os
+import signal
 
 from absl import flags
 from absl import logging
@@ -83,6 +84,14 @@ def _read_run_config(run_dir: str) -> dict:
   return rundir.read_config(run_dir)
 
 
+def _ignore_stop_signals() -> None:
+  """Once the version is in place, Ctrl-C and SIGTERM are ignored: one that
+  arrives while the summary prints or TensorFlow tears down would report a
+  complete export as interrupted (status 130 or 143)."""
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+
+
 def _signature_line(checkpoint_path: str, path: str, input_shape,
                     before: dict[int, str]) -> str:
   """What was exported where; ``before``: `export.exported_versions` before
@@ -120,6 +129,7 @@ def _export_search_child(run_dir: str, method_name: str,
       version=FLAGS.version or None, checkpoint=checkpoint_path,
       data_dir=FLAGS.data_dir, evaluate=FLAGS.evaluate,
       show_progress=FLAGS.progress, allow_random_ops=FLAGS.allow_random_ops)
+  _ignore_stop_signals()
   meta = exported.metadata
   used = meta["bn_recalibration_batches"]
   bn = (f"BN statistics re-estimated on {used} training batches" if used
@@ -191,6 +201,7 @@ def _export_retrained(run_dir: str, saved: dict,
                                    metadata=metadata, genotype=genotype,
                                    version=FLAGS.version or None,
                                    allow_random_ops=FLAGS.allow_random_ops)
+  _ignore_stop_signals()
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")

@@ -127,6 +127,9 @@ class Retrain:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.show_progress = show_progress
     self.info = data_lib.dataset_info(config.dataset)
+    for warning in models.size_warnings(config.network,
+                                        self.info.image_size):
+      log.warning("%s", warning)
     # Bad genotypes and data fail before the run directory is touched.
     has_saved = resume and os.path.exists(
         os.path.join(config.run_dir, "genotype.json"))
