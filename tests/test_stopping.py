@@ -35,7 +35,7 @@ def send():
     time.sleep(10)
   queue.enqueue(1)  # Lets the main thread go on (too late for a Ctrl-C).
 
-with stopping.sigterm_flag() as interrupted, \\
+with stopping.sigterm_flag(run_dir=sys.argv[2]) as interrupted, \\
      stopping.ctrl_c_stops(interrupted):
   threading.Thread(target=send, daemon=True).start()
   queue.dequeue()  # Inside TensorFlow: no Python handler runs meanwhile.
@@ -45,11 +45,15 @@ with stopping.sigterm_flag() as interrupted, \\
 
 @pytest.mark.parametrize("signame, status", [("SIGINT", 130),
                                               ("SIGTERM", 0)])
-def test_a_stop_signal_is_said_at_once_while_tensorflow_is_busy(signame,
-                                                                 status):
+def test_a_stop_signal_is_said_at_once_while_tensorflow_is_busy(
+    signame, status, tmp_path):
+  run_dir = tmp_path / "run"
+  (run_dir / "ckpt").mkdir(parents=True)
+  (run_dir / "ckpt" / "checkpoint").write_text("")
   # The main thread waits inside TensorFlow (as in a first call's graph
   # optimisation), where Python runs no signal handler.
-  proc = subprocess.run([sys.executable, "-c", _BLOCKED, signame], cwd=ROOT,
+  proc = subprocess.run([sys.executable, "-c", _BLOCKED, signame,
+                         str(run_dir)], cwd=ROOT,
                         capture_output=True, text=True, timeout=120,
                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert proc.returncode == status, proc.stderr[-2000:]
@@ -61,6 +65,9 @@ def test_a_stop_signal_is_said_at_once_while_tensorflow_is_busy(signame,
     assert "returned" not in proc.stdout
     assert "Ctrl-C again while TensorFlow is busy: stopping at once" in (
         proc.stderr)
+    # The app's line on how to go on cannot follow: this one says it.
+    assert (f"last checkpoint; {run_dir} holds the last checkpoint: rerun "
+            "with --resume to continue") in proc.stderr
   else:  # The request is taken when the call returns, and said only once.
     assert "returned [15]" in proc.stdout
     assert "SIGTERM: stopping with a checkpoint" not in proc.stderr

@@ -6,7 +6,6 @@ TensorFlow's start-up and the --strategy live in `tfnas.apps.startup`.
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import re
 import signal
@@ -137,11 +136,8 @@ def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):
   return wrap
 
 
-def holds_checkpoints(folder: str) -> bool:
-  """Whether ``folder`` is a checkpoint folder: its checkpoint list, or
-  checkpoint files when the list was lost."""
-  return os.path.exists(os.path.join(folder, "checkpoint")) or bool(
-      glob.glob(os.path.join(glob.escape(folder), "*-*.index")))
+#: Whether a folder holds checkpoints (`rundir.holds_checkpoints`).
+holds_checkpoints = rundir.holds_checkpoints
 
 
 def interrupted_line(run_dir: str | None) -> str:
@@ -150,10 +146,8 @@ def interrupted_line(run_dir: str | None) -> str:
   resume)."""
   if run_dir is None:
     return "interrupted"
-  if holds_checkpoints(os.path.join(run_dir, "ckpt")):
-    return (f"interrupted; {run_dir} holds the last checkpoint: rerun with "
-            "--resume to continue")
-  if os.path.exists(os.path.join(run_dir, "config.json")):
-    return (f"interrupted before the first checkpoint; rerun with --resume "
-            f"to start {run_dir} over")
-  return "interrupted before the run started; nothing was saved"
+  hint = rundir.resume_hint(run_dir)
+  if hint is None:
+    return "interrupted before the run started; nothing was saved"
+  first = not holds_checkpoints(os.path.join(run_dir, "ckpt"))
+  return f"interrupted{' before the first checkpoint' if first else ''}; {hint}"

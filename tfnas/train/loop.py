@@ -40,7 +40,7 @@ def run_epochs(*, strategy: tf.distribute.Strategy, epoch: tf.Variable,
   (`StopRequested.saved`), with a warning naming ``run_dir``.
   """
   history = []
-  with stopping.sigterm_flag(strategy) as interrupted:
+  with stopping.sigterm_flag(strategy, run_dir) as interrupted:
     try:
       while int(epoch.numpy()) < epochs:
         if stop_after_epochs is not None and len(history) >= stop_after_epochs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 import atexit
+import glob
 import json
 import os
 import shutil
@@ -154,6 +155,25 @@ def run_kind(config: dict[str, Any]) -> str | None:
     return "tfnas-search"
   if "genotype" in config:
     return "tfnas-train"
+  return None
+
+
+def holds_checkpoints(folder: str) -> bool:
+  """Whether ``folder`` is a checkpoint folder: its checkpoint list, or
+  checkpoint files when the list was lost."""
+  return os.path.exists(os.path.join(folder, "checkpoint")) or bool(
+      glob.glob(os.path.join(glob.escape(folder), "*-*.index")))
+
+
+def resume_hint(run_dir: str) -> str | None:
+  """What a rerun with --resume does for a stopped run in ``run_dir``:
+  continue from its last checkpoint, or start it over; None when nothing
+  was saved there."""
+  if holds_checkpoints(os.path.join(run_dir, "ckpt")):
+    return (f"{run_dir} holds the last checkpoint: rerun with --resume to "
+            "continue")
+  if os.path.exists(os.path.join(run_dir, "config.json")):
+    return f"rerun with --resume to start {run_dir} over"
   return None
 
 

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfnas import distribute
 from tfnas.errors import StopRequested
+from tfnas.train import rundir
 from tfnas.train.progress import log_above_bars
 
 
@@ -42,8 +43,10 @@ class _Watcher:
 
   GRACE_S = 1.0
 
-  def __init__(self, exit_on_second_ctrl_c: bool):
+  def __init__(self, exit_on_second_ctrl_c: bool,
+               run_dir: str | None = None):
     self._exit_on_second_ctrl_c = exit_on_second_ctrl_c
+    self._run_dir = run_dir
     self._lock = threading.Lock()
     self._handled = collections.Counter()
     self._announced = set()
@@ -88,9 +91,12 @@ class _Watcher:
       time.sleep(0.02)
     ctrl_c = signum == signal.SIGINT and self._exit_on_second_ctrl_c
     if ctrl_c and count > 1:
+      hint = self._run_dir and rundir.resume_hint(self._run_dir)
+      # The process ends here: the app's own line on how to go on cannot
+      # follow, so this one says it.
       log_above_bars(log.warning, "Ctrl-C again while TensorFlow is busy: "
                      "stopping at once, without saving the steps since the "
-                     "last checkpoint")
+                     "last checkpoint%s", f"; {hint}" if hint else "")
       os._exit(128 + signum)  # pylint: disable=protected-access
     with self._lock:
       if signum in self._announced or self._handled[signum] >= count:
@@ -121,7 +127,7 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def _watching(exit_on_second_ctrl_c: bool):
+def _watching(exit_on_second_ctrl_c: bool, run_dir: str | None = None):
   """A `_Watcher` for the block (the main thread only; an enclosing one
   stays in charge)."""
   global _watcher
@@ -129,7 +135,7 @@ def _watching(exit_on_second_ctrl_c: bool):
                               threading.main_thread()):
     yield
     return
-  _watcher = _Watcher(exit_on_second_ctrl_c)
+  _watcher = _Watcher(exit_on_second_ctrl_c, run_dir)
   try:
     yield
   finally:
@@ -147,7 +153,8 @@ def stop_requested(interrupted: list, saved: bool = False) -> StopRequested:
 
 
 @contextlib.contextmanager
-def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
+def sigterm_flag(strategy: tf.distribute.Strategy | None = None,
+                 run_dir: str | None = None):
   """Yields a list that gets an entry when SIGTERM arrives.
 
   The loop checks it between compiled chunks, saves a checkpoint and stops
@@ -155,7 +162,9 @@ def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   run of ``strategy`` Ctrl-C does the same instead of raising wherever the
   program is (a KeyboardInterrupt in one worker would leave the others in
   a collective; see `stop_agreement`). The previous handlers are restored
-  on exit; outside the main thread nothing is installed.
+  on exit; outside the main thread nothing is installed. ``run_dir``: the
+  run whose checkpoint a second Ctrl-C, which ends the process at once,
+  names for a resume.
   """
   interrupted = []
   multi_worker = strategy is not None and distribute.num_workers(strategy) > 1
@@ -182,7 +191,7 @@ def sigterm_flag(strategy: tf.distribute.Strategy | None = None):
   except ValueError:  # Not the main thread.
     pass
   try:
-    with _watching(exit_on_second_ctrl_c=not multi_worker):
+    with _watching(exit_on_second_ctrl_c=not multi_worker, run_dir=run_dir):
       yield interrupted
   finally:
     for signum, handler in previous.items():
