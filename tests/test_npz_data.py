@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfnas import data
-from tfnas.data import npz_source
+from tfnas import dataset_names
 from tfnas import flags as tfnas_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,13 +83,22 @@ def test_a_relative_name_means_its_absolute_file_and_a_new_file_is_reread(
   _save("mine.npz", **_arrays(classes=3))
   info = data.dataset_info("npz:mine.npz")
   assert info.name == f"npz:{tmp_path}/mine.npz"
-  assert tfnas_flags.dataset_name("npz:mine.npz") == info.name
-  assert tfnas_flags.NPZ_PREFIX == npz_source.PREFIX
+  saved = tfnas_flags.dataset_name("npz:mine.npz")
+  assert saved == (f"npz:{tmp_path}/mine.npz#sha256:"
+                   f"{dataset_names.file_fingerprint('mine.npz')}")
+  assert data.dataset_info(saved).name == saved
   assert info.num_classes == 3
   _save("mine.npz", **_arrays(classes=5, num_train=45))
   os.utime("mine.npz", ns=(1, 1))  # A different version, whatever the clock.
   assert data.dataset_info("npz:mine.npz").num_classes == 5
   assert "npz:mine.npz" not in data.DATASETS  # Resolved, not registered.
+  # The name a run saved refuses the file's new content, and a lost file.
+  with pytest.raises(data.DataError, match="changed since the run read it"):
+    data.dataset_info(saved)
+  os.rename("mine.npz", "moved.npz")
+  with pytest.raises(data.DataError, match="does not exist .a run reads its "
+                     "data file again to resume or export: put the file"):
+    data.dataset_info(saved)
 
 
 def _bad(arrays, **changes):
@@ -114,8 +123,24 @@ GOOD = _arrays()
      "labels are integer class indices"),
     (_bad(GOOD, y_train=np.eye(3)[GOOD["y_train"]].astype(np.int64)),
      "one-hot labels: store y.argmax(axis=1)"),
+    (_bad(GOOD, x_train=GOOD["x_train"].astype(np.float32),
+          x_test=GOOD["x_test"].astype(np.float32)),
+     "x_train values reach 255, above 1; float images are read as 0-1"),
     (_bad(GOOD, x_train=GOOD["x_train"].astype(np.float32)),
-     "float images are read as 0-1"),
+     "x_train has dtype float32 but x_test uint8"),
+    (_bad(GOOD, x_train=GOOD["x_train"] / 127.5 - 1,
+          x_test=GOOD["x_test"] / 127.5 - 1), "(x + 1) / 2 for -1..1 floats"),
+    (_bad(GOOD, x_train=np.transpose(GOOD["x_train"], (0, 3, 1, 2))),
+     "channels first; tfnas reads (N, H, W, C)"),
+    (_bad(GOOD, y_train=GOOD["y_train"] * 1000, y_test=GOOD["y_test"] * 1000),
+     "the labels use 3 distinct values up to 2000"),
+    (_bad(GOOD, y_train=GOOD["y_train"].astype(np.uint64) + 2**63),
+     "renumber them with np.unique"),
+    (_bad(GOOD, class_names=np.array(["cat", "cat", "owl"])),
+     "class_names must be distinct and not empty"),
+    (_bad(GOOD, class_names=np.array([b"\xff", b"dog", b"owl"])),
+     "not UTF-8"),
+    (_bad(GOOD, pixel_max=np.array(1 + 2j)), "pixel_max must be one"),
     (_bad(GOOD, x_train=GOOD["x_train"].astype(np.int32) * 4),
      "add the largest possible value as pixel_max"),
     (_bad(GOOD, pixel_max=np.array([255, 255])), "pixel_max must be one"),
@@ -186,7 +211,9 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
        "--noprogress"], cwd=tmp_path)
   assert search.returncode == 0, search.stderr[-3000:]
   config = json.loads((tmp_path / "run" / "config.json").read_text())
-  assert config["dataset"] == f"npz:{tmp_path}/mine.npz"
+  assert config["dataset"] == (
+      f"npz:{tmp_path}/mine.npz#sha256:"
+      f"{dataset_names.file_fingerprint(tmp_path / 'mine.npz')}")
   export = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
                  f"--export_dir={tmp_path}/exported"], cwd=ROOT)
   assert export.returncode == 0, export.stderr[-3000:]
@@ -211,16 +238,37 @@ def test_a_bad_npz_file_stops_the_search_before_its_run_directory(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def _bmp(image):
+  """A 24-bit BMP file of an RGB uint8 image (TensorFlow decodes but does
+  not encode BMP)."""
+  import struct
+  height, width, _ = image.shape
+  row = (width * 3 + 3) // 4 * 4
+  pixels = b"".join(line[:, ::-1].tobytes() + b"\0" * (row - width * 3)
+                    for line in image[::-1])
+  return (b"BM" + struct.pack("<IHHI", 54 + len(pixels), 0, 0, 54) +
+          struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0,
+                      len(pixels), 2835, 2835, 0, 0) + pixels)
+
+
 def _image_folder(root, sizes):
+  """Two classes of PNG, JPEG and BMP images, plus files to skip: a text
+  file, a hidden (AppleDouble) file and a hidden folder."""
   rng = np.random.default_rng(0)
   for c, name in enumerate(["b_dog", "a_cat"]):
-    os.makedirs(root / name)
+    os.makedirs(root / name / ".ipynb_checkpoints")
     for i, (h, w) in enumerate(sizes):
       image = np.full((h, w, 3), 40 + 100 * c, np.uint8)
       image[..., 2] = rng.integers(0, 255, (h, w))
+      if i == len(sizes) - 1:
+        (root / name / f"{i}.bmp").write_bytes(_bmp(image))
+        continue
       encode = tf.io.encode_png if i % 2 else tf.io.encode_jpeg
       (root / name / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(
           encode(image).numpy())
+    (root / name / "._0.jpg").write_bytes(b"AppleDouble")
+    (root / name / ".ipynb_checkpoints" / "0.png").write_bytes(
+        tf.io.encode_png(image).numpy())
   (root / "a_cat" / "notes.txt").write_text("not an image")
 
 
@@ -270,8 +318,54 @@ def test_tfnas_train_saves_the_absolute_path_too(tmp_path):
   _save(tmp_path / "mine.npz", **GOOD)
   proc = _run(["-c", _TRAIN_CONFIG, "--dataset=npz:mine.npz"], cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.split() == [f"npz:{tmp_path}/mine.npz"]
+  assert proc.stdout.split() == [
+      f"npz:{tmp_path}/mine.npz#sha256:"
+      f"{dataset_names.file_fingerprint(tmp_path / 'mine.npz')}"]
   missing = _run(["-c", _TRAIN_CONFIG, "--dataset=npz:other.npz"],
                  cwd=tmp_path)
   assert missing.returncode != 0
   assert f"{tmp_path}/other.npz is not a file" in missing.stderr
+
+
+def test_unused_classes_are_warned_of_and_arrays_are_read_only(tmp_path,
+                                                               caplog):
+  arrays = _arrays(classes=3)
+  arrays["y_train"] = np.where(arrays["y_train"] == 1, 0, arrays["y_train"])
+  arrays["x_train"] = arrays["x_train"].astype(np.int64)  # 0-255 integers.
+  name = _save(tmp_path / "gaps.npz", **arrays,
+               class_names=np.array(["cat", "dog", "owl"]))
+  images, labels = data.load_split(name, "train")
+  assert "1 of 3 classes have no training image (dog)" in caplog.text
+  assert images.dtype == np.uint8  # Not four times the memory as float32.
+  with pytest.raises(ValueError):
+    images[0, 0, 0, 0] = 1  # The cached split stays as read.
+  # Ids of a few classes under class_names: their names say how many.
+  arrays["y_test"] = arrays["y_test"] * 0
+  name = _save(tmp_path / "named.npz", **_bad(arrays, y_train=np.arange(40) % 2),
+               class_names=np.array([f"c{i}" for i in range(8)]))
+  assert data.dataset_info(name).num_classes == 8
+
+
+def test_a_zip_member_that_is_not_an_array(tmp_path):
+  import zipfile
+  path = tmp_path / "odd.npz"
+  np.savez(path, **GOOD)
+  with zipfile.ZipFile(path, "a") as z:
+    z.writestr("pixel_max.npy", b"not an array")
+  with pytest.raises(data.DataError, match="member pixel_max is not a NumPy"):
+    data.dataset_info(f"npz:{path}")
+
+
+def test_images_to_npz_reads_a_train_and_val_layout(tmp_path):
+  for split in ("Train", "val"):
+    _image_folder(tmp_path / "photos" / split, [(8, 8), (8, 8)])
+  tool = os.path.join(ROOT, "tools", "images_to_npz.py")
+  proc = _run([tool, f"--input_dir={tmp_path}/photos",
+               f"--output={tmp_path}/photos.npz"], cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "4 train and 4 test images of 8x8x3, 2 classes (a_cat, b_dog)" in (
+      proc.stdout)
+  missing = _run([tool, f"--input_dir={tmp_path}/photos/Train",
+                  f"--output={tmp_path}/none/x.npz"], cwd=ROOT)
+  assert missing.returncode == 2
+  assert f"the folder {tmp_path}/none does not exist" in missing.stderr

@@ -10,7 +10,8 @@ import os
 
 from absl import flags
 
-from tfnas.config import SearchConfig, TrainConfig
+from tfnas import dataset_names
+from tfnas.config import ConfigError, SearchConfig, TrainConfig
 from tfnas.spaces import names as space_names
 
 FLAGS = flags.FLAGS
@@ -19,8 +20,6 @@ _DEFAULTS = SearchConfig()
 _TRAIN_DEFAULTS = TrainConfig()
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn_cropped",
             "imagenet2012")
-#: --dataset=npz:PATH reads a NumPy file (tfnas.data.npz_source.PREFIX).
-NPZ_PREFIX = "npz:"
 SPACES = space_names.SPACES
 #: The registered methods (tfnas.methods.METHODS; a test keeps them equal).
 #: Listed here so defining flags does not import TensorFlow.
@@ -95,27 +94,33 @@ def _known_dataset(name: str) -> bool:
   file (read later, before the run directory is written)."""
   if name in DATASETS:
     return True
-  if name.startswith(NPZ_PREFIX):
-    path = os.path.expanduser(name[len(NPZ_PREFIX):])
+  if dataset_names.is_npz_name(name):
+    path, _ = dataset_names.split_name(name)
     if not path.strip():
       raise flags.ValidationError(
           "npz: needs a file: --dataset=npz:/path/to/data.npz")
-    if not os.path.isfile(path):
+    if not os.path.isfile(dataset_names.absolute(path)):
       raise flags.ValidationError(
-          f"{os.path.abspath(path)} is not a file (npz:PATH names a NumPy "
-          ".npz file, see README \"Your own data\")")
+          f"{dataset_names.absolute(path)} is not a file (npz:PATH names a "
+          "NumPy .npz file, see README \"Your own data\")")
     return True
+  hint = (f"; for a NumPy file write --dataset=npz:{name}"
+          if name.lower().endswith(".npz") or os.path.isfile(name) else "")
   raise flags.ValidationError(
       f"unknown dataset; use one of {', '.join(DATASETS)}, or npz:PATH for a "
-      "NumPy file of your own images")
+      f"NumPy file of your own images{hint}")
 
 
 def dataset_name(name: str) -> str:
-  """--dataset as a run saves it: an npz file by its absolute path."""
-  if name.startswith(NPZ_PREFIX):
-    return NPZ_PREFIX + os.path.abspath(os.path.expanduser(
-        name[len(NPZ_PREFIX):]))
-  return name
+  """--dataset as a run saves it: an npz file by its absolute path and a
+  fingerprint of its content (`tfnas.dataset_names.saved_name`)."""
+  if not dataset_names.is_npz_name(name):
+    return name
+  try:
+    return dataset_names.saved_name(name)
+  except OSError as e:
+    raise ConfigError(f"--dataset={name}: the file cannot be read ({e})"
+                      ) from None
 
 
 def _define_loop_flags(defaults):

@@ -8,9 +8,13 @@ test/:
     photos/train/cat/..., photos/test/cat/..., ...
 
 Classes are the sub-folder names in sorted order (label 0 is the first);
-they go into the file as ``class_names``. Images (PNG, JPEG, BMP, GIF) are
+they go into the file as ``class_names``. A top level with ``train/`` and
+``test/`` (or ``val/``, any case) is a split layout. Hidden files and
+folders are skipped. Images (PNG, JPEG, BMP, GIF: its first frame) are
 scaled so that their shorter side is --size and centre-cropped to
 --size x --size; without --size they must all be square and of one size.
+16-bit PNGs are reduced to 8 bits, and EXIF orientation is not applied
+(rotate such photos first).
 
     python tools/images_to_npz.py --input_dir=photos --output=photos.npz \\
         --size=32
@@ -20,6 +24,7 @@ scaled so that their shorter side is --size and centre-cropped to
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import flags
@@ -45,27 +50,54 @@ flags.DEFINE_boolean("overwrite", False, "Replace an existing --output.")
 FLAGS = flags.FLAGS
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Folder names of a split layout (any case): training, then testing.
+TRAIN_NAMES = ("train",)
+TEST_NAMES = ("test", "val", "validation")
+
+
+def _visible(names) -> list[str]:
+  return sorted(n for n in names if not n.startswith("."))
 
 
 def _classes(folder: str) -> list[str]:
-  return sorted(d for d in os.listdir(folder)
-                if os.path.isdir(os.path.join(folder, d))
-                and not d.startswith("."))
+  return [d for d in _visible(os.listdir(folder))
+          if os.path.isdir(os.path.join(folder, d))]
+
+
+def _walk_error(error: OSError):
+  raise TfnasError(f"cannot read {error.filename} ({error.strerror})")
 
 
 def _files(folder: str, classes: list[str]) -> list[tuple[str, int]]:
-  """(path, label) of every image below ``folder``'s class sub-folders."""
+  """(path, label) of every image below ``folder``'s class sub-folders
+  (hidden files and folders skipped)."""
   found = []
   for label, name in enumerate(classes):
     class_dir = os.path.join(folder, name)
     if not os.path.isdir(class_dir):
       continue
-    for root, dirs, files in os.walk(class_dir):
-      dirs.sort()
-      for f in sorted(files):
+    for root, dirs, files in os.walk(class_dir, onerror=_walk_error):
+      dirs[:] = _visible(dirs)
+      for f in _visible(files):
         if f.lower().endswith(EXTENSIONS):
           found.append((os.path.join(root, f), label))
   return found
+
+
+def _split_folders(folder: str, top: list[str]):
+  """The train and test folder names of a split layout (None when the
+  top level holds classes)."""
+  lower = {name.lower(): name for name in top}
+  train = next((lower[n] for n in TRAIN_NAMES if n in lower), None)
+  test = next((lower[n] for n in TEST_NAMES if n in lower), None)
+  if train is None and test is None:
+    return None
+  if train is None or test is None:
+    raise TfnasError(
+        f"--input_dir={folder} has a {train or test}/ folder but no "
+        f"{'test/ (or val/)' if test is None else 'train/'} beside it; give "
+        "both splits, or class folders only")
+  return train, test
 
 
 def list_images(folder: str, test_fraction: float, seed: int):
@@ -74,11 +106,16 @@ def list_images(folder: str, test_fraction: float, seed: int):
   if not os.path.isdir(folder):
     raise TfnasError(f"--input_dir={folder} is not a folder")
   top = _classes(folder)
-  if "train" in top and "test" in top:
-    classes = sorted(set(_classes(os.path.join(folder, "train"))) |
-                     set(_classes(os.path.join(folder, "test"))))
-    train = _files(os.path.join(folder, "train"), classes)
-    test = _files(os.path.join(folder, "test"), classes)
+  splits = _split_folders(folder, top)
+  if splits is not None:
+    train_dir, test_dir = (os.path.join(folder, name) for name in splits)
+    classes = sorted(set(_classes(train_dir)) | set(_classes(test_dir)))
+    train = _files(train_dir, classes)
+    test = _files(test_dir, classes)
+    others = [name for name in top if name not in splits]
+    if others:
+      print(f"ignored beside {splits[0]}/ and {splits[1]}/: "
+            f"{', '.join(others)}")
   else:
     classes = top
     train, test = [], []
@@ -99,21 +136,49 @@ def list_images(folder: str, test_fraction: float, seed: int):
     if not items:
       raise TfnasError(f"--input_dir={folder}: no {split} images (file "
                        f"names ending in {', '.join(EXTENSIONS)})")
+  empty = sorted(set(classes) - {classes[label] for _, label in train})
+  if empty:
+    print(f"warning: no training images in {', '.join(empty)}")
   return classes, train, test
 
 
+def _error_text(error) -> str:
+  """TensorFlow's error message without its op-location prefix."""
+  text = error.message.splitlines()[0] if error.message else str(error)
+  return re.sub(r"\{\{[^}]*\}\}\s*", "", text).strip()
+
+
+def _with_channels(tf, image, channels: int):
+  """``image`` (1-4 channels as decoded) with ``channels`` channels: colour
+  to grey by luminance, grey repeated, alpha dropped."""
+  have = image.shape[-1]
+  if have in (2, 4):  # Grey or colour with alpha.
+    image = image[..., :have - 1]
+    have -= 1
+  if channels == have:
+    return image
+  if channels == 1:
+    return tf.cast(tf.round(tf.image.rgb_to_grayscale(
+        tf.cast(image, tf.float32))), tf.uint8)
+  return tf.image.grayscale_to_rgb(image)
+
+
 def read_images(items, size: int, channels: int):
-  """uint8 ``(N, size, size, channels)`` images and int64 labels."""
+  """uint8 ``(N, size, size, channels)`` images and int64 labels (without
+  ``size``: the images' own size, the same square for all)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  images, shapes = [], set()
+  images, first = [], None
   for path, _ in items:
     try:
-      image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+      image = tf.io.decode_image(tf.io.read_file(path), channels=0,
                                  expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+    except tf.errors.OpError as e:
       raise TfnasError(f"{path} is not a readable image "
-                       f"({e.message.splitlines()[0]})") from None
+                       f"({_error_text(e)})") from None
+    if image.dtype != tf.uint8:  # 16-bit PNG: to 8 bits.
+      image = tf.image.convert_image_dtype(image, tf.uint8)
+    image = _with_channels(tf, image, channels)
     if size:
       height, width = image.shape[0], image.shape[1]
       scale = size / min(height, width)
@@ -121,14 +186,17 @@ def read_images(items, size: int, channels: int):
       image = tf.image.resize(image, new, antialias=True)
       image = tf.image.resize_with_crop_or_pad(image, size, size)
       image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    shapes.add(tuple(image.shape))
+    shape = tuple(image.shape)
+    first = first or (path, shape)
+    if shape[0] != shape[1] or shape != first[1]:
+      # At the first image that differs: a folder of large photos would
+      # fill the memory before a check at the end.
+      raise TfnasError(
+          f"{path} is {shape[0]}x{shape[1]}"
+          + (f" but {first[0]} {first[1][0]}x{first[1][1]}"
+             if shape[0] == shape[1] else " (not square)")
+          + "; pass --size=N to scale and crop every image to N x N")
     images.append(image.numpy())
-  if len(shapes) > 1 or (not size and images and
-                         images[0].shape[0] != images[0].shape[1]):
-    listed = ", ".join("x".join(map(str, s)) for s in sorted(shapes)[:4])
-    more = ", ..." if len(shapes) > 4 else ""
-    raise TfnasError(f"the images are of the sizes {listed}{more}; pass "
-                     "--size=N to scale and crop them to N x N")
   labels = np.array([label for _, label in items], dtype=np.int64)
   return np.stack(images), labels
 
@@ -136,13 +204,20 @@ def read_images(items, size: int, channels: int):
 @common.clean_errors("images_to_npz")
 def main(argv):
   del argv
-  if not FLAGS.output.endswith(".npz"):
+  output = os.path.expanduser(FLAGS.output)
+  if not output.endswith(".npz"):
     raise TfnasError(f"--output={FLAGS.output} must end in .npz")
-  if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
+  if os.path.isdir(output):
+    raise TfnasError(f"--output={FLAGS.output} is a folder")
+  if os.path.exists(output) and not FLAGS.overwrite:
     raise TfnasError(f"--output={FLAGS.output} exists; pass --overwrite to "
                      "replace it")
-  classes, train, test = list_images(FLAGS.input_dir, FLAGS.test_fraction,
-                                     FLAGS.seed)
+  parent = os.path.dirname(os.path.abspath(output))
+  if not os.path.isdir(parent):
+    raise TfnasError(f"--output={FLAGS.output}: the folder {parent} does "
+                     "not exist")
+  classes, train, test = list_images(os.path.expanduser(FLAGS.input_dir),
+                                     FLAGS.test_fraction, FLAGS.seed)
   from tfnas.apps import startup  # pylint: disable=import-outside-toplevel
   startup.import_tensorflow()
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -152,10 +227,10 @@ def main(argv):
   if x_train.shape[1:] != x_test.shape[1:]:
     raise TfnasError(f"train images are {x_train.shape[1:]} but test images "
                      f"{x_test.shape[1:]}; pass --size=N")
-  partial = FLAGS.output[:-len(".npz")] + ".partial.npz"
+  partial = output[:-len(".npz")] + ".partial.npz"
   np.savez(partial, x_train=x_train, y_train=y_train, x_test=x_test,
            y_test=y_test, class_names=np.array(classes))
-  os.replace(partial, FLAGS.output)
+  os.replace(partial, output)
   side = x_train.shape[1]
   print(f"{FLAGS.output}: {len(y_train)} train and {len(y_test)} test "
         f"images of {side}x{side}x{channels}, {len(classes)} classes "

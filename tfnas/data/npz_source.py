@@ -29,50 +29,60 @@ import zipfile
 
 import numpy as np
 
+from absl import logging
+
+from tfnas import dataset_names
 from tfnas.data.registry import DataError, DatasetEntry, DatasetInfo
 
-PREFIX = "npz:"
+PREFIX = dataset_names.PREFIX
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 _HOW = ("an npz dataset is np.savez(PATH, x_train=..., y_train=..., "
         "x_test=..., y_test=...), see README \"Your own data\"")
-# Images per chunk when measuring the mean and standard deviation.
-_CHUNK = 4096
+# Bytes of float64 per chunk when measuring the mean and standard deviation.
+_CHUNK_BYTES = 1 << 26
+# Classes per label value in use beyond which (without class_names) the
+# labels are taken for ids (e.g. 1000, 2000), not class indices 0..K-1.
+_SPARSE_LABELS = 2
 
-
-def is_npz_name(name) -> bool:
-  """Whether ``name`` asks for a NumPy file (``npz:PATH``)."""
-  return isinstance(name, str) and name.startswith(PREFIX)
-
-
-def canonical_name(name: str) -> str:
-  """``npz:`` and the absolute path of ``name``'s file (``~`` expanded),
-  the form a run saves, so that it means the same file from any working
-  directory."""
-  path = name[len(PREFIX):]
-  if not path.strip():
-    raise DataError(f"--dataset={name} names no file; write "
-                    f"--dataset=npz:/path/to/data.npz ({_HOW})")
-  return PREFIX + os.path.abspath(os.path.expanduser(path))
+is_npz_name = dataset_names.is_npz_name
 
 
 def check_file(name: str) -> str:
-  """The canonical name of an existing file (a :class:`DataError` naming the
-  path otherwise). Cheap: reads nothing but the file's status."""
-  name = canonical_name(name)
-  path = name[len(PREFIX):]
+  """The absolute path of ``name``'s file, which must exist and, when the
+  name holds a fingerprint (as a run saves it), still have that content."""
+  path, saved = dataset_names.split_name(name)
+  if not path.strip():
+    raise DataError(f"dataset {name} names no file; write "
+                    f"--dataset=npz:/path/to/data.npz ({_HOW})")
+  path = dataset_names.absolute(path)
   if not os.path.isfile(path):
     what = "is a directory" if os.path.isdir(path) else "does not exist"
-    raise DataError(f"--dataset={name}: {path} {what}; {_HOW}")
-  return name
+    again = (" (a run reads its data file again to resume or export: put "
+             "the file back there)" if saved else f"; {_HOW}")
+    raise DataError(f"dataset file {path} {what}{again}")
+  if saved is not None:
+    try:
+      now = dataset_names.file_fingerprint(path)
+    except OSError as e:
+      raise DataError(f"dataset file {path} cannot be read ({e})") from None
+    if now != saved:
+      raise DataError(
+          f"dataset file {path} changed since the run read it (content "
+          f"sha256 {saved}..., now {now}...): its images, labels or "
+          "normalisation may differ from the run's; put back the file the "
+          "run used")
+  return path
 
 
 def entry(name: str) -> DatasetEntry:
-  """The dataset entry of ``npz:PATH``, read and checked (cached per file
-  version: a file rewritten in place is read again)."""
-  name = check_file(name)
-  path = name[len(PREFIX):]
+  """The dataset entry of ``npz:PATH[#sha256:HEX]``, read and checked
+  (cached per file version: a file rewritten or replaced is read again)."""
+  path = check_file(name)
+  _, saved = dataset_names.split_name(name)
+  canonical = PREFIX + path + (f"#sha256:{saved}" if saved else "")
   status = os.stat(path)
-  return _entry(path, status.st_mtime_ns, status.st_size)
+  return _entry(path, canonical, status.st_size, status.st_mtime_ns,
+                status.st_ctime_ns, status.st_ino)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +91,15 @@ class _Split:
   labels: np.ndarray  # (N,) int64.
 
 
-@functools.lru_cache(maxsize=4)
-def _entry(path: str, unused_mtime_ns: int, unused_size: int) -> DatasetEntry:
+@functools.lru_cache(maxsize=2)
+def _entry(path: str, name: str, *unused_version) -> DatasetEntry:
   arrays = _read(path)
+  floats = [arrays[key].dtype.kind == "f" for key in ("x_train", "x_test")]
+  if "pixel_max" not in arrays and floats[0] != floats[1]:
+    raise DataError(f"{path}: x_train has dtype {arrays['x_train'].dtype} "
+                    f"but x_test {arrays['x_test'].dtype}; integer images are "
+                    "read as 0-255 and float ones as 0-1, so use one kind "
+                    "for both")
   pixel_max = _pixel_max(path, arrays)
   splits = {}
   for split in ("train", "test"):
@@ -104,16 +120,21 @@ def _entry(path: str, unused_mtime_ns: int, unused_size: int) -> DatasetEntry:
   if num_classes < 2:
     raise DataError(f"{path}: every label is 0; a classifier needs at least "
                     "two classes")
+  _check_classes(path, train.labels, test.labels, num_classes, class_names)
   mean, std = _moments(train.images)
   for channel, value in enumerate(std):
     if value == 0:
       raise DataError(f"{path}: channel {channel} of x_train has the same "
                       "value in every pixel; it cannot be normalised")
   info = DatasetInfo(
-      name=PREFIX + path, image_size=train.images.shape[1],
+      name=name, image_size=train.images.shape[1],
       channels=train.images.shape[3], num_classes=num_classes, mean=mean,
       std=std, num_train=len(train.labels), num_test=len(test.labels),
       source_pixel_max=pixel_max, class_names=class_names)
+
+  for split in splits.values():  # Shared by every caller: read-only.
+    split.images.flags.writeable = False
+    split.labels.flags.writeable = False
 
   def loader(split, **unused_kwargs):
     return splits[split].images, splits[split].labels
@@ -137,8 +158,13 @@ def _read(path: str) -> dict[str, np.ndarray]:
         found = ", ".join(sorted(npz.files)) or "no arrays"
         raise DataError(f"{path} has no {', '.join(missing)} (it holds "
                         f"{found}); {_HOW}")
-      return {key: npz[key] for key in npz.files
-              if key in REQUIRED + ("pixel_max", "class_names")}
+      arrays = {key: npz[key] for key in npz.files
+                if key in REQUIRED + ("pixel_max", "class_names")}
+    for key, value in arrays.items():
+      if not isinstance(value, np.ndarray):  # A member that is no .npy.
+        raise DataError(f"{path}: its member {key} is not a NumPy array; "
+                        f"{_HOW}")
+    return arrays
   except DataError:
     raise
   except ValueError as e:
@@ -155,13 +181,12 @@ def _read(path: str) -> dict[str, np.ndarray]:
 def _pixel_max(path: str, arrays: dict[str, np.ndarray]) -> float:
   if "pixel_max" in arrays:
     value = arrays["pixel_max"]
-    if (value.shape != () or not np.issubdtype(value.dtype, np.number)
+    if (value.shape != () or value.dtype.kind not in "uif"
             or not 0 < float(value) < np.inf):
       raise DataError(f"{path}: pixel_max must be one positive number "
                       f"(got {value!r})")
     return float(value)
-  kinds = {arrays[key].dtype.kind for key in ("x_train", "x_test")}
-  return 1.0 if kinds & {"f"} else 255.0
+  return 1.0 if arrays["x_train"].dtype.kind == "f" else 255.0
 
 
 def _shape(images: np.ndarray) -> str:
@@ -176,6 +201,10 @@ def _images(path: str, key: str, images: np.ndarray,
     raise DataError(f"{path}: {key} has shape {images.shape}; expected "
                     "(N, H, W) or (N, H, W, C) with N > 0 images")
   if images.shape[1] != images.shape[2]:
+    if images.shape[1] <= 4 and images.shape[2] == images.shape[3]:
+      raise DataError(f"{path}: {key} has shape {images.shape}, channels "
+                      "first; tfnas reads (N, H, W, C): store "
+                      "np.transpose(x, (0, 2, 3, 1))")
     raise DataError(f"{path}: {key} images are {images.shape[1]}x"
                     f"{images.shape[2]}; tfnas searches square images: crop "
                     "or resize them (tools/images_to_npz.py --size does)")
@@ -185,15 +214,22 @@ def _images(path: str, key: str, images: np.ndarray,
   low, high = images.min(), images.max()
   if not (np.isfinite(low) and np.isfinite(high)):
     raise DataError(f"{path}: {key} holds NaN or infinite values")
-  if low < 0 or high > pixel_max:
+  if low < 0:
+    raise DataError(f"{path}: {key} holds negative values (down to {low:g});"
+                    f" pixels lie in 0..pixel_max ({pixel_max:g} here): "
+                    "shift and scale them into it, e.g. (x + 1) / 2 for "
+                    "-1..1 floats")
+  if high > pixel_max:
     hint = ("float images are read as 0-1: store 0-255 images as uint8, or "
             "add pixel_max=255 to the file" if images.dtype.kind == "f" else
             "add the largest possible value as pixel_max to the file")
-    raise DataError(f"{path}: {key} values lie in [{low:g}, {high:g}], "
-                    f"outside [0, {pixel_max:g}]; {hint}")
-  if images.dtype == np.uint8 and pixel_max == 255:
-    return images
-  return images.astype(np.float32) * np.float32(255.0 / pixel_max)
+    raise DataError(f"{path}: {key} values reach {high:g}, above "
+                    f"{pixel_max:g}; {hint}")
+  if pixel_max == 255 and images.dtype.kind in "ui":
+    return images.astype(np.uint8, copy=False)
+  scaled = images.astype(np.float32)  # One copy, scaled in place.
+  scaled *= np.float32(255.0 / pixel_max)
+  return scaled
 
 
 def _labels(path: str, key: str, labels: np.ndarray) -> np.ndarray:
@@ -210,7 +246,32 @@ def _labels(path: str, key: str, labels: np.ndarray) -> np.ndarray:
   if len(labels) and labels.min() < 0:
     raise DataError(f"{path}: {key} holds the negative label "
                     f"{labels.min()}; classes are numbered from 0")
+  if len(labels) and labels.max() > np.iinfo(np.int32).max:
+    raise DataError(f"{path}: {key} holds the label {labels.max()}; labels "
+                    "are class indices 0..K-1: renumber them with "
+                    "np.unique(y, return_inverse=True)")
   return labels.astype(np.int64)
+
+
+def _check_classes(path: str, train: np.ndarray, test: np.ndarray,
+                   num_classes: int, class_names: tuple[str, ...]) -> None:
+  """Refuses labels that are ids rather than class indices (most of
+  0..K-1 unused); warns of classes without training images."""
+  used = np.union1d(np.unique(train), np.unique(test))
+  if (not class_names and num_classes > _SPARSE_LABELS * len(used) and
+      num_classes > len(used) + 2):
+    raise DataError(
+        f"{path}: the labels use {len(used)} distinct values up to "
+        f"{num_classes - 1}, so the classifier would have {num_classes} "
+        "outputs, most never seen; labels are class indices 0..K-1: "
+        "renumber them with np.unique(y, return_inverse=True)")
+  missing = np.setdiff1d(np.arange(num_classes), np.unique(train))
+  if len(missing):
+    named = [class_names[i] if class_names else str(i) for i in missing]
+    logging.warning("%s: %d of %d classes have no training image (%s%s); "
+                    "the network cannot learn them", path, len(missing),
+                    num_classes, ", ".join(named[:10]),
+                    ", ..." if len(named) > 10 else "")
 
 
 def _class_names(path: str, arrays: dict[str, np.ndarray],
@@ -221,24 +282,36 @@ def _class_names(path: str, arrays: dict[str, np.ndarray],
   if names.ndim != 1 or names.dtype.kind not in "US":
     raise DataError(f"{path}: class_names must be a 1-D string array "
                     f"(got dtype {names.dtype}, shape {names.shape})")
-  names = tuple(n.decode() if isinstance(n, bytes) else str(n)
-                for n in names.tolist())
+  try:
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n)
+                  for n in names.tolist())
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: class_names holds bytes that are not UTF-8 "
+                    f"({e.reason}); store them as str") from None
   if len(names) < num_classes:
     raise DataError(f"{path}: {len(names)} class_names for labels up to "
                     f"{num_classes - 1}; name every class")
+  if any(not n.strip() for n in names) or len(set(names)) < len(names):
+    raise DataError(f"{path}: class_names must be distinct and not empty "
+                    "(a client reads a prediction's class by its name)")
   return names
 
 
 def _moments(images: np.ndarray) -> tuple[tuple[float, ...], ...]:
   """Per-channel mean and standard deviation of ``images / 255``, summed in
-  float64 over chunks (no float64 copy of the whole split)."""
+  float64 over chunks of at most `_CHUNK_BYTES` (no float64 copy of the
+  whole split)."""
   channels = images.shape[-1]
   total = np.zeros(channels)
   squares = np.zeros(channels)
-  for start in range(0, len(images), _CHUNK):
-    chunk = images[start:start + _CHUNK].astype(np.float64) / 255.0
+  per_image = images[0].size * 8
+  step = max(1, _CHUNK_BYTES // per_image)
+  for start in range(0, len(images), step):
+    chunk = images[start:start + step].astype(np.float64)
+    chunk /= 255.0
     total += chunk.sum(axis=(0, 1, 2))
-    squares += np.square(chunk).sum(axis=(0, 1, 2))
+    np.square(chunk, out=chunk)
+    squares += chunk.sum(axis=(0, 1, 2))
   count = images.shape[0] * images.shape[1] * images.shape[2]
   mean = total / count
   variance = np.maximum(squares / count - np.square(mean), 0.0)

@@ -1,0 +1,66 @@
+"""Names of a user's NumPy dataset files, ``npz:PATH[#sha256:HEX]``, without
+TensorFlow (the apps' flags use them before it loads).
+
+A run saves the file by its absolute path and a fingerprint of its content,
+so that a resume or an export that finds another file there (rewritten,
+replaced) says so instead of reading other images or normalising with
+other statistics than the run's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+PREFIX = "npz:"
+_MARK = "#sha256:"
+#: Hex digits of the content hash kept in a name.
+FINGERPRINT_DIGITS = 16
+
+
+def is_npz_name(name) -> bool:
+  """Whether ``name`` asks for a NumPy file (``npz:PATH``)."""
+  return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+  """``(path, fingerprint)`` of ``npz:PATH[#sha256:HEX]`` (fingerprint None
+  when the name has none); the path as written."""
+  rest = name[len(PREFIX):]
+  path, mark, fingerprint = rest.rpartition(_MARK)
+  if mark and len(fingerprint) == FINGERPRINT_DIGITS and all(
+      c in "0123456789abcdef" for c in fingerprint):
+    return path, fingerprint
+  return rest, None
+
+
+def absolute(path: str) -> str:
+  """``path`` with ``~`` expanded, absolute and normalised (a trailing
+  slash dropped)."""
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def file_fingerprint(path: str) -> str:
+  """The first `FINGERPRINT_DIGITS` hex digits of the SHA-256 of the file's
+  content (cached per file version: size, times and inode)."""
+  status = os.stat(path)
+  return _fingerprint(path, status.st_size, status.st_mtime_ns,
+                      status.st_ctime_ns, status.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(path: str, *unused_version) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def saved_name(name: str) -> str:
+  """The name a run saves for ``npz:PATH``: the absolute path and the
+  fingerprint of the file there now (OSError when it cannot be read)."""
+  path, _ = split_name(name)
+  path = absolute(path)
+  return f"{PREFIX}{path}{_MARK}{file_fingerprint(path)}"
