@@ -369,3 +369,46 @@ def test_images_to_npz_reads_a_train_and_val_layout(tmp_path):
                   f"--output={tmp_path}/none/x.npz"], cwd=ROOT)
   assert missing.returncode == 2
   assert f"the folder {tmp_path}/none does not exist" in missing.stderr
+
+
+def test_a_resume_or_a_copied_name_refuses_a_changed_file(tmp_path):
+  from tfnas.config import ConfigError, SearchConfig
+  from tfnas.train import rundir, search
+  _save(tmp_path / "mine.npz", **GOOD)
+  name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  config = SearchConfig(run_dir=str(tmp_path / "run"), dataset=name)
+  rundir.prepare(config.run_dir, config.to_dict(), False,
+                 **search._RESUME_RULES)
+  # Unchanged: resumable.
+  rundir.resumable_config(config.run_dir, config.to_dict(),
+                          **search._RESUME_RULES)
+  _save(tmp_path / "mine.npz", **_arrays(seed=1))
+  changed = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  again = SearchConfig(run_dir=config.run_dir, dataset=changed)
+  with pytest.raises(data.DataError, match="changed since the run read it"):
+    rundir.resumable_config(again.run_dir, again.to_dict(),
+                            **search._RESUME_RULES)
+  # A fingerprinted name copied from the run's config.json is checked, not
+  # replaced by the new file's.
+  with pytest.raises(ConfigError, match="changed since the run that saved"):
+    tfnas_flags.dataset_name(name)
+  assert tfnas_flags.dataset_name(changed) == changed
+
+
+def test_a_damaged_compressed_file_is_one_error(tmp_path):
+  path = tmp_path / "c.npz"
+  np.savez_compressed(path, **GOOD)
+  raw = bytearray(path.read_bytes())
+  raw[65] ^= 0xFF  # Inside the first member's compressed data.
+  path.write_bytes(bytes(raw))
+  with pytest.raises(data.DataError, match="not a readable|damaged"):
+    data.dataset_info(f"npz:{path}")
+
+
+def test_images_to_npz_needs_a_test_share_without_split_folders(tmp_path):
+  _image_folder(tmp_path / "photos", [(8, 8), (8, 8)])
+  proc = _run([os.path.join(ROOT, "tools", "images_to_npz.py"),
+               f"--input_dir={tmp_path}/photos",
+               f"--output={tmp_path}/x.npz", "--test_fraction=0"], cwd=ROOT)
+  assert proc.returncode == 2
+  assert "--test_fraction=0.0 holds out no test images" in proc.stderr

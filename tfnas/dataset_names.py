@@ -60,7 +60,18 @@ def _fingerprint(path: str, *unused_version) -> str:
 
 def saved_name(name: str) -> str:
   """The name a run saves for ``npz:PATH``: the absolute path and the
-  fingerprint of the file there now (OSError when it cannot be read)."""
-  path, _ = split_name(name)
+  fingerprint of the file there now (OSError when it cannot be read).
+
+  Raises:
+    ValueError: ``name`` holds a fingerprint (copied from a run) that the
+      file's content no longer has.
+  """
+  path, given = split_name(name)
   path = absolute(path)
-  return f"{PREFIX}{path}{_MARK}{file_fingerprint(path)}"
+  now = file_fingerprint(path)
+  if given is not None and given != now:
+    raise ValueError(f"{path} changed since the run that saved this name "
+                     f"read it (content sha256 {given}..., now {now}...); "
+                     "put back that file, or drop the #sha256 part to use "
+                     "the file as it is")
+  return f"{PREFIX}{path}{_MARK}{now}"

@@ -104,8 +104,12 @@ def _known_dataset(name: str) -> bool:
           f"{dataset_names.absolute(path)} is not a file (npz:PATH names a "
           "NumPy .npz file, see README \"Your own data\")")
     return True
-  hint = (f"; for a NumPy file write --dataset=npz:{name}"
-          if name.lower().endswith(".npz") or os.path.isfile(name) else "")
+  if name.lower().startswith(dataset_names.PREFIX):
+    hint = f"; write the prefix in lower case, npz:{name[4:]}"
+  elif name.lower().endswith(".npz") or os.path.isfile(name):
+    hint = f"; for a NumPy file write --dataset=npz:{name}"
+  else:
+    hint = ""
   raise flags.ValidationError(
       f"unknown dataset; use one of {', '.join(DATASETS)}, or npz:PATH for a "
       f"NumPy file of your own images{hint}")
@@ -121,6 +125,8 @@ def dataset_name(name: str) -> str:
   except OSError as e:
     raise ConfigError(f"--dataset={name}: the file cannot be read ({e})"
                       ) from None
+  except ValueError as e:
+    raise ConfigError(f"--dataset={name}: {e}") from None
 
 
 def _define_loop_flags(defaults):

@@ -43,7 +43,8 @@ flags.DEFINE_integer("size", 0, "Side of the square images written (0: keep "
 flags.DEFINE_enum("channels", "3", ["1", "3"],
                   "3: RGB (grey images are repeated), 1: greyscale.")
 flags.DEFINE_float("test_fraction", 0.2, "Without train/ and test/: the "
-                   "share of each class's images held out for testing.",
+                   "share of each class's images held out for testing (at "
+                   "least one, and one left for training, per class).",
                    lower_bound=0.0, upper_bound=0.9)
 flags.DEFINE_integer("seed", 0, "Seed of the test split's draw.")
 flags.DEFINE_boolean("overwrite", False, "Replace an existing --output.")
@@ -117,6 +118,10 @@ def list_images(folder: str, test_fraction: float, seed: int):
       print(f"ignored beside {splits[0]}/ and {splits[1]}/: "
             f"{', '.join(others)}")
   else:
+    if test_fraction <= 0:
+      raise TfnasError(f"--test_fraction={test_fraction} holds out no test "
+                       f"images, and --input_dir={folder} has no train/ and "
+                       "test/ folders; give a fraction above 0")
     classes = top
     train, test = [], []
     rng = np.random.default_rng(seed)
@@ -125,8 +130,8 @@ def list_images(folder: str, test_fraction: float, seed: int):
       mine = [item for item in every if item[1] == label]
       order = rng.permutation(len(mine))
       held = int(round(test_fraction * len(mine)))
-      if test_fraction > 0 and len(mine) > 1:
-        held = max(held, 1)
+      if len(mine) > 1:  # At least one image on each side.
+        held = min(max(held, 1), len(mine) - 1)
       test += [mine[i] for i in sorted(order[:held])]
       train += [mine[i] for i in sorted(order[held:])]
   if len(classes) < 2:
@@ -216,8 +221,14 @@ def main(argv):
   if not os.path.isdir(parent):
     raise TfnasError(f"--output={FLAGS.output}: the folder {parent} does "
                      "not exist")
-  classes, train, test = list_images(os.path.expanduser(FLAGS.input_dir),
-                                     FLAGS.test_fraction, FLAGS.seed)
+  if not os.access(parent, os.W_OK):
+    raise TfnasError(f"--output={FLAGS.output}: the folder {parent} is not "
+                     "writable")
+  try:
+    classes, train, test = list_images(os.path.expanduser(FLAGS.input_dir),
+                                       FLAGS.test_fraction, FLAGS.seed)
+  except OSError as e:
+    raise TfnasError(f"cannot read {e.filename} ({e.strerror})") from None
   from tfnas.apps import startup  # pylint: disable=import-outside-toplevel
   startup.import_tensorflow()
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -228,9 +239,15 @@ def main(argv):
     raise TfnasError(f"train images are {x_train.shape[1:]} but test images "
                      f"{x_test.shape[1:]}; pass --size=N")
   partial = output[:-len(".npz")] + ".partial.npz"
-  np.savez(partial, x_train=x_train, y_train=y_train, x_test=x_test,
-           y_test=y_test, class_names=np.array(classes))
-  os.replace(partial, output)
+  try:
+    np.savez(partial, x_train=x_train, y_train=y_train, x_test=x_test,
+             y_test=y_test, class_names=np.array(classes))
+    os.replace(partial, output)
+  except OSError as e:
+    if os.path.isfile(partial):
+      os.remove(partial)
+    raise TfnasError(f"cannot write {FLAGS.output} ({e.strerror or e}); "
+                     "nothing was written") from None
   side = x_train.shape[1]
   print(f"{FLAGS.output}: {len(y_train)} train and {len(y_test)} test "
         f"images of {side}x{side}x{channels}, {len(classes)} classes "

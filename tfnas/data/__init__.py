@@ -32,6 +32,7 @@ from __future__ import annotations
 from tfnas.data import builtin, tfds_source  # Registers their datasets.
 from tfnas.data.builtin import (register_synthetic, synthetic_data,
                                 synthetic_info)
+from tfnas.data.npz_source import check_saved_dataset
 from tfnas.data.pipeline import (CROP_TAG, CUTOUT_TAG,
                                  FLIP_TAG, SHUFFLE_TAG, check_pipeline_args,
                                  cutout, derived_seed, distributed_dataset,
@@ -63,6 +64,7 @@ __all__ = [
     "Split",
     "builtin",
     "check_pipeline_args",
+    "check_saved_dataset",
     "cutout",
     "data_imagenet",
     "dataset_info",

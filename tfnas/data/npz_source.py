@@ -74,6 +74,15 @@ def check_file(name: str) -> str:
   return path
 
 
+def check_saved_dataset(saved: dict) -> None:
+  """Refuses to resume a run whose npz data file changed since it was read
+  (``saved``: the run's config.json), with that reason rather than a
+  differing fingerprint among differing flags."""
+  name = saved.get("dataset")
+  if is_npz_name(name) and dataset_names.split_name(name)[1] is not None:
+    check_file(name)
+
+
 def entry(name: str) -> DatasetEntry:
   """The dataset entry of ``npz:PATH[#sha256:HEX]``, read and checked
   (cached per file version: a file rewritten or replaced is read again)."""
@@ -81,8 +90,10 @@ def entry(name: str) -> DatasetEntry:
   _, saved = dataset_names.split_name(name)
   canonical = PREFIX + path + (f"#sha256:{saved}" if saved else "")
   status = os.stat(path)
-  return _entry(path, canonical, status.st_size, status.st_mtime_ns,
-                status.st_ctime_ns, status.st_ino)
+  read = _entry(path, status.st_size, status.st_mtime_ns, status.st_ctime_ns,
+                status.st_ino)
+  info = dataclasses.replace(read.info, name=canonical)
+  return dataclasses.replace(read, info=info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +102,8 @@ class _Split:
   labels: np.ndarray  # (N,) int64.
 
 
-@functools.lru_cache(maxsize=2)
-def _entry(path: str, name: str, *unused_version) -> DatasetEntry:
+@functools.lru_cache(maxsize=1)
+def _entry(path: str, *unused_version) -> DatasetEntry:
   arrays = _read(path)
   floats = [arrays[key].dtype.kind == "f" for key in ("x_train", "x_test")]
   if "pixel_max" not in arrays and floats[0] != floats[1]:
@@ -127,7 +138,7 @@ def _entry(path: str, name: str, *unused_version) -> DatasetEntry:
       raise DataError(f"{path}: channel {channel} of x_train has the same "
                       "value in every pixel; it cannot be normalised")
   info = DatasetInfo(
-      name=name, image_size=train.images.shape[1],
+      name=PREFIX + path, image_size=train.images.shape[1],
       channels=train.images.shape[3], num_classes=num_classes, mean=mean,
       std=std, num_train=len(train.labels), num_test=len(test.labels),
       source_pixel_max=pixel_max, class_names=class_names)
@@ -176,6 +187,10 @@ def _read(path: str) -> dict[str, np.ndarray]:
   except (OSError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(f"{path} is not a readable NumPy .npz file ({e})"
                     ) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged compressed member fails in zlib or numpy's header parser.
+    raise DataError(f"{path} is a damaged NumPy .npz file "
+                    f"({type(e).__name__}: {e})") from None
 
 
 def _pixel_max(path: str, arrays: dict[str, np.ndarray]) -> float:
@@ -264,7 +279,8 @@ def _check_classes(path: str, train: np.ndarray, test: np.ndarray,
         f"{path}: the labels use {len(used)} distinct values up to "
         f"{num_classes - 1}, so the classifier would have {num_classes} "
         "outputs, most never seen; labels are class indices 0..K-1: "
-        "renumber them with np.unique(y, return_inverse=True)")
+        "renumber them with np.unique(y, return_inverse=True), or give "
+        "class_names to keep that many classes")
   missing = np.setdiff1d(np.arange(num_classes), np.unique(train))
   if len(missing):
     named = [class_names[i] if class_names else str(i) for i in missing]

@@ -103,7 +103,8 @@ def build_network(config: TrainConfig, genotype: Genotype,
 #: How a retraining's config.json and a resume's flags compare
 #: (`rundir.prepare`).
 _RESUME_RULES = dict(allowed_changes=TrainConfig.RESUMABLE_CHANGES,
-                     defaults=TrainConfig().to_dict())
+                     defaults=TrainConfig().to_dict(),
+                     check_saved=data_lib.check_saved_dataset)
 
 
 class Retrain:

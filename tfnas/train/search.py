@@ -134,7 +134,8 @@ class SearchData:
 #: How a search's config.json and a resume's flags compare (`rundir.prepare`).
 _RESUME_RULES = dict(allowed_changes=SearchConfig.RESUMABLE_CHANGES,
                      defaults=SearchConfig().to_dict(),
-                     normalize=space_registry.resolved_shape)
+                     normalize=space_registry.resolved_shape,
+                     check_saved=data_lib.check_saved_dataset)
 
 
 class Search:
