@@ -2,7 +2,9 @@
 
 Usage: python tests/multi_worker_step.py darts|dsnas OUT.npz
 (TF_CONFIG and INIT_PATH set by the test). ``darts``: one DARTS first-order
-step on this worker's half of a fixed global batch; ``dsnas``: one eager
+step on this worker's half of a fixed global batch (then
+`distribute.same_on_every_worker` on one key and on per-worker keys,
+written to OUT.npz.same.json); ``dsnas``: one eager
 DSNAS step in the replica block space (`helpers.dsnas_block_steps`). Saves the
 updated weights and α.
 """
@@ -20,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
 from tests import helpers  # noqa: E402
+from tfnas import distribute  # noqa: E402
 from tfnas.estimators.darts import DartsFirstOrder  # noqa: E402
 
 
@@ -52,6 +55,11 @@ def main(method, out_path):
     step(batches)
   values = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
   np.savez(out_path, *values)
+  # The workers' data check: one key everywhere, then one key per worker.
+  same = [distribute.same_on_every_worker(strategy, key)
+          for key in ("the same data", f"worker {task}'s data")]
+  with open(out_path + ".same.json", "w") as f:
+    json.dump(same, f)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def test_two_workers_equal_default_strategy(tmp_path):
                          tf.constant(0, tf.int64))
   expected = [v.numpy() for v in ctx.weight_variables + ctx.arch_variables]
   _assert_workers_equal(expected, init, _run_workers(tmp_path, "darts", init))
+  # Every worker answers alike whether the workers passed the same key.
+  for index in range(2):
+    same = json.loads((tmp_path / f"out{index}.npz.same.json").read_text())
+    assert same == [True, False]
 
 
 @pytest.mark.slow

@@ -128,3 +128,30 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
   cluster = resolver.cluster_spec()
   return sum(cluster.num_tasks(job) for job in ("chief", "worker")
              if job in cluster.jobs)
+
+
+def same_on_every_worker(strategy: tf.distribute.Strategy, key: str) -> bool:
+  """Whether every worker of a multi-worker ``strategy`` passes the same
+  ``key`` (True with one worker; no collective then). Every worker must
+  call it at the same point: it issues two cross-worker sums.
+
+  The key's SHA-256 is summed over the replicas in 16-bit pieces (exact in
+  float32 up to 256 replicas); a worker whose pieces times the replica
+  count differ from the sum sees a mismatch, and a second sum tells every
+  worker whether any saw one, so that all of them answer alike.
+  """
+  if num_workers(strategy) <= 1:
+    return True
+  import hashlib  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256(key.encode()).digest()[:8]
+  pieces = [int.from_bytes(digest[i:i + 2], "big") for i in range(0, 8, 2)]
+  own = tf.constant(pieces, tf.float32)
+  replicas = float(strategy.num_replicas_in_sync)
+
+  @tf.function
+  def total(value):
+    return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                           strategy.run(lambda: value), axis=None)
+
+  differs = float(not bool(tf.reduce_all(total(own) == own * replicas)))
+  return float(total(tf.constant([differs]))[0]) == 0.0

@@ -11,6 +11,7 @@ what a step computes stays with each loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -18,7 +19,9 @@ from typing import Any, Callable, Mapping
 from absl import logging as log
 import tensorflow as tf
 
+from tfnas import dataset_names
 from tfnas import distribute
+from tfnas.data import DataError
 from tfnas.train import checkpointing
 from tfnas.train import rundir
 from tfnas.train import stopping
@@ -284,3 +287,22 @@ def _logs_epoch_from(line: str, epoch) -> bool:
   except (ValueError, AttributeError):
     return False  # Not ours to judge: kept.
   return isinstance(logged, int) and logged >= epoch
+
+
+def check_same_data(strategy, info, *splits) -> None:
+  """Refuses a multi-worker run whose workers read different data: each
+  worker resolves ``--dataset`` itself (another copy of an npz file, another
+  tfds version), and different data would train each worker's replicas on
+  other images with other normalisation, silently. Compares the dataset's
+  description (an npz file by its content fingerprint, not its path) and
+  the splits' sizes; nothing to do with one worker."""
+  name = info.name
+  if dataset_names.is_npz_name(name):
+    name = dataset_names.split_name(name)[1] or "npz"
+  described = {**dataclasses.asdict(info), "name": name,
+               "splits": [split.num_examples for split in splits]}
+  if not distribute.same_on_every_worker(strategy, json.dumps(described)):
+    raise DataError(
+        f"the workers read different data for --dataset={info.name} (its "
+        "content, normalisation or split sizes differ); give every worker "
+        "the same file or the same prepared data")

@@ -141,6 +141,7 @@ class Retrain:
     load = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
     self.train = data_lib.open_split(config.dataset, "train", **load)
     self.test = data_lib.open_split(config.dataset, "test", **load)
+    loop.check_same_data(self.strategy, self.info, self.train, self.test)
     steps = self.train.num_examples // config.batch_size
     if steps < 1:
       raise data_lib.DataError(

@@ -167,6 +167,8 @@ class Search:
     self.method = methods_lib.get_method(config.method)
     self.show_progress = show_progress
     self.data = SearchData(config, single_level=self.method.single_level)
+    loop.check_same_data(self.strategy, self.data.info, self.data.train,
+                         self.data.val)
     self.space = space_registry.space_config(
         config, self.data.info.num_classes, self.data.info.image_size)
     kind = space_registry.space_kind(self.space)
