@@ -15,9 +15,9 @@ y_test=...)``:
 The mean and standard deviation that normalise the inputs are measured on
 ``x_train``. The classes are ``0 .. max label`` (or as many as
 ``class_names``). Nothing is registered in :data:`DATASETS`: the name is
-resolved whenever it is asked for, so a run's config.json, its resumption
-and its export all find the data through the absolute path the name holds
-(:func:`canonical_name`).
+resolved whenever it is asked for. A run saves it with the absolute path
+and a fingerprint of the content (`tfnas.dataset_names.saved_name`), so its
+resumption and its export read the same file, or refuse one that changed.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import functools
 import os
 import zipfile
 
-import numpy as np
-
 from absl import logging
+import numpy as np
 
 from tfnas import dataset_names
 from tfnas.data.registry import DataError, DatasetEntry, DatasetInfo
