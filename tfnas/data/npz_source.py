@@ -13,7 +13,9 @@ y_test=...)``:
   models' metadata.json so a client can name a prediction.
 
 The mean and standard deviation that normalise the inputs are measured on
-``x_train``. The classes are ``0 .. max label`` (or as many as
+``x_train``. Each split is shuffled once, with a fixed seed, when read (a
+file sorted by class would otherwise give one-class batches to evaluations
+with batch statistics and to BN recalibration). The classes are ``0 .. max label`` (or as many as
 ``class_names``). Nothing is registered in :data:`DATASETS`: the name is
 resolved whenever it is asked for. A run saves it with the absolute path
 and a fingerprint of the content (`tfnas.dataset_names.saved_name`), so its
@@ -42,6 +44,8 @@ _CHUNK_BYTES = 1 << 26
 # Classes per label value in use beyond which (without class_names) the
 # labels are taken for ids (e.g. 1000, 2000), not class indices 0..K-1.
 _SPARSE_LABELS = 2
+# Seed of the one shuffle each split gets when read.
+_ORDER_SEED = 0
 
 is_npz_name = dataset_names.is_npz_name
 
@@ -118,7 +122,12 @@ def _entry(path: str, *unused_version) -> DatasetEntry:
     if len(labels) != len(images):
       raise DataError(f"{path}: x_{split} holds {len(images)} images but "
                       f"y_{split} {len(labels)} labels")
-    splits[split] = _Split(images, labels)
+    # Files are often sorted by class, and some readers take batches in
+    # order: evaluation with batch statistics (SNAS, DSNAS) and BN
+    # recalibration would see one class per batch. One fixed shuffle.
+    order = np.random.default_rng([_ORDER_SEED, len(splits)]).permutation(
+        len(labels))
+    splits[split] = _Split(images[order], labels[order])
   train, test = splits["train"], splits["test"]
   if train.images.shape[1:] != test.images.shape[1:]:
     raise DataError(f"{path}: x_train images are {_shape(train.images)} but "
