@@ -105,7 +105,8 @@ def _known_dataset(name: str) -> bool:
           "NumPy .npz file, see README \"Your own data\")")
     return True
   if name.lower().startswith(dataset_names.PREFIX):
-    hint = f"; write the prefix in lower case, npz:{name[4:]}"
+    rest = name[len(dataset_names.PREFIX):]
+    hint = f"; write the prefix in lower case, npz:{rest}"
   elif name.lower().endswith(".npz") or os.path.isfile(name):
     hint = f"; for a NumPy file write --dataset=npz:{name}"
   else:
