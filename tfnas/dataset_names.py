@@ -35,6 +35,12 @@ def split_name(name: str) -> tuple[str, str | None]:
   return rest, None
 
 
+def npz_name(path: str, fingerprint: str | None = None) -> str:
+  """``npz:PATH``, with ``#sha256:FINGERPRINT`` when one is given (the
+  inverse of `split_name`)."""
+  return PREFIX + path + (_MARK + fingerprint if fingerprint else "")
+
+
 def absolute(path: str) -> str:
   """``path`` with ``~`` expanded, absolute and normalised (a trailing
   slash dropped)."""
@@ -74,4 +80,4 @@ def saved_name(name: str) -> str:
                      f"read it (content sha256 {given}..., now {now}...); "
                      "put back that file, or drop the #sha256 part to use "
                      "the file as it is")
-  return f"{PREFIX}{path}{_MARK}{now}"
+  return npz_name(path, now)

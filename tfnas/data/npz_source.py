@@ -35,7 +35,6 @@ import numpy as np
 from tfnas import dataset_names
 from tfnas.data.registry import DataError, DatasetEntry, DatasetInfo
 
-PREFIX = dataset_names.PREFIX
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 _HOW = ("an npz dataset is np.savez(PATH, x_train=..., y_train=..., "
         "x_test=..., y_test=...), see README \"Your own data\"")
@@ -91,7 +90,7 @@ def entry(name: str) -> DatasetEntry:
   (cached per file version: a file rewritten or replaced is read again)."""
   path = check_file(name)
   _, saved = dataset_names.split_name(name)
-  canonical = PREFIX + path + (f"#sha256:{saved}" if saved else "")
+  canonical = dataset_names.npz_name(path, saved)
   status = os.stat(path)
   read = _entry(path, status.st_size, status.st_mtime_ns, status.st_ctime_ns,
                 status.st_ino)
@@ -146,7 +145,7 @@ def _entry(path: str, *unused_version) -> DatasetEntry:
       raise DataError(f"{path}: channel {channel} of x_train has the same "
                       "value in every pixel; it cannot be normalised")
   info = DatasetInfo(
-      name=PREFIX + path, image_size=train.images.shape[1],
+      name=dataset_names.npz_name(path), image_size=train.images.shape[1],
       channels=train.images.shape[3], num_classes=num_classes, mean=mean,
       std=std, num_train=len(train.labels), num_test=len(test.labels),
       source_pixel_max=pixel_max, class_names=class_names)
