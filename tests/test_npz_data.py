@@ -416,3 +416,20 @@ def test_images_to_npz_needs_a_test_share_without_split_folders(tmp_path):
                f"--output={tmp_path}/x.npz", "--test_fraction=0"], cwd=ROOT)
   assert proc.returncode == 2
   assert "--test_fraction=0.0 holds out no test images" in proc.stderr
+
+
+def test_images_to_npz_reads_its_file_back_as_a_search_would(tmp_path):
+  # Blank images: the file would be refused by every search (a constant
+  # channel cannot be normalised), so the tool writes nothing.
+  for name in ("a", "b"):
+    (tmp_path / "blank" / name).mkdir(parents=True)
+    for i in range(2):
+      (tmp_path / "blank" / name / f"{i}.png").write_bytes(
+          tf.io.encode_png(np.zeros((8, 8, 1), np.uint8)).numpy())
+  proc = _run([os.path.join(ROOT, "tools", "images_to_npz.py"),
+               f"--input_dir={tmp_path}/blank", f"--output={tmp_path}/x.npz",
+               "--channels=1"], cwd=ROOT)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "x.npz would not be a usable dataset" in proc.stderr
+  assert "same value in every pixel" in proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ["blank"]  # No partial file left.

@@ -141,9 +141,6 @@ def list_images(folder: str, test_fraction: float, seed: int):
     if not items:
       raise TfnasError(f"--input_dir={folder}: no {split} images (file "
                        f"names ending in {', '.join(EXTENSIONS)})")
-  empty = sorted(set(classes) - {classes[label] for _, label in train})
-  if empty:
-    print(f"warning: no training images in {', '.join(empty)}")
   return classes, train, test
 
 
@@ -238,16 +235,24 @@ def main(argv):
   if x_train.shape[1:] != x_test.shape[1:]:
     raise TfnasError(f"train images are {x_train.shape[1:]} but test images "
                      f"{x_test.shape[1:]}; pass --size=N")
+  from tfnas import data  # pylint: disable=import-outside-toplevel
   partial = output[:-len(".npz")] + ".partial.npz"
   try:
     np.savez(partial, x_train=x_train, y_train=y_train, x_test=x_test,
              y_test=y_test, class_names=np.array(classes))
+    # Read back as a search reads it: the same checks, and the same
+    # warnings (e.g. a class without training images).
+    data.dataset_info(f"npz:{os.path.abspath(partial)}")
     os.replace(partial, output)
   except OSError as e:
-    if os.path.isfile(partial):
-      os.remove(partial)
     raise TfnasError(f"cannot write {FLAGS.output} ({e.strerror or e}); "
                      "nothing was written") from None
+  except data.DataError as e:
+    raise TfnasError(f"{FLAGS.output} would not be a usable dataset ({e}); "
+                     "nothing was written") from None
+  finally:
+    if os.path.isfile(partial):
+      os.remove(partial)
   side = x_train.shape[1]
   print(f"{FLAGS.output}: {len(y_train)} train and {len(y_test)} test "
         f"images of {side}x{side}x{channels}, {len(classes)} classes "
