@@ -272,7 +272,7 @@ def test_a_network_without_normal_cells_is_warned_of(num_cells, missing,
   space = darts_space.search_space("s3", num_cells=num_cells, num_nodes=2,
                                    channels=4, num_classes=10)
   caplog.clear()
-  _warn_about_space(space, "s3")
+  _warn_about_space(space, "s3", 8)
   warned = [r.getMessage() for r in caplog.records
             if r.levelname == "WARNING"]
   assert len(warned) == len(missing) == len(space.warnings())
@@ -304,7 +304,7 @@ def test_the_224_pixel_block_space_on_tiny_inputs_is_warned_of(
             shufflenet.ShuffleNetSpaceConfig)
   space = preset(num_classes=10, input_size=size)
   caplog.clear()
-  _warn_about_space(space, "shufflenet")
+  _warn_about_space(space, "shufflenet", size)
   messages = [r.getMessage() for r in caplog.records
               if r.levelname == "WARNING"]
   if warned:
@@ -320,3 +320,25 @@ def test_the_224_pixel_block_space_on_tiny_inputs_is_warned_of(
   assert darts_space.search_space(
       "s3", num_cells=3, num_nodes=2, channels=4,
       num_classes=10).warnings() == []
+
+
+@pytest.mark.parametrize("size,sizes", [
+    (8, [8, 8, 8, 4, 4, 4, 2, 2]),  # The digits: no warning.
+    (4, [4, 4, 4, 2, 2, 2, 1, 1]),
+    (3, [3, 3, 3, 2, 2, 2, 1, 1]),  # Halving rounds up.
+    (2, [2, 2, 2, 1, 1, 1, 1, 1]),
+    (1, [1] * 8)])
+def test_cells_on_1x1_feature_maps_are_warned_of(size, sizes, caplog):
+  from tfnas.spaces import darts as darts_space
+  from tfnas.train.search import _warn_about_space
+  space = darts_space.search_space("darts", num_cells=8)
+  assert space.cell_input_sizes(size) == sizes
+  caplog.clear()
+  _warn_about_space(space, "darts", size)
+  messages = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING"]
+  tiny = sizes.count(1)
+  assert messages == ([
+      f"--space=darts: on {size}×{size} inputs {tiny} of its 8 cells get "
+      "1×1 feature maps, where the convolutions and pools hardly differ; "
+      "use larger inputs or fewer cells"] if tiny else [])

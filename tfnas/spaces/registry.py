@@ -57,6 +57,16 @@ def space_config(config: Any, num_classes: int, image_size: int):
                    f"{list(names.SPACES)}")
 
 
+def space_warnings(space, image_size: int) -> list[str]:
+  """Valid settings under which a search in ``space`` on ``image_size``-
+  pixel images learns less than it appears to (the space's `warnings`,
+  and for cell spaces the cells that see 1×1 feature maps)."""
+  found = list(space.warnings())
+  if space_kind(space) == names.CELLS:
+    found += space.input_warnings(image_size)
+  return found
+
+
 def resolved_shape(config: dict[str, Any]) -> dict[str, Any]:
   """A config dict (``SearchConfig.to_dict()`` or a saved config.json) with
   each ShuffleNet shape field left to its ``--space`` preset (empty or 0)

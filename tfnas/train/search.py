@@ -75,9 +75,10 @@ class SearchResult:
   history: list  # One dict of epoch metrics per epoch.
 
 
-def _warn_about_space(space, flag_space: str) -> None:
-  """Logs the space's `warnings()`, each after the --space it is about."""
-  for message in space.warnings():
+def _warn_about_space(space, flag_space: str, image_size: int) -> None:
+  """Logs the space's warnings on these images (`space_warnings`), each
+  after the --space it is about."""
+  for message in space_registry.space_warnings(space, image_size):
     log.warning("--space=%s: %s", flag_space, message)
 
 
@@ -186,7 +187,7 @@ class Search:
     if read_only:
       self.resuming, self.write_dir = True, None
     else:
-      _warn_about_space(self.space, config.space)
+      _warn_about_space(self.space, config.space, self.data.info.image_size)
       total = self.setup.total_steps
       if (self.method.early_stop and config.early_stop_threshold > 0 and
           config.early_stop_every_steps > total):
