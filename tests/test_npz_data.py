@@ -226,6 +226,39 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   assert metadata["class_names"] == names.tolist()
   assert metadata["input_shape"] == [8, 8, 3]
   assert metadata["dataset"] == config["dataset"]
+  assert "val_acc" in metadata
+  # The run directory without its data file (copied elsewhere): the export
+  # reads the run's dataset.json, and only the measurement is left out;
+  # re-estimating BN statistics, which needs the images, is refused.
+  (tmp_path / "mine.npz").rename(tmp_path / "moved.npz")
+  recorded = json.loads((tmp_path / "run" / "dataset.json").read_text())
+  assert recorded["name"] == config["dataset"]
+  assert recorded["class_names"] == names.tolist()
+  refused = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
+                  f"--export_dir={tmp_path}/exported",
+                  "--recalibrate_batches=2"], cwd=ROOT)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert (f"its data file {tmp_path}/mine.npz is not there" in
+          refused.stderr.splitlines()[-1])
+  again = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
+                f"--export_dir={tmp_path}/unmeasured"], cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "exported without measuring it" in again.stderr
+  unmeasured = json.loads(
+      (tmp_path / "unmeasured" / "1" / "metadata.json").read_text())
+  assert "val_acc" not in unmeasured
+  for key in ("class_names", "input_shape", "mean", "std", "dataset",
+              "source_pixel_max"):
+    assert unmeasured[key] == metadata[key], key
+  # Other images at the data file's path are not measured on.
+  _save(tmp_path / "mine.npz", **_arrays(num_train=64, num_test=16, seed=5))
+  changed = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
+                  f"--export_dir={tmp_path}/changed"], cwd=ROOT)
+  assert changed.returncode == 2, changed.stderr[-3000:]
+  assert changed.stderr.splitlines()[-1].endswith(
+      f"its data file {tmp_path}/mine.npz changed since the search read it; "
+      "put back the file the search used, or export with --noevaluate")
+  assert not (tmp_path / "changed").exists()
 
 
 def test_a_bad_npz_file_stops_the_search_before_its_run_directory(tmp_path):
@@ -397,6 +430,77 @@ def test_a_resume_or_a_copied_name_refuses_a_changed_file(tmp_path):
   with pytest.raises(ConfigError, match="changed since the run that saved"):
     tfnas_flags.dataset_name(name)
   assert tfnas_flags.dataset_name(changed) == changed
+
+
+def test_a_resume_reads_the_same_content_from_a_new_path(tmp_path):
+  """A run resumed with its data file moved (same content, another path)
+  resumes and saves the new path; other content elsewhere is a different
+  config, as is another data file than the run's."""
+  from tfnas.config import SearchConfig, TrainConfig
+  from tfnas.train import retrain, rundir, search
+  _save(tmp_path / "mine.npz", **GOOD)
+  name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  for config, rules in [
+      (SearchConfig(run_dir=str(tmp_path / "search"), dataset=name),
+       search._RESUME_RULES),
+      (TrainConfig(run_dir=str(tmp_path / "train"), dataset=name,
+                   genotype="DARTS_V2"), retrain._RESUME_RULES)]:
+    rundir.prepare(config.run_dir, config.to_dict(), False, **rules)
+  (tmp_path / "mine.npz").rename(tmp_path / "moved.npz")
+  moved = dataset_names.saved_name(f"npz:{tmp_path}/moved.npz")
+  _save(tmp_path / "other.npz", **_arrays(seed=1))
+  other = dataset_names.saved_name(f"npz:{tmp_path}/other.npz")
+  for config, rules in [
+      (SearchConfig(run_dir=str(tmp_path / "search"), dataset=moved),
+       search._RESUME_RULES),
+      (TrainConfig(run_dir=str(tmp_path / "train"), dataset=moved,
+                   genotype="DARTS_V2"), retrain._RESUME_RULES)]:
+    with pytest.raises(rundir.RunDirError, match="different config"):
+      rundir.prepare(config.run_dir, config.replace(dataset=other).to_dict(),
+                     True, **rules)
+    # The saved path is gone, but the resume's file has the run's content.
+    assert rundir.prepare(config.run_dir, config.to_dict(), True, **rules)
+    saved = rundir.read_config(config.run_dir)
+    assert saved["dataset"] == moved != name
+  with pytest.raises(rundir.RunDirError, match="different config"):
+    rundir.resumable_config(
+        str(tmp_path / "train"),
+        TrainConfig(run_dir=str(tmp_path / "train"), dataset="digits",
+                    genotype="DARTS_V2").to_dict(), **retrain._RESUME_RULES)
+
+
+def test_a_run_directory_keeps_its_data_facts(tmp_path, caplog):
+  """A search or retraining run writes dataset.json for an npz file; the
+  run's info is read from it without the file, and from the file when the
+  record is damaged or of other content."""
+  from tfnas.config import TrainConfig
+  from tfnas.train import retrain
+  _save(tmp_path / "mine.npz", **_bad(GOOD, class_names=np.array(
+      ["a", "b", "c"])))
+  name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  run_dir = tmp_path / "run"
+  retrain.Retrain(TrainConfig(run_dir=str(run_dir), dataset=name,
+                              genotype="DARTS_V2", num_cells=1, channels=2,
+                              batch_size=8, pad_crop=1, cutout=0),
+                  show_progress=False)
+  read = data.dataset_info(name)
+  record = run_dir / data.DATASET_RECORD
+  assert json.loads(record.read_text())["name"] == name
+  (tmp_path / "mine.npz").unlink()
+  assert data.run_dataset_info(str(run_dir), name) == read
+  with pytest.raises(data.DataError, match="does not exist"):
+    data.dataset_info(name)
+  _save(tmp_path / "mine.npz", **_arrays(seed=2))
+  other = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  caplog.set_level("WARNING")
+  assert data.run_dataset_info(str(run_dir), other).mean != read.mean
+  assert "describes other data" in caplog.text
+  record.write_text("{")
+  with pytest.raises(data.DataError, match="changed since the run read it"):
+    data.run_dataset_info(str(run_dir), name)
+  assert "cannot be read" in caplog.text
+  # Registered datasets keep no record.
+  assert data.dataset_record(data.dataset_info("digits")) is None
 
 
 def test_a_damaged_compressed_file_is_one_error(tmp_path):

@@ -223,7 +223,7 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     raise TfnasError(f"recalibrate_batches={recalibrate_batches} must be >= "
                      f"0 (0: keep the supernet's BN statistics)")
   config = SearchConfig.from_dict(rundir.read_config(run_dir))
-  info = data_lib.dataset_info(config.dataset)
+  info = data_lib.run_dataset_info(run_dir, config.dataset)
   space = registry.space_config(config, info.num_classes, info.image_size)
   input_shape = (info.image_size, info.image_size, info.channels)
   checkpoint = resolve_checkpoint(run_dir, checkpoint, "run the search first")

@@ -42,7 +42,7 @@ class ExportedChild:
 def search_child_metadata(run_dir: str, info: Mapping[str, Any]
                           ) -> dict[str, Any]:
   """metadata.json facts of a child from `load_search_child`'s ``info``."""
-  dataset = data.dataset_info(info["dataset"])
+  dataset = data.run_dataset_info(run_dir, info["dataset"])
   metadata = {
       "source": SOURCE,
       "dataset": info["dataset"],

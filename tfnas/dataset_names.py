@@ -64,6 +64,33 @@ def _fingerprint(path: str, *unused_version) -> str:
   return digest.hexdigest()[:FINGERPRINT_DIGITS]
 
 
+def file_state(name: str) -> str:
+  """Whether the file of ``npz:PATH#sha256:HEX`` (a run's saved name) is
+  still there as the run read it: ``"same"``, ``"changed"`` (other content,
+  or unreadable) or ``"absent"`` (no file at that path)."""
+  path, saved = split_name(name)
+  path = absolute(path)
+  if not os.path.isfile(path):
+    return "absent"
+  try:
+    return "same" if file_fingerprint(path) == saved else "changed"
+  except OSError:
+    return "changed"
+
+
+def by_content(config: dict) -> dict:
+  """A config dict with an npz ``dataset`` that holds a fingerprint named by
+  its content alone: a run resumed with its data file moved or copied
+  elsewhere (same content, another path) compares equal to the saved run."""
+  name = config.get("dataset")
+  if not is_npz_name(name):
+    return config
+  fingerprint = split_name(name)[1]
+  if fingerprint is None:
+    return config
+  return {**config, "dataset": npz_name("", fingerprint)}
+
+
 def saved_name(name: str) -> str:
   """The name a run saves for ``npz:PATH``: the absolute path and the
   fingerprint of the file there now (OSError when it cannot be read).

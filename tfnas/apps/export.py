@@ -29,6 +29,7 @@ import signal
 from absl import flags
 from absl import logging
 
+from tfnas import dataset_names
 from tfnas.apps import common
 from tfnas.apps import startup
 from tfnas.errors import TfnasError
@@ -106,7 +107,38 @@ def _signature_line(checkpoint_path: str, path: str, input_shape,
           f"[0, 255] -> logits, probabilities)")
 
 
-def _export_search_child(run_dir: str, method_name: str,
+def _measure_child(run_dir: str, dataset: str) -> bool:
+  """Whether the child is measured (--evaluate), after checking that a
+  search run's npz data file is still there as the search read it for
+  what reads it: its evaluation split (--evaluate, skipped with a warning
+  when the file is gone) and its training images (--recalibrate_batches,
+  refused). The export itself needs only the run's dataset.json."""
+  if not (dataset_names.is_npz_name(dataset) and
+          dataset_names.split_name(dataset)[1]):
+    return FLAGS.evaluate
+  state = dataset_names.file_state(dataset)
+  if state == "same" or not (FLAGS.evaluate or FLAGS.recalibrate_batches):
+    return FLAGS.evaluate
+  path = dataset_names.absolute(dataset_names.split_name(dataset)[0])
+  what = ("is not there" if state == "absent" else
+          "changed since the search read it")
+  if FLAGS.recalibrate_batches:
+    raise TfnasError(f"--recalibrate_batches reads the training images of "
+                     f"{run_dir}'s search, but its data file {path} {what}; "
+                     "put back the file the search used, or export with "
+                     "--recalibrate_batches=0")
+  if state == "absent":
+    logging.warning("the search's data file %s is not there: the child is "
+                    "exported without measuring it on the search's "
+                    "evaluation split (put the file back to measure it; "
+                    "--noevaluate says this is meant)", path)
+    return False
+  raise TfnasError(f"--evaluate measures the child on the search's data, but "
+                   f"its data file {path} {what}; put back the file the "
+                   "search used, or export with --noevaluate")
+
+
+def _export_search_child(run_dir: str, method_name: str, dataset: str,
                          checkpoint_path: str | None) -> None:
   """Exports the inherited-weight child of a search run, or says why not."""
   startup.import_tensorflow()  # Quietly, before tfnas.methods loads it.
@@ -120,6 +152,7 @@ def _export_search_child(run_dir: str, method_name: str,
                      f"with tfnas-train --genotype={run_dir} (only "
                      f"{', '.join(deployable)} children deploy with their "
                      f"search weights)")
+  evaluate = _measure_child(run_dir, dataset)
   from tfnas import child_export
   from tfnas import export
   before = export.exported_versions(FLAGS.export_dir)
@@ -127,7 +160,7 @@ def _export_search_child(run_dir: str, method_name: str,
       run_dir, FLAGS.export_dir,
       recalibrate_batches=FLAGS.recalibrate_batches,
       version=FLAGS.version or None, checkpoint=checkpoint_path,
-      data_dir=FLAGS.data_dir, evaluate=FLAGS.evaluate,
+      data_dir=FLAGS.data_dir, evaluate=evaluate,
       show_progress=FLAGS.progress, allow_random_ops=FLAGS.allow_random_ops)
   _ignore_stop_signals()
   meta = exported.metadata
@@ -175,7 +208,7 @@ def _export_retrained(run_dir: str, saved: dict,
   export.check_random_ops(genotype, FLAGS.allow_random_ops)
   checkpoint_path = resolve_checkpoint(run_dir, checkpoint_path,
                                        "train first or pass --checkpoint")
-  info = data.dataset_info(config.dataset)
+  info = data.run_dataset_info(run_dir, config.dataset)
   # The auxiliary head is a training aid: not built, not exported.
   network = models.build_network(config.network, genotype, info.input_shape,
                                  info.num_classes, config.num_cells,
@@ -274,7 +307,8 @@ def main(argv):
         checkpoint_path)))
   saved = _read_run_config(run_dir)
   if rundir.run_kind(saved) == "tfnas-search":
-    _export_search_child(run_dir, saved["method"], checkpoint_path)
+    _export_search_child(run_dir, saved["method"], saved.get("dataset"),
+                         checkpoint_path)
   else:
     _export_retrained(run_dir, saved, checkpoint_path)
 

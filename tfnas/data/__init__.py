@@ -32,7 +32,10 @@ from __future__ import annotations
 from tfnas.data import builtin, tfds_source  # Registers their datasets.
 from tfnas.data.builtin import (register_synthetic, synthetic_data,
                                 synthetic_info)
-from tfnas.data.npz_source import check_saved_dataset
+from tfnas.data.npz_source import (RECORD as DATASET_RECORD,
+                                   check_saved_dataset,
+                                   record as dataset_record,
+                                   run_dataset_info)
 from tfnas.data.pipeline import (CROP_TAG, CUTOUT_TAG,
                                  FLIP_TAG, SHUFFLE_TAG, check_pipeline_args,
                                  cutout, derived_seed, distributed_dataset,
@@ -53,6 +56,7 @@ __all__ = [
     "CROP_TAG",
     "CUTOUT_TAG",
     "DATASETS",
+    "DATASET_RECORD",
     "DataError",
     "DatasetEntry",
     "DatasetInfo",
@@ -68,6 +72,7 @@ __all__ = [
     "cutout",
     "data_imagenet",
     "dataset_info",
+    "dataset_record",
     "default_augment",
     "derived_seed",
     "distributed_dataset",
@@ -80,6 +85,7 @@ __all__ = [
     "pipeline_layout",
     "prepared_tfds_builder",
     "read_tfds",
+    "run_dataset_info",
     "register_dataset",
     "register_synthetic",
     "search_splits",

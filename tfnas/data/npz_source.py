@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import zipfile
 
@@ -33,7 +34,8 @@ from absl import logging
 import numpy as np
 
 from tfnas import dataset_names
-from tfnas.data.registry import DataError, DatasetEntry, DatasetInfo
+from tfnas.data.registry import (DataError, DatasetEntry, DatasetInfo,
+                                 dataset_info)
 
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 _HOW = ("an npz dataset is np.savez(PATH, x_train=..., y_train=..., "
@@ -45,6 +47,10 @@ _CHUNK_BYTES = 1 << 26
 _SPARSE_LABELS = 2
 # Seed of the one shuffle each split gets when read.
 _ORDER_SEED = 0
+#: A run directory's record of its npz data: shape, normalisation, classes
+#: (`record`). Exports read it, so a run directory copied without its data
+#: file still exports.
+RECORD = "dataset.json"
 
 is_npz_name = dataset_names.is_npz_name
 
@@ -76,13 +82,60 @@ def check_file(name: str) -> str:
   return path
 
 
-def check_saved_dataset(saved: dict) -> None:
+def check_saved_dataset(saved: dict, config: dict | None = None) -> None:
   """Refuses to resume a run whose npz data file changed since it was read
   (``saved``: the run's config.json), with that reason rather than a
-  differing fingerprint among differing flags."""
+  differing fingerprint among differing flags. A resume (``config``: its
+  config dict) naming another file is left to the comparison of configs:
+  the same content elsewhere (the data moved) resumes."""
   name = saved.get("dataset")
-  if is_npz_name(name) and dataset_names.split_name(name)[1] is not None:
+  if not is_npz_name(name) or dataset_names.split_name(name)[1] is None:
+    return
+  given = (config or {}).get("dataset", name)
+  if is_npz_name(given) and (
+      dataset_names.absolute(dataset_names.split_name(given)[0]) ==
+      dataset_names.absolute(dataset_names.split_name(name)[0])):
     check_file(name)
+
+
+def record(info: DatasetInfo) -> str | None:
+  """The text of a run directory's `RECORD` for an npz dataset's ``info``
+  (None for other datasets: their facts live in the registry)."""
+  if not is_npz_name(info.name):
+    return None
+  return json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True)
+
+
+def run_dataset_info(run_dir: str, name: str) -> DatasetInfo:
+  """The `DatasetInfo` of the run in ``run_dir``, whose config.json names
+  ``name``: for an npz file, the run's `RECORD` when it holds that content
+  (the file itself is then not read, and need not be there), else the
+  dataset read by name (`registry.dataset_info`)."""
+  if is_npz_name(name):
+    recorded = _recorded_info(run_dir, name)
+    if recorded is not None:
+      return recorded
+  return dataset_info(name)
+
+
+def _recorded_info(run_dir: str, name: str) -> DatasetInfo | None:
+  fingerprint = dataset_names.split_name(name)[1]
+  path = os.path.join(run_dir, RECORD)
+  if fingerprint is None or not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      info = DatasetInfo(**json.load(f))
+  except (OSError, ValueError, TypeError, DataError) as e:
+    logging.warning("%s cannot be read (%s); reading the data file instead",
+                    path, e)
+    return None
+  if (not is_npz_name(info.name) or
+      dataset_names.split_name(info.name)[1] != fingerprint):
+    logging.warning("%s describes other data than config.json's %s; "
+                    "reading the data file instead", path, name)
+    return None
+  return dataclasses.replace(info, name=name)
 
 
 def entry(name: str) -> DatasetEntry:

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfnas import dataset_names
 from tfnas import distribute
+from tfnas import data as data_lib
 from tfnas.data import DataError
 from tfnas.train import checkpointing
 from tfnas.train import rundir
@@ -76,6 +77,16 @@ def open_run(strategy: tf.distribute.Strategy, run_dir: str, resume: bool,
   if worker is None:
     return prepare(), run_dir
   return resume, rundir.worker_scratch(run_dir, resume, worker)
+
+
+def save_dataset_record(write_dir: str, info) -> None:
+  """Writes the run's `tfnas.data.DATASET_RECORD` for an npz dataset (its
+  shape, normalisation and classes), which lets an export of the run work
+  without the data file."""
+  text = data_lib.dataset_record(info)
+  if text is not None:
+    rundir.atomic_write(os.path.join(write_dir, data_lib.DATASET_RECORD),
+                        text)
 
 
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: str,

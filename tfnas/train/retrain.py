@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tfnas import cost
 from tfnas import data as data_lib
+from tfnas import dataset_names
 from tfnas import genotypes
 from tfnas import models
 from tfnas.config import TrainConfig
@@ -104,6 +105,7 @@ def build_network(config: TrainConfig, genotype: Genotype,
 #: (`rundir.prepare`).
 _RESUME_RULES = dict(allowed_changes=TrainConfig.RESUMABLE_CHANGES,
                      defaults=TrainConfig().to_dict(),
+                     normalize=dataset_names.by_content,
                      check_saved=data_lib.check_saved_dataset)
 
 
@@ -155,6 +157,7 @@ class Retrain:
     self.resuming, self.write_dir = loop.open_run(
         self.strategy, config.run_dir, resume, lambda: rundir.prepare(
             config.run_dir, config.to_dict(), resume, **_RESUME_RULES))
+    loop.save_dataset_record(self.write_dir, self.info)
     self._build()
     if not has_saved:
       # After the build: a resume whose checkpoint does not fit this

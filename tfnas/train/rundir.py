@@ -187,7 +187,8 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
             allowed_changes: Iterable[str] = (),
             defaults: dict[str, Any] | None = None,
             normalize: Callable[[dict], dict] | None = None,
-            check_saved: Callable[[dict], None] | None = None) -> bool:
+            check_saved: Callable[[dict, dict], None] | None = None
+            ) -> bool:
   """Checks ``run_dir`` against ``config``; returns True when resuming.
 
   * fresh or empty directory: writes ``config.json``;
@@ -199,9 +200,10 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   Values compare as JSON (tuples equal lists); a key missing from the saved
   config (a run written before the key existed) compares as its entry in
   ``defaults``; ``normalize`` maps both configs to the form they compare in
-  (e.g. a value spelt out and the preset it equals); ``check_saved`` may
-  refuse the saved config first, with its own message (as in
-  `resumable_config`).
+  (e.g. a value spelt out and the preset it equals), and a value that
+  compares equal in that form but is spelt otherwise (a data file moved
+  elsewhere) is saved as ``config`` gives it; ``check_saved`` may refuse the
+  saved config first, with its own message (as in `resumable_config`).
   """
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise RunDirError(f"--run_dir {run_dir} is a file, not a directory; "
@@ -224,6 +226,11 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   allowed = set(allowed_changes) | _ALWAYS_ALLOWED
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
+  if normalize is not None:
+    before, after = normalize(saved), normalize(config)
+    merged.update({k: v for k, v in config.items()
+                   if k in saved and saved[k] != v and
+                   before.get(k) == after.get(k)})
   finished = last_history(run_dir).get("epoch")
   if (isinstance(finished, int) and isinstance(merged.get("epochs"), int)
       and merged["epochs"] < finished):
@@ -248,15 +255,15 @@ def resumable_config(run_dir: str, config: dict[str, Any],
                      allowed_changes: Iterable[str] = (),
                      defaults: dict[str, Any] | None = None,
                      normalize: Callable[[dict], dict] | None = None,
-                     check_saved: Callable[[dict], None] | None = None
+                     check_saved: Callable[[dict, dict], None] | None = None
                      ) -> dict[str, Any]:
   """The config saved in ``run_dir`` (missing keys from ``defaults``), after
   checking that ``config`` may resume it; writes nothing. Apps call it
   before loading data or building anything, so that a resume with other
   flags is told so, not refused for what those flags would load.
-  ``normalize``: as in `prepare`. ``check_saved(saved)`` runs before the
-  comparison and may raise a clearer error than a difference (e.g. a data
-  file that changed since the run read it).
+  ``normalize``: as in `prepare`. ``check_saved(saved, config)`` runs
+  before the comparison and may raise a clearer error than a difference
+  (e.g. a data file that changed since the run read it).
 
   Raises:
     RunDirError: ``config.json`` cannot be read, is of another kind of run,
@@ -277,7 +284,7 @@ def resumable_config(run_dir: str, config: dict[str, Any],
     raise RunDirError(f"run directory {run_dir} holds a {kinds[0]} run, not "
                       f"a {kinds[1]} run; choose another --run_dir")
   if check_saved is not None:
-    check_saved(saved)
+    check_saved(saved, config)
   saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
   # The directory is the run: a path spelt differently (a trailing slash,
   # relative) or a run moved or copied elsewhere resumes.

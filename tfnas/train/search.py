@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas import data as data_lib
+from tfnas import dataset_names
 from tfnas import distribute
 from tfnas import genotype as genotype_lib
 from tfnas import methods as methods_lib
@@ -132,10 +133,16 @@ class SearchData:
     return self._stream(strategy, self.val, 0, self.seed, 0, False)
 
 
+def _comparable(config: dict) -> dict:
+  """A search config as a resume compares it: a ShuffleNet shape spelt out
+  or left to its preset alike, an npz data file by its content."""
+  return dataset_names.by_content(space_registry.resolved_shape(config))
+
+
 #: How a search's config.json and a resume's flags compare (`rundir.prepare`).
 _RESUME_RULES = dict(allowed_changes=SearchConfig.RESUMABLE_CHANGES,
                      defaults=SearchConfig().to_dict(),
-                     normalize=space_registry.resolved_shape,
+                     normalize=_comparable,
                      check_saved=data_lib.check_saved_dataset)
 
 
@@ -198,6 +205,7 @@ class Search:
       self.resuming, self.write_dir = loop.open_run(
           self.strategy, config.run_dir, resume, lambda: rundir.prepare(
               config.run_dir, config.to_dict(), resume, **_RESUME_RULES))
+      loop.save_dataset_record(self.write_dir, self.data.info)
     self._build()
 
   def _check_sync_batch_norm(self, kind: str) -> None:
