@@ -503,6 +503,42 @@ def test_a_run_directory_keeps_its_data_facts(tmp_path, caplog):
   assert data.dataset_record(data.dataset_info("digits")) is None
 
 
+def test_a_file_replaced_while_read_is_refused(tmp_path, monkeypatch):
+  """The images read are the content checked: a file rewritten between the
+  fingerprint check and the read, or during the read, is refused, not
+  passed off under the run's fingerprint."""
+  from tfnas.data import npz_source
+  _save(tmp_path / "mine.npz", **GOOD)
+  name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  original = (tmp_path / "mine.npz").read_bytes()
+  read = npz_source._read
+
+  def read_then_replace(path):
+    arrays = read(path)
+    _save(tmp_path / "mine.npz", **_arrays(seed=3))
+    return arrays
+
+  monkeypatch.setattr(npz_source, "_read", read_then_replace)
+  with pytest.raises(data.DataError, match="changed while it was read"):
+    data.dataset_info(name)
+  monkeypatch.setattr(npz_source, "_read", read)
+  with pytest.raises(data.DataError, match="changed since the run read it"):
+    data.dataset_info(name)
+  # Rewritten between the check and the read: the version read is checked.
+  (tmp_path / "mine.npz").write_bytes(original)
+  assert dataset_names.file_fingerprint(tmp_path / "mine.npz") in name
+  check = npz_source.check_file
+
+  def check_then_replace(checked):
+    path = check(checked)
+    _save(tmp_path / "mine.npz", **_arrays(seed=4))
+    return path
+
+  monkeypatch.setattr(npz_source, "check_file", check_then_replace)
+  with pytest.raises(data.DataError, match="changed since the run read it"):
+    data.dataset_info(name)
+
+
 def test_a_damaged_compressed_file_is_one_error(tmp_path):
   path = tmp_path / "c.npz"
   np.savez_compressed(path, **GOOD)

@@ -144,11 +144,28 @@ def entry(name: str) -> DatasetEntry:
   path = check_file(name)
   _, saved = dataset_names.split_name(name)
   canonical = dataset_names.npz_name(path, saved)
-  status = os.stat(path)
-  read = _entry(path, status.st_size, status.st_mtime_ns, status.st_ctime_ns,
-                status.st_ino)
+  version = _version(path)
+  read = _entry(path, *version)
+  # What was read is the version checked: a file replaced or rewritten
+  # since `check_file` (or while being read) would otherwise pass for the
+  # content the fingerprint names.
+  if _version(path) != version:
+    raise DataError(f"dataset file {path} changed while it was read; run "
+                    "again once it is written")
+  if saved is not None and dataset_names.file_fingerprint(path) != saved:
+    check_file(name)  # Says how it changed.
   info = dataclasses.replace(read.info, name=canonical)
   return dataclasses.replace(read, info=info)
+
+
+def _version(path: str) -> tuple[int, ...]:
+  """What changes when a file is rewritten or replaced: size, times, inode."""
+  try:
+    status = os.stat(path)
+  except OSError as e:
+    raise DataError(f"dataset file {path} cannot be read ({e})") from None
+  return (status.st_size, status.st_mtime_ns, status.st_ctime_ns,
+          status.st_ino)
 
 
 @dataclasses.dataclass(frozen=True)
