@@ -100,8 +100,9 @@ def test_a_relative_name_means_its_absolute_file_and_a_new_file_is_reread(
   with pytest.raises(data.DataError, match="changed since the run read it"):
     data.dataset_info(saved)
   os.rename("mine.npz", "moved.npz")
-  with pytest.raises(data.DataError, match="does not exist .a run reads its "
-                     "data file again to resume or export: put the file"):
+  with pytest.raises(data.DataError, match="does not exist .put the file "
+                     "the run read back there; a --resume may name it at "
+                     "another path.$"):
     data.dataset_info(saved)
 
 
@@ -250,15 +251,44 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   for key in ("class_names", "input_shape", "mean", "std", "dataset",
               "source_pixel_max"):
     assert unmeasured[key] == metadata[key], key
-  # Other images at the data file's path are not measured on.
+  # Other images at the data file's path are not measured on; --noevaluate
+  # exports from dataset.json, and --dataset names the file's new place.
   _save(tmp_path / "mine.npz", **_arrays(num_train=64, num_test=16, seed=5))
-  changed = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
-                  f"--export_dir={tmp_path}/changed"], cwd=ROOT)
+  export = lambda where, *more: _run(
+      ["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
+       f"--export_dir={tmp_path}/{where}", *more], cwd=ROOT)
+  changed = export("changed")
   assert changed.returncode == 2, changed.stderr[-3000:]
   assert changed.stderr.splitlines()[-1].endswith(
-      f"its data file {tmp_path}/mine.npz changed since the search read it; "
-      "put back the file the search used, or export with --noevaluate")
+      f"its data file {tmp_path}/mine.npz changed since the run read it; "
+      "put back the file the search used, or name where it is now with "
+      "--dataset=npz:PATH, or export with --noevaluate")
   assert not (tmp_path / "changed").exists()
+  assert export("changed", "--noevaluate").returncode == 0
+  other = export("other", f"--dataset=npz:{tmp_path}/mine.npz")
+  assert other.returncode == 2
+  assert "holds other data than the search's" in other.stderr
+  missing = export("other", "--dataset=npz:mine.npz")  # Not in ROOT.
+  assert missing.stderr.splitlines()[-1].endswith(
+      f"--dataset=npz:mine.npz: {ROOT}/mine.npz is not a file")
+  measured = export("measured", f"--dataset=npz:{tmp_path}/moved.npz",
+                    "--recalibrate_batches=1")
+  assert measured.returncode == 0, measured.stderr[-3000:]
+  recalibrated = json.loads(
+      (tmp_path / "measured" / "1" / "metadata.json").read_text())
+  assert recalibrated["bn_recalibration_batches"] == 1
+  assert 0 <= recalibrated["val_acc"] <= 1
+  # A run directory without dataset.json (written before runs kept one)
+  # reads the file, and says so.
+  (tmp_path / "run" / "dataset.json").unlink()
+  old = export("old", "--noevaluate")
+  assert old.returncode == 2
+  assert old.stderr.splitlines()[-1].endswith(
+      f"{tmp_path}/run keeps no dataset.json (written before runs kept one), "
+      f"so its export reads the search's data file, but its data file "
+      f"{tmp_path}/mine.npz changed since the run read it; put back the file "
+      "the search used, or name where it is now with --dataset=npz:PATH")
+  assert export("old", f"--dataset=npz:{tmp_path}/moved.npz").returncode == 0
 
 
 def test_a_bad_npz_file_stops_the_search_before_its_run_directory(tmp_path):
@@ -434,39 +464,47 @@ def test_a_resume_or_a_copied_name_refuses_a_changed_file(tmp_path):
 
 def test_a_resume_reads_the_same_content_from_a_new_path(tmp_path):
   """A run resumed with its data file moved (same content, another path)
-  resumes and saves the new path; other content elsewhere is a different
-  config, as is another data file than the run's."""
+  resumes and saves the new path, even where other content now lies at
+  the old one; other data is refused by name, whatever its kind."""
   from tfnas.config import SearchConfig, TrainConfig
   from tfnas.train import retrain, rundir, search
   _save(tmp_path / "mine.npz", **GOOD)
   name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
-  for config, rules in [
-      (SearchConfig(run_dir=str(tmp_path / "search"), dataset=name),
-       search._RESUME_RULES),
-      (TrainConfig(run_dir=str(tmp_path / "train"), dataset=name,
-                   genotype="DARTS_V2"), retrain._RESUME_RULES)]:
-    rundir.prepare(config.run_dir, config.to_dict(), False, **rules)
+  runs = [(lambda d, run="search": SearchConfig(
+               run_dir=str(tmp_path / run), dataset=d), search._RESUME_RULES),
+          (lambda d, run="train": TrainConfig(
+               run_dir=str(tmp_path / run), dataset=d, genotype="DARTS_V2"),
+           retrain._RESUME_RULES)]
+  for config, rules in runs:
+    rundir.prepare(config(name).run_dir, config(name).to_dict(), False,
+                   **rules)
   (tmp_path / "mine.npz").rename(tmp_path / "moved.npz")
   moved = dataset_names.saved_name(f"npz:{tmp_path}/moved.npz")
-  _save(tmp_path / "other.npz", **_arrays(seed=1))
-  other = dataset_names.saved_name(f"npz:{tmp_path}/other.npz")
-  for config, rules in [
-      (SearchConfig(run_dir=str(tmp_path / "search"), dataset=moved),
-       search._RESUME_RULES),
-      (TrainConfig(run_dir=str(tmp_path / "train"), dataset=moved,
-                   genotype="DARTS_V2"), retrain._RESUME_RULES)]:
-    with pytest.raises(rundir.RunDirError, match="different config"):
-      rundir.prepare(config.run_dir, config.replace(dataset=other).to_dict(),
-                     True, **rules)
-    # The saved path is gone, but the resume's file has the run's content.
-    assert rundir.prepare(config.run_dir, config.to_dict(), True, **rules)
-    saved = rundir.read_config(config.run_dir)
-    assert saved["dataset"] == moved != name
-  with pytest.raises(rundir.RunDirError, match="different config"):
-    rundir.resumable_config(
-        str(tmp_path / "train"),
-        TrainConfig(run_dir=str(tmp_path / "train"), dataset="digits",
-                    genotype="DARTS_V2").to_dict(), **retrain._RESUME_RULES)
+  _save(tmp_path / "mine.npz", **_arrays(seed=1))  # Other data, old path.
+  other = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  for config, rules in runs:
+    run_dir = config(name).run_dir
+    with pytest.raises(data.DataError, match=(
+        f"^this run was on --dataset=npz:{tmp_path}/mine.npz, which changed "
+        f"since the run read it; resume it on that data \\(the same file "
+        f"content may be at another path\\), not on "
+        f"--dataset=digits$")):
+      rundir.prepare(run_dir, config("digits").to_dict(), True, **rules)
+    with pytest.raises(data.DataError, match="changed since the run read"):
+      rundir.prepare(run_dir, config(other).to_dict(), True, **rules)
+    assert rundir.prepare(run_dir, config(moved).to_dict(), True,
+                          respelled=("dataset",), **rules)
+    assert rundir.read_config(run_dir)["dataset"] == moved != name
+  # The other way round: a run on a registered dataset, resumed on a file.
+  digits = SearchConfig(run_dir=str(tmp_path / "digits"), dataset="digits")
+  rundir.prepare(digits.run_dir, digits.to_dict(), False,
+                 **search._RESUME_RULES)
+  with pytest.raises(data.DataError, match=(
+      f"^this run was on --dataset=digits; resume it on that data, not on "
+      f"--dataset=npz:{tmp_path}/moved.npz$")):
+    rundir.resumable_config(digits.run_dir,
+                            digits.replace(dataset=moved).to_dict(),
+                            **search._RESUME_RULES)
 
 
 def test_a_run_directory_keeps_its_data_facts(tmp_path, caplog):

@@ -202,7 +202,13 @@ def test_search_resume_takes_a_preset_value_spelt_out_as_the_preset(
   config = lambda **shape: SearchConfig(
       method="dsnas", space="shufflenet_small", **shape).to_dict()
   rundir.prepare(str(tmp_path), config(**first), resume=False)
-  assert rundir.prepare(str(tmp_path), config(**second), resume=True, **rules)
+  assert rundir.prepare(str(tmp_path), config(**second), resume=True,
+                        respelled=("dataset",), **rules)
+  # config.json keeps the shape as the run spelt it.
+  saved, started = rundir.read_config(str(tmp_path)), config(**first)
+  shape = SearchConfig.SHUFFLENET_SHAPE
+  assert ({k: saved[k] for k in shape} ==
+          json.loads(json.dumps({k: started[k] for k in shape})))
   # Another shape is another run, named by the values it compares.
   with pytest.raises(rundir.RunDirError,
                      match=r"stage_channels: \[16, 32, 64, 128\] -> "

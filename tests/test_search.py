@@ -341,4 +341,4 @@ def test_cells_on_1x1_feature_maps_are_warned_of(size, sizes, caplog):
   assert messages == ([
       f"--space=darts: on {size}×{size} inputs {tiny} of its 8 cells get "
       "1×1 feature maps, where the convolutions and pools hardly differ; "
-      "use larger inputs or fewer cells"] if tiny else [])
+      "use larger inputs (each reduction cell halves them)"] if tiny else [])

@@ -182,7 +182,8 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
 def load_search_child(run_dir: str, recalibrate_batches: int = 0,
                       data_dir: str | None = None,
                       checkpoint: str | None = None,
-                      allow_random_ops: bool = True):
+                      allow_random_ops: bool = True,
+                      dataset: str | None = None):
   """The child of a finished (or checkpointed) search run.
 
   Rebuilds the supernet and α from ``run_dir/config.json`` and its latest
@@ -201,6 +202,8 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
       default: the latest.
     allow_random_ops: False: refuse a child using an op that is random at
       inference (`tfnas.export.check_random_ops`), before building it.
+    dataset: the run's dataset under another name (its npz file moved:
+      the same content at another path); default: config.json's.
 
   Returns:
     ``(child, genotype, info)``: the `FixedChild`, the run's genotype
@@ -223,6 +226,8 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     raise TfnasError(f"recalibrate_batches={recalibrate_batches} must be >= "
                      f"0 (0: keep the supernet's BN statistics)")
   config = SearchConfig.from_dict(rundir.read_config(run_dir))
+  if dataset:
+    config = config.replace(dataset=dataset)
   info = data_lib.run_dataset_info(run_dir, config.dataset)
   space = registry.space_config(config, info.num_classes, info.image_size)
   input_shape = (info.image_size, info.image_size, info.channels)
@@ -268,7 +273,8 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
 
 
 def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
-                          show_progress: bool = False) -> dict:
+                          show_progress: bool = False,
+                          dataset: str | None = None) -> dict:
   """Loss and accuracy of a deployed child on its search's evaluation split.
 
   The child runs as it is deployed (``training=False``: its moving or
@@ -290,6 +296,8 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
   config = SearchConfig.from_dict(rundir.read_config(run_dir))
   if data_dir:
     config = config.replace(data_dir=data_dir)
+  if dataset:  # As in `load_search_child`.
+    config = config.replace(dataset=dataset)
   single_level = methods.get_method(config.method).single_level
   splits = SearchData(config, single_level=single_level)
   strategy = tf.distribute.get_strategy()

@@ -74,7 +74,8 @@ def export_search_child(run_dir: str, base_path: str, *,
                         checkpoint: str | None = None,
                         evaluate: bool = False,
                         show_progress: bool = False,
-                        allow_random_ops: bool = False) -> ExportedChild:
+                        allow_random_ops: bool = False,
+                        dataset: str | None = None) -> ExportedChild:
   """Exports the inherited-weight child of the search in ``run_dir``.
 
   Args:
@@ -91,17 +92,21 @@ def export_search_child(run_dir: str, base_path: str, *,
     show_progress: draw a progress bar over the evaluation batches.
     allow_random_ops: export a child using an op that is random at
       inference (`tfnas.export.check_random_ops`).
+    dataset: the run's dataset under another name (its npz file moved:
+      the same content at another path); default: config.json's.
 
   Returns:
     An `ExportedChild` (export path, genotype, metadata).
   """
   child, genotype, info = load_search_child(
       run_dir, recalibrate_batches=recalibrate_batches, data_dir=data_dir,
-      checkpoint=checkpoint, allow_random_ops=allow_random_ops)
+      checkpoint=checkpoint, allow_random_ops=allow_random_ops,
+      dataset=dataset)
   metadata = search_child_metadata(run_dir, info)
   if evaluate:
     measured = evaluate_search_child(child, run_dir, data_dir=data_dir,
-                                     show_progress=show_progress)
+                                     show_progress=show_progress,
+                                     dataset=dataset)
     metadata.update(val_acc=measured["val/acc"],
                     val_loss=measured["val/loss"],
                     val_split=measured["split"],

@@ -41,6 +41,11 @@ def npz_name(path: str, fingerprint: str | None = None) -> str:
   return PREFIX + path + (_MARK + fingerprint if fingerprint else "")
 
 
+def file_path(name: str) -> str:
+  """The absolute path of the file that ``npz:PATH[#sha256:HEX]`` names."""
+  return absolute(split_name(name)[0])
+
+
 def absolute(path: str) -> str:
   """``path`` with ``~`` expanded, absolute and normalised (a trailing
   slash dropped)."""
@@ -64,18 +69,23 @@ def _fingerprint(path: str, *unused_version) -> str:
   return digest.hexdigest()[:FINGERPRINT_DIGITS]
 
 
+#: `file_state`'s states other than ``"same"``, as a sentence's end.
+FILE_STATES = {"absent": "is not there",
+               "unreadable": "cannot be read",
+               "changed": "changed since the run read it"}
+
+
 def file_state(name: str) -> str:
   """Whether the file of ``npz:PATH#sha256:HEX`` (a run's saved name) is
-  still there as the run read it: ``"same"``, ``"changed"`` (other content,
-  or unreadable) or ``"absent"`` (no file at that path)."""
-  path, saved = split_name(name)
-  path = absolute(path)
+  still there as the run read it: ``"same"``, or a key of `FILE_STATES`."""
+  path = file_path(name)
   if not os.path.isfile(path):
     return "absent"
   try:
-    return "same" if file_fingerprint(path) == saved else "changed"
+    now = file_fingerprint(path)
   except OSError:
-    return "changed"
+    return "unreadable"
+  return "same" if now == split_name(name)[1] else "changed"
 
 
 def by_content(config: dict) -> dict:

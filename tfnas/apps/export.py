@@ -60,6 +60,11 @@ flags.DEFINE_string("data_dir", None,
                     "DSNAS search runs: tfds data directory of the data for "
                     "--recalibrate_batches and --evaluate (default: the "
                     "search run's --data_dir).")
+flags.DEFINE_string("dataset", None,
+                    "DSNAS search runs: the search's npz data file where it "
+                    "is now (npz:PATH, the same content at another path), "
+                    "for --evaluate and --recalibrate_batches (default: "
+                    "where the search read it).")
 flags.DEFINE_boolean("evaluate", True,
                      "DSNAS search runs only: measure the child as deployed "
                      "(its moving or re-estimated BN statistics) on the "
@@ -107,35 +112,73 @@ def _signature_line(checkpoint_path: str, path: str, input_shape,
           f"[0, 255] -> logits, probabilities)")
 
 
+def _search_dataset(saved: str) -> str:
+  """The search's dataset as this export reads it: ``saved`` (config.json's)
+  or --dataset, the same npz content at another path."""
+  if FLAGS.dataset is None:
+    return saved
+  if not (dataset_names.is_npz_name(saved) and
+          dataset_names.split_name(saved)[1]):
+    raise TfnasError(f"--dataset names where a search's npz data file is "
+                     f"now; this search ran on --dataset={saved}")
+  if not dataset_names.is_npz_name(FLAGS.dataset):
+    raise TfnasError(f"--dataset={FLAGS.dataset}: give the search's npz data "
+                     f"file where it is now, as npz:PATH")
+  if not os.path.isfile(dataset_names.file_path(FLAGS.dataset)):
+    raise TfnasError(f"--dataset={FLAGS.dataset}: "
+                     f"{dataset_names.file_path(FLAGS.dataset)} is not a file")
+  try:
+    given = dataset_names.saved_name(FLAGS.dataset)
+  except OSError as e:
+    raise TfnasError(f"--dataset={FLAGS.dataset}: the file cannot be read "
+                     f"({e.strerror or e})") from None
+  except ValueError as e:
+    raise TfnasError(f"--dataset={FLAGS.dataset}: {e}") from None
+  if dataset_names.split_name(given)[1] != dataset_names.split_name(saved)[1]:
+    raise TfnasError(
+        f"--dataset={FLAGS.dataset} holds other data than the search's "
+        f"{dataset_names.file_path(saved)} (content sha256 "
+        f"{dataset_names.split_name(saved)[1]}..., this file "
+        f"{dataset_names.split_name(given)[1]}...)")
+  return given
+
+
 def _measure_child(run_dir: str, dataset: str) -> bool:
-  """Whether the child is measured (--evaluate), after checking that a
-  search run's npz data file is still there as the search read it for
-  what reads it: its evaluation split (--evaluate, skipped with a warning
-  when the file is gone) and its training images (--recalibrate_batches,
-  refused). The export itself needs only the run's dataset.json."""
+  """Whether the child is measured (--evaluate), after checking that the
+  search's npz data file is there as the search read it for what reads its
+  images: the evaluation split (--evaluate, left out with a warning when
+  the file is gone) and the training split (--recalibrate_batches,
+  refused). The rest of the export reads the run's dataset.json, or the
+  file where the run has none (written before it was kept)."""
   if not (dataset_names.is_npz_name(dataset) and
           dataset_names.split_name(dataset)[1]):
     return FLAGS.evaluate
   state = dataset_names.file_state(dataset)
-  if state == "same" or not (FLAGS.evaluate or FLAGS.recalibrate_batches):
+  if state == "same":
     return FLAGS.evaluate
-  path = dataset_names.absolute(dataset_names.split_name(dataset)[0])
-  what = ("is not there" if state == "absent" else
-          "changed since the search read it")
+  path = dataset_names.file_path(dataset)
+  what = f"its data file {path} {dataset_names.FILE_STATES[state]}"
+  where = ("put back the file the search used, or name where it is now "
+           "with --dataset=npz:PATH")
+  from tfnas import data
+  if data.recorded_info(run_dir, dataset) is None:
+    raise TfnasError(f"{run_dir} keeps no dataset.json (written before runs "
+                     f"kept one), so its export reads the search's data "
+                     f"file, but {what}; {where}")
+  if not (FLAGS.evaluate or FLAGS.recalibrate_batches):
+    return False
   if FLAGS.recalibrate_batches:
     raise TfnasError(f"--recalibrate_batches reads the training images of "
-                     f"{run_dir}'s search, but its data file {path} {what}; "
-                     "put back the file the search used, or export with "
-                     "--recalibrate_batches=0")
+                     f"{run_dir}'s search, but {what}; {where}, or export "
+                     f"with --recalibrate_batches=0")
   if state == "absent":
     logging.warning("the search's data file %s is not there: the child is "
                     "exported without measuring it on the search's "
-                    "evaluation split (put the file back to measure it; "
-                    "--noevaluate says this is meant)", path)
+                    "evaluation split (to measure it, %s; --noevaluate says "
+                    "this is meant)", path, where)
     return False
   raise TfnasError(f"--evaluate measures the child on the search's data, but "
-                   f"its data file {path} {what}; put back the file the "
-                   "search used, or export with --noevaluate")
+                   f"{what}; {where}, or export with --noevaluate")
 
 
 def _export_search_child(run_dir: str, method_name: str, dataset: str,
@@ -152,6 +195,7 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
                      f"with tfnas-train --genotype={run_dir} (only "
                      f"{', '.join(deployable)} children deploy with their "
                      f"search weights)")
+  dataset = _search_dataset(dataset)
   evaluate = _measure_child(run_dir, dataset)
   from tfnas import child_export
   from tfnas import export
@@ -161,7 +205,8 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
       recalibrate_batches=FLAGS.recalibrate_batches,
       version=FLAGS.version or None, checkpoint=checkpoint_path,
       data_dir=FLAGS.data_dir, evaluate=evaluate,
-      show_progress=FLAGS.progress, allow_random_ops=FLAGS.allow_random_ops)
+      show_progress=FLAGS.progress, allow_random_ops=FLAGS.allow_random_ops,
+      dataset=dataset)
   _ignore_stop_signals()
   meta = exported.metadata
   used = meta["bn_recalibration_batches"]
@@ -192,6 +237,10 @@ def _export_retrained(run_dir: str, saved: dict,
     raise TfnasError(f"--recalibrate_batches applies to DSNAS search children "
                      f"only; {run_dir} is a retraining run, whose BN "
                      f"statistics were estimated on its own network")
+  if FLAGS.dataset is not None:
+    raise TfnasError(f"--dataset applies to DSNAS search children only; "
+                     f"{run_dir} is a retraining run, whose export reads no "
+                     f"images")
   from tfnas.config import TrainConfig  # Light: no TensorFlow.
   config = TrainConfig.from_dict(saved)
   if checkpoint_path is None and not common.holds_checkpoints(

@@ -35,7 +35,7 @@ from tfnas.data.builtin import (register_synthetic, synthetic_data,
 from tfnas.data.npz_source import (RECORD as DATASET_RECORD,
                                    check_saved_dataset,
                                    record as dataset_record,
-                                   run_dataset_info)
+                                   recorded_info, run_dataset_info)
 from tfnas.data.pipeline import (CROP_TAG, CUTOUT_TAG,
                                  FLIP_TAG, SHUFFLE_TAG, check_pipeline_args,
                                  cutout, derived_seed, distributed_dataset,
@@ -85,6 +85,7 @@ __all__ = [
     "pipeline_layout",
     "prepared_tfds_builder",
     "read_tfds",
+    "recorded_info",
     "run_dataset_info",
     "register_dataset",
     "register_synthetic",

@@ -62,11 +62,11 @@ def check_file(name: str) -> str:
   if not path.strip():
     raise DataError(f"dataset {name} names no file; write "
                     f"--dataset=npz:/path/to/data.npz ({_HOW})")
-  path = dataset_names.absolute(path)
+  path = dataset_names.file_path(name)
   if not os.path.isfile(path):
     what = "is a directory" if os.path.isdir(path) else "does not exist"
-    again = (" (a run reads its data file again to resume or export: put "
-             "the file back there)" if saved else f"; {_HOW}")
+    again = (" (put the file the run read back there; a --resume may name "
+             "it at another path)" if saved else f"; {_HOW}")
     raise DataError(f"dataset file {path} {what}{again}")
   if saved is not None:
     try:
@@ -83,19 +83,40 @@ def check_file(name: str) -> str:
 
 
 def check_saved_dataset(saved: dict, config: dict | None = None) -> None:
-  """Refuses to resume a run whose npz data file changed since it was read
-  (``saved``: the run's config.json), with that reason rather than a
-  differing fingerprint among differing flags. A resume (``config``: its
-  config dict) naming another file is left to the comparison of configs:
-  the same content elsewhere (the data moved) resumes."""
+  """Refuses to resume a run (``saved``: its config.json) on other data than
+  its own, naming both, where an npz file is involved: the run's file
+  changed at its path (`check_file`), or the resume (``config``: its config
+  dict) names another file, or a registered dataset, or the run was on a
+  registered dataset and the resume names a file. The same content at
+  another path (the data moved) resumes."""
   name = saved.get("dataset")
-  if not is_npz_name(name) or dataset_names.split_name(name)[1] is None:
-    return
   given = (config or {}).get("dataset", name)
-  if is_npz_name(given) and (
-      dataset_names.absolute(dataset_names.split_name(given)[0]) ==
-      dataset_names.absolute(dataset_names.split_name(name)[0])):
-    check_file(name)
+  if not (is_npz_name(name) or is_npz_name(given)) or name == given:
+    return
+  fingerprint = dataset_names.split_name(name)[1] if is_npz_name(name) else None
+  if is_npz_name(given) and fingerprint is not None:
+    if dataset_names.file_path(given) == dataset_names.file_path(name):
+      check_file(name)
+      return
+    if dataset_names.split_name(given)[1] == fingerprint:
+      return  # Moved.
+  if fingerprint is not None:
+    state = dataset_names.file_state(name)
+    where = ("" if state == "same" else
+             f", which {dataset_names.FILE_STATES[state]}")
+    raise DataError(f"this run was on --dataset=npz:"
+                    f"{dataset_names.file_path(name)}{where}; resume it on "
+                    f"that data (the same file content may be at another "
+                    f"path), not on --dataset={_shown(given)}")
+  raise DataError(f"this run was on --dataset={_shown(name)}; resume it on "
+                  f"that data, not on --dataset={_shown(given)}")
+
+
+def _shown(name) -> str:
+  """A dataset name as flags give it: an npz file by its path alone."""
+  if is_npz_name(name):
+    return dataset_names.npz_name(dataset_names.file_path(name))
+  return str(name)
 
 
 def record(info: DatasetInfo) -> str | None:
@@ -112,13 +133,16 @@ def run_dataset_info(run_dir: str, name: str) -> DatasetInfo:
   (the file itself is then not read, and need not be there), else the
   dataset read by name (`registry.dataset_info`)."""
   if is_npz_name(name):
-    recorded = _recorded_info(run_dir, name)
+    recorded = recorded_info(run_dir, name)
     if recorded is not None:
       return recorded
   return dataset_info(name)
 
 
-def _recorded_info(run_dir: str, name: str) -> DatasetInfo | None:
+def recorded_info(run_dir: str, name: str) -> DatasetInfo | None:
+  """The `DatasetInfo` in ``run_dir``'s `RECORD` when it describes the npz
+  content ``name`` names (None when there is none, or it cannot be read,
+  or it describes other data: a warning says which)."""
   fingerprint = dataset_names.split_name(name)[1]
   path = os.path.join(run_dir, RECORD)
   if fingerprint is None or not os.path.isfile(path):

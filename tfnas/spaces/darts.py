@@ -140,8 +140,8 @@ class DartsSpaceConfig:
       return []
     return [f"on {image_size}×{image_size} inputs {tiny} of its "
             f"{self.num_cells} cells get 1×1 feature maps, where the "
-            f"convolutions and pools hardly differ; use larger inputs or "
-            f"fewer cells"]
+            f"convolutions and pools hardly differ; use larger inputs "
+            f"(each reduction cell halves them)"]
 
   def ops_of(self, cell_type: str) -> tuple[tuple[str, ...], ...]:
     if self.edge_ops is not None and cell_type in self.edge_ops:

@@ -187,8 +187,8 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
             allowed_changes: Iterable[str] = (),
             defaults: dict[str, Any] | None = None,
             normalize: Callable[[dict], dict] | None = None,
-            check_saved: Callable[[dict, dict], None] | None = None
-            ) -> bool:
+            check_saved: Callable[[dict, dict], None] | None = None,
+            respelled: Iterable[str] = ()) -> bool:
   """Checks ``run_dir`` against ``config``; returns True when resuming.
 
   * fresh or empty directory: writes ``config.json``;
@@ -200,10 +200,11 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   Values compare as JSON (tuples equal lists); a key missing from the saved
   config (a run written before the key existed) compares as its entry in
   ``defaults``; ``normalize`` maps both configs to the form they compare in
-  (e.g. a value spelt out and the preset it equals), and a value that
-  compares equal in that form but is spelt otherwise (a data file moved
-  elsewhere) is saved as ``config`` gives it; ``check_saved`` may refuse the
-  saved config first, with its own message (as in `resumable_config`).
+  (e.g. a value spelt out and the preset it equals); a ``respelled`` key
+  whose value compares equal in that form but is spelt otherwise (a data
+  file moved elsewhere) is saved as ``config`` gives it, other keys as
+  saved; ``check_saved`` may refuse the saved config first, with its own
+  message (as in `resumable_config`).
   """
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise RunDirError(f"--run_dir {run_dir} is a file, not a directory; "
@@ -226,11 +227,10 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   allowed = set(allowed_changes) | _ALWAYS_ALLOWED
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
-  if normalize is not None:
-    before, after = normalize(saved), normalize(config)
-    merged.update({k: v for k, v in config.items()
-                   if k in saved and saved[k] != v and
-                   before.get(k) == after.get(k)})
+  respelled = [k for k in respelled if k in saved and k in config]
+  if normalize is not None and respelled:
+    # Equal once normalised: resumable_config has compared them.
+    merged.update({k: config[k] for k in respelled})
   finished = last_history(run_dir).get("epoch")
   if (isinstance(finished, int) and isinstance(merged.get("epochs"), int)
       and merged["epochs"] < finished):

@@ -204,7 +204,8 @@ class Search:
                     "epoch)", config.early_stop_every_steps, total)
       self.resuming, self.write_dir = loop.open_run(
           self.strategy, config.run_dir, resume, lambda: rundir.prepare(
-              config.run_dir, config.to_dict(), resume, **_RESUME_RULES))
+              config.run_dir, config.to_dict(), resume, respelled=("dataset",),
+              **_RESUME_RULES))
       loop.save_dataset_record(self.write_dir, self.data.info)
     self._build()
 
