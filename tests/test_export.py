@@ -142,6 +142,21 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   assert export.export_saved_model(
       net, base, metadata=dict(METADATA, source_pixel_max=16.0),
       version=3) == first
+  # Nor where its sources lay: a run directory (and its npz data file)
+  # moved or copied elsewhere.
+  placed = lambda where: dict(
+      METADATA, run_dir=f"/{where}/run", checkpoint=f"/{where}/run/ckpt-3",
+      dataset=f"npz:/{where}/mine.npz#sha256:0123456789abcdef")
+  placed_first = export.export_saved_model(net, base, metadata=placed("a"))
+  assert placed_first != first
+  assert export.export_saved_model(net, base, metadata=placed("b"),
+                                   version=int(placed_first[-1])) == (
+                                       placed_first)
+  other_data = dict(placed("a"), dataset="npz:/a/mine.npz#sha256:"
+                    "fedcba9876543210")
+  with pytest.raises(export.ExportError, match="already holds a different"):
+    export.export_saved_model(net, base, metadata=other_data,
+                              version=int(placed_first[-1]))
   other = trained_like_network(seed=5)
   with pytest.raises(export.ExportError, match="already holds a different"):
     export.export_saved_model(other, base, metadata=METADATA, version=3)
@@ -150,10 +165,10 @@ def test_no_overwrite_of_a_different_model(tmp_path):
   assert before == after
   # Without a version the next number is used.
   assert export.export_saved_model(other, base, metadata=METADATA).endswith(
-      os.sep + "4")
+      os.sep + "5")
   # ...and the same model again, without a version, is that version.
   assert export.export_saved_model(other, base, metadata=METADATA).endswith(
-      os.sep + "4")
+      os.sep + "5")
   assert not [d for d in os.listdir(base) if d.startswith(".tmp")]
   # Readable like any new folder (a temp folder's mode is owner-only).
   assert stat.S_IMODE(os.stat(first).st_mode) == rundir.new_dir_mode()

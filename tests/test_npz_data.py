@@ -245,6 +245,10 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
                 f"--export_dir={tmp_path}/unmeasured"], cwd=ROOT)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "exported without measuring it" in again.stderr
+  asked = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
+                f"--export_dir={tmp_path}/asked", "--evaluate"], cwd=ROOT)
+  assert asked.returncode == 2  # Asked for by name: not left out.
+  assert "--evaluate measures the child on the search's data" in asked.stderr
   unmeasured = json.loads(
       (tmp_path / "unmeasured" / "1" / "metadata.json").read_text())
   assert "val_acc" not in unmeasured
@@ -261,13 +265,13 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   assert changed.returncode == 2, changed.stderr[-3000:]
   assert changed.stderr.splitlines()[-1].endswith(
       f"its data file {tmp_path}/mine.npz changed since the run read it; "
-      "put back the file the search used, or name where it is now with "
+      "put back the file the run used, or name where it is now with "
       "--dataset=npz:PATH, or export with --noevaluate")
   assert not (tmp_path / "changed").exists()
   assert export("changed", "--noevaluate").returncode == 0
   other = export("other", f"--dataset=npz:{tmp_path}/mine.npz")
   assert other.returncode == 2
-  assert "holds other data than the search's" in other.stderr
+  assert "holds other data than the run's" in other.stderr
   missing = export("other", "--dataset=npz:mine.npz")  # Not in ROOT.
   assert missing.stderr.splitlines()[-1].endswith(
       f"--dataset=npz:mine.npz: {ROOT}/mine.npz is not a file")
@@ -285,9 +289,9 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   assert old.returncode == 2
   assert old.stderr.splitlines()[-1].endswith(
       f"{tmp_path}/run keeps no dataset.json (written before runs kept one), "
-      f"so its export reads the search's data file, but its data file "
+      f"so its export reads the run's data file, but its data file "
       f"{tmp_path}/mine.npz changed since the run read it; put back the file "
-      "the search used, or name where it is now with --dataset=npz:PATH")
+      "the run used, or name where it is now with --dataset=npz:PATH")
   assert export("old", f"--dataset=npz:{tmp_path}/moved.npz").returncode == 0
 
 
@@ -485,9 +489,10 @@ def test_a_resume_reads_the_same_content_from_a_new_path(tmp_path):
   for config, rules in runs:
     run_dir = config(name).run_dir
     with pytest.raises(data.DataError, match=(
-        f"^this run was on --dataset=npz:{tmp_path}/mine.npz, which changed "
-        f"since the run read it; resume it on that data \\(the same file "
-        f"content may be at another path\\), not on "
+        f"^this run was on --dataset=npz:{tmp_path}/mine.npz \\(content "
+        f"sha256 {dataset_names.split_name(name)[1]}...\\), which changed "
+        f"since the run read it; resume it with --dataset=npz:PATH naming a "
+        f"file of those bytes, at that path or another, not "
         f"--dataset=digits$")):
       rundir.prepare(run_dir, config("digits").to_dict(), True, **rules)
     with pytest.raises(data.DataError, match="changed since the run read"):
@@ -500,8 +505,9 @@ def test_a_resume_reads_the_same_content_from_a_new_path(tmp_path):
   rundir.prepare(digits.run_dir, digits.to_dict(), False,
                  **search._RESUME_RULES)
   with pytest.raises(data.DataError, match=(
-      f"^this run was on --dataset=digits; resume it on that data, not on "
-      f"--dataset=npz:{tmp_path}/moved.npz$")):
+      f"^this run was on --dataset=digits; resume it on that data, not "
+      f"--dataset=npz:{tmp_path}/moved.npz \\(content sha256 "
+      f"{dataset_names.split_name(moved)[1]}...\\)$")):
     rundir.resumable_config(digits.run_dir,
                             digits.replace(dataset=moved).to_dict(),
                             **search._RESUME_RULES)
@@ -539,6 +545,46 @@ def test_a_run_directory_keeps_its_data_facts(tmp_path, caplog):
   assert "cannot be read" in caplog.text
   # Registered datasets keep no record.
   assert data.dataset_record(data.dataset_info("digits")) is None
+
+
+@pytest.mark.slow
+def test_a_retrained_run_exports_without_its_data_file(tmp_path):
+  """A tfnas-train run exports from its dataset.json with the data file
+  gone; without dataset.json (an older run) it needs the file, at its path
+  or named by --dataset."""
+  from tfnas.config import TrainConfig
+  from tfnas.train import retrain
+  _save(tmp_path / "mine.npz", **_bad(GOOD, class_names=np.array(
+      ["a", "b", "c"])))
+  name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
+  run_dir = tmp_path / "run"
+  retrain.Retrain(TrainConfig(
+      run_dir=str(run_dir), dataset=name, genotype="DARTS_V2", num_cells=1,
+      channels=2, batch_size=8, pad_crop=1, cutout=0, epochs=1,
+      max_steps_per_epoch=1, auxiliary_weight=0.0),
+                  show_progress=False).run()
+  (tmp_path / "mine.npz").rename(tmp_path / "moved.npz")
+  export = lambda where, *more: _run(
+      ["-m", "tfnas.apps.export", f"--run_dir={run_dir}",
+       f"--export_dir={tmp_path}/{where}", *more], cwd=ROOT)
+  done = export("recorded")
+  assert done.returncode == 0, done.stderr[-3000:]
+  metadata = json.loads(
+      (tmp_path / "recorded" / "1" / "metadata.json").read_text())
+  assert metadata["class_names"] == ["a", "b", "c"]
+  (run_dir / data.DATASET_RECORD).unlink()
+  refused = export("old")
+  assert refused.returncode == 2
+  assert refused.stderr.splitlines()[-1].endswith(
+      f"{run_dir} keeps no dataset.json (written before runs kept one), so "
+      f"its export reads the run's data file, but its data file "
+      f"{tmp_path}/mine.npz is not there; put back the file the run used, "
+      "or name where it is now with --dataset=npz:PATH")
+  moved = export("old", f"--dataset=npz:{tmp_path}/moved.npz")
+  assert moved.returncode == 0, moved.stderr[-3000:]
+  again = json.loads((tmp_path / "old" / "1" / "metadata.json").read_text())
+  for key in ("class_names", "input_shape", "mean", "std", "fingerprint"):
+    assert again[key] == metadata[key], key
 
 
 def test_a_file_replaced_while_read_is_refused(tmp_path, monkeypatch):

@@ -315,6 +315,15 @@ def test_the_224_pixel_block_space_on_tiny_inputs_is_warned_of(
         "--stage_repeats/--stage_channels) or larger inputs"]
   else:
     assert messages == []
+  # The small preset itself is not offered as the way out.
+  caplog.clear()
+  _warn_about_space(shufflenet.ShuffleNetSpaceConfig.small(input_size=2),
+                    "shufflenet_small", 2)
+  assert [r.getMessage() for r in caplog.records] == [
+      "--space=shufflenet_small: on 2×2 inputs 4 of its 5 blocks get 1×1 "
+      "feature maps, where the kernel-size choices hardly differ; use a "
+      "space with fewer stride-2 stages (--stage_repeats/--stage_channels) "
+      "or larger inputs"]
   # A cell space of 3 cells or more has nothing to say.
   from tfnas.spaces import darts as darts_space
   assert darts_space.search_space(
@@ -322,23 +331,31 @@ def test_the_224_pixel_block_space_on_tiny_inputs_is_warned_of(
       num_classes=10).warnings() == []
 
 
-@pytest.mark.parametrize("size,sizes", [
-    (8, [8, 8, 8, 4, 4, 4, 2, 2]),  # The digits: no warning.
-    (4, [4, 4, 4, 2, 2, 2, 1, 1]),
-    (3, [3, 3, 3, 2, 2, 2, 1, 1]),  # Halving rounds up.
-    (2, [2, 2, 2, 1, 1, 1, 1, 1]),
-    (1, [1] * 8)])
-def test_cells_on_1x1_feature_maps_are_warned_of(size, sizes, caplog):
+@pytest.mark.parametrize("num_cells,size,sizes", [
+    (8, 8, [8, 8, 8, 4, 4, 4, 2, 2]),  # The digits: no warning.
+    (8, 4, [4, 4, 4, 2, 2, 2, 1, 1]),
+    (8, 3, [3, 3, 3, 2, 2, 2, 1, 1]),  # Halving rounds up.
+    (8, 2, [2, 2, 2, 1, 1, 1, 1, 1]),
+    (5, 4, [4, 4, 2, 2, 1]),
+    (8, 1, [1] * 8)])
+def test_cells_on_1x1_feature_maps_are_warned_of(num_cells, size, sizes,
+                                                 caplog):
+  from tfnas import models
+  from tfnas.layers import cell
   from tfnas.spaces import darts as darts_space
   from tfnas.train.search import _warn_about_space
-  space = darts_space.search_space("darts", num_cells=8)
-  assert space.cell_input_sizes(size) == sizes
+  space = darts_space.search_space("darts", num_cells=num_cells)
+  assert cell.cell_input_sizes(num_cells, size) == sizes
   caplog.clear()
   _warn_about_space(space, "darts", size)
   messages = [r.getMessage() for r in caplog.records
               if r.levelname == "WARNING"]
   tiny = sizes.count(1)
-  assert messages == ([
-      f"--space=darts: on {size}×{size} inputs {tiny} of its 8 cells get "
-      "1×1 feature maps, where the convolutions and pools hardly differ; "
-      "use larger inputs (each reduction cell halves them)"] if tiny else [])
+  said = (f"on {size}×{size} inputs {tiny} of its {num_cells} cells "
+          f"{'gets' if tiny == 1 else 'get'} 1×1 feature maps, where the "
+          "convolutions and pools hardly differ; use larger inputs (each "
+          "reduction cell halves them)")
+  assert messages == ([f"--space=darts: {said}"] if tiny else [])
+  # The retrained CIFAR network has the same cells.
+  assert models.size_warnings("cifar", size, num_cells) == (
+      [f"--network=cifar {said}"] if tiny else [])

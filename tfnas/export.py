@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
+from tfnas import dataset_names
 from tfnas.errors import TfnasError
 from tfnas.genotype import RANDOM_OPS
 from tfnas.train import rundir
@@ -83,12 +84,17 @@ MEASURED_METADATA = ("val_acc", "val_loss", "val_split", "val_examples")
 # Facts of the dataset, which the fingerprint covers by its name; leaving
 # them out keeps the fingerprints of exports written before they were added.
 DATASET_METADATA = ("source_pixel_max",)
+# Where the model's sources lay: a run directory copied or moved elsewhere
+# (its npz data file too: the fingerprint covers its content) exports the
+# same model.
+LOCATION_METADATA = ("run_dir", "checkpoint")
 
 
 def model_fingerprint(model, metadata: Mapping[str, Any],
                       genotype=None) -> str:
   """SHA-256 of the weights (names, shapes, values), genotype and metadata
-  (without its `MEASURED_METADATA` and `DATASET_METADATA`)."""
+  (without its `MEASURED_METADATA`, `DATASET_METADATA` and
+  `LOCATION_METADATA`, an npz dataset by its content)."""
   digest = hashlib.sha256()
   for v in model.weights:
     value = np.asarray(v.numpy())
@@ -96,8 +102,9 @@ def model_fingerprint(model, metadata: Mapping[str, Any],
     digest.update(np.ascontiguousarray(value).tobytes())
   if genotype is not None:
     digest.update(json.dumps(genotype.to_dict(), sort_keys=True).encode())
-  described = {k: v for k, v in metadata.items()
-               if k not in MEASURED_METADATA + DATASET_METADATA}
+  left_out = MEASURED_METADATA + DATASET_METADATA + LOCATION_METADATA
+  described = dataset_names.by_content(
+      {k: v for k, v in metadata.items() if k not in left_out})
   digest.update(json.dumps(described, sort_keys=True).encode())
   return digest.hexdigest()
 

@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfnas.genotype import Genotype
 from tfnas.layers.auxiliary_head import AuxiliaryHead
 from tfnas.layers.batch_norm import BatchNorm
+from tfnas.layers.cell import one_pixel_cells_warning, reduction_layers
 from tfnas.layers.derived_cell import DerivedCell
 
 NETWORKS = ("cifar", "imagenet")
@@ -47,8 +48,7 @@ class _EvalNetwork(keras.Model):
     self.num_cells = num_cells
     self.channels = channels
     self.auxiliary = auxiliary
-    self.reduction_layers = tuple(sorted({num_cells // 3,
-                                          2 * num_cells // 3}))
+    self.reduction_layers = reduction_layers(num_cells)
     self.aux_position = 2 * num_cells // 3
     c_pp, c_p, c_cur = stem_channels, stem_channels, channels
     reduction_prev = stem_reduced
@@ -210,13 +210,19 @@ class NetworkImageNet(_EvalNetwork):
     return s0, s1
 
 
-def size_warnings(kind: str, image_size: int) -> list[str]:
+def size_warnings(kind: str, image_size: int,
+                  num_cells: int | None = None) -> list[str]:
   """Valid but ill-suited pairings of an evaluation network and an input
   size: the ImageNet network (8x down in its stems, 32x by its last cells)
-  on small images, whose cells then see a few pixels or one, and the CIFAR
+  on small images, whose cells then see a few pixels or one; the CIFAR
   network (stride-1 stem) on ImageNet-size images, whose first cells run at
-  full resolution."""
+  full resolution, and (given ``num_cells``) on images so small that cells
+  see 1×1 feature maps."""
   side = f"{image_size}x{image_size}"
+  if kind == "cifar" and num_cells:
+    warning = one_pixel_cells_warning(num_cells, image_size)
+    if warning:
+      return [f"--network=cifar {warning}"]
   if kind == "imagenet" and image_size < 32:
     first = max(-(-image_size // 8), 1)
     return [f"--network=imagenet shrinks {side} inputs to {first}x{first} "

@@ -99,7 +99,8 @@ def print_final(history: list, run_dir: str, epochs: int,
   ``history.jsonl``."""
   last = history[-1] if history else rundir.last_history(run_dir)
   if not history:
-    print(f"{run_dir} already finished {last.get('epoch', epochs)} epochs "
+    done = last.get("epoch", epochs)
+    print(f"{run_dir} already finished {done} epoch{'' if done == 1 else 's'} "
           f"(--epochs={epochs}); resume with a larger --epochs to train "
           "longer")
   if last:

@@ -61,10 +61,11 @@ flags.DEFINE_string("data_dir", None,
                     "--recalibrate_batches and --evaluate (default: the "
                     "search run's --data_dir).")
 flags.DEFINE_string("dataset", None,
-                    "DSNAS search runs: the search's npz data file where it "
-                    "is now (npz:PATH, the same content at another path), "
-                    "for --evaluate and --recalibrate_batches (default: "
-                    "where the search read it).")
+                    "A run on an npz file: that file where it is now "
+                    "(npz:PATH, the same bytes at another path), for a DSNAS "
+                    "child's --evaluate and --recalibrate_batches, and for "
+                    "runs without dataset.json (default: where the run "
+                    "read it).")
 flags.DEFINE_boolean("evaluate", True,
                      "DSNAS search runs only: measure the child as deployed "
                      "(its moving or re-estimated BN statistics) on the "
@@ -112,17 +113,43 @@ def _signature_line(checkpoint_path: str, path: str, input_shape,
           f"[0, 255] -> logits, probabilities)")
 
 
-def _search_dataset(saved: str) -> str:
-  """The search's dataset as this export reads it: ``saved`` (config.json's)
-  or --dataset, the same npz content at another path."""
-  if FLAGS.dataset is None:
-    return saved
+def _run_dataset(run_dir: str, saved: str) -> str:
+  """The run's dataset as this export reads it: ``saved`` (config.json's),
+  or --dataset, the same npz content at another path; refuses an npz file
+  that the export must read but cannot (the run has no usable
+  dataset.json, and the file is not there as the run read it)."""
+  dataset = saved if FLAGS.dataset in (None, saved) else _moved(saved)
+  if not (dataset_names.is_npz_name(dataset) and
+          dataset_names.split_name(dataset)[1]):
+    return dataset
+  state = dataset_names.file_state(dataset)
+  from tfnas import data
+  if state == "same" or data.recorded_info(run_dir, dataset) is not None:
+    return dataset
+  record = os.path.join(run_dir, data.DATASET_RECORD)
+  why = ("keeps no dataset.json (written before runs kept one)"
+         if not os.path.exists(record) else
+         "has a dataset.json that cannot be used (see the warning above)")
+  raise TfnasError(f"{run_dir} {why}, so its export reads the run's data "
+                   f"file, but {_file_problem(dataset, state)}")
+
+
+def _file_problem(dataset: str, state: str) -> str:
+  """What is wrong with the run's npz file, and how to mend it."""
+  return (f"its data file {dataset_names.file_path(dataset)} "
+          f"{dataset_names.FILE_STATES[state]}; put back the file the run "
+          "used, or name where it is now with --dataset=npz:PATH")
+
+
+def _moved(saved: str) -> str:
+  """--dataset as the run's npz data file at another path (its saved
+  name), or why not."""
   if not (dataset_names.is_npz_name(saved) and
           dataset_names.split_name(saved)[1]):
-    raise TfnasError(f"--dataset names where a search's npz data file is "
-                     f"now; this search ran on --dataset={saved}")
+    raise TfnasError(f"--dataset names where a run's npz data file is now; "
+                     f"this run is on --dataset={saved} (drop --dataset)")
   if not dataset_names.is_npz_name(FLAGS.dataset):
-    raise TfnasError(f"--dataset={FLAGS.dataset}: give the search's npz data "
+    raise TfnasError(f"--dataset={FLAGS.dataset}: give the run's npz data "
                      f"file where it is now, as npz:PATH")
   if not os.path.isfile(dataset_names.file_path(FLAGS.dataset)):
     raise TfnasError(f"--dataset={FLAGS.dataset}: "
@@ -136,49 +163,40 @@ def _search_dataset(saved: str) -> str:
     raise TfnasError(f"--dataset={FLAGS.dataset}: {e}") from None
   if dataset_names.split_name(given)[1] != dataset_names.split_name(saved)[1]:
     raise TfnasError(
-        f"--dataset={FLAGS.dataset} holds other data than the search's "
+        f"--dataset={FLAGS.dataset} holds other data than the run's "
         f"{dataset_names.file_path(saved)} (content sha256 "
         f"{dataset_names.split_name(saved)[1]}..., this file "
-        f"{dataset_names.split_name(given)[1]}...)")
+        f"{dataset_names.split_name(given)[1]}...; the bytes must be the "
+        "same)")
   return given
 
 
-def _measure_child(run_dir: str, dataset: str) -> bool:
-  """Whether the child is measured (--evaluate), after checking that the
-  search's npz data file is there as the search read it for what reads its
-  images: the evaluation split (--evaluate, left out with a warning when
-  the file is gone) and the training split (--recalibrate_batches,
-  refused). The rest of the export reads the run's dataset.json, or the
-  file where the run has none (written before it was kept)."""
+def _measure_child(dataset: str) -> bool:
+  """Whether a search child is measured (--evaluate), after checking that
+  the search's npz data file is there as the search read it for what reads
+  its images: the evaluation split (--evaluate: left out with a warning
+  when the file is gone, unless asked for by name) and the training split
+  (--recalibrate_batches: refused). Call after `_run_dataset`."""
+  if not (FLAGS.evaluate or FLAGS.recalibrate_batches):
+    return False
   if not (dataset_names.is_npz_name(dataset) and
           dataset_names.split_name(dataset)[1]):
     return FLAGS.evaluate
   state = dataset_names.file_state(dataset)
   if state == "same":
     return FLAGS.evaluate
-  path = dataset_names.file_path(dataset)
-  what = f"its data file {path} {dataset_names.FILE_STATES[state]}"
-  where = ("put back the file the search used, or name where it is now "
-           "with --dataset=npz:PATH")
-  from tfnas import data
-  if data.recorded_info(run_dir, dataset) is None:
-    raise TfnasError(f"{run_dir} keeps no dataset.json (written before runs "
-                     f"kept one), so its export reads the search's data "
-                     f"file, but {what}; {where}")
-  if not (FLAGS.evaluate or FLAGS.recalibrate_batches):
-    return False
+  problem = _file_problem(dataset, state)
   if FLAGS.recalibrate_batches:
-    raise TfnasError(f"--recalibrate_batches reads the training images of "
-                     f"{run_dir}'s search, but {what}; {where}, or export "
-                     f"with --recalibrate_batches=0")
-  if state == "absent":
-    logging.warning("the search's data file %s is not there: the child is "
-                    "exported without measuring it on the search's "
-                    "evaluation split (to measure it, %s; --noevaluate says "
-                    "this is meant)", path, where)
+    raise TfnasError(f"--recalibrate_batches reads the search's training "
+                     f"images, but {problem}, or export with "
+                     f"--recalibrate_batches=0")
+  if state == "absent" and not FLAGS["evaluate"].present:
+    logging.warning("the child is exported without measuring it on the "
+                    "search's evaluation split: %s (--noevaluate says this "
+                    "is meant)", problem)
     return False
   raise TfnasError(f"--evaluate measures the child on the search's data, but "
-                   f"{what}; {where}, or export with --noevaluate")
+                   f"{problem}, or export with --noevaluate")
 
 
 def _export_search_child(run_dir: str, method_name: str, dataset: str,
@@ -195,8 +213,8 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
                      f"with tfnas-train --genotype={run_dir} (only "
                      f"{', '.join(deployable)} children deploy with their "
                      f"search weights)")
-  dataset = _search_dataset(dataset)
-  evaluate = _measure_child(run_dir, dataset)
+  dataset = _run_dataset(run_dir, dataset)
+  evaluate = _measure_child(dataset)
   from tfnas import child_export
   from tfnas import export
   before = export.exported_versions(FLAGS.export_dir)
@@ -237,10 +255,6 @@ def _export_retrained(run_dir: str, saved: dict,
     raise TfnasError(f"--recalibrate_batches applies to DSNAS search children "
                      f"only; {run_dir} is a retraining run, whose BN "
                      f"statistics were estimated on its own network")
-  if FLAGS.dataset is not None:
-    raise TfnasError(f"--dataset applies to DSNAS search children only; "
-                     f"{run_dir} is a retraining run, whose export reads no "
-                     f"images")
   from tfnas.config import TrainConfig  # Light: no TensorFlow.
   config = TrainConfig.from_dict(saved)
   if checkpoint_path is None and not common.holds_checkpoints(
@@ -257,7 +271,8 @@ def _export_retrained(run_dir: str, saved: dict,
   export.check_random_ops(genotype, FLAGS.allow_random_ops)
   checkpoint_path = resolve_checkpoint(run_dir, checkpoint_path,
                                        "train first or pass --checkpoint")
-  info = data.run_dataset_info(run_dir, config.dataset)
+  dataset = _run_dataset(run_dir, config.dataset)
+  info = data.run_dataset_info(run_dir, dataset)
   # The auxiliary head is a training aid: not built, not exported.
   network = models.build_network(config.network, genotype, info.input_shape,
                                  info.num_classes, config.num_cells,
@@ -271,7 +286,7 @@ def _export_retrained(run_dir: str, saved: dict,
                                    info.num_classes, config.num_cells,
                                    config.channels)
   metadata = {
-      "dataset": config.dataset, "num_classes": info.num_classes,
+      "dataset": dataset, "num_classes": info.num_classes,
       **info.input_metadata(), "network": config.network,
       "num_cells": config.num_cells, "channels": config.channels,
       "params": network_cost.params, "madds": network_cost.madds,

@@ -105,18 +105,23 @@ def check_saved_dataset(saved: dict, config: dict | None = None) -> None:
     where = ("" if state == "same" else
              f", which {dataset_names.FILE_STATES[state]}")
     raise DataError(f"this run was on --dataset=npz:"
-                    f"{dataset_names.file_path(name)}{where}; resume it on "
-                    f"that data (the same file content may be at another "
-                    f"path), not on --dataset={_shown(given)}")
+                    f"{dataset_names.file_path(name)} (content sha256 "
+                    f"{fingerprint}...){where}; resume it with "
+                    f"--dataset=npz:PATH naming a file of those bytes, at "
+                    f"that path or another, not --dataset={_shown(given)}")
   raise DataError(f"this run was on --dataset={_shown(name)}; resume it on "
-                  f"that data, not on --dataset={_shown(given)}")
+                  f"that data, not --dataset={_shown(given)}")
 
 
 def _shown(name) -> str:
-  """A dataset name as flags give it: an npz file by its path alone."""
-  if is_npz_name(name):
-    return dataset_names.npz_name(dataset_names.file_path(name))
-  return str(name)
+  """A dataset name as flags give it (an npz file by its path), with an
+  npz file's fingerprint after it."""
+  if not is_npz_name(name):
+    return str(name)
+  shown = dataset_names.npz_name(dataset_names.file_path(name))
+  fingerprint = dataset_names.split_name(name)[1]
+  return shown + (f" (content sha256 {fingerprint}...)" if fingerprint
+                  else "")
 
 
 def record(info: DatasetInfo) -> str | None:
@@ -143,10 +148,21 @@ def recorded_info(run_dir: str, name: str) -> DatasetInfo | None:
   """The `DatasetInfo` in ``run_dir``'s `RECORD` when it describes the npz
   content ``name`` names (None when there is none, or it cannot be read,
   or it describes other data: a warning says which)."""
-  fingerprint = dataset_names.split_name(name)[1]
   path = os.path.join(run_dir, RECORD)
-  if fingerprint is None or not os.path.isfile(path):
+  if dataset_names.split_name(name)[1] is None or not os.path.isfile(path):
     return None
+  try:
+    version = _version(path)
+  except DataError:  # Gone since.
+    return None
+  return _recorded_info(path, name, *version)
+
+
+@functools.lru_cache(maxsize=4)
+def _recorded_info(path: str, name: str, *unused_version
+                   ) -> DatasetInfo | None:
+  """`recorded_info` per version of the record (a warning said once)."""
+  fingerprint = dataset_names.split_name(name)[1]
   try:
     with open(path, encoding="utf-8") as f:
       info = DatasetInfo(**json.load(f))

@@ -17,6 +17,38 @@ def cell_edges(num_nodes: int) -> list[tuple[int, int]]:
   return [(i + 2, j) for i in range(num_nodes) for j in range(i + 2)]
 
 
+def reduction_layers(num_cells: int) -> tuple[int, ...]:
+  """Indices of a network's reduction cells: at 1/3 and 2/3 of the depth
+  (DARTS section 2.1)."""
+  return tuple(sorted({num_cells // 3, 2 * num_cells // 3}))
+
+
+def cell_input_sizes(num_cells: int, image_size: int) -> list[int]:
+  """The side of each cell's input feature maps behind a stride-1 stem
+  (the CIFAR networks) on ``image_size``-pixel images: each reduction cell
+  halves it, rounding up."""
+  reductions = reduction_layers(num_cells)
+  sizes, size = [], image_size
+  for i in range(num_cells):
+    sizes.append(size)
+    if i in reductions:
+      size = -(-size // 2)
+  return sizes
+
+
+def one_pixel_cells_warning(num_cells: int, image_size: int) -> str | None:
+  """What to say of cells that see 1×1 feature maps (stride-1 stem), where
+  the k×k convolutions see only padding around their centre tap and the
+  3×3 pools pass their input through; None when no cell does."""
+  tiny = cell_input_sizes(num_cells, image_size).count(1)
+  if not tiny:
+    return None
+  return (f"on {image_size}×{image_size} inputs {tiny} of its {num_cells} "
+          f"cells {'gets' if tiny == 1 else 'get'} 1×1 feature maps, where "
+          f"the convolutions and pools hardly differ; use larger inputs "
+          f"(each reduction cell halves them)")
+
+
 @keras.saving.register_keras_serializable(package="tfnas")
 class Cell(keras.layers.Layer):
   """A search cell of the DARTS space (DARTS section 2.1, SNAS Fig. 1).

@@ -18,7 +18,8 @@ from tfnas import ops
 from tfnas.arch import DecisionGroup
 from tfnas.layers import recompute
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
-from tfnas.layers.cell import Cell, cell_edges
+from tfnas.layers.cell import (Cell, cell_edges, one_pixel_cells_warning,
+                               reduction_layers)
 
 CELL_TYPES = ("normal", "reduce")
 RECOMPUTE_UNITS = ("edge", "cell")
@@ -102,7 +103,7 @@ class DartsSpaceConfig:
 
   @property
   def reduction_layers(self) -> tuple[int, ...]:
-    return tuple(sorted({self.num_cells // 3, 2 * self.num_cells // 3}))
+    return reduction_layers(self.num_cells)
 
   def cell_types(self) -> list[str]:
     """Type of each cell, in order."""
@@ -120,28 +121,12 @@ class DartsSpaceConfig:
             f"α; search with 3 cells or more to search both"
             for missing in sorted({"normal", "reduce"} - present)]
 
-  def cell_input_sizes(self, image_size: int) -> list[int]:
-    """The side of each cell's input feature maps for ``image_size``-pixel
-    images (stride-1 stem; each reduction cell halves, rounding up)."""
-    sizes, size = [], image_size
-    for cell_type in self.cell_types():
-      sizes.append(size)
-      if cell_type == "reduce":
-        size = -(-size // 2)
-    return sizes
-
   def input_warnings(self, image_size: int) -> list[str]:
     """`warnings` of this space on ``image_size``-pixel images: cells that
-    see 1×1 feature maps, where the k×k convolutions see only padding
-    around their centre tap and the 3×3 pools pass their input through, so
-    the candidates hardly differ."""
-    tiny = sum(size == 1 for size in self.cell_input_sizes(image_size))
-    if not tiny:
-      return []
-    return [f"on {image_size}×{image_size} inputs {tiny} of its "
-            f"{self.num_cells} cells get 1×1 feature maps, where the "
-            f"convolutions and pools hardly differ; use larger inputs "
-            f"(each reduction cell halves them)"]
+    see 1×1 feature maps, where the candidates hardly differ
+    (`cell.one_pixel_cells_warning`)."""
+    warning = one_pixel_cells_warning(self.num_cells, image_size)
+    return [warning] if warning else []
 
   def ops_of(self, cell_type: str) -> tuple[tuple[str, ...], ...]:
     if self.edge_ops is not None and cell_type in self.edge_ops:

@@ -150,11 +150,17 @@ class ShuffleNetSpaceConfig:
     tiny = sum(size == 1 for size in sizes)
     if tiny * 2 <= len(sizes):
       return []
+    small = ShuffleNetSpaceConfig.small()
+    # The small preset only where it downsamples less than this space.
+    gentler = ("shufflenet_small, or " if any(
+        mine > its for mine, its in [
+            (self.stem_stride, small.stem_stride),
+            (self.stem_pool, small.stem_pool),
+            (len(self.stage_repeats), len(small.stage_repeats))]) else "")
     return [f"on {self.input_size}×{self.input_size} inputs {tiny} of its "
             f"{len(sizes)} blocks get 1×1 feature maps, where the kernel-size "
             f"choices hardly differ; use a space with fewer stride-2 stages "
-            f"(shufflenet_small, or --stage_repeats/--stage_channels) or "
-            f"larger inputs"]
+            f"({gentler}--stage_repeats/--stage_channels) or larger inputs"]
 
   def decision_groups(self) -> list[DecisionGroup]:
     """One group ``blocks``: a decision per block over ``choices``."""

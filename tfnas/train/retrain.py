@@ -131,7 +131,8 @@ class Retrain:
     self.show_progress = show_progress
     self.info = data_lib.dataset_info(config.dataset)
     for warning in models.size_warnings(config.network,
-                                        self.info.image_size):
+                                        self.info.image_size,
+                                        config.num_cells):
       log.warning("%s", warning)
     # Bad genotypes and data fail before the run directory is touched.
     has_saved = resume and os.path.exists(
