@@ -148,15 +148,28 @@ def test_no_overwrite_of_a_different_model(tmp_path):
       METADATA, run_dir=f"/{where}/run", checkpoint=f"/{where}/run/ckpt-3",
       dataset=f"npz:/{where}/mine.npz#sha256:0123456789abcdef")
   placed_first = export.export_saved_model(net, base, metadata=placed("a"))
+  placed_version = int(os.path.basename(placed_first))
   assert placed_first != first
   assert export.export_saved_model(net, base, metadata=placed("b"),
-                                   version=int(placed_first[-1])) == (
-                                       placed_first)
+                                   version=placed_version) == placed_first
   other_data = dict(placed("a"), dataset="npz:/a/mine.npz#sha256:"
                     "fedcba9876543210")
   with pytest.raises(export.ExportError, match="already holds a different"):
     export.export_saved_model(net, base, metadata=other_data,
-                              version=int(placed_first[-1]))
+                              version=placed_version)
+  # An export fingerprinted with the locations in (before they were left
+  # out) is still this model where the run has not moved.
+  meta_path = os.path.join(placed_first, "metadata.json")
+  written = json.loads(open(meta_path).read())
+  written["fingerprint"] = export.model_fingerprint(net, placed("a"),
+                                                    located=True)
+  with open(meta_path, "w") as f:
+    json.dump(written, f)
+  assert export.export_saved_model(net, base, metadata=placed("a"),
+                                   version=placed_version) == placed_first
+  with pytest.raises(export.ExportError, match="already holds a different"):
+    export.export_saved_model(net, base, metadata=placed("b"),
+                              version=placed_version)
   other = trained_like_network(seed=5)
   with pytest.raises(export.ExportError, match="already holds a different"):
     export.export_saved_model(other, base, metadata=METADATA, version=3)

@@ -247,8 +247,9 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   assert "exported without measuring it" in again.stderr
   asked = _run(["-m", "tfnas.apps.export", f"--run_dir={tmp_path}/run",
                 f"--export_dir={tmp_path}/asked", "--evaluate"], cwd=ROOT)
-  assert asked.returncode == 2  # Asked for by name: not left out.
+  assert asked.returncode == 2, asked.stderr[-3000:]  # Asked for by name.
   assert "--evaluate measures the child on the search's data" in asked.stderr
+  assert not (tmp_path / "asked").exists()
   unmeasured = json.loads(
       (tmp_path / "unmeasured" / "1" / "metadata.json").read_text())
   assert "val_acc" not in unmeasured
@@ -572,6 +573,16 @@ def test_a_retrained_run_exports_without_its_data_file(tmp_path):
   metadata = json.loads(
       (tmp_path / "recorded" / "1" / "metadata.json").read_text())
   assert metadata["class_names"] == ["a", "b", "c"]
+  (run_dir / data.DATASET_RECORD).write_text("{")
+  broken = export("old")
+  assert broken.returncode == 2
+  assert (f"{run_dir} has a dataset.json that cannot be used (see the "
+          "warning above)") in broken.stderr.splitlines()[-1]
+  assert broken.stderr.count("dataset.json cannot be read") == 1
+  wrong_kind = export("old", "--dataset=digits")
+  assert wrong_kind.stderr.splitlines()[-1].endswith(
+      "--dataset=digits: give the run's npz data file where it is now, as "
+      "npz:PATH")
   (run_dir / data.DATASET_RECORD).unlink()
   refused = export("old")
   assert refused.returncode == 2

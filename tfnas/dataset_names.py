@@ -35,6 +35,12 @@ def split_name(name: str) -> tuple[str, str | None]:
   return rest, None
 
 
+def fingerprint_of(name) -> str | None:
+  """The content fingerprint in ``npz:PATH#sha256:HEX`` (None for a name
+  without one, or not an npz name)."""
+  return split_name(name)[1] if is_npz_name(name) else None
+
+
 def npz_name(path: str, fingerprint: str | None = None) -> str:
   """``npz:PATH``, with ``#sha256:FINGERPRINT`` when one is given (the
   inverse of `split_name`)."""
@@ -92,10 +98,7 @@ def by_content(config: dict) -> dict:
   """A config dict with an npz ``dataset`` that holds a fingerprint named by
   its content alone: a run resumed with its data file moved or copied
   elsewhere (same content, another path) compares equal to the saved run."""
-  name = config.get("dataset")
-  if not is_npz_name(name):
-    return config
-  fingerprint = split_name(name)[1]
+  fingerprint = fingerprint_of(config.get("dataset"))
   if fingerprint is None:
     return config
   return {**config, "dataset": npz_name("", fingerprint)}

@@ -91,10 +91,12 @@ LOCATION_METADATA = ("run_dir", "checkpoint")
 
 
 def model_fingerprint(model, metadata: Mapping[str, Any],
-                      genotype=None) -> str:
+                      genotype=None, located: bool = False) -> str:
   """SHA-256 of the weights (names, shapes, values), genotype and metadata
   (without its `MEASURED_METADATA`, `DATASET_METADATA` and
-  `LOCATION_METADATA`, an npz dataset by its content)."""
+  `LOCATION_METADATA`, an npz dataset by its content). ``located``: the
+  fingerprint of exports written before 2026-12-05's stop 36, which kept
+  the locations in (`export_saved_model` knows both)."""
   digest = hashlib.sha256()
   for v in model.weights:
     value = np.asarray(v.numpy())
@@ -102,9 +104,11 @@ def model_fingerprint(model, metadata: Mapping[str, Any],
     digest.update(np.ascontiguousarray(value).tobytes())
   if genotype is not None:
     digest.update(json.dumps(genotype.to_dict(), sort_keys=True).encode())
-  left_out = MEASURED_METADATA + DATASET_METADATA + LOCATION_METADATA
-  described = dataset_names.by_content(
-      {k: v for k, v in metadata.items() if k not in left_out})
+  left_out = MEASURED_METADATA + DATASET_METADATA
+  described = {k: v for k, v in metadata.items() if k not in left_out}
+  if not located:
+    described = dataset_names.by_content(
+        {k: v for k, v in described.items() if k not in LOCATION_METADATA})
   digest.update(json.dumps(described, sort_keys=True).encode())
   return digest.hexdigest()
 
@@ -209,11 +213,15 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
   if random_ops:
     metadata["random_ops"] = random_ops
   fingerprint = model_fingerprint(model, metadata, genotype)
+  # An export written before locations were left out matches by the older
+  # rule (a run that has not moved).
+  same = {fingerprint, model_fingerprint(model, metadata, genotype,
+                                         located=True)}
   if version is None:
     versions = existing_versions(base_path)
     version = versions[-1] + 1 if versions else 1
     if versions and _read_fingerprint(
-        os.path.join(base_path, str(versions[-1]))) == fingerprint:
+        os.path.join(base_path, str(versions[-1]))) in same:
       version = versions[-1]
   if isinstance(version, bool) or not isinstance(version, int) or version < 1:
     raise ExportError(f"version must be an integer >= 1, got {version!r}")
@@ -222,7 +230,7 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
     os.rmdir(target)  # An empty folder holds nothing to keep: written anew.
   if os.path.exists(target):
     existing = _read_fingerprint(target)
-    if existing == fingerprint:
+    if existing in same:
       return target
     if existing is None:
       raise ExportError(

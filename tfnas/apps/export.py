@@ -71,7 +71,10 @@ flags.DEFINE_boolean("evaluate", True,
                      "(its moving or re-estimated BN statistics) on the "
                      "search's evaluation split before exporting; printed "
                      "and written to metadata.json as val_acc. The search's "
-                     "own val/child_acc uses batch statistics.")
+                     "own val/child_acc uses batch statistics. Where the "
+                     "search's npz data file is gone, the default skips the "
+                     "measurement with a warning, and --evaluate given on "
+                     "the command line or in a flagfile is refused.")
 flags.DEFINE_boolean("progress", True,
                      "Show a progress bar over the evaluation batches.")
 flags.DEFINE_boolean("allow_random_ops", False,
@@ -119,16 +122,17 @@ def _run_dataset(run_dir: str, saved: str) -> str:
   that the export must read but cannot (the run has no usable
   dataset.json, and the file is not there as the run read it)."""
   dataset = saved if FLAGS.dataset in (None, saved) else _moved(saved)
-  if not (dataset_names.is_npz_name(dataset) and
-          dataset_names.split_name(dataset)[1]):
+  if dataset_names.fingerprint_of(dataset) is None:
     return dataset
-  state = dataset_names.file_state(dataset)
   from tfnas import data
-  if state == "same" or data.recorded_info(run_dir, dataset) is not None:
+  if data.recorded_info(run_dir, dataset) is not None:
+    return dataset  # The file is read only for images (`_measure_child`).
+  state = dataset_names.file_state(dataset)
+  if state == "same":
     return dataset
   record = os.path.join(run_dir, data.DATASET_RECORD)
   why = ("keeps no dataset.json (written before runs kept one)"
-         if not os.path.exists(record) else
+         if not os.path.isfile(record) else
          "has a dataset.json that cannot be used (see the warning above)")
   raise TfnasError(f"{run_dir} {why}, so its export reads the run's data "
                    f"file, but {_file_problem(dataset, state)}")
@@ -144,8 +148,8 @@ def _file_problem(dataset: str, state: str) -> str:
 def _moved(saved: str) -> str:
   """--dataset as the run's npz data file at another path (its saved
   name), or why not."""
-  if not (dataset_names.is_npz_name(saved) and
-          dataset_names.split_name(saved)[1]):
+  fingerprint = dataset_names.fingerprint_of(saved)
+  if fingerprint is None:
     raise TfnasError(f"--dataset names where a run's npz data file is now; "
                      f"this run is on --dataset={saved} (drop --dataset)")
   if not dataset_names.is_npz_name(FLAGS.dataset):
@@ -161,13 +165,12 @@ def _moved(saved: str) -> str:
                      f"({e.strerror or e})") from None
   except ValueError as e:
     raise TfnasError(f"--dataset={FLAGS.dataset}: {e}") from None
-  if dataset_names.split_name(given)[1] != dataset_names.split_name(saved)[1]:
+  if dataset_names.fingerprint_of(given) != fingerprint:
     raise TfnasError(
         f"--dataset={FLAGS.dataset} holds other data than the run's "
-        f"{dataset_names.file_path(saved)} (content sha256 "
-        f"{dataset_names.split_name(saved)[1]}..., this file "
-        f"{dataset_names.split_name(given)[1]}...; the bytes must be the "
-        "same)")
+        f"{dataset_names.file_path(saved)} (content sha256 {fingerprint}..., "
+        f"this file {dataset_names.fingerprint_of(given)}...; the bytes must "
+        "be the same)")
   return given
 
 
@@ -179,8 +182,7 @@ def _measure_child(dataset: str) -> bool:
   (--recalibrate_batches: refused). Call after `_run_dataset`."""
   if not (FLAGS.evaluate or FLAGS.recalibrate_batches):
     return False
-  if not (dataset_names.is_npz_name(dataset) and
-          dataset_names.split_name(dataset)[1]):
+  if dataset_names.fingerprint_of(dataset) is None:
     return FLAGS.evaluate
   state = dataset_names.file_state(dataset)
   if state == "same":

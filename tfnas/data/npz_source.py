@@ -93,22 +93,21 @@ def check_saved_dataset(saved: dict, config: dict | None = None) -> None:
   given = (config or {}).get("dataset", name)
   if not (is_npz_name(name) or is_npz_name(given)) or name == given:
     return
-  fingerprint = dataset_names.split_name(name)[1] if is_npz_name(name) else None
+  fingerprint = dataset_names.fingerprint_of(name)
   if is_npz_name(given) and fingerprint is not None:
     if dataset_names.file_path(given) == dataset_names.file_path(name):
       check_file(name)
       return
-    if dataset_names.split_name(given)[1] == fingerprint:
+    if dataset_names.fingerprint_of(given) == fingerprint:
       return  # Moved.
   if fingerprint is not None:
     state = dataset_names.file_state(name)
     where = ("" if state == "same" else
              f", which {dataset_names.FILE_STATES[state]}")
-    raise DataError(f"this run was on --dataset=npz:"
-                    f"{dataset_names.file_path(name)} (content sha256 "
-                    f"{fingerprint}...){where}; resume it with "
-                    f"--dataset=npz:PATH naming a file of those bytes, at "
-                    f"that path or another, not --dataset={_shown(given)}")
+    raise DataError(f"this run was on --dataset={_shown(name)}{where}; "
+                    f"resume it with --dataset=npz:PATH naming a file of "
+                    f"those bytes, at that path or another, not "
+                    f"--dataset={_shown(given)}")
   raise DataError(f"this run was on --dataset={_shown(name)}; resume it on "
                   f"that data, not --dataset={_shown(given)}")
 
@@ -119,7 +118,7 @@ def _shown(name) -> str:
   if not is_npz_name(name):
     return str(name)
   shown = dataset_names.npz_name(dataset_names.file_path(name))
-  fingerprint = dataset_names.split_name(name)[1]
+  fingerprint = dataset_names.fingerprint_of(name)
   return shown + (f" (content sha256 {fingerprint}...)" if fingerprint
                   else "")
 
@@ -149,7 +148,7 @@ def recorded_info(run_dir: str, name: str) -> DatasetInfo | None:
   content ``name`` names (None when there is none, or it cannot be read,
   or it describes other data: a warning says which)."""
   path = os.path.join(run_dir, RECORD)
-  if dataset_names.split_name(name)[1] is None or not os.path.isfile(path):
+  if dataset_names.fingerprint_of(name) is None or not os.path.isfile(path):
     return None
   try:
     version = _version(path)
@@ -162,7 +161,7 @@ def recorded_info(run_dir: str, name: str) -> DatasetInfo | None:
 def _recorded_info(path: str, name: str, *unused_version
                    ) -> DatasetInfo | None:
   """`recorded_info` per version of the record (a warning said once)."""
-  fingerprint = dataset_names.split_name(name)[1]
+  fingerprint = dataset_names.fingerprint_of(name)
   try:
     with open(path, encoding="utf-8") as f:
       info = DatasetInfo(**json.load(f))
@@ -170,8 +169,7 @@ def _recorded_info(path: str, name: str, *unused_version
     logging.warning("%s cannot be read (%s); reading the data file instead",
                     path, e)
     return None
-  if (not is_npz_name(info.name) or
-      dataset_names.split_name(info.name)[1] != fingerprint):
+  if dataset_names.fingerprint_of(info.name) != fingerprint:
     logging.warning("%s describes other data than config.json's %s; "
                     "reading the data file instead", path, name)
     return None

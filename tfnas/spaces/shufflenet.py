@@ -150,13 +150,11 @@ class ShuffleNetSpaceConfig:
     tiny = sum(size == 1 for size in sizes)
     if tiny * 2 <= len(sizes):
       return []
-    small = ShuffleNetSpaceConfig.small()
-    # The small preset only where it downsamples less than this space.
-    gentler = ("shufflenet_small, or " if any(
-        mine > its for mine, its in [
-            (self.stem_stride, small.stem_stride),
-            (self.stem_pool, small.stem_pool),
-            (len(self.stage_repeats), len(small.stage_repeats))]) else "")
+    # The small preset only where it would not be warned of itself.
+    small = block_input_sizes(ShuffleNetSpaceConfig.small(
+        input_size=self.input_size))
+    gentler = ("shufflenet_small, or " if small.count(1) * 2 <= len(small)
+               else "")
     return [f"on {self.input_size}×{self.input_size} inputs {tiny} of its "
             f"{len(sizes)} blocks get 1×1 feature maps, where the kernel-size "
             f"choices hardly differ; use a space with fewer stride-2 stages "

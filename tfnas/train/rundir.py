@@ -231,7 +231,8 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
     # Equal once normalised: resumable_config has compared them.
     for key in respelled:
       if key in saved and key in config and saved[key] != config[key]:
-        logging.info("resuming with %s=%s (the run's was %s); saved",
+        logging.info("resuming with %s=%s (the run's was %s); saved to "
+                     "config.json",
                      key, config[key], saved[key])
         merged[key] = config[key]
   finished = last_history(run_dir).get("epoch")
