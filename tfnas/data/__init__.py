@@ -9,7 +9,8 @@ This package provides:
   download), a deterministic ``synthetic`` set, and the ``tensorflow_datasets``
   sets ``cifar10``, ``cifar100`` and ``svhn_cropped`` (which are never
   downloaded implicitly), and a user's own NumPy file, ``npz:PATH``
-  (``npz_source``, resolved by name rather than registered);
+  (``npz_source``, resolved by name rather than registered; what a run
+  keeps of it and how a resume compares it: ``npz_runs``);
 * the fixed search split (:func:`search_splits`) used by architecture search;
 * :func:`make_dataset`, the one-epoch training/evaluation pipeline, whose
   randomness (shuffle order and augmentation) is a pure function of
@@ -32,10 +33,10 @@ from __future__ import annotations
 from tfnas.data import builtin, tfds_source  # Registers their datasets.
 from tfnas.data.builtin import (register_synthetic, synthetic_data,
                                 synthetic_info)
-from tfnas.data.npz_source import (RECORD as DATASET_RECORD,
-                                   check_saved_dataset,
-                                   record as dataset_record,
-                                   recorded_info, run_dataset_info)
+from tfnas.data.npz_runs import (RECORD as DATASET_RECORD,
+                                 check_saved_dataset,
+                                 record as dataset_record, recorded_info,
+                                 run_dataset_info)
 from tfnas.data.pipeline import (CROP_TAG, CUTOUT_TAG,
                                  FLIP_TAG, SHUFFLE_TAG, check_pipeline_args,
                                  cutout, derived_seed, distributed_dataset,
