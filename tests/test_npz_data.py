@@ -200,6 +200,15 @@ def _run(args, cwd, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _needs_its_file(run_dir, path, state):
+  """tfnas-export's refusal of a run without dataset.json whose data file
+  is not as the run read it."""
+  return (f"{run_dir} keeps no dataset.json (written before runs kept one), "
+          f"so its export reads the run's data file, but its data file "
+          f"{path} {state}; put back the file the run used, or name where it "
+          "is now with --dataset=npz:PATH")
+
+
 @pytest.mark.slow
 def test_search_export_on_a_relative_npz_file(tmp_path):
   """From a working directory holding the file: the run saves its absolute
@@ -288,11 +297,8 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   (tmp_path / "run" / "dataset.json").unlink()
   old = export("old", "--noevaluate")
   assert old.returncode == 2
-  assert old.stderr.splitlines()[-1].endswith(
-      f"{tmp_path}/run keeps no dataset.json (written before runs kept one), "
-      f"so its export reads the run's data file, but its data file "
-      f"{tmp_path}/mine.npz changed since the run read it; put back the file "
-      "the run used, or name where it is now with --dataset=npz:PATH")
+  assert old.stderr.splitlines()[-1].endswith(_needs_its_file(
+      tmp_path / "run", tmp_path / "mine.npz", "changed since the run read it"))
   assert export("old", f"--dataset=npz:{tmp_path}/moved.npz").returncode == 0
 
 
@@ -586,11 +592,8 @@ def test_a_retrained_run_exports_without_its_data_file(tmp_path):
   (run_dir / data.DATASET_RECORD).unlink()
   refused = export("old")
   assert refused.returncode == 2
-  assert refused.stderr.splitlines()[-1].endswith(
-      f"{run_dir} keeps no dataset.json (written before runs kept one), so "
-      f"its export reads the run's data file, but its data file "
-      f"{tmp_path}/mine.npz is not there; put back the file the run used, "
-      "or name where it is now with --dataset=npz:PATH")
+  assert refused.stderr.splitlines()[-1].endswith(_needs_its_file(
+      run_dir, tmp_path / "mine.npz", "is not there"))
   moved = export("old", f"--dataset=npz:{tmp_path}/moved.npz")
   assert moved.returncode == 0, moved.stderr[-3000:]
   again = json.loads((tmp_path / "old" / "1" / "metadata.json").read_text())
@@ -606,14 +609,16 @@ def test_a_file_replaced_while_read_is_refused(tmp_path, monkeypatch):
   _save(tmp_path / "mine.npz", **GOOD)
   name = dataset_names.saved_name(f"npz:{tmp_path}/mine.npz")
   original = (tmp_path / "mine.npz").read_bytes()
+
+  def then_rewrite(function, seed):
+    def call(argument):
+      result = function(argument)
+      _save(tmp_path / "mine.npz", **_arrays(seed=seed))
+      return result
+    return call
+
   read = npz_source._read
-
-  def read_then_replace(path):
-    arrays = read(path)
-    _save(tmp_path / "mine.npz", **_arrays(seed=3))
-    return arrays
-
-  monkeypatch.setattr(npz_source, "_read", read_then_replace)
+  monkeypatch.setattr(npz_source, "_read", then_rewrite(read, 3))
   with pytest.raises(data.DataError, match="changed while it was read"):
     data.dataset_info(name)
   monkeypatch.setattr(npz_source, "_read", read)
@@ -622,14 +627,8 @@ def test_a_file_replaced_while_read_is_refused(tmp_path, monkeypatch):
   # Rewritten between the check and the read: the version read is checked.
   (tmp_path / "mine.npz").write_bytes(original)
   assert dataset_names.file_fingerprint(tmp_path / "mine.npz") in name
-  check = npz_source.check_file
-
-  def check_then_replace(checked):
-    path = check(checked)
-    _save(tmp_path / "mine.npz", **_arrays(seed=4))
-    return path
-
-  monkeypatch.setattr(npz_source, "check_file", check_then_replace)
+  monkeypatch.setattr(npz_source, "check_file",
+                      then_rewrite(npz_source.check_file, 4))
   with pytest.raises(data.DataError, match="changed since the run read it"):
     data.dataset_info(name)
 
