@@ -97,6 +97,13 @@ def model_fingerprint(model, metadata: Mapping[str, Any],
   `LOCATION_METADATA`, an npz dataset by its content). ``located``: the
   fingerprint of exports written before 2026-12-05's stop 36, which kept
   the locations in (`export_saved_model` knows both)."""
+  return _fingerprints(model, metadata, genotype)[1 if located else 0]
+
+
+def _fingerprints(model, metadata: Mapping[str, Any],
+                  genotype=None) -> tuple[str, str]:
+  """`model_fingerprint` without and with ``located``, the weights hashed
+  once for both."""
   digest = hashlib.sha256()
   for v in model.weights:
     value = np.asarray(v.numpy())
@@ -105,12 +112,15 @@ def model_fingerprint(model, metadata: Mapping[str, Any],
   if genotype is not None:
     digest.update(json.dumps(genotype.to_dict(), sort_keys=True).encode())
   left_out = MEASURED_METADATA + DATASET_METADATA
-  described = {k: v for k, v in metadata.items() if k not in left_out}
-  if not located:
-    described = dataset_names.by_content(
-        {k: v for k, v in described.items() if k not in LOCATION_METADATA})
-  digest.update(json.dumps(described, sort_keys=True).encode())
-  return digest.hexdigest()
+  located = {k: v for k, v in metadata.items() if k not in left_out}
+  placeless = dataset_names.by_content(
+      {k: v for k, v in located.items() if k not in LOCATION_METADATA})
+  found = []
+  for described in (placeless, located):
+    both = digest.copy()
+    both.update(json.dumps(described, sort_keys=True).encode())
+    found.append(both.hexdigest())
+  return found[0], found[1]
 
 
 def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -212,11 +222,10 @@ def export_saved_model(model, base_path: str, *, metadata: Mapping[str, Any],
   random_ops = check_random_ops(genotype, allow_random_ops)
   if random_ops:
     metadata["random_ops"] = random_ops
-  fingerprint = model_fingerprint(model, metadata, genotype)
   # An export written before locations were left out matches by the older
   # rule (a run that has not moved).
-  same = {fingerprint, model_fingerprint(model, metadata, genotype,
-                                         located=True)}
+  fingerprint, located = _fingerprints(model, metadata, genotype)
+  same = {fingerprint, located}
   if version is None:
     versions = existing_versions(base_path)
     version = versions[-1] + 1 if versions else 1
