@@ -30,6 +30,7 @@ from absl import flags
 from absl import logging
 
 from tfnas import dataset_names
+from tfnas import flags as tfnas_flags
 from tfnas.apps import common
 from tfnas.apps import startup
 from tfnas.errors import TfnasError
@@ -158,13 +159,7 @@ def _moved(saved: str) -> str:
   if not os.path.isfile(dataset_names.file_path(FLAGS.dataset)):
     raise TfnasError(f"--dataset={FLAGS.dataset}: "
                      f"{dataset_names.file_path(FLAGS.dataset)} is not a file")
-  try:
-    given = dataset_names.saved_name(FLAGS.dataset)
-  except OSError as e:
-    raise TfnasError(f"--dataset={FLAGS.dataset}: the file cannot be read "
-                     f"({e.strerror or e})") from None
-  except ValueError as e:
-    raise TfnasError(f"--dataset={FLAGS.dataset}: {e}") from None
+  given = tfnas_flags.dataset_name(FLAGS.dataset)  # As a run saves it.
   if dataset_names.fingerprint_of(given) != fingerprint:
     raise TfnasError(
         f"--dataset={FLAGS.dataset} holds other data than the run's "

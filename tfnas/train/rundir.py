@@ -227,14 +227,12 @@ def prepare(run_dir: str, config: dict[str, Any], resume: bool,
   allowed = set(allowed_changes) | _ALWAYS_ALLOWED
   merged = dict(saved)
   merged.update({k: config[k] for k in allowed if k in config})
-  if normalize is not None:
+  for key in respelled:
     # Equal once normalised: resumable_config has compared them.
-    for key in respelled:
-      if key in saved and key in config and saved[key] != config[key]:
-        logging.info("resuming with %s=%s (the run's was %s); saved to "
-                     "config.json",
-                     key, config[key], saved[key])
-        merged[key] = config[key]
+    if key in saved and key in config and saved[key] != config[key]:
+      logging.info("resuming with %s=%s (the run's was %s); saved to "
+                   "config.json", key, config[key], saved[key])
+      merged[key] = config[key]
   finished = last_history(run_dir).get("epoch")
   if (isinstance(finished, int) and isinstance(merged.get("epochs"), int)
       and merged["epochs"] < finished):
