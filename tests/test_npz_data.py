@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -262,6 +263,11 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
   unmeasured = json.loads(
       (tmp_path / "unmeasured" / "1" / "metadata.json").read_text())
   assert "val_acc" not in unmeasured
+  assert unmeasured["val_unmeasured"] == (
+      f"{tmp_path}/mine.npz is not there at export")
+  assert ("deployed child not measured: "
+          f"{tmp_path}/mine.npz is not there at export") in again.stdout
+  assert "val_unmeasured" not in metadata
   for key in ("class_names", "input_shape", "mean", "std", "dataset",
               "source_pixel_max"):
     assert unmeasured[key] == metadata[key], key
@@ -279,6 +285,8 @@ def test_search_export_on_a_relative_npz_file(tmp_path):
       "--dataset=npz:PATH, or export with --noevaluate")
   assert not (tmp_path / "changed").exists()
   assert export("changed", "--noevaluate").returncode == 0
+  assert json.loads((tmp_path / "changed" / "1" / "metadata.json").read_text(
+  ))["val_unmeasured"] == "exported with --noevaluate"
   other = export("other", f"--dataset=npz:{tmp_path}/mine.npz")
   assert other.returncode == 2
   assert "holds other data than the run's" in other.stderr
@@ -414,6 +422,7 @@ def test_unused_classes_are_warned_of_and_arrays_are_read_only(tmp_path,
                class_names=np.array(["cat", "dog", "owl"]))
   images, labels = data.load_split(name, "train")
   assert "1 of 3 classes have no training image (dog)" in caplog.text
+  assert "no test image" not in caplog.text  # Each trained class has some.
   assert images.dtype == np.uint8  # Not four times the memory as float32.
   with pytest.raises(ValueError):
     images[0, 0, 0, 0] = 1  # The cached split stays as read.
@@ -447,6 +456,14 @@ def test_images_to_npz_reads_a_train_and_val_layout(tmp_path):
                   f"--output={tmp_path}/none/x.npz"], cwd=ROOT)
   assert missing.returncode == 2
   assert f"the folder {tmp_path}/none does not exist" in missing.stderr
+  # A class whose folder the test split lacks is trained on, unmeasured.
+  shutil.rmtree(tmp_path / "photos" / "val" / "b_dog")
+  untested = _run([tool, f"--input_dir={tmp_path}/photos",
+                   f"--output={tmp_path}/photos.npz", "--overwrite"], cwd=ROOT)
+  assert untested.returncode == 0, untested.stderr[-2000:]
+  assert ("1 of 2 classes have no test image (b_dog); the accuracy measured "
+          "on the test split leaves them out") in untested.stderr
+  assert "4 train and 2 test images" in untested.stdout
 
 
 def test_a_resume_or_a_copied_name_refuses_a_changed_file(tmp_path):

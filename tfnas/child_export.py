@@ -73,6 +73,7 @@ def export_search_child(run_dir: str, base_path: str, *,
                         data_dir: str | None = None,
                         checkpoint: str | None = None,
                         evaluate: bool = False,
+                        unmeasured: str = "not asked for",
                         show_progress: bool = False,
                         allow_random_ops: bool = False,
                         dataset: str | None = None) -> ExportedChild:
@@ -89,6 +90,8 @@ def export_search_child(run_dir: str, base_path: str, *,
     evaluate: first measure the child as deployed on the search's
       evaluation split (`tfnas.child.evaluate_search_child`); the metadata
       gets ``val_acc``, ``val_loss``, ``val_split`` and ``val_examples``.
+    unmeasured: without ``evaluate``, why the child was not measured; the
+      metadata gets it as ``val_unmeasured`` in place of ``val_acc``.
     show_progress: draw a progress bar over the evaluation batches.
     allow_random_ops: export a child using an op that is random at
       inference (`tfnas.export.check_random_ops`).
@@ -111,6 +114,8 @@ def export_search_child(run_dir: str, base_path: str, *,
                     val_loss=measured["val/loss"],
                     val_split=measured["split"],
                     val_examples=measured["examples"])
+  else:
+    metadata["val_unmeasured"] = unmeasured
   path = export.export_saved_model(child, base_path, metadata=metadata,
                                    genotype=genotype, version=version,
                                    allow_random_ops=allow_random_ops)

@@ -80,7 +80,8 @@ class _ServingModule(tf.Module):
 
 # Measurements of the model, not part of it: the same model exported again
 # with another (or no) measurement is the same model.
-MEASURED_METADATA = ("val_acc", "val_loss", "val_split", "val_examples")
+MEASURED_METADATA = ("val_acc", "val_loss", "val_split", "val_examples",
+                     "val_unmeasured")
 # Facts of the dataset, which the fingerprint covers by its name; leaving
 # them out keeps the fingerprints of exports written before they were added.
 DATASET_METADATA = ("source_pixel_max",)

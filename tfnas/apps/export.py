@@ -169,19 +169,22 @@ def _moved(saved: str) -> str:
   return given
 
 
-def _measure_child(dataset: str) -> bool:
-  """Whether a search child is measured (--evaluate), after checking that
-  the search's npz data file is there as the search read it for what reads
-  its images: the evaluation split (--evaluate: left out with a warning
-  when the file is gone, unless asked for by name) and the training split
+def _measure_child(dataset: str) -> tuple[bool, str]:
+  """Whether a search child is measured (--evaluate), and if not why (for
+  metadata.json's ``val_unmeasured``), after checking that the search's npz
+  data file is there as the search read it for what reads its images: the
+  evaluation split (--evaluate: left out with a warning when the file is
+  gone, unless asked for by name) and the training split
   (--recalibrate_batches: refused). Call after `_run_dataset`."""
+  asked = (True, "") if FLAGS.evaluate else (False, "exported with "
+                                             "--noevaluate")
   if not (FLAGS.evaluate or FLAGS.recalibrate_batches):
-    return False
+    return asked
   if dataset_names.fingerprint_of(dataset) is None:
-    return FLAGS.evaluate
+    return asked
   state = dataset_names.file_state(dataset)
   if state == "same":
-    return FLAGS.evaluate
+    return asked
   problem = _file_problem(dataset, state)
   if FLAGS.recalibrate_batches:
     raise TfnasError(f"--recalibrate_batches reads the search's training "
@@ -191,7 +194,8 @@ def _measure_child(dataset: str) -> bool:
     logging.warning("the child is exported without measuring it on the "
                     "search's evaluation split: %s (--noevaluate says this "
                     "is meant)", problem)
-    return False
+    return False, (f"{dataset_names.file_path(dataset)} "
+                   f"{dataset_names.FILE_STATES[state]} at export")
   raise TfnasError(f"--evaluate measures the child on the search's data, but "
                    f"{problem}, or export with --noevaluate")
 
@@ -211,7 +215,7 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
                      f"{', '.join(deployable)} children deploy with their "
                      f"search weights)")
   dataset = _run_dataset(run_dir, dataset)
-  evaluate = _measure_child(dataset)
+  evaluate, unmeasured = _measure_child(dataset)
   from tfnas import child_export
   from tfnas import export
   before = export.exported_versions(FLAGS.export_dir)
@@ -219,7 +223,7 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
       run_dir, FLAGS.export_dir,
       recalibrate_batches=FLAGS.recalibrate_batches,
       version=FLAGS.version or None, checkpoint=checkpoint_path,
-      data_dir=FLAGS.data_dir, evaluate=evaluate,
+      data_dir=FLAGS.data_dir, evaluate=evaluate, unmeasured=unmeasured,
       show_progress=FLAGS.progress, allow_random_ops=FLAGS.allow_random_ops,
       dataset=dataset)
   _ignore_stop_signals()
@@ -241,6 +245,8 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
     print(f"deployed child on the {meta['val_split']} split "
           f"({meta['val_examples']} examples): val/acc {meta['val_acc']:.4f}, "
           f"val/loss {meta['val_loss']:.4f}")
+  else:
+    print(f"deployed child not measured: {meta['val_unmeasured']}")
   print(_signature_line(meta["checkpoint"], exported.path,
                         meta["input_shape"], before))
 

@@ -288,7 +288,8 @@ def _labels(path: str, key: str, labels: np.ndarray) -> np.ndarray:
 def _check_classes(path: str, train: np.ndarray, test: np.ndarray,
                    num_classes: int, class_names: tuple[str, ...]) -> None:
   """Refuses labels that are ids rather than class indices (most of
-  0..K-1 unused); warns of classes without training images."""
+  0..K-1 unused); warns of classes without training images, and of
+  trained classes without test images."""
   used = np.union1d(np.unique(train), np.unique(test))
   if (not class_names and num_classes > _SPARSE_LABELS * len(used) and
       num_classes > len(used) + 2):
@@ -298,13 +299,24 @@ def _check_classes(path: str, train: np.ndarray, test: np.ndarray,
         "outputs, most never seen; labels are class indices 0..K-1: "
         "renumber them with np.unique(y, return_inverse=True), or give "
         "class_names to keep that many classes")
-  missing = np.setdiff1d(np.arange(num_classes), np.unique(train))
+  trained = np.unique(train)
+  missing = np.setdiff1d(np.arange(num_classes), trained)
   if len(missing):
-    named = [class_names[i] if class_names else str(i) for i in missing]
-    logging.warning("%s: %d of %d classes have no training image (%s%s); "
+    logging.warning("%s: %d of %d classes have no training image (%s); "
                     "the network cannot learn them", path, len(missing),
-                    num_classes, ", ".join(named[:10]),
-                    ", ..." if len(named) > 10 else "")
+                    num_classes, _named(missing, class_names))
+  untested = np.setdiff1d(trained, np.unique(test))
+  if len(untested):
+    logging.warning("%s: %d of %d classes have no test image (%s); the "
+                    "accuracy measured on the test split leaves them out",
+                    path, len(untested), num_classes,
+                    _named(untested, class_names))
+
+
+def _named(classes: np.ndarray, class_names: tuple[str, ...]) -> str:
+  """Up to ten classes by name (or index), for a warning."""
+  named = [class_names[i] if class_names else str(i) for i in classes]
+  return ", ".join(named[:10]) + (", ..." if len(named) > 10 else "")
 
 
 def _class_names(path: str, arrays: dict[str, np.ndarray],
