@@ -26,6 +26,7 @@ from tfnas.layers.auxiliary_head import AuxiliaryHead
 from tfnas.layers.batch_norm import BatchNorm
 from tfnas.layers.cell import one_pixel_cells_warning, reduction_layers
 from tfnas.layers.derived_cell import DerivedCell
+from tfnas.layers.initializers import conv_kernel, torch_dense
 
 NETWORKS = ("cifar", "imagenet")
 
@@ -75,7 +76,7 @@ class _EvalNetwork(keras.Model):
           num_classes, pool_stride=aux_pool_stride,
           second_batch_norm=aux_second_batch_norm, name="auxiliary_head")
     self.aux_channels = aux_channels
-    self.classifier = keras.layers.Dense(num_classes, name="classifier")
+    self.classifier = torch_dense(num_classes, c_p, name="classifier")
     self.drop_path_prob = self.add_weight(
         shape=(), initializer="zeros", trainable=False, name="drop_path_prob")
 
@@ -148,6 +149,7 @@ class NetworkCIFAR(_EvalNetwork):
     self.stem_multiplier = stem_multiplier
     self.stem_conv = keras.layers.Conv2D(stem_multiplier * channels, 3,
                                          padding="same", use_bias=False,
+                                         kernel_initializer=conv_kernel(),
                                          name="stem_conv")
     self.stem_bn = BatchNorm(affine=True, name="stem_bn")
 
@@ -164,7 +166,8 @@ class NetworkCIFAR(_EvalNetwork):
 def _stride2_conv(channels, name):
   # PyTorch padding=1 with stride 2: pad symmetrically, convolve 'valid'.
   return keras.layers.Conv2D(channels, 3, strides=2, padding="valid",
-                             use_bias=False, name=name)
+                             use_bias=False, kernel_initializer=conv_kernel(),
+                             name=name)
 
 
 def _pad1(x):

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from tfnas.layers.batch_norm import BatchNorm
+from tfnas.layers.initializers import conv_kernel
 
 OpFactory = Callable[..., keras.layers.Layer]
 
@@ -261,7 +262,8 @@ class ReLUConvBN(keras.layers.Layer):
     self.conv = keras.layers.Conv2D(
         c_out, kernel_size, strides=stride,
         padding="same" if stride == 1 else "valid", use_bias=False,
-        dtype=self.dtype_policy, name="conv")
+        kernel_initializer=conv_kernel(), dtype=self.dtype_policy,
+        name="conv")
     self.bn = BatchNorm(affine=affine, dtype=self.dtype_policy, name="bn")
 
   def build(self, input_shape):
@@ -310,14 +312,19 @@ class SepConv(keras.layers.Layer):
     self.dw1 = keras.layers.DepthwiseConv2D(
         kernel_size, strides=stride,
         padding="same" if stride == 1 else "valid", use_bias=False,
-        dtype=dtype, name="dw1")
-    self.pw1 = keras.layers.Conv2D(c_in, 1, use_bias=False, dtype=dtype,
-                                   name="pw1")
+        depthwise_initializer=conv_kernel(depthwise=True), dtype=dtype,
+        name="dw1")
+    self.pw1 = keras.layers.Conv2D(c_in, 1, use_bias=False,
+                                   kernel_initializer=conv_kernel(),
+                                   dtype=dtype, name="pw1")
     self.bn1 = BatchNorm(affine=affine, dtype=dtype, name="bn1")
     self.dw2 = keras.layers.DepthwiseConv2D(
-        kernel_size, padding="same", use_bias=False, dtype=dtype, name="dw2")
-    self.pw2 = keras.layers.Conv2D(c_out, 1, use_bias=False, dtype=dtype,
-                                   name="pw2")
+        kernel_size, padding="same", use_bias=False,
+        depthwise_initializer=conv_kernel(depthwise=True), dtype=dtype,
+        name="dw2")
+    self.pw2 = keras.layers.Conv2D(c_out, 1, use_bias=False,
+                                   kernel_initializer=conv_kernel(),
+                                   dtype=dtype, name="pw2")
     self.bn2 = BatchNorm(affine=affine, dtype=dtype, name="bn2")
 
   def build(self, input_shape):
@@ -372,8 +379,10 @@ class DilConv(keras.layers.Layer):
     self.affine = affine
     self.dw = keras.layers.DepthwiseConv2D(
         kernel_size, padding="same", dilation_rate=dilation, use_bias=False,
+        depthwise_initializer=conv_kernel(depthwise=True),
         dtype=self.dtype_policy, name="dw")
     self.pw = keras.layers.Conv2D(c_out, 1, use_bias=False,
+                                  kernel_initializer=conv_kernel(),
                                   dtype=self.dtype_policy, name="pw")
     self.bn = BatchNorm(affine=affine, dtype=self.dtype_policy, name="bn")
 
@@ -427,8 +436,10 @@ class FactorizedReduce(keras.layers.Layer):
     dtype = self.dtype_policy
     # 1×1 convs of the subsampled input (= stride-2 1×1 convs).
     self.conv1 = keras.layers.Conv2D(c_out // 2, 1, use_bias=False,
+                                     kernel_initializer=conv_kernel(),
                                      dtype=dtype, name="conv1")
     self.conv2 = keras.layers.Conv2D(c_out // 2, 1, use_bias=False,
+                                     kernel_initializer=conv_kernel(),
                                      dtype=dtype, name="conv2")
     self.bn = BatchNorm(affine=affine, dtype=dtype, name="bn")
 

@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from tfnas.layers.batch_norm import BatchNorm
+from tfnas.layers.initializers import conv_kernel, torch_dense
 
 
 @keras.saving.register_keras_serializable(package="tfnas")
@@ -41,17 +42,20 @@ class AuxiliaryHead(keras.layers.Layer):
     self.num_classes = num_classes
     self.pool_stride = pool_stride
     self.second_batch_norm = second_batch_norm
-    self.conv1 = keras.layers.Conv2D(128, 1, use_bias=False, name="conv1")
+    self.conv1 = keras.layers.Conv2D(128, 1, use_bias=False,
+                                     kernel_initializer=conv_kernel(),
+                                     name="conv1")
     self.bn1 = BatchNorm(affine=True, name="bn1")
     self.conv2 = None  # Kernel size depends on the input size (build).
     self.bn2 = BatchNorm(affine=True, name="bn2") if second_batch_norm else None
-    self.classifier = keras.layers.Dense(num_classes, name="classifier")
+    self.classifier = torch_dense(num_classes, 768, name="classifier")
 
   def build(self, input_shape):
     size = min(int(input_shape[1]), int(input_shape[2]))
     self._pool_size = min(5, size)
     pooled = (size - self._pool_size) // self.pool_stride + 1
     self.conv2 = keras.layers.Conv2D(768, min(2, pooled), use_bias=False,
+                                     kernel_initializer=conv_kernel(),
                                      name="conv2")
     self.built = True
 

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from tfnas.layers import shared_function, switch_path
 from tfnas.layers.batch_norm import BatchNorm
+from tfnas.layers.initializers import conv_kernel
 
 #: Candidate names of the SPOS/DSNAS space and their depthwise kernel size.
 CHOICE_KERNELS = {"choice_3": 3, "choice_5": 5, "choice_7": 7, "choice_x": 3}
@@ -132,9 +133,12 @@ class _ConvBNStack(keras.layers.Layer):
                            f"stride 1 or 2, got {unit}")
         conv = keras.layers.DepthwiseConv2D(
             kernel, strides=stride, padding="same" if stride == 1 else "valid",
-            use_bias=False, dtype=self.dtype_policy, name=f"dw{i}")
+            use_bias=False,
+            depthwise_initializer=conv_kernel("spos", depthwise=True),
+            dtype=self.dtype_policy, name=f"dw{i}")
       elif unit[0] == "pw":
         conv = keras.layers.Conv2D(unit[1], 1, use_bias=False,
+                                   kernel_initializer=conv_kernel("spos"),
                                    dtype=self.dtype_policy, name=f"pw{i}")
       else:
         raise ValueError(f"unit {i} of spec must be ('dw', kernel, stride) or "

@@ -20,6 +20,7 @@ from tfnas.layers import recompute
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
 from tfnas.layers.cell import (Cell, cell_edges, one_pixel_cells_warning,
                                reduction_layers)
+from tfnas.layers.initializers import conv_kernel, torch_dense
 
 CELL_TYPES = ("normal", "reduce")
 RECOMPUTE_UNITS = ("edge", "cell")
@@ -177,7 +178,9 @@ class SearchNetwork(keras.Model):
     c = space.channels
     stem_channels = space.stem_multiplier * c
     self.stem_conv = keras.layers.Conv2D(stem_channels, 3, padding="same",
-                                         use_bias=False, name="stem_conv")
+                                         use_bias=False,
+                                         kernel_initializer=conv_kernel(),
+                                         name="stem_conv")
     self.stem_bn = BatchNorm(affine=True, name="stem_bn")
     c_pp, c_p, c_cur = stem_channels, stem_channels, c
     self.cells = []
@@ -199,7 +202,7 @@ class SearchNetwork(keras.Model):
       reduction_prev = reduction
       c_pp, c_p = c_p, space.num_nodes * c_cur
     self.pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
-    self.classifier = keras.layers.Dense(space.num_classes, name="classifier")
+    self.classifier = torch_dense(space.num_classes, c_p, name="classifier")
 
   def build(self, input_shape):
     self.built = True

@@ -28,6 +28,7 @@ from tfnas import ops
 from tfnas.arch import DecisionGroup
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
 from tfnas.layers.choice_block import SHUFFLENET_CHOICES, ChoiceBlock
+from tfnas.layers.initializers import conv_kernel, spos_dense
 
 GROUP = "blocks"
 
@@ -211,6 +212,7 @@ class ShuffleNetSupernet(keras.Model):
     self.stem_conv = keras.layers.Conv2D(
         space.stem_channels, 3, strides=space.stem_stride,
         padding="same" if space.stem_stride == 1 else "valid", use_bias=False,
+        kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
         name="stem_conv")
     self.stem_bn = BatchNorm(name="stem_bn")
     self.stem_pool = (ops.Pool("max", 3, 2, name="stem_pool")
@@ -223,13 +225,14 @@ class ShuffleNetSupernet(keras.Model):
                     shared_functions=space.shared_functions, name=f"block_{b}")
         for b, (c_in, c_out, stride) in enumerate(space.blocks())]
     self.head_conv = keras.layers.Conv2D(space.head_channels, 1,
-                                         use_bias=False, name="head_conv")
+                                         use_bias=False,
+                                         kernel_initializer=conv_kernel("spos"),
+                                         name="head_conv")
     self.head_bn = BatchNorm(name="head_bn")
     self.pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
     self.dropout = keras.layers.Dropout(space.dropout, name="dropout")
     # No bias, as in the official DSNAS/SPOS classifier.
-    self.classifier = keras.layers.Dense(space.num_classes, use_bias=False,
-                                         name="classifier")
+    self.classifier = spos_dense(space.num_classes, name="classifier")
 
   def build(self, input_shape):
     self.built = True
