@@ -4,7 +4,9 @@ a SavedModel served in a fresh process."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas.arch import ArchParams, OneHotDistribution, SoftmaxDistribution
+from tfnas.errors import StopRequested
 from tfnas.estimators.dsnas import DsnasEstimator
 from tfnas.spaces import darts as darts_space
 from tfnas.spaces import shufflenet
@@ -175,6 +178,40 @@ def stop_mid_epoch_and_resume(test, run_class, straight_config, config,
   for key in keys:
     test.assertAllClose(resumed.history[0][key], straight.history[0][key],
                         rtol=1e-5, msg=key)
+
+
+def ctrl_c_as_an_epoch_is_saved(test, run_class, config):
+  """Runs ``run_class`` (Search or Retrain) with ``config`` (two epochs or
+  more) and presses Ctrl-C right after the first epoch's checkpoint is
+  written: the epoch's history line must still be written before the run
+  stops, and a resume must go on with the next epoch."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  test.addCleanup(signal.signal, signal.SIGINT, previous)
+  run = run_class(config, show_progress=False)
+  save = run._save  # pylint: disable=protected-access
+
+  def save_then_ctrl_c(**kwargs):
+    saved = save(**kwargs)
+    if not kwargs:  # The end of an epoch (mid-epoch saves pass sums).
+      os.kill(os.getpid(), signal.SIGINT)
+    return saved
+  run._save = save_then_ctrl_c  # pylint: disable=protected-access
+  with test.assertRaises(KeyboardInterrupt) as stopped:
+    run.run()
+  # A stop honoured after the epoch was written, not a bare Ctrl-C.
+  test.assertIsInstance(stopped.exception, StopRequested)
+  test.assertTrue(stopped.exception.saved)
+  test.assertEqual(stopped.exception.signum, signal.SIGINT)
+  history = os.path.join(config.run_dir, "history.jsonl")
+
+  def epochs():
+    with open(history) as f:
+      return [json.loads(line)["epoch"] for line in f]
+  test.assertEqual(epochs(), [1])
+  resumed = run_class(config, resume=True, show_progress=False).run()
+  test.assertEqual([h["epoch"] for h in resumed.history],
+                   list(range(2, config.epochs + 1)))
+  test.assertEqual(epochs(), list(range(1, config.epochs + 1)))
 
 
 def serve_in_fresh_process(path, images, work_dir):

@@ -90,6 +90,10 @@ class RetrainTest(tf.test.TestCase):
     self.assertEqual(fewer.run().history, [])
     self.assertEqual(rundir.read_config(os.path.join(base, "b"))["epochs"], 2)
 
+  def test_ctrl_c_as_an_epoch_is_saved_keeps_its_metrics(self):
+    helpers.ctrl_c_as_an_epoch_is_saved(
+        self, Retrain, tiny_config(os.path.join(self.get_temp_dir(), "r")))
+
   def test_resume_mid_epoch_keeps_the_epochs_train_metrics(self):
     base = self.get_temp_dir()
     helpers.stop_mid_epoch_and_resume(

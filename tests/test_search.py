@@ -95,6 +95,10 @@ class SearchLoopTest(tf.test.TestCase):
     self.assertNotIn("train/acc", result.history[0])
     self.assertTrue(os.path.exists(os.path.join(run_dir, "genotype.json")))
 
+  def test_ctrl_c_as_an_epoch_is_saved_keeps_its_metrics(self):
+    helpers.ctrl_c_as_an_epoch_is_saved(
+        self, Search, tiny_config(os.path.join(self.get_temp_dir(), "r")))
+
   def test_resume_mid_epoch_keeps_the_epochs_train_metrics(self):
     # A stop after the first chunk (2 of 3 steps) records the sums of those
     # steps with the checkpoint; the resumed epoch reports all three.

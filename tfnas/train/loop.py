@@ -246,6 +246,11 @@ def chunk_runner(train_loop, iterators: tuple, optimizer, writer):
   return run_chunk
 
 
+# Where a Ctrl-C at the end of an epoch stops the run
+# (`stopping.ctrl_c_stops` around the epoch's checkpoint and history line).
+AT_EPOCH_END = "once this epoch's metrics are written"
+
+
 def finish_epoch(run_dir: str, epoch: int, metrics: dict) -> dict:
   """Logs the metrics of (0-based) ``epoch`` and appends them to
   ``history.jsonl``, with ``"epoch": epoch + 1``."""

@@ -306,13 +306,14 @@ class Retrain:
       raise
     metrics["train/drop_path_prob"] = drop_prob
     metrics["epoch_seconds"] = time.time() - t0
-    self.epoch.assign(epoch + 1)
-    self.step_in_epoch.assign(0)
-    self._save()
-    loop.drop_partial_epoch(self.write_dir)
-    summaries.write_scalars(
-        self.writer, {k: v for k, v in metrics.items()
-                      if k.startswith(("train/", "val/"))},
-        int(self.optimizer.iterations.numpy()))
-    self.writer.flush()
-    return loop.finish_epoch(self.write_dir, epoch, metrics)
+    with stopping.ctrl_c_stops(interrupted, loop.AT_EPOCH_END):
+      self.epoch.assign(epoch + 1)
+      self.step_in_epoch.assign(0)
+      self._save()
+      loop.drop_partial_epoch(self.write_dir)
+      summaries.write_scalars(
+          self.writer, {k: v for k, v in metrics.items()
+                        if k.startswith(("train/", "val/"))},
+          int(self.optimizer.iterations.numpy()))
+      self.writer.flush()
+      return loop.finish_epoch(self.write_dir, epoch, metrics)

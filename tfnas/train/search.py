@@ -547,20 +547,22 @@ class Search:
     if temperature is not None:  # λ of the epoch's last step.
       metrics["arch/temperature"] = float(temperature(self._last_step()))
     metrics["epoch_seconds"] = time.time() - t0
-    self.epoch.assign(epoch + 1)
-    self.step_in_epoch.assign(0)
-    genotype = self._save()
-    loop.drop_partial_epoch(self.write_dir)
-    step = int(self.w_opt.iterations.numpy())
-    summaries.write_scalars(
-        self.writer, {k: v for k, v in metrics.items()
-                      if k.startswith(("train/", "val/", "search/", "arch/"))},
-        step)
-    summaries.write_arch(
-        self.writer, self.arch, step, genotype,
-        self.early_stop.fixed() if self.early_stop is not None else None)
-    self.writer.flush()
-    return loop.finish_epoch(self.write_dir, epoch, metrics)
+    with stopping.ctrl_c_stops(interrupted, loop.AT_EPOCH_END):
+      self.epoch.assign(epoch + 1)
+      self.step_in_epoch.assign(0)
+      genotype = self._save()
+      loop.drop_partial_epoch(self.write_dir)
+      step = int(self.w_opt.iterations.numpy())
+      summaries.write_scalars(
+          self.writer, {k: v for k, v in metrics.items()
+                        if k.startswith(("train/", "val/", "search/",
+                                         "arch/"))},
+          step)
+      summaries.write_arch(
+          self.writer, self.arch, step, genotype,
+          self.early_stop.fixed() if self.early_stop is not None else None)
+      self.writer.flush()
+      return loop.finish_epoch(self.write_dir, epoch, metrics)
 
   @staticmethod
   def _epoch_metrics(totals, num_steps):

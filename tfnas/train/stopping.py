@@ -237,12 +237,15 @@ def stop_agreement(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
 
 
 @contextlib.contextmanager
-def ctrl_c_stops(interrupted: list):
+def ctrl_c_stops(interrupted: list, when: str = "after this chunk of steps"):
   """While training chunks run, a first Ctrl-C is a stop request like
   SIGTERM (the chunk finishes, a checkpoint with its step and metric sums is
   saved); a second one raises at once. A KeyboardInterrupt surfacing right
   after a compiled chunk returned would lose the chunk's bookkeeping: its
-  steps ran, but the step counter would not say so. Only where Ctrl-C has
+  steps ran, but the step counter would not say so. The end of an epoch
+  is guarded the same way (``when`` says where the stop comes): between
+  its checkpoint and its history line it would lose the epoch's metrics.
+  Only where Ctrl-C has
   Python's default handler or `sigterm_flag`'s equivalent (that of a
   multi-worker run already takes it) and in the main thread."""
   current = signal.getsignal(signal.SIGINT)
@@ -255,8 +258,8 @@ def ctrl_c_stops(interrupted: list):
     interrupted.append(signum)
     signal.signal(signal.SIGINT, current)
     if _handled(signum):
-      log_above_bars(log.warning, "Ctrl-C: stopping after this chunk of "
-                     "steps with a checkpoint (Ctrl-C again to stop at once)")
+      log_above_bars(log.warning, "Ctrl-C: stopping %s with a checkpoint "
+                     "(Ctrl-C again to stop at once)", when)
   try:
     signal.signal(signal.SIGINT, request)
   except ValueError:  # Not the main thread.
