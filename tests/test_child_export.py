@@ -122,13 +122,20 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
 
 
 @pytest.mark.slow
-def test_recalibrated_child_of_an_older_checkpoint(search_run, tmp_path):
+def test_recalibrated_child_of_an_older_checkpoint(search_run, tmp_path,
+                                                  caplog):
   older = str(search_run / "ckpt" / "ckpt-2")
   plain, _, _ = child_lib.load_search_child(str(search_run),
                                             checkpoint=older)
   recalibrated, _, info = child_lib.load_search_child(
       str(search_run), recalibrate_batches=2, checkpoint=older)
   assert info["recalibrated_batches"] == 2 and info["checkpoint"] == older
+  # More batches than the split holds: all of them, and a warning.
+  _, _, every = child_lib.load_search_child(
+      str(search_run), recalibrate_batches=10_000, checkpoint=older)
+  assert 2 < every["recalibrated_batches"] < 10_000
+  assert (f"recalibrate_batches=10000: the training split holds "
+          f"{every['recalibrated_batches']} batches") in caplog.text
   # Every BN's moving statistics moved; no weight did.
   for before, after in zip(batch_norms(plain), batch_norms(recalibrated)):
     assert not np.allclose(before.moving_mean, after.moving_mean)

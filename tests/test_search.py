@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfnas import data
 from tfnas.config import SearchConfig
 from tfnas.distribute import mirrored_strategy
 from tfnas.errors import TfnasError
@@ -61,6 +62,10 @@ class SearchLoopTest(tf.test.TestCase):
                      for d, _, names in os.walk(run_a) for f in names}
     before = files()
     reader = Search(tiny_config(run_a), show_progress=False, read_only=True)
+    # What it evaluates, as child_eval.py reports it.
+    self.assertEqual(reader.restored,
+                     tf.train.latest_checkpoint(os.path.join(run_a, "ckpt")))
+    self.assertEqual(int(reader.epoch.numpy()), 2)
     measured = reader.evaluate()
     for key in ("val/acc", "val/loss"):
       self.assertAllClose(measured[key], straight.history[-1][key])
@@ -94,6 +99,28 @@ class SearchLoopTest(tf.test.TestCase):
     self.assertIn("val/acc", result.history[0])
     self.assertNotIn("train/acc", result.history[0])
     self.assertTrue(os.path.exists(os.path.join(run_dir, "genotype.json")))
+
+  def test_the_start_line_says_what_the_search_runs(self):
+    base = self.get_temp_dir()
+    two_level = Search(tiny_config(os.path.join(base, "d")),
+                       show_progress=False)
+    params = sum(int(np.prod(v.shape))
+                 for v in two_level.network.trainable_weights)
+    self.assertEqual(
+        two_level.describe(),
+        f"darts_1st search, s3 space (3 cells of 2 nodes, C=4, "
+        f"{params / 1e6:.3f}M supernet parameters); digits: 748 train / 749 "
+        "held-out images, 3 steps per epoch x 2 epochs (the first steps also "
+        "trace the step graph)")
+    single = Search(tiny_config(os.path.join(base, "s"), method="snas"),
+                    show_progress=False)
+    self.assertIn("digits: 1497 train / 300 test images", single.describe())
+    # A batch larger than a split says which sizes fit.
+    with self.assertRaisesRegex(data.DataError, r"--batch_size=800 is larger "
+                                r"than the search splits \(748 train / 749 "
+                                r"val\): use --batch_size=748 or less"):
+      Search(tiny_config(os.path.join(base, "b"), batch_size=800),
+             show_progress=False)
 
   def test_ctrl_c_as_an_epoch_is_saved_keeps_its_metrics(self):
     helpers.ctrl_c_as_an_epoch_is_saved(

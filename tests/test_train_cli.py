@@ -105,11 +105,16 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
   epoch = len(history) - len(ckpts) + 1
   assert meta["epoch"] == epoch < len(history)
   assert meta["val_acc"] == pytest.approx(history[epoch - 1]["val/acc"])
+  # Version 2, which TF Serving would serve, is older than version 1: said.
+  assert (f"version 2 holds an earlier checkpoint of {run_dir} (epoch "
+          f"{epoch}) than version 1 (epoch {len(history)})") in older.stderr
+  assert "earlier checkpoint" not in out.stderr
   # Exported again without --version: the highest version holds it already.
   repeated = app("export", f"--checkpoint={ckpts[0]}",
                  f"--export_dir={export_dir}")
   assert repeated.returncode == 0, repeated.stderr[-3000:]
   assert "already holds this model" in repeated.stdout
+  assert "earlier checkpoint" not in repeated.stderr  # Nothing new written.
   assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]
 
   # A run directory whose config describes another network than its

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tfnas import export
 from tfnas.errors import TfnasError
@@ -256,6 +257,11 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
     ds = split.dataset(batch_size=config.batch_size, training=False,
                        epoch=0, seed=config.seed)
     recalibrated = recalibrate_batch_norm(child, ds.take(recalibrate_batches))
+    if recalibrated < recalibrate_batches:
+      logging.warning("recalibrate_batches=%d: the training split holds %d "
+                      "batches of %d images; BN statistics were re-estimated "
+                      "on all %d", recalibrate_batches, recalibrated,
+                      config.batch_size, recalibrated)
   cost = child_cost(supernet, indices, info.image_size, child)
   if registry.space_kind(space) == names.BLOCKS:
     scope = "whole network, multiply-adds per image"

@@ -161,11 +161,18 @@ def exported_versions(base_path: str) -> dict[int, str]:
 
 
 def _read_fingerprint(version_dir: str) -> str | None:
+  metadata = version_metadata(version_dir)
+  return None if metadata is None else metadata.get("fingerprint")
+
+
+def version_metadata(version_dir: str) -> dict | None:
+  """The metadata.json of an exported version (None: none readable)."""
   try:
     with open(os.path.join(version_dir, "metadata.json")) as f:
-      return json.load(f).get("fingerprint")
-  except (OSError, ValueError, AttributeError):
+      metadata = json.load(f)
+  except (OSError, ValueError):
     return None
+  return metadata if isinstance(metadata, dict) else None
 
 
 def check_random_ops(genotype, allow: bool = False) -> list[str]:

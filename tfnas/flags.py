@@ -35,7 +35,8 @@ def define_run_flags(defaults=_DEFAULTS):
   flags.DEFINE_integer("seed", defaults.seed, "Random seed.")
   flags.DEFINE_boolean("deterministic", defaults.deterministic,
                        "Enable TensorFlow op determinism (same seed, flags and "
-                       "device give the same genotype).")
+                       "device give the same run: a search's genotype, a "
+                       "retraining's weights).")
   flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored",
                                          "multi_worker"],
                     "tf.distribute strategy: auto = multi_worker when "

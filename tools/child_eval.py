@@ -1,10 +1,13 @@
 """Child-network validation of a finished search, without fine-tuning.
 
 Loads a search run directory (config.json + latest checkpoint) and evaluates
-the supernet on the validation split twice: with the search distribution's
-sample (softmax α / relaxed sample at the final temperature) and with the
-one-hot argmax child (SNAS Table 1: the child as derived, no fine-tuning).
-Nothing in the run directory is written.
+the supernet on the search's evaluation split (the held-out half of the
+training split for DARTS, the test split for the single-level SNAS and
+DSNAS) twice: with the search distribution's sample (softmax α / relaxed
+sample at the final temperature) and with the one-hot argmax child (SNAS
+Table 1: the child as derived, no fine-tuning). Prints JSON with both
+results, the split, and the checkpoint with its epoch. Nothing in the run
+directory is written.
 
     python tools/child_eval.py --run_dir=runs/snas_digits
 """
@@ -23,6 +26,8 @@ from tfnas.apps import common  # noqa: E402
 from tfnas.apps import startup  # noqa: E402
 
 flags.DEFINE_string("run_dir", None, "A search run directory.", required=True)
+flags.DEFINE_boolean("progress", True, "Draw a progress bar over the "
+                     "evaluation batches.")
 FLAGS = flags.FLAGS
 
 
@@ -43,8 +48,12 @@ def main(argv):
   config = SearchConfig.from_dict({**saved, "run_dir": FLAGS.run_dir})
   startup.import_tensorflow()
   from tfnas.train.search import Search
-  search = Search(config, show_progress=False, read_only=True)
+  search = Search(config, show_progress=FLAGS.progress, read_only=True)
   result = {**search.evaluate(), **search.evaluate(child=True)}
+  result.update(
+      split="test" if search.data.single_level else "held-out half of train",
+      checkpoint=os.path.abspath(search.restored),
+      epoch=int(search.epoch.numpy()))
   print(json.dumps(result, indent=2))
 
 

@@ -117,6 +117,35 @@ def _signature_line(checkpoint_path: str, path: str, input_shape,
           f"[0, 255] -> logits, probabilities)")
 
 
+def _progress(metadata: dict) -> tuple[int, int]:
+  return (metadata.get("epoch") or 0, metadata.get("step_in_epoch") or 0)
+
+
+def _warn_if_older_than_served(path: str, metadata: dict) -> None:
+  """Warns when ``path``, the version just written and now the highest (the
+  one TF Serving serves by default), holds an earlier checkpoint of the
+  same run than a lower version does."""
+  from tfnas import export
+  base, version = os.path.split(path)
+  versions = export.existing_versions(base)
+  if int(version) != max(versions):
+    return
+  run = os.path.dirname(os.path.dirname(metadata["checkpoint"]))
+  for other in reversed(versions[:-1]):
+    found = export.version_metadata(os.path.join(base, str(other)))
+    if (found is None or not isinstance(found.get("checkpoint"), str) or
+        os.path.dirname(os.path.dirname(found["checkpoint"])) != run):
+      continue
+    if _progress(found) > _progress(metadata):
+      logging.warning(
+          "version %s holds an earlier checkpoint of %s (epoch %s) than "
+          "version %d (epoch %s), and TF Serving serves the highest version "
+          "by default; delete %s, or pass --version to number this export "
+          "below it, if that is not meant", version, run,
+          metadata.get("epoch"), other, found.get("epoch"), path)
+    return
+
+
 def _run_dataset(run_dir: str, saved: str) -> str:
   """The run's dataset as this export reads it: ``saved`` (config.json's),
   or --dataset, the same npz content at another path; refuses an npz file
@@ -247,6 +276,8 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
           f"val/loss {meta['val_loss']:.4f}")
   else:
     print(f"deployed child not measured: {meta['val_unmeasured']}")
+  if int(os.path.basename(exported.path)) not in before:
+    _warn_if_older_than_served(exported.path, meta)
   print(_signature_line(meta["checkpoint"], exported.path,
                         meta["input_shape"], before))
 
@@ -305,6 +336,8 @@ def _export_retrained(run_dir: str, saved: dict,
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")
+  if int(os.path.basename(path)) not in before:
+    _warn_if_older_than_served(path, metadata)
   print(_signature_line(metadata["checkpoint"], path, info.input_shape,
                         before))
 

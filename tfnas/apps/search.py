@@ -27,6 +27,7 @@ def main(argv):
   from tfnas.train.search import Search
   search = Search(config, strategy, resume=FLAGS.resume,
                   show_progress=FLAGS.progress)
+  print(search.describe())
   result = search.run()
   print(result.genotype)
   common.print_final(result.history, config.run_dir, config.epochs,

@@ -106,10 +106,13 @@ class SearchData:
     if not single_level:
       steps = min(steps, self.val.num_examples // config.batch_size)
     if steps < 1:
+      largest = (self.train.num_examples if single_level else
+                 min(self.train.num_examples, self.val.num_examples))
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the search "
           f"splits ({self.train.num_examples} train / "
-          f"{self.val.num_examples} val)")
+          f"{self.val.num_examples} val): use --batch_size={largest} or "
+          f"less")
     if config.max_steps_per_epoch:
       steps = min(steps, config.max_steps_per_epoch)
     self.steps_per_epoch = steps
@@ -241,6 +244,27 @@ class Search:
           f"device per worker (--strategy=multi_worker), or search a block "
           f"space")
 
+  def describe(self) -> str:
+    """One line on what this search runs: method, space, supernet size,
+    data and steps."""
+    config, data = self.config, self.data
+    if space_registry.space_kind(self.space) == space_names.CELLS:
+      shape = (f"{config.num_cells} cells of {config.num_nodes} nodes, "
+               f"C={config.channels}")
+    else:
+      shape = f"{self.space.num_blocks} choice blocks"
+    params = sum(int(np.prod(v.shape)) for v in self.network.trainable_weights)
+    held_out = "test" if data.single_level else "held-out"
+    dataset = (dataset_names.npz_name(dataset_names.file_path(
+        config.dataset)) if dataset_names.is_npz_name(config.dataset)
+               else config.dataset)
+    return (f"{config.method} search, {config.space} space ({shape}, "
+            f"{params / 1e6:.3f}M supernet parameters); {dataset}: "
+            f"{data.train.num_examples} train / {data.val.num_examples} "
+            f"{held_out} images, {data.steps_per_epoch} steps per epoch x "
+            f"{config.epochs} epochs (the first steps also trace the step "
+            f"graph)")
+
   # ------------------------------------------------------------------ build
   def _build(self):
     config, info = self.config, self.data.info
@@ -294,9 +318,11 @@ class Search:
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, **extra)
     if self.read_only:
       self.manager = None
-      if restore_latest(
+      #: The checkpoint a read-only search evaluates.
+      self.restored = restore_latest(
           self.checkpoint, os.path.join(config.run_dir, "ckpt"),
-          forget_unreadable=False) is None:
+          forget_unreadable=False)
+      if self.restored is None:
         raise TfnasError(f"{config.run_dir}/ckpt holds no checkpoint yet")
     else:
       self.manager = loop.checkpoint_manager(
