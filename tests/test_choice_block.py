@@ -418,10 +418,19 @@ class ShuffleNetSpaceTest(tf.test.TestCase, parameterized.TestCase):
     grad = tape.gradient(loss, one_hot).numpy()
     # Only the gates (the chosen entries) are in the graph.
     self.assertAllEqual(grad * (1 - one_hot.numpy()), np.zeros([5, 4]))
-    # Every gate gets a gradient. (Batch statistics make the loss nearly
-    # invariant to the scale of a block's output, so some gates' gradients
-    # are tiny: the first block's is ~1e-9 here, and over other initial
-    # weights it came within float32 round-off of 0: hence fixed seeds.)
+    # Batch statistics make the loss invariant to the scale of the first
+    # block's output but for BN's epsilon (its gate's gradient is ~1e-9, and
+    # may round to 0): every later gate gets a gradient.
+    self.assertTrue(np.all(grad[np.arange(1, 5), path[1:]] != 0))
+    # With moving statistics nothing normalises the scale away: every gate.
+    with tf.GradientTape() as tape:
+      tape.watch(one_hot)
+      logits = self.net(images, arch_weights={"blocks": one_hot},
+                        arch_indices={"blocks": path}, training=False)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels, logits))
+    grad = tape.gradient(loss, one_hot).numpy()
+    self.assertAllEqual(grad * (1 - one_hot.numpy()), np.zeros([5, 4]))
     self.assertTrue(np.all(grad[np.arange(5), path] != 0))
 
   def test_arch_argument_errors(self):

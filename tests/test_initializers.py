@@ -80,7 +80,10 @@ def test_darts_search_and_derived_networks_start_as_pytorch_would():
       bound = 1 / math.sqrt(math.prod(value.shape[:-2]) *
                             (1 if depthwise else value.shape[-2]))
       assert np.abs(value).max() <= bound, w.path
-      assert np.abs(value).max() > 0.5 * bound, w.path  # Not Glorot's.
+      # Reaching the bound: not Glorot's, whose limit is lower for these
+      # kernels (a depthwise 3×3 of 8 channels: 0.27 against 1/3).
+      reach = 0.9 if value.size >= 50 else 0.5
+      assert np.abs(value).max() > reach * bound, w.path
     biases = [w for w in net.trainable_weights if w.path.endswith("bias")]
     assert biases  # The classifiers' (and only theirs).
     for w in biases:
@@ -105,9 +108,18 @@ def test_shufflenet_space_starts_as_the_spos_code_does():
       expected = 1.0
     else:
       expected = 1 / value.shape[-2]
-    if value.size < 2000:
-      continue  # Too few draws for a tight standard deviation.
-    assert value.std() == pytest.approx(expected, rel=0.1), w.path
+    # Few draws (the stem, the classifier): a loose check, which still
+    # tells N(0, 0.01) from Glorot's or N(0, 1/c)'s spread.
+    rel = 0.1 if value.size >= 2000 else 0.5
+    assert value.std() == pytest.approx(expected, rel=rel), w.path
     checked += 1
-  assert checked >= 5
+  assert checked >= 10
   assert not [w for w in net.trainable_weights if w.path.endswith("bias")]
+
+
+@pytest.mark.parametrize("init", [initializers.FanInUniform(depthwise=True),
+                                  initializers.InChannelsNormal(seed=3)])
+def test_initializers_round_trip_through_keras_serialization(init):
+  clone = keras.initializers.deserialize(keras.initializers.serialize(init))
+  assert type(clone) is type(init)
+  assert clone.get_config() == init.get_config()

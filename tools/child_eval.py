@@ -1,8 +1,8 @@
 """Child-network validation of a finished search, without fine-tuning.
 
 Loads a search run directory (config.json + latest checkpoint) and evaluates
-the supernet on the search's evaluation split (the held-out half of the
-training split for DARTS, the test split for the single-level SNAS and
+the supernet on the search's evaluation split (the held-out part of the
+training split for DARTS, --train_portion, the test split for the single-level SNAS and
 DSNAS) twice: with the search distribution's sample (softmax α / relaxed
 sample at the final temperature) and with the one-hot argmax child (SNAS
 Table 1: the child as derived, no fine-tuning). Prints JSON with both
@@ -51,7 +51,8 @@ def main(argv):
   search = Search(config, show_progress=FLAGS.progress, read_only=True)
   result = {**search.evaluate(), **search.evaluate(child=True)}
   result.update(
-      split="test" if search.data.single_level else "held-out half of train",
+      split=("test" if search.data.single_level else
+             "held-out part of train (--train_portion)"),
       checkpoint=os.path.abspath(search.restored),
       epoch=int(search.epoch.numpy()))
   print(json.dumps(result, indent=2))

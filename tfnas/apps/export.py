@@ -117,33 +117,40 @@ def _signature_line(checkpoint_path: str, path: str, input_shape,
           f"[0, 255] -> logits, probabilities)")
 
 
-def _progress(metadata: dict) -> tuple[int, int]:
-  return (metadata.get("epoch") or 0, metadata.get("step_in_epoch") or 0)
+def _progress(metadata: dict) -> tuple[int, int] | None:
+  """(epoch, step in epoch) of an export's checkpoint; None when unknown."""
+  epoch, step = metadata.get("epoch"), metadata.get("step_in_epoch") or 0
+  if not isinstance(epoch, int) or not isinstance(step, int):
+    return None
+  return epoch, step
 
 
 def _warn_if_older_than_served(path: str, metadata: dict) -> None:
   """Warns when ``path``, the version just written and now the highest (the
   one TF Serving serves by default), holds an earlier checkpoint of the
-  same run than a lower version does."""
+  same run (its checkpoints' folder) than a lower version does."""
   from tfnas import export
   base, version = os.path.split(path)
   versions = export.existing_versions(base)
-  if int(version) != max(versions):
+  mine = _progress(metadata)
+  if mine is None or int(version) != max(versions):
     return
   run = os.path.dirname(os.path.dirname(metadata["checkpoint"]))
-  for other in reversed(versions[:-1]):
-    found = export.version_metadata(os.path.join(base, str(other)))
-    if (found is None or not isinstance(found.get("checkpoint"), str) or
-        os.path.dirname(os.path.dirname(found["checkpoint"])) != run):
-      continue
-    if _progress(found) > _progress(metadata):
-      logging.warning(
-          "version %s holds an earlier checkpoint of %s (epoch %s) than "
-          "version %d (epoch %s), and TF Serving serves the highest version "
-          "by default; delete %s, or pass --version to number this export "
-          "below it, if that is not meant", version, run,
-          metadata.get("epoch"), other, found.get("epoch"), path)
-    return
+  later = []
+  for other in versions[:-1]:
+    found = export.version_metadata(os.path.join(base, str(other))) or {}
+    checkpoint, progress = found.get("checkpoint"), _progress(found)
+    if (isinstance(checkpoint, str) and progress is not None and
+        os.path.dirname(os.path.dirname(checkpoint)) == run and
+        progress > mine):
+      later.append((progress, other))
+  if later:
+    (epoch, _), other = max(later)
+    logging.warning(
+        "version %s holds an earlier checkpoint of %s (epoch %d) than "
+        "version %d (epoch %d), and TF Serving serves the highest version by "
+        "default; delete %s if that is not meant", version, run, mine[0],
+        other, epoch, path)
 
 
 def _run_dataset(run_dir: str, saved: str) -> str:

@@ -1,10 +1,10 @@
 """Weight initialisers of the searched spaces' released implementations.
 
 Keras' defaults (Glorot-uniform kernels, zero biases) are not what the
-papers' code started from, and although every convolution here is followed
-by a BatchNorm (so the forward pass does not depend on a kernel's scale),
-the scale sets the effective step size of SGD with weight decay, early in a
-search and over a long retraining. Two conventions:
+papers' code started from, and although almost every convolution here is
+followed by a BatchNorm (so the forward pass does not depend on a kernel's
+scale), the scale sets the effective step size of SGD with weight decay,
+early in a search and over a long retraining. Two conventions:
 
 * ``"torch"``: PyTorch's default for ``Conv2d`` and ``Linear``, which the
   DARTS cell space's code (DARTS; SNAS and DSNAS there, built on it) never
@@ -41,6 +41,7 @@ def _area(shape) -> int:
   return int(math.prod(shape[:-2]))
 
 
+@keras.saving.register_keras_serializable(package="tfnas")
 class FanInUniform(keras.initializers.RandomUniform):
   """PyTorch's default kernel: ``U(-b, b)``, ``b = 1/sqrt(fan_in)``."""
 
@@ -58,6 +59,7 @@ class FanInUniform(keras.initializers.RandomUniform):
     return {"depthwise": self.depthwise, "seed": self._init_seed}
 
 
+@keras.saving.register_keras_serializable(package="tfnas")
 class InChannelsNormal(keras.initializers.RandomNormal):
   """The SPOS/DSNAS convolution kernel: ``N(0, 1/c)``, ``c`` the input
   channels per group."""

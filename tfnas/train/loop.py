@@ -248,7 +248,8 @@ def chunk_runner(train_loop, iterators: tuple, optimizer, writer):
 
 # Where a Ctrl-C at the end of an epoch stops the run
 # (`stopping.ctrl_c_stops` around the epoch's checkpoint and history line).
-AT_EPOCH_END = "once this epoch's metrics are written"
+AT_EPOCH_END = ("once this epoch's metrics are written (after the last "
+                "epoch the run simply ends)")
 
 
 def finish_epoch(run_dir: str, epoch: int, metrics: dict) -> dict:
