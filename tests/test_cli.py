@@ -109,6 +109,9 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
   assert '"epochs": %d' % (epochs_done + 1) in (
       run_dir / "config.json").read_text()
   assert "final: val/acc=" in resumed.stdout
+  assert (f"next: retrain the derived cell: tfnas-train "
+          f"--flagfile=flags/train_digits.cfg --genotype={run_dir} ") in (
+              resumed.stdout)
   # Resuming a finished run says so and repeats its final metrics.
   again = search(*TINY, "--num_nodes=1", f"--run_dir={run_dir}", "--resume",
                  "--max_steps_per_epoch=4", "--epochs=" + str(epochs_done + 1))
@@ -258,3 +261,22 @@ def test_final_line_of_a_finished_run_names_its_epochs(tmp_path, capsys):
   assert out[0] == (f"{tmp_path} already finished 3 epochs (--epochs=2); "
                     "resume with a larger --epochs to train longer")
   assert out[1] == f"final: val/acc=0.5000; run directory: {tmp_path}"
+  common.print_final([], str(tmp_path), 2, ("val/acc",), "tfnas-train ...")
+  assert capsys.readouterr().out.splitlines()[-1] == "next: tfnas-train ..."
+
+
+def test_the_next_step_after_a_run():
+  from tfnas.apps import common
+  assert common.next_step("runs/darts_digits/", "retrain", "digits") == (
+      "retrain the derived cell: tfnas-train "
+      "--flagfile=flags/train_digits.cfg --genotype=runs/darts_digits/ "
+      "--run_dir=runs/darts_digits_train")
+  assert common.next_step("runs/p", "retrain", "npz:/d/p.npz") == (
+      "retrain the derived cell: tfnas-train --dataset=npz:/d/p.npz "
+      "--genotype=runs/p --run_dir=runs/p_train")
+  assert common.next_step("runs/ds", "export") == (
+      "deploy the searched child: tfnas-export --run_dir=runs/ds "
+      "--export_dir=exports/ds")
+  assert common.next_step("runs/t", "serve") == (
+      "export it for TF Serving: tfnas-export --run_dir=runs/t "
+      "--export_dir=exports/t")

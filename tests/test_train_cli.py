@@ -54,6 +54,9 @@ def test_digits_retrain_beats_majority_and_exports(tmp_path):
              f"--run_dir={run_dir}", "--epochs=6", "--noprogress")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "parameters (auxiliary head excluded)" in proc.stdout
+  assert proc.stdout.splitlines()[-1] == (
+      f"next: export it for TF Serving: tfnas-export --run_dir={run_dir} "
+      f"--export_dir=exports/run")
   history = [json.loads(l) for l in
              (run_dir / "history.jsonl").read_text().splitlines()]
   assert len(history) == 6

@@ -47,6 +47,12 @@ def npz_name(path: str, fingerprint: str | None = None) -> str:
   return PREFIX + path + (_MARK + fingerprint if fingerprint else "")
 
 
+def flag_name(name: str) -> str:
+  """A dataset name as a flag would give it: an npz file's saved name
+  without its fingerprint, any other name as it is."""
+  return npz_name(file_path(name)) if is_npz_name(name) else name
+
+
 def file_path(name: str) -> str:
   """The absolute path of the file that ``npz:PATH[#sha256:HEX]`` names."""
   return absolute(split_name(name)[0])

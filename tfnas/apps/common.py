@@ -92,11 +92,34 @@ def _raise_on_sigterm() -> None:
     pass
 
 
+# Retraining flagfiles by dataset, for the hint after a search.
+TRAIN_FLAGFILES = {"digits": "flags/train_digits.cfg",
+                   "cifar10": "flags/train_cifar10.cfg",
+                   "imagenet2012": "flags/train_imagenet.cfg"}
+
+
+def next_step(run_dir: str, kind: str, dataset: str = "") -> str:
+  """What to run after a finished run: ``kind`` "retrain" (a search whose
+  derived cell is retrained), "export" (a DSNAS search, whose child deploys
+  as it is) or "serve" (a retraining run)."""
+  name = os.path.basename(os.path.normpath(run_dir)) or "model"
+  export = f"tfnas-export --run_dir={run_dir} --export_dir=exports/{name}"
+  if kind == "export":
+    return f"deploy the searched child: {export}"
+  if kind == "serve":
+    return f"export it for TF Serving: {export}"
+  flagfile = TRAIN_FLAGFILES.get(dataset)
+  data = (f"--flagfile={flagfile}" if flagfile else
+          f"--dataset={dataset}")
+  return (f"retrain the derived cell: tfnas-train {data} "
+          f"--genotype={run_dir} --run_dir=runs/{name}_train")
+
+
 def print_final(history: list, run_dir: str, epochs: int,
-                keys: tuple[str, ...]) -> None:
-  """Prints the last epoch's ``keys`` as the run's final line; for a resumed
-  run that had nothing left to do, says so and reads them from
-  ``history.jsonl``."""
+                keys: tuple[str, ...], next_step: str | None = None) -> None:
+  """Prints the last epoch's ``keys`` as the run's final line, then
+  ``next_step`` (`next_step`); for a resumed run that had nothing left to
+  do, says so and reads them from ``history.jsonl``."""
   last = history[-1] if history else rundir.last_history(run_dir)
   if not history:
     done = last.get("epoch", epochs)
@@ -109,6 +132,8 @@ def print_final(history: list, run_dir: str, epochs: int,
     shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys
                       if isinstance(last.get(k), (int, float)))
     print(f"final: {shown}; run directory: {run_dir}")
+  if next_step:
+    print(f"next: {next_step}")
 
 
 def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):

@@ -9,6 +9,7 @@ and arch.json into --run_dir.
 from __future__ import annotations
 
 
+from tfnas import dataset_names
 from tfnas import flags as tfnas_flags
 from tfnas.apps import common
 from tfnas.apps import startup
@@ -30,8 +31,12 @@ def main(argv):
   print(search.describe())
   result = search.run()
   print(result.genotype)
-  common.print_final(result.history, config.run_dir, config.epochs,
-                     ("val/acc", "val/child_acc", "train/acc"))
+  common.print_final(
+      result.history, config.run_dir, config.epochs,
+      ("val/acc", "val/child_acc", "train/acc"),
+      common.next_step(config.run_dir, "export" if
+                       search.method.deploys_search_weights else "retrain",
+                       dataset_names.flag_name(config.dataset)))
 
 
 def run():

@@ -44,7 +44,8 @@ def main(argv):
         f"C={config.channels}: {describe_cost(run.cost)}")
   result = run.run()
   common.print_final(result.history, config.run_dir, config.epochs,
-                     ("val/acc", "train/acc"))
+                     ("val/acc", "train/acc"),
+                     common.next_step(config.run_dir, "serve"))
 
 
 def run():

@@ -255,9 +255,7 @@ class Search:
       shape = f"{self.space.num_blocks} choice blocks"
     params = sum(int(np.prod(v.shape)) for v in self.network.trainable_weights)
     held_out = "test" if data.single_level else "held-out"
-    dataset = (dataset_names.npz_name(dataset_names.file_path(
-        config.dataset)) if dataset_names.is_npz_name(config.dataset)
-               else config.dataset)
+    dataset = dataset_names.flag_name(config.dataset)
     return (f"{config.method} search, {config.space} space ({shape}, "
             f"{params / 1e6:.3f}M supernet parameters); {dataset}: "
             f"{data.train.num_examples} train / {data.val.num_examples} "
