@@ -319,6 +319,5 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
       batches=data_lib.steps_per_epoch(splits.val.num_examples,
                                        config.batch_size,
                                        drop_remainder=False))
-  split = ("test" if single_level else
-           f"train, held out ({1 - config.train_portion:g} of it)")
-  return dict(metrics, split=split, examples=splits.val.num_examples)
+  return dict(metrics, split=splits.eval_split,
+              examples=splits.val.num_examples)

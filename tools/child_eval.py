@@ -51,8 +51,7 @@ def main(argv):
   search = Search(config, show_progress=FLAGS.progress, read_only=True)
   result = {**search.evaluate(), **search.evaluate(child=True)}
   result.update(
-      split=("test" if search.data.single_level else
-             "held-out part of train (--train_portion)"),
+      split=search.data.eval_split,
       checkpoint=os.path.abspath(search.restored),
       epoch=int(search.epoch.numpy()))
   print(json.dumps(result, indent=2))

@@ -116,10 +116,11 @@ def next_step(run_dir: str, kind: str, dataset: str = "") -> str:
 
 
 def print_final(history: list, run_dir: str, epochs: int,
-                keys: tuple[str, ...], next_step: str | None = None) -> None:
+                keys: tuple[str, ...],
+                next_command: str | None = None) -> None:
   """Prints the last epoch's ``keys`` as the run's final line, then
-  ``next_step`` (`next_step`); for a resumed run that had nothing left to
-  do, says so and reads them from ``history.jsonl``."""
+  ``next_command`` (`next_step`); for a resumed run that had nothing left
+  to do, says so and reads them from ``history.jsonl``."""
   last = history[-1] if history else rundir.last_history(run_dir)
   if not history:
     done = last.get("epoch", epochs)
@@ -132,8 +133,8 @@ def print_final(history: list, run_dir: str, epochs: int,
     shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys
                       if isinstance(last.get(k), (int, float)))
     print(f"final: {shown}; run directory: {run_dir}")
-  if next_step:
-    print(f"next: {next_step}")
+  if next_command:
+    print(f"next: {next_command}")
 
 
 def clean_errors(prog: str, run_dir: Callable[[], str | None] | None = None):

@@ -125,15 +125,18 @@ def _progress(metadata: dict) -> tuple[int, int] | None:
   return epoch, step
 
 
-def _warn_if_older_than_served(path: str, metadata: dict) -> None:
-  """Warns when ``path``, the version just written and now the highest (the
+def _warn_if_older_than_served(path: str, metadata: dict,
+                               before: dict[int, str]) -> None:
+  """Warns when ``path``, a version just written (not in ``before``,
+  `export.exported_versions` before the export) and now the highest (the
   one TF Serving serves by default), holds an earlier checkpoint of the
   same run (its checkpoints' folder) than a lower version does."""
   from tfnas import export
   base, version = os.path.split(path)
   versions = export.existing_versions(base)
   mine = _progress(metadata)
-  if mine is None or int(version) != max(versions):
+  if (mine is None or int(version) in before or
+      int(version) != max(versions)):
     return
   run = os.path.dirname(os.path.dirname(metadata["checkpoint"]))
   later = []
@@ -175,11 +178,16 @@ def _run_dataset(run_dir: str, saved: str) -> str:
                    f"file, but {_file_problem(dataset, state)}")
 
 
+def _file_state(dataset: str, state: str) -> str:
+  """``PATH is not there`` (or another of `dataset_names.FILE_STATES`)."""
+  return (f"{dataset_names.file_path(dataset)} "
+          f"{dataset_names.FILE_STATES[state]}")
+
+
 def _file_problem(dataset: str, state: str) -> str:
   """What is wrong with the run's npz file, and how to mend it."""
-  return (f"its data file {dataset_names.file_path(dataset)} "
-          f"{dataset_names.FILE_STATES[state]}; put back the file the run "
-          "used, or name where it is now with --dataset=npz:PATH")
+  return (f"its data file {_file_state(dataset, state)}; put back the file "
+          "the run used, or name where it is now with --dataset=npz:PATH")
 
 
 def _moved(saved: str) -> str:
@@ -230,8 +238,7 @@ def _measure_child(dataset: str) -> tuple[bool, str]:
     logging.warning("the child is exported without measuring it on the "
                     "search's evaluation split: %s (--noevaluate says this "
                     "is meant)", problem)
-    return False, (f"{dataset_names.file_path(dataset)} "
-                   f"{dataset_names.FILE_STATES[state]} at export")
+    return False, f"{_file_state(dataset, state)} at export"
   raise TfnasError(f"--evaluate measures the child on the search's data, but "
                    f"{problem}, or export with --noevaluate")
 
@@ -283,8 +290,7 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
           f"val/loss {meta['val_loss']:.4f}")
   else:
     print(f"deployed child not measured: {meta['val_unmeasured']}")
-  if int(os.path.basename(exported.path)) not in before:
-    _warn_if_older_than_served(exported.path, meta)
+  _warn_if_older_than_served(exported.path, meta, before)
   print(_signature_line(meta["checkpoint"], exported.path,
                         meta["input_shape"], before))
 
@@ -343,8 +349,7 @@ def _export_retrained(run_dir: str, saved: dict,
   print(f"{config.network} network, {config.num_cells} cells, "
         f"C={config.channels}: {network_cost.params / 1e6:.3f}M parameters, "
         f"{network_cost.madds / 1e6:.1f}M multiply-adds per image")
-  if int(os.path.basename(path)) not in before:
-    _warn_if_older_than_served(path, metadata)
+  _warn_if_older_than_served(path, metadata, before)
   print(_signature_line(metadata["checkpoint"], path, info.input_shape,
                         before))
 

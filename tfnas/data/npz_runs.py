@@ -62,12 +62,9 @@ def check_saved_dataset(saved: dict, config: dict | None = None) -> None:
 def _shown(name) -> str:
   """A dataset name as flags give it (an npz file by its path), with an
   npz file's fingerprint after it."""
-  if not is_npz_name(name):
-    return str(name)
-  shown = dataset_names.npz_name(dataset_names.file_path(name))
   fingerprint = dataset_names.fingerprint_of(name)
-  return shown + (f" (content sha256 {fingerprint}...)" if fingerprint
-                  else "")
+  return str(dataset_names.flag_name(name)) + (
+      f" (content sha256 {fingerprint}...)" if fingerprint else "")
 
 
 def record(info: DatasetInfo) -> str | None:

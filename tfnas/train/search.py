@@ -98,16 +98,16 @@ class SearchData:
       self.train, self.val = data_lib.open_search_splits(
           config.dataset, config.train_portion, **load)
     self.single_level = single_level
+    self.train_portion = config.train_portion
     self.augment = data_lib.AugmentConfig.of_run(config,
                                                  self.info.image_size)
     self.batch_size = config.batch_size
     self.seed = config.seed
-    steps = self.train.num_examples // config.batch_size
-    if not single_level:
-      steps = min(steps, self.val.num_examples // config.batch_size)
+    # The split(s) each training step draws a batch from.
+    largest = (self.train.num_examples if single_level else
+               min(self.train.num_examples, self.val.num_examples))
+    steps = largest // config.batch_size
     if steps < 1:
-      largest = (self.train.num_examples if single_level else
-                 min(self.train.num_examples, self.val.num_examples))
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the search "
           f"splits ({self.train.num_examples} train / "
@@ -116,6 +116,12 @@ class SearchData:
     if config.max_steps_per_epoch:
       steps = min(steps, config.max_steps_per_epoch)
     self.steps_per_epoch = steps
+
+  @property
+  def eval_split(self) -> str:
+    """The split that ``val/`` metrics are measured on, in words."""
+    return ("test" if self.single_level else
+            f"train, held out ({1 - self.train_portion:g} of it)")
 
   def _stream(self, strategy, split, epoch, seed, skip, training):
     return split.distribute(
