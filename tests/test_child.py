@@ -57,13 +57,17 @@ class ChildTest(tf.test.TestCase, parameterized.TestCase):
     child = child_lib.build_child(net, indices, (8, 8, 3))
     images, _ = helpers.batch(n=6, seed=9)
     expected = net(images, arch_indices=indices, training=False)
-    self.assertGreater(np.abs(expected).max(), 1e-3)
+    # Logits are small (a ShuffleNet classifier starts at N(0, 0.01), as in
+    # SPOS): the comparison below is relative to their size.
+    scale = float(np.abs(expected).max())
+    self.assertGreater(scale, 1e-4)
     # Training moved BN statistics on the chosen path: the child must have
     # inherited those, not fresh ones.
     self.assertTrue(any(np.abs(v.numpy()).max() > 1e-6
                         for v in child.non_trainable_variables
                         if "moving_mean" in v.path))
-    self.assertAllClose(child(images, training=False), expected, atol=1e-5)
+    self.assertAllClose(child(images, training=False), expected,
+                        atol=1e-4 * scale)
     # Only the chosen ops exist in the child.
     self.assertLess(len(child.variables), len(net.variables))
     if kind == "blocks":

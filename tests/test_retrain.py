@@ -278,6 +278,8 @@ def test_two_replicas_train_and_evaluate(tmp_path):
 # Same interpreter rule as MIRRORED. One run on the default strategy, one on
 # two mirrored replicas from the same initial weights; no drop path and no
 # random augmentation, so the only difference is the split of each batch.
+# At lr 0.1 this tiny network's loss doubles in four steps, and rounding
+# differences grew to 5e-4 on an AVX2 CPU (1e-7 at lr 0.03).
 MIRRORED_EQUALS_ONE_DEVICE = """
 import json, sys
 import numpy as np
@@ -291,7 +293,7 @@ config = TrainConfig(run_dir=sys.argv[1] + "/one", dataset="digits",
                      genotype="DARTS_V2", num_cells=3, channels=4,
                      auxiliary_weight=0.4, batch_size=32, epochs=2,
                      max_steps_per_epoch=2, steps_per_loop=2, pad_crop=0,
-                     flip=False, cutout=0, drop_path_prob=0.0, lr=0.1,
+                     flip=False, cutout=0, drop_path_prob=0.0, lr=0.03,
                      weight_decay=3e-3, seed=4, sync_batch_norm=True)
 one = Retrain(config, show_progress=False)
 init = [v.numpy() for v in one.network.weights]
@@ -308,7 +310,9 @@ after = [[v.numpy() for v in r.network.weights] for r in (one, two)]
 print(json.dumps({
     "replicas": two.strategy.num_replicas_in_sync,
     "has_aux": one.network.auxiliary_head is not None,
-    "moved": max(float(np.abs(a - b).max()) for a, b in zip(after[0], init)),
+    "moved": max(float(np.abs(a - b).max())
+                 for a, b, v in zip(after[0], init, one.network.weights)
+                 if v.trainable),
     "diff": max(float(np.abs(a - b).max() / (1 + np.abs(a).max()))
                 for a, b in zip(*after)),
     "history": history}))
@@ -326,7 +330,7 @@ def test_two_replicas_train_like_one_device(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["replicas"] == 2 and out["has_aux"]
-  assert out["moved"] > 1e-2  # Four steps of lr 0.1 moved the weights,
+  assert out["moved"] > 1e-2  # Four steps moved the weights,
   assert out["diff"] < 1e-4, out["diff"]  # and both runs moved them alike.
   one, two = out["history"]
   assert len(one) == len(two) == 2

@@ -32,6 +32,16 @@ def _state(ctx):
   return [np.asarray(v.numpy()) for v in values]
 
 
+def _arch_state(ctx) -> set[int]:
+  """Positions in `_state` of α and its Adam slots."""
+  network = len(ctx.network.variables)
+  arch = len(ctx.arch_variables)
+  momentum = len(ctx.weight_optimizer.slots["momentum"])
+  slots = range(network + arch + momentum,
+                network + arch + momentum + 2 * arch)
+  return set(range(network, network + arch)) | set(slots)
+
+
 def _tensors(indices):
   return {g: tf.constant(v, tf.int32) for g, v in indices.items()}
 
@@ -70,9 +80,13 @@ class SwitchedStepTest(tf.test.TestCase):
         self.assertEqual(step.experimental_get_tracing_count(), 1)
       results.append(_state(ctx))
     eager, switched = results
+    arch = _arch_state(ctx)
     changed = 0
-    for a, b, s in zip(eager, switched, start):
-      self.assertAllClose(a, b, atol=2e-5, rtol=1e-4)
+    for i, (a, b, s) in enumerate(zip(eager, switched, start)):
+      # α's gradient is C_e = dL/dgate (a sum over an edge's output with
+      # cancellations) divided by the reward normaliser's std of a few
+      # samples: rounding of 1e-7 shows as ~1e-4 there (1.4e-4 seen).
+      self.assertAllClose(a, b, atol=2e-5, rtol=1e-3 if i in arch else 1e-4)
       changed += not np.array_equal(a, s)
       if np.array_equal(a, s):  # Untouched by the eager steps: bit-exact.
         self.assertAllEqual(b, s)
