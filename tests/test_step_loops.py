@@ -67,3 +67,31 @@ def test_the_evaluation_step_counts_a_last_batch_of_one_example():
   batches = tf.data.Dataset.from_tensor_slices(
       (tf.ones([5, 2]), tf.range(5) % 3)).batch(4)  # Batches of 4 and 1.
   assert [float(step(b)["eval/count"]) for b in batches] == [4.0, 1.0]
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_the_evaluation_step_is_traced_once_for_a_partial_last_batch(
+    mirrored):
+  strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+              if mirrored else tf.distribute.get_strategy())
+  traces = []
+
+  def replica(images, labels):
+    traces.append(images.shape)
+    return step_loops.eval_metrics(tf.reduce_sum(images),
+                                   tf.one_hot(tf.zeros_like(labels), 3),  # Class 0.
+                                   labels)
+  step = step_loops.compiled_eval_step(strategy, replica)
+
+  def dataset():  # Batches of 4, 4 and 2 (global).
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: tf.data.Dataset.from_tensor_slices(
+            (tf.range(10, dtype=tf.float32)[:, None] * tf.ones([1, 2]),
+             tf.range(10) % 3)).batch(ctx.get_per_replica_batch_size(4)))
+  for _ in range(2):  # Another epoch's dataset of the same spec.
+    metrics = step_loops.evaluate(dataset(), step)
+    assert metrics["val/acc"] == pytest.approx(0.4)
+    assert metrics["val/loss"] == pytest.approx(2 * 45 / 10)
+  replicas = strategy.num_replicas_in_sync
+  assert len(traces) == replicas  # One trace, whatever the batch size.
+  assert all(shape[0] is None for shape in traces)

@@ -314,7 +314,7 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
         tf.reduce_sum(cross_entropy(logits, labels)), logits, labels)
   metrics = step_loops.evaluate(
       splits.eval_stream(strategy),
-      tf.function(step_loops.summed_eval_step(strategy, replica)),
+      step_loops.compiled_eval_step(strategy, replica),
       show_progress=show_progress,
       batches=data_lib.steps_per_epoch(splits.val.num_examples,
                                        config.batch_size,

@@ -242,7 +242,7 @@ class Retrain:
       logits = net(images, training=False)
       return step_loops.eval_metrics(
           tf.reduce_sum(cross_entropy(logits, labels)), logits, labels)
-    return tf.function(step_loops.summed_eval_step(self.strategy, replica))
+    return step_loops.compiled_eval_step(self.strategy, replica)
 
   # ------------------------------------------------------------------- run
   def evaluate(self, interrupted: list | None = None) -> dict[str, float]:

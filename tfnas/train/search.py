@@ -434,7 +434,7 @@ class Search:
     step = step_loops.summed_eval_step(self.strategy, replica)
     if self._children.active():
       return self._children.get(
-          "eval", indices, lambda: tf.function(step, reduce_retracing=True))
+          "eval", indices, lambda: step_loops.EvalStep(step))
     return step  # Eager.
 
   def _make_eval_step(self, child: bool):
@@ -457,7 +457,7 @@ class Search:
         logits = ctx.forward(images, weights, training=False)
       return step_loops.eval_metrics(_summed_cross_entropy(logits, labels),
                                      logits, labels)
-    return tf.function(step_loops.summed_eval_step(self.strategy, replica))
+    return step_loops.compiled_eval_step(self.strategy, replica)
 
   # --------------------------------------------------------------- helpers
   def _last_step(self):
