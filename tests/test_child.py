@@ -99,6 +99,25 @@ class ChildTest(tf.test.TestCase, parameterized.TestCase):
              sum(table[b, k, 1] for b, k in enumerate(BLOCK_CHILD["blocks"]))
              + 1 * 1 * 64 * 16 + 16 * 3)
     self.assertEqual(cost["flops"], flops)
+    self.assertEqual(cost["madds"], flops)  # No pooling candidates.
+
+  def test_cell_child_flops_count_the_whole_network(self):
+    # helpers.tiny_space(): 8x8x3 images, C=4, 2 nodes, cells normal,
+    # reduce, reduce; CELL_CHILD's ops by hand (multiply-adds per image).
+    cost = child_lib.child_cost(supernet("cells"), CELL_CHILD, 8)
+    stem = 8 * 8 * 27 * 12
+    preprocessing = (2 * 64 * 12 * 4 +  # Cell 0: 12 -> 4, twice.
+                     64 * 12 * 8 + 64 * 8 * 8 +  # Cell 1: 12, 8 -> 8.
+                     2 * 16 * 8 * 8 + 16 * 16 * 16)  # Cell 2: FR; 16 -> 16.
+    classifier = 32 * 3
+    sep = lambda px, c: 2 * (px * 9 * c + px * c * c)  # Two dw + pw.
+    convs = (2 * sep(64, 4) +  # Normal: two sep convs (and a skip).
+             2 * sep(16, 8) + 16 * 8 * 8 +  # Reduce: two sep convs, FR.
+             2 * sep(4, 16) + 4 * 16 * 16)
+    pools = 64 * 9 * 4 + 16 * 9 * 8 + 4 * 9 * 16  # One max pool per cell.
+    madds = stem + preprocessing + classifier + convs
+    self.assertEqual(cost["madds"], madds)
+    self.assertEqual(cost["flops"], madds + pools)
 
   def test_full_imagenet_space_flops_in_the_papers_range(self):
     space = shufflenet.ShuffleNetSpaceConfig()

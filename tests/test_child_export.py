@@ -96,7 +96,8 @@ def test_exported_child_serves_like_the_in_memory_child(search_run,
   assert (meta["input"]["range"], meta["source_pixel_max"]) == ([0, 255], 16)
   assert (meta["params"], meta["flops"]) == (info["params"], info["flops"])
   assert meta["flops"] > 0 and meta["source"] == child_export.SOURCE
-  # The whole network's count, under a retrained export's key (block space).
+  # The whole network's count, under a retrained export's key (a block
+  # space has no pooling candidates: the same count).
   assert meta["madds"] == round(meta["flops"])
   assert meta["checkpoint"] == os.path.abspath(info["checkpoint"])
   assert meta["bn_recalibration_batches"] == 0
@@ -252,17 +253,23 @@ def test_a_config_json_that_is_not_a_run_config(tmp_path):
   assert not (tmp_path / "serving").exists()
 
 
-def test_madds_only_where_the_count_is_the_whole_network():
+def test_madds_are_the_whole_networks_convolutions_and_classifier():
   info = {"dataset": "digits", "num_classes": 10, "image_size": 8,
           "channels": 1, "method": "dsnas", "space": "shufflenet_small",
-          "params": 10, "flops": 71260.4, "checkpoint": "c",
-          "recalibrated_batches": 0,
+          "params": 10, "flops": 71260.4, "madds": 71260.4,
+          "checkpoint": "c", "recalibrated_batches": 0,
           "flops_scope": "whole network, multiply-adds per image"}
   meta = child_export.search_child_metadata("r", info)
   assert meta["madds"] == 71260 and meta["flops"] == 71260.4
-  cells = dict(info, space="darts", flops_scope="multiply-adds per image of "
-               "the chosen op of every cell edge; stem ... excluded")
-  assert "madds" not in child_export.search_child_metadata("r", cells)
+  assert child_export.describe_flops(meta) == (
+      "0.07126M FLOPs (whole network, multiply-adds per image)")
+  # A cell-space child's FLOPs also count its pooling edges.
+  cells = child_export.search_child_metadata(
+      "r", dict(info, space="darts", flops=2_500_000.0, madds=2_250_000.0))
+  assert (cells["flops"], cells["madds"]) == (2_500_000.0, 2_250_000)
+  assert child_export.describe_flops(
+      dict(cells, flops_scope="whole network")) == (
+          "2.5M FLOPs (whole network; 2.25M without them)")
 
 
 # tfnas-export whose process receives a signal right after the version is in

@@ -163,10 +163,12 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
   """Parameters and FLOPs (multiply-adds per image) of the child.
 
   ``params`` counts the child's trainable weights exactly (``child`` built
-  from ``indices``, or built here). FLOPs are analytic
-  (`tfnas.objectives.DecisionFlops`): for block spaces the whole network;
-  for cell spaces the chosen ops of every edge (stem, preprocessing convs
-  and classifier not included, as in SNAS appendix F).
+  from ``indices``, or built here). ``flops`` and ``madds`` are analytic
+  (`tfnas.objectives.DecisionFlops`) and count the whole network;
+  ``flops`` also counts a pooling edge as H·W·9·C (SNAS appendix F, the
+  count ``--flops_target`` and the FLOPs penalty use), ``madds`` only the
+  convolutions and the classifier, as `tfnas.cost.network_cost` counts a
+  retrained network (block spaces: the same number).
   """
   from tfnas import objectives  # Cost tables only when needed.
   space = supernet.space
@@ -175,9 +177,11 @@ def child_cost(supernet, indices: Mapping[str, Sequence[int]],
                                             supernet.variables[0].shape[2]))
   params = sum(int(np.prod(v.shape)) for v in child.trainable_variables)
   in_channels = int(supernet.variables[0].shape[2])
-  flops = objectives.decision_flops(space, image_size,
-                                    in_channels).child(indices)
-  return {"params": float(params), "flops": float(flops)}
+  flops, madds = (objectives.decision_flops(space, image_size, in_channels,
+                                            count_pooling).child(indices)
+                  for count_pooling in (True, False))
+  return {"params": float(params), "flops": float(flops),
+          "madds": float(madds)}
 
 
 def load_search_child(run_dir: str, recalibrate_batches: int = 0,
@@ -209,8 +213,9 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
   Returns:
     ``(child, genotype, info)``: the `FixedChild`, the run's genotype
     (``Genotype`` or ``BlockGenotype``) and a dict with ``params``,
-    ``flops``, ``flops_scope`` (what the FLOPs count), ``image_size``,
-    ``channels`` (of the input images), ``num_classes``, ``dataset``,
+    ``flops``, ``madds`` (`child_cost`), ``flops_scope`` (what ``flops``
+    counts), ``image_size``, ``channels`` (of the input images),
+    ``num_classes``, ``dataset``,
     ``method``, ``space``, ``recalibrated_batches`` (batches actually used)
     and ``checkpoint`` (the path restored).
 
@@ -263,11 +268,9 @@ def load_search_child(run_dir: str, recalibrate_batches: int = 0,
                       "on all %d", recalibrate_batches, recalibrated,
                       config.batch_size, recalibrated)
   cost = child_cost(supernet, indices, info.image_size, child)
-  if registry.space_kind(space) == names.BLOCKS:
-    scope = "whole network, multiply-adds per image"
-  else:
-    scope = ("multiply-adds per image of the chosen op of every cell edge; "
-             "stem, preprocessing convs and classifier excluded")
+  scope = "whole network, multiply-adds per image"
+  if registry.space_kind(space) == names.CELLS:
+    scope += "; pooling edges count H·W·9·C as in SNAS appendix F"
   return child, genotype, dict(cost, flops_scope=scope,
                                image_size=info.image_size,
                                channels=info.channels,

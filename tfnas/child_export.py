@@ -60,11 +60,19 @@ def search_child_metadata(run_dir: str, info: Mapping[str, Any]
       "bn_recalibration_batches": info["recalibrated_batches"],
   }
   metadata.update(progress_metadata(info["checkpoint"]))  # As a retrained.
-  if info["flops_scope"].startswith("whole network"):
-    # Under the key (and type) of a retrained network's export, where the
-    # count is of the whole network too (a cell-space count is not).
-    metadata["madds"] = int(round(info["flops"]))
+  # Under the key (and type) of a retrained network's export, and counted
+  # as there (`child.child_cost`).
+  metadata["madds"] = int(round(info["madds"]))
   return metadata
+
+
+def describe_flops(metadata: Mapping[str, Any]) -> str:
+  """A child export's FLOPs in words: the count, what it covers and, where
+  they differ (pooling edges), its multiply-adds."""
+  text = f"{metadata['flops'] / 1e6:.4g}M FLOPs ({metadata['flops_scope']}"
+  if metadata["madds"] != round(metadata["flops"]):
+    text += f"; {metadata['madds'] / 1e6:.4g}M without them"
+  return text + ")"
 
 
 def export_search_child(run_dir: str, base_path: str, *,

@@ -21,6 +21,7 @@ import dataclasses
 import math
 
 from tfnas.errors import TfnasError
+from tfnas.genotype import CellGenotype, Genotype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,3 +206,20 @@ def network_cost(genotype, kind: str, input_shape, num_classes: int,
     reduction_prev = reduction
   total += NetworkCost(c_p * num_classes + num_classes, c_p * num_classes)
   return total
+
+
+def cell_network_fixed_cost(num_cells: int, num_nodes: int, channels: int,
+                            input_shape, num_classes: int,
+                            stem_multiplier: int = 3) -> NetworkCost:
+  """What a CIFAR-layout cell network has besides its cells' edges.
+
+  The stem, every cell's two preprocessing convs (1×1 to the cell's width;
+  FactorizedReduce after a reduction cell) and the classifier, for cells
+  that concatenate all ``num_nodes`` nodes: a search supernet and each of
+  its single-path children (`tfnas.spaces.darts.SearchNetwork`, whose
+  layout :func:`network_cost` walks). Arguments as there.
+  """
+  no_edges = CellGenotype(nodes=[()] * num_nodes)
+  return network_cost(Genotype(normal=no_edges, reduce=no_edges), "cifar",
+                      input_shape, num_classes, num_cells, channels,
+                      stem_multiplier)

@@ -138,10 +138,10 @@ class DecisionFlops:
   """A child's analytic FLOPs as a sum over its decisions.
 
   ``fixed + Σ_g Σ_e tables[g][e, Z_e]`` equals the FLOPs
-  `tfnas.child.child_cost` reports for the child Z (multiply-adds per
-  image): for block spaces the whole network (``fixed``: stem, head conv
-  and classifier), for cell spaces the chosen op of every cell edge
-  (``fixed`` = 0; stem, preprocessing and classifier are not counted).
+  `tfnas.child.child_cost` reports for the child Z: multiply-adds per image
+  of the whole network (``fixed``: stem, head conv and classifier of a
+  block space; stem, every cell's two preprocessing convs and classifier of
+  a cell space).
 
   Attributes:
     tables: group → ``[E, K]`` FLOPs of each candidate of each decision; a
@@ -190,11 +190,19 @@ class DecisionFlops:
     return total
 
 
-def decision_flops(space, image_size: int,
-                   in_channels: int = 3) -> DecisionFlops:
-  """The `DecisionFlops` of a cell space (`edge_cost_tables`) or block space
-  (`shufflenet.block_costs`, `shufflenet.network_flops`) for images of
-  ``image_size`` with ``in_channels`` channels."""
+def decision_flops(space, image_size: int, in_channels: int = 3,
+                   count_pooling: bool = True) -> DecisionFlops:
+  """The `DecisionFlops` of a cell space (`edge_cost_tables`, and
+  `tfnas.cost.cell_network_fixed_cost` for the stem, preprocessing convs
+  and classifier) or block space (`shufflenet.block_costs`,
+  `shufflenet.network_flops`) for images of ``image_size`` with
+  ``in_channels`` channels.
+
+  ``count_pooling=False``: candidates without weights (pooling, skip,
+  none) cost nothing, as in the multiply-adds of `tfnas.cost.network_cost`
+  (by default a pooling edge counts H·W·9·C, SNAS appendix F). Block
+  spaces have no such candidates.
+  """
   from tfnas.spaces import shufflenet  # Only for block spaces.
   if isinstance(space, shufflenet.ShuffleNetSpaceConfig):
     table = shufflenet.block_costs(space, image_size)[..., 1]
@@ -202,7 +210,14 @@ def decision_flops(space, image_size: int,
                                      image_size, in_channels)
     return DecisionFlops({shufflenet.GROUP: table},
                          float(first - table[:, 0].sum()))
-  return DecisionFlops({g: t.sum(axis=0)[..., 1]
-                        for g, t in edge_cost_tables(space,
-                                                     image_size).items()},
-                       0.0)
+  from tfnas import cost as cost_lib  # The analytic network layout.
+  fixed = cost_lib.cell_network_fixed_cost(
+      space.num_cells, space.num_nodes, space.channels,
+      (image_size, image_size, in_channels), space.num_classes,
+      space.stem_multiplier)
+  tables = {}
+  for g, t in edge_cost_tables(space, image_size).items():
+    flops = t[..., 1] if count_pooling else np.where(t[..., 0] > 0,
+                                                      t[..., 1], 0.0)
+    tables[g] = flops.sum(axis=0)
+  return DecisionFlops(tables, float(fixed.madds))

@@ -282,8 +282,7 @@ def _export_search_child(run_dir: str, method_name: str, dataset: str,
       logging.warning("genotype: %s", problem)
   print(f"{meta['method']} child of {run_dir} ({meta['space']} space, "
         f"inherited weights, {bn}): {meta['params'] / 1e6:.3f}M "
-        f"parameters, {meta['flops'] / 1e6:.4g}M FLOPs "
-        f"({meta['flops_scope']})")
+        f"parameters, {child_export.describe_flops(meta)}")
   if "val_acc" in meta:
     print(f"deployed child on the {meta['val_split']} split "
           f"({meta['val_examples']} examples): val/acc {meta['val_acc']:.4f}, "
