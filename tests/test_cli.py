@@ -54,6 +54,9 @@ def test_end_to_end_writes_events_checkpoint_genotype(tmp_path):
     assert tag in tags, (tag, sorted(tags)[:20])
   assert len(events.Tensors("train/loss")) == 2  # One per epoch.
   assert "node 2" in proc.stdout
+  # Epoch lines come without absl's prefix (date, thread, source line).
+  assert any(line.startswith("epoch 2: train/loss=")
+             for line in proc.stderr.splitlines()), proc.stderr[-3000:]
   _existing_run_dir_is_not_overwritten(run_dir)
 
 

@@ -98,6 +98,9 @@ def test_early_stop_flags_reach_the_policy(tmp_path):
                   show_progress=False)
   assert search.early_stop.on_logits
   assert search.early_stop.threshold == 1.5
+  # Its start line says what the first steps trace (no one step graph).
+  assert search.describe().endswith(
+      "(the first children's steps also trace their ops)")
   default = Search(dsnas_config(tmp_path / "p", **narrow),
                    show_progress=False)
   assert not default.early_stop.on_logits

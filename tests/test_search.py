@@ -14,7 +14,7 @@ from tfnas.errors import TfnasError
 from tfnas.estimators.darts import DartsFirstOrder, DartsSecondOrder
 from tfnas.genotype import Genotype
 from tfnas.train import rundir
-from tfnas.train.search import Search
+from tfnas.train.search import Search, SearchData
 from tests import helpers
 
 
@@ -121,6 +121,14 @@ class SearchLoopTest(tf.test.TestCase):
                                 r"val\): use --batch_size=748 or less"):
       Search(tiny_config(os.path.join(base, "b"), batch_size=800),
              show_progress=False)
+    # ... and a batch that splits evenly over the replicas.
+    too_large = tiny_config(os.path.join(base, "b"), batch_size=800)
+    with self.assertRaisesRegex(data.DataError, r"use --batch_size=744 or "
+                                r"less$"):
+      SearchData(too_large, replicas=8)
+    with self.assertRaisesRegex(data.DataError, r"val\), which hold fewer "
+                                r"examples than the 1000 replicas$"):
+      SearchData(too_large, replicas=1000)
 
   def test_ctrl_c_as_an_epoch_is_saved_keeps_its_metrics(self):
     helpers.ctrl_c_as_an_epoch_is_saved(

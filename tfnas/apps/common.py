@@ -38,6 +38,9 @@ def run_app(main, doc: str | None, *flag_modules) -> None:
   for module in flag_modules:
     for flag in flags.FLAGS.get_flags_for_module(module):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  # Progress lines ("epoch 3: train/loss=...") without absl's date, thread
+  # and source prefix; warnings keep it. --showprefixforinfo restores it.
+  flags.FLAGS.set_default("showprefixforinfo", False)
 
   def fail(message: str):
     sep = "\n" if "\n" in message else " "

@@ -86,7 +86,8 @@ def _warn_about_space(space, flag_space: str, image_size: int) -> None:
 class SearchData:
   """The search-train and search-val splits (``tfnas.data.Split``)."""
 
-  def __init__(self, config: SearchConfig, single_level: bool = False):
+  def __init__(self, config: SearchConfig, single_level: bool = False,
+               replicas: int = 1):
     self.info = data_lib.dataset_info(config.dataset)
     load = dict(data_dir=config.data_dir, manual_dir=config.manual_dir)
     if single_level:
@@ -108,11 +109,14 @@ class SearchData:
                min(self.train.num_examples, self.val.num_examples))
     steps = largest // config.batch_size
     if steps < 1:
+      # The global batch must also split evenly over the replicas.
+      fits = largest - largest % replicas
+      hint = (f": use --batch_size={fits} or less" if fits else
+              f", which hold fewer examples than the {replicas} replicas")
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the search "
           f"splits ({self.train.num_examples} train / "
-          f"{self.val.num_examples} val): use --batch_size={largest} or "
-          f"less")
+          f"{self.val.num_examples} val){hint}")
     if config.max_steps_per_epoch:
       steps = min(steps, config.max_steps_per_epoch)
     self.steps_per_epoch = steps
@@ -183,7 +187,8 @@ class Search:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.method = methods_lib.get_method(config.method)
     self.show_progress = show_progress
-    self.data = SearchData(config, single_level=self.method.single_level)
+    self.data = SearchData(config, single_level=self.method.single_level,
+                           replicas=self.strategy.num_replicas_in_sync)
     loop.check_same_data(self.strategy, self.data.info, self.data.train,
                          self.data.val)
     self.space = space_registry.space_config(
@@ -262,12 +267,17 @@ class Search:
     params = sum(int(np.prod(v.shape)) for v in self.network.trainable_weights)
     held_out = "test" if data.single_level else "held-out"
     dataset = dataset_names.flag_name(config.dataset)
+    if (self.estimator.child_steps and
+        config.single_path_step != "switch"):
+      # Python-driven steps (until few children are left to trace).
+      traced = "the first children's steps also trace their ops"
+    else:
+      traced = "the first steps also trace the step graph"
     return (f"{config.method} search, {config.space} space ({shape}, "
             f"{params / 1e6:.3f}M supernet parameters); {dataset}: "
             f"{data.train.num_examples} train / {data.val.num_examples} "
             f"{held_out} images, {data.steps_per_epoch} steps per epoch x "
-            f"{config.epochs} epochs (the first steps also trace the step "
-            f"graph)")
+            f"{config.epochs} epochs ({traced})")
 
   # ------------------------------------------------------------------ build
   def _build(self):
