@@ -94,13 +94,15 @@ def test_early_stop_flags_reach_the_policy(tmp_path):
   narrow = dict(stage_channels=(8, 16, 32, 64), stem_channels=4,
                 head_channels=16)
   search = Search(dsnas_config(tmp_path / "l", early_stop_threshold=1.5,
-                               early_stop_on_logits=True, **narrow),
+                               early_stop_on_logits=True, epochs=1,
+                               max_steps_per_epoch=1, **narrow),
                   show_progress=False)
   assert search.early_stop.on_logits
   assert search.early_stop.threshold == 1.5
   # Its start line says what the first steps trace (no one step graph).
   assert search.describe().endswith(
-      "(the first children's steps also trace their ops)")
+      "1 step per epoch x 1 epoch (the first children's steps also trace "
+      "their ops)")
   default = Search(dsnas_config(tmp_path / "p", **narrow),
                    show_progress=False)
   assert not default.early_stop.on_logits

@@ -276,8 +276,10 @@ class Search:
     return (f"{config.method} search, {config.space} space ({shape}, "
             f"{params / 1e6:.3f}M supernet parameters); {dataset}: "
             f"{data.train.num_examples} train / {data.val.num_examples} "
-            f"{held_out} images, {data.steps_per_epoch} steps per epoch x "
-            f"{config.epochs} epochs ({traced})")
+            f"{held_out} images, {data.steps_per_epoch} "
+            f"step{'' if data.steps_per_epoch == 1 else 's'} per epoch x "
+            f"{config.epochs} epoch{'' if config.epochs == 1 else 's'} "
+            f"({traced})")
 
   # ------------------------------------------------------------------ build
   def _build(self):
