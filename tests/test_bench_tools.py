@@ -81,10 +81,10 @@ def test_per_op_children_bound_has_one_time_per_candidate():
 
 
 def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
-  # Smaller than --quick (one node per cell, one timed step after one of
-  # warm-up): four processes trace here, and only the report is tested.
+  # Smaller than --quick (one node per cell, one warm-up step): four
+  # processes trace here, and only the report is tested.
   proc = _run("bench_single_path.py", "--batch_size=4", "--channels=4",
-              "--cells=3", "--nodes=1", "--image_size=8", "--steps=1",
+              "--cells=3", "--nodes=1", "--image_size=8", "--steps=2",
               "--warmup=1", "--rounds=2",
               "--only=snas_darts,dsnas_switch_darts")
   assert proc.returncode == 0, proc.stderr[-3000:]

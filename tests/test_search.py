@@ -123,8 +123,9 @@ class SearchLoopTest(tf.test.TestCase):
              show_progress=False)
     # ... and a batch that splits evenly over the replicas.
     too_large = tiny_config(os.path.join(base, "b"), batch_size=800)
-    with self.assertRaisesRegex(data.DataError, r"use --batch_size=744 or "
-                                r"less$"):
+    with self.assertRaisesRegex(data.DataError, r"use a --batch_size that "
+                                r"is a multiple of the 8 replicas, at most "
+                                r"744$"):
       SearchData(too_large, replicas=8)
     with self.assertRaisesRegex(data.DataError, r"val\), which hold fewer "
                                 r"examples than the 1000 replicas$"):

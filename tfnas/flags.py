@@ -244,11 +244,14 @@ def define_search_flags():
   flags.DEFINE_float("flops_weight", _DEFAULTS.flops_weight,
                      "DSNAS: η of a penalty η·E[F(Z)], F(Z) = the searched "
                      "decisions' multiply-adds of child Z divided by those "
-                     "of the costliest child (stem and head excluded; "
+                     "of the costliest child (what every child has, stem, "
+                     "preprocessing and head, excluded; "
                      "logged as train/flops), exact α-gradient (0: off).")
   flags.DEFINE_float("flops_target", _DEFAULTS.flops_target,
-                     "DSNAS: FLOPs budget in millions of multiply-adds per "
-                     "image, as tfnas-export reports a child's (0: none). "
+                     "DSNAS: FLOPs budget of the whole child in millions of "
+                     "multiply-adds per image, the FLOPs tfnas-export "
+                     "reports (in a cell space pooling edges count "
+                     "H·W·9·C; 0: none). "
                      "The --flops_weight penalty then acts only on steps "
                      "whose sampled child exceeds it.")
   flags.DEFINE_float("early_stop_threshold", _DEFAULTS.early_stop_threshold,

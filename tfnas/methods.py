@@ -175,7 +175,7 @@ def _check_dsnas(setup: SearchSetup) -> None:
                for cheapest in (True, False))
   if c.flops_target < low:
     raise TfnasError(
-        f"--flops_target={c.flops_target:g} (M multiply-adds) is below the "
+        f"--flops_target={c.flops_target:g} (M FLOPs) is below the "
         f"cheapest child of this space ({_rounded(low, up=True):g}M at "
         f"{setup.image_size}x{setup.image_size}): no child meets it")
   if c.flops_target >= high:

@@ -139,9 +139,10 @@ class DecisionFlops:
 
   ``fixed + Σ_g Σ_e tables[g][e, Z_e]`` equals the FLOPs
   `tfnas.child.child_cost` reports for the child Z: multiply-adds per image
-  of the whole network (``fixed``: stem, head conv and classifier of a
-  block space; stem, every cell's two preprocessing convs and classifier of
-  a cell space).
+  of the whole network, a cell space's pooling edges counted as H·W·9·C
+  unless built with ``count_pooling=False`` (``fixed``: stem, head conv and
+  classifier of a block space; stem, every cell's two preprocessing convs
+  and classifier of a cell space).
 
   Attributes:
     tables: group → ``[E, K]`` FLOPs of each candidate of each decision; a

@@ -111,8 +111,13 @@ class SearchData:
     if steps < 1:
       # The global batch must also split evenly over the replicas.
       fits = largest - largest % replicas
-      hint = (f": use --batch_size={fits} or less" if fits else
-              f", which hold fewer examples than the {replicas} replicas")
+      if not fits:
+        hint = f", which hold fewer examples than the {replicas} replicas"
+      elif replicas == 1:
+        hint = f": use --batch_size={fits} or less"
+      else:
+        hint = (f": use a --batch_size that is a multiple of the "
+                f"{replicas} replicas, at most {fits}")
       raise data_lib.DataError(
           f"--batch_size={config.batch_size} is larger than the search "
           f"splits ({self.train.num_examples} train / "
