@@ -301,7 +301,6 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
   from tfnas.config import SearchConfig
   from tfnas.train import step_loops
   from tfnas.train.search import SearchData
-  from tfnas.train.step import cross_entropy
   config = SearchConfig.from_dict(rundir.read_config(run_dir))
   if data_dir:
     config = config.replace(data_dir=data_dir)
@@ -310,14 +309,9 @@ def evaluate_search_child(child, run_dir: str, data_dir: str | None = None,
   single_level = methods.get_method(config.method).single_level
   splits = SearchData(config, single_level=single_level)
   strategy = tf.distribute.get_strategy()
-
-  def replica(images, labels):
-    logits = child(images, training=False)
-    return step_loops.eval_metrics(
-        tf.reduce_sum(cross_entropy(logits, labels)), logits, labels)
   metrics = step_loops.evaluate(
       splits.eval_stream(strategy),
-      step_loops.compiled_eval_step(strategy, replica),
+      step_loops.model_eval_step(strategy, child),
       show_progress=show_progress,
       batches=data_lib.steps_per_epoch(splits.val.num_examples,
                                        config.batch_size,

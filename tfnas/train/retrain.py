@@ -193,7 +193,7 @@ class Retrain:
         restore_dir=config.run_dir,
         described_by="config.json or genotype.json")
     self._train_loop = self._make_train_loop()
-    self._eval_step = self._make_eval_step()
+    self._eval_step = step_loops.model_eval_step(self.strategy, self.network)
     self.writer = summaries.LazyFileWriter(
         os.path.join(self.write_dir, "tb"),
         start_step=int(self.optimizer.iterations.numpy()) + 1)
@@ -234,15 +234,6 @@ class Retrain:
 
     return step_loops.compiled_step_loop(strategy, keys,
                                          lambda batch: step(*batch))
-
-  def _make_eval_step(self):
-    net = self.network
-
-    def replica(images, labels):
-      logits = net(images, training=False)
-      return step_loops.eval_metrics(
-          tf.reduce_sum(cross_entropy(logits, labels)), logits, labels)
-    return step_loops.compiled_eval_step(self.strategy, replica)
 
   # ------------------------------------------------------------------- run
   def evaluate(self, interrupted: list | None = None) -> dict[str, float]:

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import tensorflow as tf
 
 from tfnas.train.progress import progress_bar
-from tfnas.train.step import batch_sums
+from tfnas.train.step import batch_sums, cross_entropy
 from tfnas.train.stopping import stop_requested
 
 
@@ -206,6 +206,16 @@ def compiled_eval_step(strategy: tf.distribute.Strategy,
                        ) -> EvalStep:
   """:func:`summed_eval_step` compiled as an :class:`EvalStep`."""
   return EvalStep(summed_eval_step(strategy, replica_fn))
+
+
+def model_eval_step(strategy: tf.distribute.Strategy, model) -> EvalStep:
+  """The compiled evaluation step of a Keras ``model`` called in inference
+  mode (moving BN statistics): summed cross-entropy and correct answers."""
+  def replica(images, labels):
+    logits = model(images, training=False)
+    return eval_metrics(tf.reduce_sum(cross_entropy(logits, labels)), logits,
+                        labels)
+  return compiled_eval_step(strategy, replica)
 
 
 def evaluate(dataset, step, prefix: str = "val/", show_progress: bool = False,
