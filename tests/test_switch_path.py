@@ -21,25 +21,27 @@ def _context(**kwargs):
   return ctx
 
 
-def _state(ctx):
-  """Every variable a step may change, as numpy: weights, BN statistics,
-  momentum buffers, α and its Adam slots."""
+def _state_variables(ctx):
+  """``(is α or one of its Adam slots, variable)`` of every variable a step
+  may change: the network's (weights, BN statistics) first, then α,
+  momentum buffers, α's Adam slots and the step counters."""
   opt = ctx.weight_optimizer
   a_opt = ctx.arch_optimizer
-  values = (ctx.network.variables + ctx.arch_variables +
-            opt.slots["momentum"] + a_opt.slots["m"] + a_opt.slots["v"] +
-            [opt.iterations, a_opt.iterations])
-  return [np.asarray(v.numpy()) for v in values]
+  groups = [(False, ctx.network.variables), (True, ctx.arch_variables),
+            (False, opt.slots["momentum"]), (True, a_opt.slots["m"]),
+            (True, a_opt.slots["v"]),
+            (False, [opt.iterations, a_opt.iterations])]
+  return [(arch, v) for arch, variables in groups for v in variables]
+
+
+def _state(ctx):
+  """`_state_variables` as numpy."""
+  return [np.asarray(v.numpy()) for _, v in _state_variables(ctx)]
 
 
 def _arch_state(ctx) -> set[int]:
   """Positions in `_state` of α and its Adam slots."""
-  network = len(ctx.network.variables)
-  arch = len(ctx.arch_variables)
-  momentum = len(ctx.weight_optimizer.slots["momentum"])
-  slots = range(network + arch + momentum,
-                network + arch + momentum + 2 * arch)
-  return set(range(network, network + arch)) | set(slots)
+  return {i for i, (arch, _) in enumerate(_state_variables(ctx)) if arch}
 
 
 def _tensors(indices):
