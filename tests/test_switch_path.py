@@ -1,5 +1,7 @@
 """Switched single-path DSNAS steps: one traced graph for every child."""
 
+import itertools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -64,9 +66,11 @@ class SwitchedStepTest(tf.test.TestCase):
         {"normal": np.array([0, 1, 0, 2, 3]), "reduce": np.array([2, 3, 1, 3, 3])},
     ]
     results = []
-    for switched in (False, True):
+    # The switched step backpropagates from the tensors its edges kept, or
+    # recomputes them (--recompute); both equal the eager steps.
+    for switched, recompute in ((False, False), (True, False), (True, True)):
       keras.utils.set_random_seed(1)
-      ctx = _context()
+      ctx = _context(space=helpers.tiny_space(recompute=recompute))
       est = DsnasEstimator(RewardNormalizer(
           {g.name: g.num_decisions for g in ctx.arch.groups}))
       start = _state(ctx)
@@ -81,20 +85,22 @@ class SwitchedStepTest(tf.test.TestCase):
       if switched:  # One trace served every child.
         self.assertEqual(step.experimental_get_tracing_count(), 1)
       results.append(_state(ctx))
-    eager, switched = results
+    eager = results[0]
     arch = _arch_state(ctx)
-    changed = 0
-    for i, (a, b, s) in enumerate(zip(eager, switched, start)):
-      # α's gradient is C_e = dL/dgate (a sum over an edge's output with
-      # cancellations) divided by the reward normaliser's std of a few
-      # samples: rounding of 1e-7 shows as ~1e-4 there (1.4e-4 seen).
-      self.assertAllClose(a, b, atol=2e-5, rtol=1e-3 if i in arch else 1e-4)
-      changed += not np.array_equal(a, s)
-      if np.array_equal(a, s):  # Untouched by the eager steps: bit-exact.
-        self.assertAllEqual(b, s)
-    unchanged = len(start) - changed
-    self.assertGreater(changed, 10)
-    self.assertGreater(unchanged, 10)  # Unchosen ops' weights and slots.
+    for switched in results[1:]:
+      changed = 0
+      for i, (a, b, s) in enumerate(zip(eager, switched, start)):
+        # α's gradient is C_e = dL/dgate (a sum over an edge's output with
+        # cancellations) divided by the reward normaliser's std of a few
+        # samples: rounding of 1e-7 shows as ~1e-4 there (1.4e-4 seen).
+        self.assertAllClose(a, b, atol=2e-5,
+                            rtol=1e-3 if i in arch else 1e-4)
+        changed += not np.array_equal(a, s)
+        if np.array_equal(a, s):  # Untouched by the eager steps: bit-exact.
+          self.assertAllEqual(b, s)
+      unchanged = len(start) - changed
+      self.assertGreater(changed, 10)
+      self.assertGreater(unchanged, 10)  # Unchosen ops' weights and slots.
 
   def test_block_space_switched_steps_equal_eager_child_steps(self):
     # The ShuffleNet space: one switched graph for every child, the eager
@@ -208,8 +214,10 @@ class SwitchedStepTest(tf.test.TestCase):
     # A random projection: sum(y * y) is nearly constant after a BN.
     r = tf.random.normal([4, 8, 8, op.channels], seed=4)
     # Gate 1 (DSNAS) skips multiplying by it; another value may not.
-    for k, gate in [(k, 1.0) for k in range(len(op.edge_ops))] + [
-        (sep, 0.7), (op.edge_ops.index("none"), 0.7)]:
+    # Both backward forms: from the kept tensors, and recomputed.
+    cases = [(k, 1.0) for k in range(len(op.edge_ops))] + [
+        (sep, 0.7), (op.edge_ops.index("none"), 0.7)]
+    for (k, gate), recompute in itertools.product(cases, (False, True)):
       index = op.candidates.index(op.edge_ops[k])
       before = [v.numpy() for v in op.non_trainable_variables]
       weights = gate * tf.one_hot(index, len(op.candidates))
@@ -218,7 +226,7 @@ class SwitchedStepTest(tf.test.TestCase):
       def run(x, i, weights):
         with tf.GradientTape() as tape:
           tape.watch([x, weights])
-          y = op(x, weights, index=i, training=True)
+          y = op(x, weights, index=i, training=True, recompute=recompute)
           loss = tf.reduce_sum(y * r)
         return y, tape.gradient(loss, [x, weights] + op.trainable_variables)
       y, grads = run(x, tf.constant(index), weights)

@@ -10,10 +10,10 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
     ops as shared traced functions — the library's DSNAS path. Every timed
     step draws a NEW child (step seeds differ), as in a search.
   dsnas_switch_darts: the same DSNAS step with ``--single_path_step=switch``:
-    ONE tf.function serves every child (each edge picks its op at run time
-    and recomputes it in backprop, `tfnas.layers.switch_path`); a new child
-    every step, passed as tensors (``trace s`` / ``first s`` are paid once
-    per search).
+    ONE tf.function serves every child (each edge picks its op at run time,
+    `tfnas.layers.switch_path`, and backpropagates from the tensors it kept,
+    or with ``--recompute`` runs the op again); a new child every step,
+    passed as tensors (``trace s`` / ``first s`` are paid once per search).
   child_traced_darts: the rejected alternative, one tf.function per child:
     ``trace s`` + ``first s`` is what every new child would cost; ``s/step``
     repeats the same child.
@@ -101,9 +101,10 @@ def _parse_args(argv=None):
                  help="warm-up steps of the eager rows (new children)")
   p.add_argument("--recompute", action="store_true",
                  help="single-path DARTS rows (dsnas_darts, "
-                      "child_traced_darts, child_per_op_darts): recompute "
-                      "each chosen edge's activations in backprop (the "
-                      "snas_darts row is unchanged)")
+                      "dsnas_switch_darts, child_traced_darts, "
+                      "child_per_op_darts): recompute each chosen edge's "
+                      "activations in backprop (the snas_darts row is "
+                      "unchanged)")
   p.add_argument("--split", action="store_true",
                  help="also time forward, backward and optimizer apart "
                       "(snas_darts, dsnas_darts, child_per_op_darts)")

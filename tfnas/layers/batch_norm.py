@@ -137,15 +137,38 @@ class BatchNorm(keras.layers.Layer):
             not self._across_replicas() and _fused_kernel_allowed())
 
   def _fused_training(self, x):
-    """Training-mode normalisation by the fused kernel, which also returns
-    the batch mean and the unbiased batch variance (PyTorch's update)."""
+    return self.fused_training_with_reserve(x)[0]
+
+  def fused_training_with_reserve(self, x):
+    """Training-mode normalisation by the fused kernel (float32 NHWC), which
+    also returns the batch mean and the unbiased batch variance (PyTorch's
+    update, assigned here): ``(outputs, reserve)``, ``reserve`` being the
+    kernel's three reserve spaces, what `fused_training_gradient` needs."""
     channels = x.shape[-1]
-    scale = self.gamma if self.affine else tf.ones([channels], x.dtype)
-    offset = self.beta if self.affine else tf.zeros([channels], x.dtype)
-    outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
-        x, scale, offset, epsilon=self.epsilon, is_training=True)
+    if self.affine:
+      scale, offset = (tf.convert_to_tensor(self.gamma),
+                       tf.convert_to_tensor(self.beta))
+    else:
+      scale = tf.ones([channels], x.dtype)
+      offset = tf.zeros([channels], x.dtype)
+    empty = tf.constant([], x.dtype)
+    outputs, mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+        epsilon=self.epsilon, exponential_avg_factor=1.0,
+        data_format="NHWC", is_training=True)
     self._assign_moving_stats(mean, unbiased)
-    return outputs
+    return outputs, reserve
+
+  def fused_training_gradient(self, x, scale, reserve, dy):
+    """``(dx, d_scale, d_offset)`` of `fused_training_with_reserve` at input
+    ``x`` with scale value ``scale`` (ones when not affine), from its
+    ``reserve``: the kernel TF's registered gradient calls, without
+    running the forward kernel again."""
+    dx, d_scale, d_offset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy, x=x, scale=scale, reserve_space_1=reserve[0],
+        reserve_space_2=reserve[1], reserve_space_3=reserve[2],
+        epsilon=self.epsilon, data_format="NHWC", is_training=True)
+    return dx, d_scale, d_offset
 
   def _batch_statistics(self, x, axes):
     """Mean, biased variance and element count per channel (two-pass)."""

@@ -154,8 +154,10 @@ class Cell(keras.layers.Layer):
     return shared_function.call_layer(layer, x, training)
 
   def _run_edge(self, mixed_op, x, w, index, training):
-    if (not self.recompute_edges or not training or w is None or
-        isinstance(index, tf.Tensor)):  # A switched edge recomputes anyway.
+    if isinstance(index, tf.Tensor):  # Switched: recomputes or keeps.
+      return mixed_op(x, weights=w, index=index, training=training,
+                      recompute=self.recompute_edges)
+    if not self.recompute_edges or not training or w is None:
       return mixed_op(x, weights=w, index=index, training=training)
     if (index is not None and self.shared_functions and
         shared_function.eager_outside_scopes()):

@@ -43,7 +43,8 @@ class MixedOp(keras.layers.Layer):
       (DSNAS's "dummy 1": value 1, gradient ∂L/∂gate).
     * switched single path (``index`` an int tensor, in a traced step): one
       graph serves every choice; only the chosen op executes
-      (`switch_path.call_switch`), recomputed in backprop.
+      (`switch_path.call_switch`); backprop reads the tensors its forward
+      pass kept, or recomputes it (``recompute``).
 
   Pooling ops are followed by a non-affine BN, as in the DARTS search code.
 
@@ -93,10 +94,11 @@ class MixedOp(keras.layers.Layer):
 
   def call(self, inputs, weights=None, index=None, training=None,
            recompute=False):
-    """See the class docstring; ``recompute`` is `call_shared`'s (eager
-    shared calls only)."""
+    """See the class docstring; ``recompute``: recompute the op in
+    backprop (eager shared calls: `call_shared`'s; switched calls:
+    `call_switch`'s, which otherwise backpropagate from kept tensors)."""
     if isinstance(index, tf.Tensor):
-      return self._switched(inputs, weights, index, training)
+      return self._switched(inputs, weights, index, training, recompute)
     if index is not None:
       index = int(index)
       name = self.candidates[index]
@@ -115,7 +117,7 @@ class MixedOp(keras.layers.Layer):
     """This edge's ops in ``edge_ops`` order (`switch_path`)."""
     return [self.ops[name] for name in self.edge_ops]
 
-  def _switched(self, inputs, weights, index, training):
+  def _switched(self, inputs, weights, index, training, recompute):
     """The op ``index`` (a tensor into ``candidates``) run by
     `switch_path.call_switch`; ``weights[index]`` gates it."""
     # As in mixed mode, `none` (no weights) may still be unbuilt.
@@ -130,7 +132,8 @@ class MixedOp(keras.layers.Layer):
       tf.debugging.assert_non_negative(
           position, message=f"{self.name}: sampled an op it does not offer")
     gate = None if weights is None else tf.gather(weights, index)
-    return switch_path.call_switch(self, inputs, position, training, gate)
+    return switch_path.call_switch(self, inputs, position, training, gate,
+                                   recompute=recompute)
 
   def _can_share(self, index, training) -> bool:
     """Whether this call may go through a shared function."""

@@ -9,23 +9,34 @@ functions shared by every edge of the same structure (a DARTS-space
 `MixedOp`; a ShuffleNet `ChoiceBlock`, whose candidates are its ops, works
 the same way):
 
-* forward ``(x, index, values, gate) -> (y * gate, new statistics)``:
+* forward ``(x, index, values, gate) -> (y * gate, new statistics, kept)``:
   ``tf.switch_case`` over the edge's ops; only the chosen branch executes;
-* backward ``(x, index, dy, values, gate) -> (d gate, dx, d values)``: the
-  same switch, whose chosen branch recomputes the op's forward pass ``y`` and
-  backpropagates through it (zeros for the other ops' weights); the gate's
-  gradient ``sum(dy * y)`` comes from the recomputed ``y``, so the step keeps
-  no edge output for it.
+* backward ``(x, index, dy, values, gate, kept) -> (d gate, dx, d values)``:
+  the same switch; the chosen branch backpropagates through its op (zeros
+  for the other ops' weights).
+
+The backward branch either reads the tensors its forward branch kept
+(``kept``: each conv's and batch norm's input, `saved_backward`), which
+costs no forward work again, or, with ``recompute`` (``--recompute``) and for
+ops `saved_backward` does not handle, recomputes the op's forward pass and
+keeps nothing. Either way the gate's gradient ``sum(dy * y)`` needs no copy
+of the edge's output: it comes from the recomputed ``y``, or from the last
+batch norm's scale and shift gradients (`saved_backward`). In the DARTS
+CIFAR configuration kept tensors make the step ~15% faster for ~0.7 GiB more
+peak memory (WORKSPACE_NOTES.md, "Kept tensors instead of recomputation").
 
 Both are kept as real function calls (``_noinline``): inlined into the step,
 every branch of every edge would join one huge graph (a probe of the DARTS
 CIFAR configuration: 4 GiB and 26 s to instantiate, against 1.6 GiB and 8 s
 as calls), while as calls each is instantiated once per structure and the
 step runs close to a graph traced for one fixed child (WORKSPACE_NOTES.md,
-"One graph for every child"). The forward
-call keeps no activations (the backward one recomputes them), so memory is
-that of the edge inputs, as with ``--recompute`` (WORKSPACE_NOTES.md,
-"Single-path weight updates and gates").
+"One graph for every child"). With ``recompute`` the forward call keeps no
+activations (the backward one recomputes them), so memory is that of the
+edge inputs (WORKSPACE_NOTES.md, "Single-path weight updates and gates").
+
+Kept tensors are used with one replica in training mode only: under a
+tf.distribute strategy (statistics returned, see below), in inference or
+with float64 / synchronized batch norms the chosen op is recomputed.
 
 BatchNorm statistics: with one replica they go in as variables and the
 chosen branch assigns its op's. Under a tf.distribute strategy (a mirrored
@@ -44,6 +55,7 @@ import tensorflow as tf
 # this same internal.
 from tensorflow.python.eager import record
 
+from tfnas.layers import saved_backward
 from tfnas.layers.shared_function import (current_value, structure_key,
                                           tf_variable)
 
@@ -57,8 +69,12 @@ def _branch_layers(layer) -> list[keras.layers.Layer]:
   return list(layer.switch_branches())
 
 
-def _make_functions(template, training: bool, assign_inside: bool):
+def _make_functions(template, training: bool, assign_inside: bool,
+                    keep: bool):
   template_ref = weakref.ref(template)  # The cache must not keep nets alive.
+  # Per choice, the static shapes of the tensors its forward branch keeps
+  # (recorded when forward is traced, read when backward is).
+  kept_shapes: dict[int, list[tf.TensorShape]] = {}
 
   def parts():
     layer = template_ref()
@@ -66,33 +82,48 @@ def _make_functions(template, training: bool, assign_inside: bool):
     stats = [i for i, v in enumerate(variables) if not v.trainable]
     return layer, variables, stats
 
+  def keeps(op, x) -> bool:
+    return keep and saved_backward.supported(op, x)
+
   def forward(x, index, values, gate):
     layer, variables, stats = parts()
+    branches = _branch_layers(layer)
+    slots = max([saved_backward.num_kept(op) for op in branches
+                 if keeps(op, x)] + [0])
 
-    def branch(op):
+    def branch(k, op):
       def run():
         with keras.StatelessScope(list(zip(variables, values))) as scope:
-          y = op(x, training=training)
+          if keeps(op, x):
+            y, kept = saved_backward.forward(op, x)
+          else:
+            y, kept = op(x, training=training), []
           new = [scope.get_current_value(variables[i]) for i in stats]
+        kept_shapes[k] = [t.shape for t in kept]
+        # Every branch returns as many tensors; the unused are empty.
+        kept = kept + [tf.zeros([0])] * (slots - len(kept))
         if not assign_inside:
-          return [y] + [tf.convert_to_tensor(v) for v in new]
+          return [y] + [tf.convert_to_tensor(v) for v in new] + kept
         # Statistics came in as variables: the chosen op assigns its own.
         for i, value in zip(stats, new):
           if value is not values[i]:
             values[i].assign(value)
-        return [y]
+        return [y] + kept
       return run
-    out = tf.switch_case(index, [branch(op) for op in _branch_layers(layer)])
-    return _gated(out[0], gate), out[1:]
+    out = tf.switch_case(index, [branch(k, op)
+                                 for k, op in enumerate(branches)])
+    num_stats = 0 if assign_inside else len(stats)
+    return (_gated(out[0], gate), out[1:1 + num_stats],
+            out[1 + num_stats:])
 
-  def backward(x, index, dy, values, gate):
+  def backward(x, index, dy, values, gate, kept):
     layer, variables, _ = parts()
     trainable = [i for i, v in enumerate(variables) if v.trainable]
 
     dy_gated = _gated(dy, gate)
 
-    def branch(op):
-      def run():
+    def branch(k, op):
+      def recomputed():
         watched = [values[i] for i in trainable]
         if getattr(op, "output_is_zero", False):
           # `none`: nothing to recompute; every gradient is zero.
@@ -107,13 +138,40 @@ def _make_functions(template, training: bool, assign_inside: bool):
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
         d_gate = tf.cast(tf.reduce_sum(dy * y), gate.dtype)
         return [d_gate] + grads
-      return run
-    return tf.switch_case(index, [branch(op) for op in _branch_layers(layer)])
+
+      def from_kept():
+        shapes = kept_shapes[k]
+        parts_k = [_with_shape(t, s) for t, s in zip(kept, shapes)]
+        with keras.StatelessScope(list(zip(variables, values))) as scope:
+          dx, grads, dot = saved_backward.backward(
+              op, x, parts_k, dy_gated, scope.get_current_value)
+
+          def recomputed_dot():  # sum(dy * y) for a gate other than 1.
+            return tf.reduce_sum(dy * op(x, training=training))
+          # `dot` is sum(dy_gated * y) = gate * sum(dy * y).
+          d_gate = tf.cond(tf.equal(gate, 1), lambda: tf.identity(dot),
+                           recomputed_dot)
+        return ([tf.cast(d_gate, gate.dtype), dx] +
+                [grads[id(variables[i])] if id(variables[i]) in grads
+                 else tf.zeros_like(values[i]) for i in trainable])
+      return from_kept if keeps(op, x) else recomputed
+    return tf.switch_case(index, [branch(k, op) for k, op in
+                                  enumerate(_branch_layers(layer))])
 
   return (tf.function(forward, autograph=False,
                       experimental_attributes=_NO_INLINE),
           tf.function(backward, autograph=False,
                       experimental_attributes=_NO_INLINE))
+
+
+def _with_shape(t: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
+  """``t`` with the static shape its branch gave it (a switch's outputs
+  have only the shape its branches agree on)."""
+  if shape.is_fully_defined():
+    return tf.reshape(t, shape)  # Free at run time.
+  if shape.rank is not None:
+    return tf.ensure_shape(t, shape)
+  return t
 
 
 def _gated(t: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
@@ -124,7 +182,8 @@ def _gated(t: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
 
 
 def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
-                training: bool, gate: tf.Tensor | None = None) -> tf.Tensor:
+                training: bool, gate: tf.Tensor | None = None,
+                recompute: bool = False) -> tf.Tensor:
   """Runs choice ``index`` of ``layer`` times ``gate`` (see the module
   docstring).
 
@@ -139,6 +198,8 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
       "dummy 1"). Applied inside the functions, whose backward recomputes
       the op's output for the gate's gradient ``sum(dy * y)``: the step keeps
       no copy of the edge's output.
+    recompute: recompute the chosen op in the backward call even where
+      `saved_backward` could backpropagate from the tensors it keeps.
 
   Returns:
     The chosen op's output (times ``gate``). Its gradient reaches ``x``,
@@ -152,15 +213,17 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   # One replica: the statistics go in as variables and only the chosen op
   # assigns them. Several: a mirrored assign must be made by the caller.
   assign_inside = not tf.distribute.has_strategy()
-  key = (structure_key(layer), training, assign_inside, tuple(x.shape),
-         x.dtype)
+  # Kept tensors: one replica, training mode (see the module docstring).
+  keep = assign_inside and training and not recompute
+  key = (structure_key(layer), training, assign_inside, keep,
+         tuple(x.shape), x.dtype)
   with _LOCK:
     cached = _FUNCTIONS.get(key)
     template = cached[0]() if cached is not None else None
     if template is None:
       template = layer
       cached = (weakref.ref(layer),
-                *_make_functions(layer, training, assign_inside))
+                *_make_functions(layer, training, assign_inside, keep))
       _FUNCTIONS[key] = cached
   _, forward, backward = cached
   trainable = [i for i, v in enumerate(variables) if v.trainable]
@@ -182,7 +245,7 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
     for i, w in zip(trainable, weights):
       current[i] = w
     with record.stop_recording():
-      y, new_stats = forward(x_in, index, current, gate_in)
+      y, new_stats, kept = forward(x_in, index, current, gate_in)
 
     def grad(dy, *d_stats, variables=None):
       del d_stats  # Statistics are stop-gradient'ed in BatchNorm.
@@ -190,7 +253,7 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
       if variables:
         raise ValueError("a switched call read variables it was not given: "
                          f"{[v.name for v in variables]}")
-      d_gate, *grads = backward(x_in, index, dy, current, gate_in)
+      d_gate, *grads = backward(x_in, index, dy, current, gate_in, kept)
       return [grads[0], d_gate if gated else None, *grads[1:]]
     return (y, *new_stats), grad
 
