@@ -34,9 +34,9 @@ step runs close to a graph traced for one fixed child (WORKSPACE_NOTES.md,
 activations (the backward one recomputes them), so memory is that of the
 edge inputs (WORKSPACE_NOTES.md, "Single-path weight updates and gates").
 
-Kept tensors are used with one replica in training mode only: under a
-tf.distribute strategy (statistics returned, see below), in inference or
-with float64 / synchronized batch norms the chosen op is recomputed.
+Kept tensors are used in training mode only, and only where every batch
+norm of the op takes the fused kernel: in inference, in float64 and with
+batch norms synchronized across replicas the chosen op is recomputed.
 
 BatchNorm statistics: with one replica they go in as variables and the
 chosen branch assigns its op's. Under a tf.distribute strategy (a mirrored
@@ -70,7 +70,7 @@ def _branch_layers(layer) -> list[keras.layers.Layer]:
 
 
 def _make_functions(template, training: bool, assign_inside: bool,
-                    keep: bool):
+                    use_kept: bool):
   template_ref = weakref.ref(template)  # The cache must not keep nets alive.
   # Per choice, the static shapes of the tensors its forward branch keeps
   # (recorded when forward is traced, read when backward is).
@@ -83,7 +83,7 @@ def _make_functions(template, training: bool, assign_inside: bool,
     return layer, variables, stats
 
   def keeps(op, x) -> bool:
-    return keep and saved_backward.supported(op, x)
+    return use_kept and saved_backward.supported(op, x)
 
   def forward(x, index, values, gate):
     layer, variables, stats = parts()
@@ -213,9 +213,9 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   # One replica: the statistics go in as variables and only the chosen op
   # assigns them. Several: a mirrored assign must be made by the caller.
   assign_inside = not tf.distribute.has_strategy()
-  # Kept tensors: one replica, training mode (see the module docstring).
-  keep = assign_inside and training and not recompute
-  key = (structure_key(layer), training, assign_inside, keep,
+  # Kept tensors in training mode (see the module docstring).
+  use_kept = training and not recompute
+  key = (structure_key(layer), training, assign_inside, use_kept,
          tuple(x.shape), x.dtype)
   with _LOCK:
     cached = _FUNCTIONS.get(key)
@@ -223,7 +223,7 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
     if template is None:
       template = layer
       cached = (weakref.ref(layer),
-                *_make_functions(layer, training, assign_inside, keep))
+                *_make_functions(layer, training, assign_inside, use_kept))
       _FUNCTIONS[key] = cached
   _, forward, backward = cached
   trainable = [i for i, v in enumerate(variables) if v.trainable]
