@@ -102,6 +102,7 @@ class SavedBackwardTest(tf.test.TestCase, parameterized.TestCase):
       ("dil_conv_s2", lambda: ops.DilConv(4, 4, 3, 2, 2, False)),
       ("factorized_reduce", lambda: ops.FactorizedReduce(4, 4, False)),
       ("max_pool_edge", lambda: _pool_edge("max", 2)),
+      ("avg_pool_edge", lambda: _pool_edge("avg", 1)),
       ("relu_conv_bn", lambda: ops.ReLUConvBN(4, 4, 3, 1, True)))
   def test_backward_runs_no_forward_kernel(self, make):
     """No conv, batch norm or pool forward op feeds the gradients: the kept

@@ -1,6 +1,7 @@
 """Switched single-path DSNAS steps: one traced graph for every child."""
 
 import itertools
+from unittest import mock
 
 import keras
 import numpy as np
@@ -11,7 +12,7 @@ from tfnas.arch import OneHotDistribution
 from tfnas.distribute import mirrored_strategy
 from tfnas.early_stop import ProgressiveEarlyStop
 from tfnas.estimators.dsnas import DsnasEstimator, RewardNormalizer
-from tfnas.layers import switch_path
+from tfnas.layers import saved_backward, switch_path
 from tfnas.layers.choice_block import ChoiceBlock
 from tfnas.layers.mixed_op import MixedOp
 from tfnas.train import step_loops
@@ -214,10 +215,15 @@ class SwitchedStepTest(tf.test.TestCase):
     # A random projection: sum(y * y) is nearly constant after a BN.
     r = tf.random.normal([4, 8, 8, op.channels], seed=4)
     # Gate 1 (DSNAS) skips multiplying by it; another value may not.
-    # Both backward forms: from the kept tensors, and recomputed.
+    # Both backward forms: from the kept tensors, and recomputed. A spy on
+    # `saved_backward.backward` tells which one each traced pair uses.
+    switch_path.clear()
+    spy = self.enter_context(mock.patch.object(
+        saved_backward, "backward", wraps=saved_backward.backward))
     cases = [(k, 1.0) for k in range(len(op.edge_ops))] + [
         (sep, 0.7), (op.edge_ops.index("none"), 0.7)]
     for (k, gate), recompute in itertools.product(cases, (False, True)):
+      calls = spy.call_count
       index = op.candidates.index(op.edge_ops[k])
       before = [v.numpy() for v in op.non_trainable_variables]
       weights = gate * tf.one_hot(index, len(op.candidates))
@@ -230,6 +236,8 @@ class SwitchedStepTest(tf.test.TestCase):
           loss = tf.reduce_sum(y * r)
         return y, tape.gradient(loss, [x, weights] + op.trainable_variables)
       y, grads = run(x, tf.constant(index), weights)
+      if recompute:
+        self.assertEqual(spy.call_count, calls)
       d_weights = tf.convert_to_tensor(grads.pop(1))  # From a gather.
       inline = op.ops[op.edge_ops[k]]
       for v, b in zip(op.non_trainable_variables, before):
@@ -255,6 +263,11 @@ class SwitchedStepTest(tf.test.TestCase):
         self.assertAllClose(got[id(v)], g, atol=1e-4)
       if k == sep:
         self.assertGreater(float(tf.reduce_max(tf.abs(grads[-1]))), 0.0)
+    # The kept form backpropagated every op that has weights or a batch
+    # norm from kept tensors (its `none` branch has nothing to keep).
+    kept_ops = {id(c.args[0]) for c in spy.call_args_list}
+    for name in op.edge_ops:
+      self.assertEqual(id(op.ops[name]) in kept_ops, name != "none", name)
     # Without weights there is no gate: the op's output and gradients.
     index = op.candidates.index("sep_conv_3x3")
 

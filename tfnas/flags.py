@@ -170,7 +170,7 @@ def define_search_flags():
                        "of storing them (less memory, more time). DARTS "
                        "space; in single-path (DSNAS) steps, switched or "
                        "eager, each chosen edge is recomputed by its "
-                       "backward function.")
+                       "backward function (--recompute_unit=edge).")
   flags.DEFINE_enum("recompute_unit", _DEFAULTS.recompute_unit,
                     ["edge", "cell"],
                     "With --recompute: recompute per mixed edge (least "

@@ -8,7 +8,9 @@ runs an op and returns, next to its output, the tensors its backward pass
 needs (each conv's input, each batch norm's input and its kernel's reserve
 spaces, an inner ReLU's output); ``backward`` turns them and the output's
 gradient into the op's input and weight gradients without running the
-op's convs, batch norms or pools again. (The op's first ReLU, of its input,
+op's convs, batch norms or max pools again (an average pool standing alone
+runs again for the gate term below; on a pooling edge it is followed by a
+batch norm and does not). (The op's first ReLU, of its input,
 which the caller keeps anyway, is run again: one cheap elementwise op
 instead of one more kept activation.)
 

@@ -72,9 +72,10 @@ def _branch_layers(layer) -> list[keras.layers.Layer]:
 def _make_functions(template, training: bool, assign_inside: bool,
                     use_kept: bool):
   template_ref = weakref.ref(template)  # The cache must not keep nets alive.
-  # Per choice, the static shapes of the tensors its forward branch keeps
-  # (recorded when forward is traced, read when backward is).
-  kept_shapes: dict[int, list[tf.TensorShape]] = {}
+  # Per choice, the static shapes of the tensors its forward branch keeps,
+  # None where it keeps none and backward recomputes (recorded when forward
+  # is traced and read, not decided again, when backward is).
+  kept_shapes: dict[int, list[tf.TensorShape] | None] = {}
 
   def parts():
     layer = template_ref()
@@ -96,10 +97,11 @@ def _make_functions(template, training: bool, assign_inside: bool,
         with keras.StatelessScope(list(zip(variables, values))) as scope:
           if keeps(op, x):
             y, kept = saved_backward.forward(op, x)
+            kept_shapes[k] = [t.shape for t in kept]
           else:
             y, kept = op(x, training=training), []
+            kept_shapes[k] = None
           new = [scope.get_current_value(variables[i]) for i in stats]
-        kept_shapes[k] = [t.shape for t in kept]
         # Every branch returns as many tensors; the unused are empty.
         kept = kept + [tf.zeros([0])] * (slots - len(kept))
         if not assign_inside:
@@ -154,7 +156,7 @@ def _make_functions(template, training: bool, assign_inside: bool,
         return ([tf.cast(d_gate, gate.dtype), dx] +
                 [grads[id(variables[i])] if id(variables[i]) in grads
                  else tf.zeros_like(values[i]) for i in trainable])
-      return from_kept if keeps(op, x) else recomputed
+      return recomputed if kept_shapes[k] is None else from_kept
     return tf.switch_case(index, [branch(k, op) for k, op in
                                   enumerate(_branch_layers(layer))])
 
@@ -195,9 +197,9 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
     index: int32 scalar tensor, the choice to run.
     training: Python bool.
     gate: optional float scalar tensor multiplying the output (the DSNAS
-      "dummy 1"). Applied inside the functions, whose backward recomputes
-      the op's output for the gate's gradient ``sum(dy * y)``: the step keeps
-      no copy of the edge's output.
+      "dummy 1"). Applied inside the functions, whose backward gets the
+      gate's gradient ``sum(dy * y)`` from the kept tensors or the
+      recomputed output: the step keeps no copy of the edge's output.
     recompute: recompute the chosen op in the backward call even where
       `saved_backward` could backpropagate from the tensors it keeps.
 
@@ -261,6 +263,12 @@ def call_switch(layer: keras.layers.Layer, x: tf.Tensor, index: tf.Tensor,
   for i, value in zip(stats, new_stats):
     variables[i].assign(value)
   return y
+
+
+def clear() -> None:
+  """Forgets every switched function pair (later calls trace anew)."""
+  with _LOCK:
+    _FUNCTIONS.clear()
 
 
 def branch_variables(layer: keras.layers.Layer) -> list[list]:
