@@ -484,6 +484,10 @@ class Noise(keras.layers.Layer):
   def build(self, input_shape):
     self.built = True
 
+  # Drawn anew on every call: a backward pass may not recompute it
+  # (`switch_path` keeps it instead).
+  random_output = True
+
   def call(self, inputs, training=None):
     shape = tf.shape(_subsample(inputs, self.stride))
     return tf.random.normal(shape, self.mean, self.stddev, dtype=inputs.dtype)

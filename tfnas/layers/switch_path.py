@@ -19,7 +19,8 @@ The backward branch either reads the tensors its forward branch kept
 (``kept``: each conv's and batch norm's input, `saved_backward`), which
 costs no forward work again, or, with ``recompute`` (``--recompute``) and for
 ops `saved_backward` does not handle, recomputes the op's forward pass and
-keeps nothing. Either way the gate's gradient ``sum(dy * y)`` needs no copy
+keeps nothing. An op with a random output (``random_output``: `noise`) keeps
+it in both forms: run again, it would draw another sample. Either way the gate's gradient ``sum(dy * y)`` needs no copy
 of the edge's output: it comes from the recomputed ``y``, or from the last
 batch norm's scale and shift gradients (`saved_backward`). In the DARTS
 CIFAR configuration kept tensors make the step ~15% faster for ~0.7 GiB more
@@ -84,7 +85,10 @@ def _make_functions(template, training: bool, assign_inside: bool,
     return layer, variables, stats
 
   def keeps(op, x) -> bool:
-    return use_kept and saved_backward.supported(op, x)
+    # An op with a random output (`noise`) keeps it even when recomputing
+    # is asked for: run again it would draw another sample for the gate.
+    wanted = use_kept or (training and getattr(op, "random_output", False))
+    return wanted and saved_backward.supported(op, x)
 
   def forward(x, index, values, gate):
     layer, variables, stats = parts()
