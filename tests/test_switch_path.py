@@ -289,14 +289,16 @@ class SwitchedStepTest(tf.test.TestCase):
   def test_noise_edge_gate_gradient_reads_the_forward_sample(self):
     # `noise` draws anew on every call: even with --recompute its backward
     # must not run it again, or the gate's gradient sum(dy * y) would read
-    # another sample than the one the loss saw. (TestCase sets a global
-    # seed, which would give the forward and backward noise kernels the
-    # same seeds, and so the same samples, by chance.)
-    tf.random.set_seed(None)
+    # another sample than the one the loss saw. (A seeded run may give the
+    # forward and a recomputing backward kernel equal seeds, hence equal
+    # samples, so the spy checks that the kept output is what is used.)
     op = MixedOp(4, 1, ("none", "noise", "sep_conv_3x3"))
     x = tf.random.normal([2, 8, 8, 4], seed=1)
     op(x, weights=tf.fill([3], 1 / 3), training=True)  # Builds every op.
     r = tf.random.normal([2, 8, 8, 4], seed=2)
+    switch_path.clear()
+    spy = self.enter_context(mock.patch.object(
+        saved_backward, "backward", wraps=saved_backward.backward))
     for recompute in (False, True):
       @tf.function
       def run(x, weights):
@@ -306,11 +308,16 @@ class SwitchedStepTest(tf.test.TestCase):
                  recompute=recompute)
           loss = tf.reduce_sum(y * r)
         return y, tape.gradient(loss, weights)
+      spy.reset_mock()
       y, d_weights = run(x, tf.one_hot(1, 3))
       self.assertGreater(float(tf.math.reduce_std(y)), 0.5)  # Noise.
       d_weights = tf.reshape(tf.convert_to_tensor(d_weights), [-1])
       self.assertAllClose(d_weights, [0.0, float(tf.reduce_sum(y * r)), 0.0],
                           rtol=1e-5, atol=1e-4)
+      from_kept = {id(c.args[0]) for c in spy.call_args_list}
+      self.assertIn(id(op.ops["noise"]), from_kept)
+      self.assertEqual(id(op.ops["sep_conv_3x3"]) in from_kept,
+                       not recompute)
 
   def test_mirrored_switched_step_equals_eager_child_step(self):
     # Two replicas (per-replica BN, so both sides run mirrored): the
