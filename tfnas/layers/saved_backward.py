@@ -205,22 +205,35 @@ def _pool_backward(layer: ops.Pool, x, kept, dy, value_of):
   return dx, {}, tf.reduce_sum(dy * layer(x, training=True))
 
 
-def _relu_conv_bn_forward(layer: ops.ReLUConvBN, x):
-  q = _relu(x)
-  c = layer.conv(_maybe_pad(q, layer.stride, layer.kernel_size))
-  y, reserve = _norm_forward(layer.bn, c)
+def _relu_front_norm_forward(front, bn: BatchNorm, x):
+  """``bn(front(relu(x)))`` keeping the norm's input and reserve spaces
+  (``relu(x)`` is cheap to run again from the input the caller holds)."""
+  c = front(_relu(x))
+  y, reserve = _norm_forward(bn, c)
   return y, [c] + reserve
 
 
-def _relu_conv_bn_backward(layer: ops.ReLUConvBN, x, kept, dy, value_of):
+def _relu_front_norm_backward(front, front_variables, bn: BatchNorm, x, kept,
+                              dy, value_of):
+  """Backward of `_relu_front_norm_forward`."""
   c, *reserve = kept
-  q = _relu(x)
-  dc, grads, dot = _norm_backward(layer.bn, c, reserve, dy, value_of)
-  dq, conv_grads = _vjp(
-      lambda t: layer.conv(_maybe_pad(t, layer.stride, layer.kernel_size)),
-      q, dc, [layer.conv.kernel], value_of)
-  grads.update(conv_grads)
+  dc, grads, dot = _norm_backward(bn, c, reserve, dy, value_of)
+  dq, g = _vjp(front, _relu(x), dc, front_variables, value_of)
+  grads.update(g)
   return _relu_grad(dq, x), grads, dot
+
+
+def _conv_front(layer: ops.ReLUConvBN):
+  return lambda q: layer.conv(_maybe_pad(q, layer.stride, layer.kernel_size))
+
+
+def _relu_conv_bn_forward(layer: ops.ReLUConvBN, x):
+  return _relu_front_norm_forward(_conv_front(layer), layer.bn, x)
+
+
+def _relu_conv_bn_backward(layer: ops.ReLUConvBN, x, kept, dy, value_of):
+  return _relu_front_norm_backward(_conv_front(layer), [layer.conv.kernel],
+                                   layer.bn, x, kept, dy, value_of)
 
 
 def _maybe_pad(x, stride, kernel_size):
@@ -306,20 +319,13 @@ def _reduce_front(layer: ops.FactorizedReduce):
 
 
 def _reduce_forward(layer: ops.FactorizedReduce, x):
-  q = _relu(x)
-  c = _reduce_front(layer)(q)
-  y, reserve = _norm_forward(layer.bn, c)
-  return y, [c] + reserve
+  return _relu_front_norm_forward(_reduce_front(layer), layer.bn, x)
 
 
 def _reduce_backward(layer: ops.FactorizedReduce, x, kept, dy, value_of):
-  c, *reserve = kept
-  q = _relu(x)
-  dc, grads, dot = _norm_backward(layer.bn, c, reserve, dy, value_of)
-  dq, g = _vjp(_reduce_front(layer), q, dc,
-               [layer.conv1.kernel, layer.conv2.kernel], value_of)
-  grads.update(g)
-  return _relu_grad(dq, x), grads, dot
+  return _relu_front_norm_backward(
+      _reduce_front(layer), [layer.conv1.kernel, layer.conv2.kernel],
+      layer.bn, x, kept, dy, value_of)
 
 
 # type -> (forward, backward, number of kept tensors or a function of the
