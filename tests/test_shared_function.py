@@ -217,6 +217,49 @@ class RecomputeTest(parameterized.TestCase, tf.test.TestCase):
     for a, b in zip(s1, s2):  # BN statistics updated once, alike.
       self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
 
+  @parameterized.parameters("eager", "traced")
+  def test_recomputed_edges_keep_the_noise_sample(self, mode):
+    # `noise` draws anew on every call: a recomputing backward must not run
+    # it again, or its weight's gradient sum(dy * y) would read another
+    # sample than the loss saw. Edge (none, noise, sep_conv_3x3) in mixed
+    # mode (recompute.recompute, noise left out of the recomputation) and
+    # with noise chosen (eager: call_shared's recompute; traced: inline).
+    from tfnas.layers.cell import Cell
+    cell = Cell(1, 4, 4, 4, False, False, ("none", "noise", "sep_conv_3x3"),
+                recompute_edges=True)
+    x = tf.random.normal([2, 8, 8, 4], seed=1)
+    cell(x, x, tf.fill([2, 3], 1 / 3), training=True)  # Builds every op.
+    edge = cell.mixed_ops[0]
+    r = tf.random.normal([2, 8, 8, 4], seed=2)
+
+    def run(w, index):
+      with tf.GradientTape() as tape:
+        tape.watch(w)
+        y = cell._run_edge(edge, x, w, index, training=True)
+        loss = tf.reduce_sum(y * r)
+      return y, tape.gradient(loss, w)
+    if mode == "traced":
+      run = tf.function(run, autograph=False)
+    noise_only = tf.constant([0.0, 1.0, 0.0])
+    for index in (None, 1):
+      y, grad = run(noise_only, index)
+      self.assertGreater(float(tf.math.reduce_std(y)), 0.5)  # Noise.
+      self.assertAllClose(grad[1], tf.reduce_sum(y * r), rtol=1e-5)
+    # Both ops weighted (eagerly): each weight's gradient is the sum of dy
+    # times that op's own forward output.
+    w = tf.constant([0.0, 0.4, 0.6])
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(w)
+      y = cell._run_edge(edge, x, w, None, training=True)
+      loss = tf.reduce_sum(y * r)
+    sep = edge.ops["sep_conv_3x3"]
+    sep_out = sep(x, training=True)
+    self.assertAllClose(tape.gradient(loss, w)[2],
+                        tf.reduce_sum(sep_out * r), rtol=1e-4)
+    noise_part = y - 0.6 * sep_out
+    self.assertAllClose(tape.gradient(loss, w)[1],
+                        tf.reduce_sum(noise_part / 0.4 * r), rtol=1e-4)
+
 
 if __name__ == "__main__":
   tf.test.main()

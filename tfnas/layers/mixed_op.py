@@ -14,15 +14,16 @@ from tfnas.layers.batch_norm import BatchNorm
 
 def _mixed_op_body(layer, static, inputs, weights):
   """The shared-function body: the inline forward of a MixedOp."""
-  index, training = static
-  return layer._forward(inputs, weights, index, training)
+  index, training, exclude = static
+  return layer._forward(inputs, weights, index, training, exclude)
 
 
 def _mixed_op_variables(layer, static):
-  """Variables read by `_mixed_op_body`: the chosen op's, or all."""
-  index, _ = static
+  """Variables read by `_mixed_op_body`: the chosen op's, or all run."""
+  index, _, exclude = static
   if index is None:
-    return layer.variables
+    return [v for name, op in layer.ops.items() if name not in exclude
+            for v in op.variables]
   return layer.ops[layer.candidates[index]].variables
 
 
@@ -93,25 +94,48 @@ class MixedOp(keras.layers.Layer):
     self.built = True  # Sublayers build on first call (fast Keras 3 build).
 
   def call(self, inputs, weights=None, index=None, training=None,
-           recompute=False):
+           recompute=False, exclude=()):
     """See the class docstring; ``recompute``: recompute the op in
     backprop (eager shared calls: `call_shared`'s; switched calls:
-    `call_switch`'s, which otherwise backpropagate from kept tensors)."""
+    `call_switch`'s, which otherwise backpropagate from kept tensors). An
+    op with a random output (`random_ops`) is never recomputed: a second
+    run would draw another sample than the forward pass used.
+    ``exclude``: mixed mode only, op names left out of the sum."""
     if isinstance(index, tf.Tensor):
       return self._switched(inputs, weights, index, training, recompute)
+    exclude = tuple(sorted(exclude))
     if index is not None:
+      if exclude:
+        raise ValueError("exclude applies to mixed mode (no index)")
       index = int(index)
       name = self.candidates[index]
       if name not in self.ops:
         raise ValueError(f"op {name!r} is not offered on this edge "
                          f"(has {self.edge_ops})")
+      recompute = recompute and name not in self.random_ops()
     elif weights is None:
       raise ValueError("MixedOp needs weights (mixed mode) or an index")
-    if self._can_share(index, training):
+    if self._can_share(index, training, exclude):
       return shared_function.call_shared(
           self, _mixed_op_body, _mixed_op_variables, (inputs, weights),
-          (index, bool(training)), recompute=recompute)
-    return self._forward(inputs, weights, index, training)
+          (index, bool(training), exclude), recompute=recompute)
+    return self._forward(inputs, weights, index, training, exclude)
+
+  def sum_of(self, inputs, weights, names, training) -> tf.Tensor:
+    """``Σ_k w_k · o_k(x)`` over the ops ``names`` only, run inline."""
+    total = None
+    for name in names:
+      w = tf.cast(weights[self.candidates.index(name)], inputs.dtype)
+      term = w * self.ops[name](inputs, training=training)
+      total = term if total is None else total + term
+    return total
+
+  def random_ops(self) -> tuple[str, ...]:
+    """This edge's ops whose output is drawn anew on every call
+    (``random_output``, e.g. `noise`): backprop must use the forward
+    pass's sample, so recomputation leaves them out."""
+    return tuple(name for name, op in self.ops.items()
+                 if getattr(op, "random_output", False))
 
   def switch_branches(self) -> list[keras.layers.Layer]:
     """This edge's ops in ``edge_ops`` order (`switch_path`)."""
@@ -135,17 +159,18 @@ class MixedOp(keras.layers.Layer):
     return switch_path.call_switch(self, inputs, position, training, gate,
                                    recompute=recompute)
 
-  def _can_share(self, index, training) -> bool:
+  def _can_share(self, index, training, exclude=()) -> bool:
     """Whether this call may go through a shared function."""
     if not self.shared_functions:
       return False
     if index is not None:
       used = [self.ops[self.candidates[index]]]
     else:  # Mixed mode skips `none` (see _forward).
-      used = [op for name, op in self.ops.items() if name != "none"]
+      used = [op for name, op in self.ops.items()
+              if name != "none" and name not in exclude]
     return shared_function.shareable(used, training)
 
-  def _forward(self, inputs, weights, index, training):
+  def _forward(self, inputs, weights, index, training, exclude=()):
     """The inline computation (also the body of the shared function)."""
     if index is not None:
       name = self.candidates[index]
@@ -153,16 +178,11 @@ class MixedOp(keras.layers.Layer):
       if weights is not None:
         out = out * tf.cast(weights[index], out.dtype)
       return out
-    total = None
-    for name, op in self.ops.items():
-      if name == "none":
-        continue
-      w = tf.cast(weights[self.candidates.index(name)], inputs.dtype)
-      term = w * op(inputs, training=training)
-      total = term if total is None else total + term
-    if total is None:  # Only `none` on this edge.
-      total = self.ops["none"](inputs, training=training)
-    return total
+    names = [name for name in self.ops
+             if name != "none" and name not in exclude]
+    if not names:  # Only `none` on this edge.
+      return self.ops["none"](inputs, training=training)
+    return self.sum_of(inputs, weights, names, training)
 
   def get_config(self):
     config = super().get_config()
