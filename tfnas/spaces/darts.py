@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from tfnas import ops
+from tfnas import eager_cache, ops
 from tfnas.arch import DecisionGroup
 from tfnas.layers import recompute
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
@@ -318,4 +318,5 @@ def build_search_network(space: DartsSpaceConfig, input_shape: Sequence[int],
                                     1.0 / len(g.candidates))
                     for g in space.decision_groups()}
   net(tf.zeros([1, *input_shape]), arch_weights, training=False)
+  eager_cache.release_build_kernels()
   return net

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfnas import ops
+from tfnas import eager_cache, ops
 from tfnas.arch import DecisionGroup
 from tfnas.layers.batch_norm import BatchNorm, synchronized_batch_norm
 from tfnas.layers.choice_block import SHUFFLENET_CHOICES, ChoiceBlock
@@ -349,6 +349,7 @@ def build_shufflenet_supernet(space: ShuffleNetSpaceConfig,
   uniform = tf.fill([space.num_blocks, k], 1.0 / k)
   net(tf.zeros([1, *input_shape]), arch_weights={GROUP: uniform},
       training=False)
+  eager_cache.release_build_kernels()
   return net
 
 
