@@ -14,6 +14,7 @@ class ReleaseBuildKernelsTest(tf.test.TestCase):
     # A seeded eager random op keeps its generator in its cached kernel:
     # the second draw differs from the first; once the cache is cleared, the
     # kernel is made anew and draws the first values again.
+    eager_cache.release_build_kernels()  # Whatever ran before this test.
     first = tf.random.uniform([4], seed=5)
     self.assertNotAllClose(first, tf.random.uniform([4], seed=5))
     self.assertTrue(eager_cache.release_build_kernels())
@@ -27,6 +28,7 @@ class ReleaseBuildKernelsTest(tf.test.TestCase):
         lambda: shufflenet.build_shufflenet_supernet(
             shufflenet.ShuffleNetSpaceConfig.small(input_size=8)))
     for seed, build in enumerate(builds, 6):
+      eager_cache.release_build_kernels()
       first = tf.random.uniform([4], seed=seed)
       self.assertNotAllClose(first, tf.random.uniform([4], seed=seed))
       build()

@@ -217,16 +217,21 @@ class RecomputeTest(parameterized.TestCase, tf.test.TestCase):
     for a, b in zip(s1, s2):  # BN statistics updated once, alike.
       self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
 
-  @parameterized.parameters("eager", "traced")
-  def test_recomputed_edges_keep_the_noise_sample(self, mode):
+  @parameterized.parameters(("eager", True), ("traced", True),
+                            ("eager", False), ("traced", False))
+  def test_recomputed_edges_keep_the_noise_sample(self, mode, shared):
     # `noise` draws anew on every call: a recomputing backward must not run
     # it again, or its weight's gradient sum(dy * y) would read another
     # sample than the loss saw. Edge (none, noise, sep_conv_3x3) in mixed
     # mode (recompute.recompute, noise left out of the recomputation) and
     # with noise chosen (eager: call_shared's recompute; traced: inline).
+    # Under TestCase's global seed, shared functions give the forward and
+    # the recomputing noise op equal seeds, hence equal samples, so only the
+    # inline cases (shared=False) fail without that handling; unseeded runs
+    # differ in every case.
     from tfnas.layers.cell import Cell
     cell = Cell(1, 4, 4, 4, False, False, ("none", "noise", "sep_conv_3x3"),
-                recompute_edges=True)
+                shared_functions=shared, recompute_edges=True)
     x = tf.random.normal([2, 8, 8, 4], seed=1)
     cell(x, x, tf.fill([2, 3], 1 / 3), training=True)  # Builds every op.
     edge = cell.mixed_ops[0]
@@ -245,21 +250,33 @@ class RecomputeTest(parameterized.TestCase, tf.test.TestCase):
       y, grad = run(noise_only, index)
       self.assertGreater(float(tf.math.reduce_std(y)), 0.5)  # Noise.
       self.assertAllClose(grad[1], tf.reduce_sum(y * r), rtol=1e-5)
-    # Both ops weighted (eagerly): each weight's gradient is the sum of dy
-    # times that op's own forward output.
+    # Both ops weighted: each weight's gradient is the sum of dy times that
+    # op's own forward output.
     w = tf.constant([0.0, 0.4, 0.6])
-    with tf.GradientTape(persistent=True) as tape:
-      tape.watch(w)
-      y = cell._run_edge(edge, x, w, None, training=True)
-      loss = tf.reduce_sum(y * r)
-    sep = edge.ops["sep_conv_3x3"]
-    sep_out = sep(x, training=True)
-    self.assertAllClose(tape.gradient(loss, w)[2],
-                        tf.reduce_sum(sep_out * r), rtol=1e-4)
-    noise_part = y - 0.6 * sep_out
-    self.assertAllClose(tape.gradient(loss, w)[1],
-                        tf.reduce_sum(noise_part / 0.4 * r), rtol=1e-4)
+    y, grad = run(w, None)
+    sep_out = edge.ops["sep_conv_3x3"](x, training=True)
+    self.assertAllClose(grad[2], tf.reduce_sum(sep_out * r), rtol=1e-4)
+    noise_part = (y - 0.6 * sep_out) / 0.4
+    self.assertGreater(float(tf.math.reduce_std(noise_part)), 0.5)
+    self.assertAllClose(grad[1], tf.reduce_sum(noise_part * r), rtol=1e-4)
 
+  def test_cell_recompute_refuses_random_ops(self):
+    # A whole cell recomputed would run `noise` again (no split per cell).
+    with self.assertRaisesRegex(ValueError, "recompute_unit='edge'"):
+      helpers.tiny_space(candidates=("none", "noise", "sep_conv_3x3"),
+                         recompute=True, recompute_unit="cell")
+    helpers.tiny_space(candidates=("none", "noise", "sep_conv_3x3"),
+                       recompute=True)  # Per edge: fine.
+
+  def test_mixed_op_exclude_is_checked(self):
+    op = mixed_op.MixedOp(4, 1, ("none", "noise", "sep_conv_3x3"))
+    x = tf.zeros([1, 8, 8, 4])
+    w = tf.fill([3], 1 / 3)
+    with self.assertRaisesRegex(ValueError, "mixed mode"):
+      op(x, weights=w, index=2, exclude=("noise",))
+    for bad in (("pool",), ("noise", "sep_conv_3x3", "none")):
+      with self.assertRaisesRegex(ValueError, "some, not all"):
+        op(x, weights=w, exclude=bad)
 
 if __name__ == "__main__":
   tf.test.main()

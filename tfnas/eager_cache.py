@@ -5,8 +5,10 @@ every edge once, inline (`build_search_network`, `build_shufflenet_supernet`).
 TensorFlow's eager context caches one kernel per distinct op and attribute
 set it ran, and the initialisers' random ops each carry their own seeds:
 thousands of kernels that no later step uses (~70 MiB for the DARTS supernet
-at C=16, 8 cells). Training steps run as traced functions, whose kernels
-live elsewhere, and an eager op's kernel is created again on its next call.
+at C=16, 8 cells). The cache also holds the instantiations of functions
+called eagerly (traced steps, shared functions): a build after steps have
+run makes those instantiate again on their next call, as on their first.
+An eager op's kernel is likewise created again on its next call.
 """
 
 from __future__ import annotations

@@ -76,6 +76,13 @@ def _accepts_name(factory: OpFactory) -> bool:
   return any(p.name == "name" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def has_random_output(op_name: str) -> bool:
+  """Whether the op ``op_name`` draws a new output on every call (its layer
+  sets ``random_output``, e.g. `noise`): backprop must not run it again."""
+  return bool(getattr(get_op(op_name, 1, 1, affine=False), "random_output",
+                      False))
+
+
 def get_op(op_name: str, channels: int, stride: int, affine: bool = True,
            name: str | None = None) -> keras.layers.Layer:
   """Builds the registered op ``op_name``.

@@ -101,12 +101,12 @@ class MixedOp(keras.layers.Layer):
     op with a random output (`random_ops`) is never recomputed: a second
     run would draw another sample than the forward pass used.
     ``exclude``: mixed mode only, op names left out of the sum."""
+    exclude = tuple(sorted(exclude))
+    if exclude and index is not None:
+      raise ValueError("exclude applies to mixed mode (no index)")
     if isinstance(index, tf.Tensor):
       return self._switched(inputs, weights, index, training, recompute)
-    exclude = tuple(sorted(exclude))
     if index is not None:
-      if exclude:
-        raise ValueError("exclude applies to mixed mode (no index)")
       index = int(index)
       name = self.candidates[index]
       if name not in self.ops:
@@ -115,6 +115,15 @@ class MixedOp(keras.layers.Layer):
       recompute = recompute and name not in self.random_ops()
     elif weights is None:
       raise ValueError("MixedOp needs weights (mixed mode) or an index")
+    else:
+      unknown = [name for name in exclude if name not in self.ops]
+      if unknown or all(name in exclude for name in self.ops):
+        raise ValueError(f"exclude={list(exclude)} must name some, not all, "
+                         f"of this edge's ops {list(self.edge_ops)}")
+      # Recomputing a random op would draw another sample: a caller
+      # wanting recomputation excludes them and adds `sum_of` them.
+      recompute = recompute and not any(name not in exclude
+                                        for name in self.random_ops())
     if self._can_share(index, training, exclude):
       return shared_function.call_shared(
           self, _mixed_op_body, _mixed_op_variables, (inputs, weights),

@@ -81,6 +81,13 @@ class DartsSpaceConfig:
     if unknown:
       raise ValueError(f"unknown candidate op(s) {unknown}; known ops: "
                        f"{sorted(ops.OPS)}")
+    if self.recompute and self.recompute_unit == "cell":
+      randoms = [op for op in self.candidates if ops.has_random_output(op)]
+      if randoms:
+        raise ValueError(
+            f"recompute_unit='cell' would run {randoms} again in backprop, "
+            "drawing other samples than the forward pass used; recompute "
+            "per edge (recompute_unit='edge') instead")
     for field in ("num_nodes", "num_cells", "channels", "num_classes"):
       if getattr(self, field) < 1:
         raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")

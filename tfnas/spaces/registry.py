@@ -38,11 +38,14 @@ def space_config(config: Any, num_classes: int, image_size: int):
   """
   name = config.space
   if name in names.CELL_SPACES:
-    return darts_space.search_space(
-        name, num_cells=config.num_cells, num_nodes=config.num_nodes,
-        channels=config.channels, num_classes=num_classes,
-        recompute=config.recompute, recompute_unit=config.recompute_unit,
-        sync_batch_norm=config.sync_batch_norm)
+    try:
+      return darts_space.search_space(
+          name, num_cells=config.num_cells, num_nodes=config.num_nodes,
+          channels=config.channels, num_classes=num_classes,
+          recompute=config.recompute, recompute_unit=config.recompute_unit,
+          sync_batch_norm=config.sync_batch_norm)
+    except ValueError as e:
+      raise ConfigError(f"--space={name}: {e}") from None
   if name in names.BLOCK_SPACES:
     preset = (shufflenet.ShuffleNetSpaceConfig if name == "shufflenet" else
               shufflenet.ShuffleNetSpaceConfig.small)
