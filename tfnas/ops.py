@@ -76,11 +76,15 @@ def _accepts_name(factory: OpFactory) -> bool:
   return any(p.name == "name" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def draws_anew(layer: keras.layers.Layer) -> bool:
+  """Whether ``layer`` draws a new output on every call (it sets
+  ``random_output``, e.g. `Noise`): backprop must not run it again."""
+  return bool(getattr(layer, "random_output", False))
+
+
 def has_random_output(op_name: str) -> bool:
-  """Whether the op ``op_name`` draws a new output on every call (its layer
-  sets ``random_output``, e.g. `noise`): backprop must not run it again."""
-  return bool(getattr(get_op(op_name, 1, 1, affine=False), "random_output",
-                      False))
+  """`draws_anew` for the registered op ``op_name``."""
+  return draws_anew(get_op(op_name, 1, 1, affine=False))
 
 
 def get_op(op_name: str, channels: int, stride: int, affine: bool = True,

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfnas import ops
-from tfnas.layers import recompute, shared_function
+from tfnas.layers import shared_function
 from tfnas.layers.mixed_op import MixedOp
 
 
@@ -72,7 +72,7 @@ class Cell(keras.layers.Layer):
       `MixedOp`); False traces every edge inline.
     recompute_edges: in training with mixing weights, recompute each edge's
       activations in backprop instead of storing them
-      (`recompute.recompute`).
+      (`MixedOp.recomputed`).
   """
 
   def __init__(self, num_nodes: int, prev_prev_channels: int,
@@ -166,23 +166,7 @@ class Cell(keras.layers.Layer):
       return mixed_op(x, weights=w, index=index, training=training,
                       recompute=True)
     # Keep only the edge input and weights; its ops run again in backprop.
-    # Ops drawing a new sample on every call (`noise`) run outside the
-    # recomputation: backprop must read the sample the loss saw.
-    randoms = mixed_op.random_ops()
-    if index is not None:
-      if mixed_op.candidates[int(index)] in randoms:
-        return mixed_op(x, weights=w, index=index, training=training)
-      randoms = ()
-    elif randoms and all(name == "none" or name in randoms
-                         for name in mixed_op.edge_ops):
-      return mixed_op(x, weights=w, training=training)
-    out = recompute.recompute(
-        lambda a, b: mixed_op(a, weights=b, index=index, training=training,
-                              exclude=randoms),
-        [x, w], mixed_op.variables)
-    if randoms:
-      out += mixed_op.sum_of(x, w, randoms, training)
-    return out
+    return mixed_op.recomputed(x, w, index, training)
 
   def get_config(self):
     config = super().get_config()

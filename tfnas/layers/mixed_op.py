@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfnas import ops
-from tfnas.layers import shared_function, switch_path
+from tfnas.layers import recompute, shared_function, switch_path
 from tfnas.layers.batch_norm import BatchNorm
 
 
@@ -143,8 +143,28 @@ class MixedOp(keras.layers.Layer):
     """This edge's ops whose output is drawn anew on every call
     (``random_output``, e.g. `noise`): backprop must use the forward
     pass's sample, so recomputation leaves them out."""
-    return tuple(name for name, op in self.ops.items()
-                 if getattr(op, "random_output", False))
+    return tuple(name for name, op in self.ops.items() if ops.draws_anew(op))
+
+  def recomputed(self, inputs, weights, index, training) -> tf.Tensor:
+    """The call with only ``inputs`` and ``weights`` kept: the ops run
+    again in backprop (`recompute.recompute`, for traced callers). Ops
+    drawing a new sample on every call (`random_ops`) run outside the
+    recomputation, stored: backprop must read the sample the loss saw."""
+    randoms = self.random_ops()
+    if index is not None:
+      if self.candidates[int(index)] in randoms:
+        return self(inputs, weights=weights, index=index, training=training)
+      randoms = ()
+    elif randoms and all(name == "none" or name in randoms
+                         for name in self.edge_ops):
+      return self(inputs, weights=weights, training=training)
+    out = recompute.recompute(
+        lambda a, b: self(a, weights=b, index=index, training=training,
+                          exclude=randoms),
+        [inputs, weights], self.variables)
+    if randoms:
+      out += self.sum_of(inputs, weights, randoms, training)
+    return out
 
   def switch_branches(self) -> list[keras.layers.Layer]:
     """This edge's ops in ``edge_ops`` order (`switch_path`)."""

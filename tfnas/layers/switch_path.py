@@ -20,8 +20,8 @@ The backward branch either reads the tensors its forward branch kept
 costs no forward work again, or, with ``recompute`` (``--recompute``) and for
 ops `saved_backward` does not handle, recomputes the op's forward pass and
 keeps nothing. An op with a random output (``random_output``: `noise`) keeps
-it in both forms: run again, it would draw another sample. Either way the gate's gradient ``sum(dy * y)`` needs no copy
-of the edge's output: it comes from the recomputed ``y``, or from the last
+it in both forms: run again, it would draw another sample. Either way the
+gate's gradient ``sum(dy * y)`` needs no copy of the edge's output: it comes from the recomputed ``y``, or from the last
 batch norm's scale and shift gradients (`saved_backward`). In the DARTS
 CIFAR configuration kept tensors make the step ~15% faster for ~0.7 GiB more
 peak memory (WORKSPACE_NOTES.md, "Kept tensors instead of recomputation").
@@ -56,6 +56,7 @@ import tensorflow as tf
 # this same internal.
 from tensorflow.python.eager import record
 
+from tfnas import ops
 from tfnas.layers import saved_backward
 from tfnas.layers.shared_function import (current_value, structure_key,
                                           tf_variable)
@@ -87,7 +88,7 @@ def _make_functions(template, training: bool, assign_inside: bool,
   def keeps(op, x) -> bool:
     # An op with a random output (`noise`) keeps it even when recomputing
     # is asked for: run again it would draw another sample for the gate.
-    wanted = use_kept or (training and getattr(op, "random_output", False))
+    wanted = use_kept or (training and ops.draws_anew(op))
     return wanted and saved_backward.supported(op, x)
 
   def forward(x, index, values, gate):
