@@ -260,6 +260,58 @@ class RecomputeTest(parameterized.TestCase, tf.test.TestCase):
     self.assertGreater(float(tf.math.reduce_std(noise_part)), 0.5)
     self.assertAllClose(grad[1], tf.reduce_sum(noise_part * r), rtol=1e-4)
 
+  def test_noise_edges_of_one_structure_draw_their_own_samples(self):
+    # Under TestCase's global seed a shared function gives its random ops
+    # the same op seeds at every call site: a stateful draw alone made
+    # every `noise` edge of one structure return the same sample in a
+    # traced step. Each `Noise` folds in its own `edge_seed`.
+    from tfnas.layers.cell import Cell
+    cell = Cell(1, 4, 4, 4, False, False, ("none", "noise", "sep_conv_3x3"))
+    x = tf.random.normal([2, 8, 8, 4], seed=1)
+    cell(x, x, tf.fill([2, 3], 1 / 3), training=True)  # Builds every op.
+    e0, e1 = cell.mixed_ops
+    self.assertEqual(shared_function.structure_key(e0),
+                     shared_function.structure_key(e1))
+    seeds = [int(e.ops["noise"].edge_seed.value) for e in (e0, e1)]
+    self.assertNotEqual(seeds[0], seeds[1])
+    w = tf.constant([0.0, 1.0, 0.0])
+
+    def edges(index):
+      return [cell._run_edge(e, x, w, index, training=True) for e in (e0, e1)]
+    for name, run in (
+        ("mixed", tf.function(lambda: edges(None), autograph=False)),
+        ("chosen", tf.function(lambda: edges(1), autograph=False)),
+        ("switched", tf.function(lambda: edges(tf.constant(1)),
+                                 autograph=False)),
+        ("eager", lambda: edges(1))):
+      with self.subTest(name):
+        first, second = run()
+        for y in (first, second):
+          self.assertNear(float(tf.math.reduce_std(y)), 1.0, 0.15)
+        self.assertGreater(float(tf.reduce_max(tf.abs(first - second))), 0.5)
+        again, _ = run()  # A new draw on every call.
+        self.assertGreater(float(tf.reduce_max(tf.abs(first - again))), 0.5)
+
+  def test_noise_seeds_stay_out_of_checkpoints(self):
+    # The seeds come from the layers' paths: search checkpoints (keyed by
+    # variable position) and object-graph checkpoints leave them out, so
+    # checkpoints written before the seeds existed still fit.
+    from tfnas import ops
+    from tfnas.layers.cell import Cell
+    from tfnas.train.checkpointing import ModelVariables
+    cell = Cell(1, 4, 4, 4, False, False, ("none", "noise", "sep_conv_3x3"))
+    x = tf.zeros([1, 8, 8, 4])
+    cell(x, x, tf.fill([2, 3], 1 / 3), training=True)
+    noise = [e.ops["noise"] for e in cell.mixed_ops]
+    self.assertEqual([int(n.edge_seed.value) for n in noise],
+                     [ops._path_seed(n.path) for n in noise])
+    saved = ModelVariables(cell).values
+    self.assertLen(saved, len(cell.variables) - len(noise))
+    self.assertEqual([v.dtype for v in saved.values()].count(tf.int64), 0)
+    prefix = tf.train.Checkpoint(network=noise[0]).save(
+        self.get_temp_dir() + "/ckpt")
+    self.assertNotIn("edge_seed", str(tf.train.list_variables(prefix)))
+
   def test_cell_recompute_refuses_random_ops(self):
     # A whole cell recomputed would run `noise` again (no split per cell).
     with self.assertRaisesRegex(ValueError, "recompute_unit='edge'"):

@@ -13,6 +13,7 @@ The registry ``OPS`` maps an op name to a factory
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from typing import Callable
 
@@ -478,6 +479,19 @@ class Noise(keras.layers.Layer):
   The output does not depend on the input values (and passes no gradient to
   it); it is drawn anew on every call, in training and inference alike.
 
+  Every layer draws its own noise. Calls of layers of one structure may run
+  one traced function (`tfnas.layers.shared_function`), where a plain
+  stateful random op would give every layer the same op seeds, hence the
+  same sample in a seeded run. So each call draws a fresh base seed (a
+  stateful op: new values on every call) and folds in the layer's own
+  ``edge_seed``: a non-trainable int64 weight, passed into shared functions
+  like any variable, set at build from a hash of the layer's path (distinct
+  per layer of a network, the same for the same path in a new process) and
+  left out of checkpoints (`tfnas.train.checkpointing.ModelVariables` keys
+  its entries by variable position; older checkpoints lack it). Replicas of
+  a tf.distribute strategy run the same stateful op and so draw the same
+  noise.
+
   Args:
     stride: Spatial stride.
     mean: Mean of the noise.
@@ -493,20 +507,52 @@ class Noise(keras.layers.Layer):
     self.stddev = stddev
 
   def build(self, input_shape):
+    self.edge_seed = self.add_weight(
+        shape=(), dtype="int64", trainable=False, name="edge_seed",
+        initializer=lambda shape, dtype=None: tf.constant(
+            _path_seed(self.path), tf.int64))
+    self.edge_seed.derived = True  # Not state: rebuilt, never saved.
     self.built = True
 
   # Drawn anew on every call: a backward pass may not recompute it
   # (`switch_path` keeps it instead).
   random_output = True
 
+  def _trackable_children(self, save_type="checkpoint", **kwargs):
+    # Object-graph checkpoints (retraining) leave the derived seed out too;
+    # a SavedModel keeps it (its functions read it).
+    children = super()._trackable_children(save_type, **kwargs)
+    if save_type == "checkpoint":
+      children.pop("edge_seed", None)
+    return children
+
   def call(self, inputs, training=None):
     shape = tf.shape(_subsample(inputs, self.stride))
-    return tf.random.normal(shape, self.mean, self.stddev, dtype=inputs.dtype)
+    base = tf.random.uniform([2], 0, _SEED_RANGE, dtype=tf.int64)
+    seed = tf.random.experimental.stateless_fold_in(
+        base, tf.convert_to_tensor(self.edge_seed.value))
+    return tf.random.stateless_normal(shape, seed, self.mean, self.stddev,
+                                      dtype=inputs.dtype)
 
   def get_config(self):
     config = super().get_config()
     config.update(stride=self.stride, mean=self.mean, stddev=self.stddev)
     return config
+
+
+_SEED_RANGE = 2**62
+
+
+def _path_seed(path: str) -> int:
+  """A non-negative int64 from ``path`` (a layer's path in its network)."""
+  digest = hashlib.sha256(path.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "little") % _SEED_RANGE
+
+
+def is_derived(variable) -> bool:
+  """Whether ``variable`` is set from the network's structure alone (a
+  `Noise` layer's ``edge_seed``), not state a checkpoint must keep."""
+  return bool(getattr(variable, "derived", False))
 
 
 def _register_builtin_ops():

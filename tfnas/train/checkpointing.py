@@ -31,16 +31,20 @@ import tensorflow as tf
 # No public way to keep a deprecated call quiet.
 from tensorflow.python.util import deprecation
 
+from tfnas import ops
 from tfnas.errors import TfnasError
 
 
 class ModelVariables(tf.Module):
-  """Every variable of ``model`` (weights, BN statistics, RNG states)."""
+  """Every variable of ``model`` (weights, BN statistics, RNG states) but
+  those set from its structure alone (`tfnas.ops.is_derived`: a noise op's
+  seed), which a rebuilt network has already and older checkpoints lack."""
 
   def __init__(self, model, name: str = "model_variables"):
     super().__init__(name=name)
+    kept = [v for v in model.variables if not ops.is_derived(v)]
     self.values = {f"v{i:05d}": getattr(v, "value", v)
-                   for i, v in enumerate(model.variables)}
+                   for i, v in enumerate(kept)}
 
 
 def checkpoint_list(directory: str):
