@@ -80,6 +80,26 @@ def test_per_op_children_bound_has_one_time_per_candidate():
   assert abs(step - float(cells[3])) < 2e-3
 
 
+def test_switch_vs_child_compares_the_same_children_both_ways():
+  proc = _run("bench_single_path.py", "--quick", "--children=3",
+              "--only=switch_vs_child_darts")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cells = _row(proc.stdout, "switch_vs_child_darts")
+  assert cells[6] == "3 children"
+  line = [l for l in proc.stdout.splitlines()
+          if l.startswith("switch_vs_child_darts, s/step")]
+  assert len(line) == 1, proc.stdout
+  pairs = re.findall(r"(\d+\.\d+) / (\d+\.\d+) \((\d+\.\d+)\)", line[0])
+  assert len(pairs) == 3, line[0]
+  for whole, switched, ratio in pairs:
+    assert float(whole) > 0 and float(switched) > 0
+  # The row's s/step is the switched step's mean over the children.
+  mean = sum(float(b) for _, b, _ in pairs) / 3
+  assert abs(float(cells[3]) - mean) < 2e-3
+  ratios = [float(r) for _, _, r in pairs]
+  assert abs(float(line[0].rsplit(" ", 1)[1]) - sum(ratios) / 3) < 0.011
+
+
 def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
   # Smaller than --quick (one node per cell, one warm-up step): four
   # processes trace here, and only the report is tested.

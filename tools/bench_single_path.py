@@ -17,6 +17,13 @@ Measurements (DARTS cell space, then the ShuffleNetV2 space):
   child_traced_darts: the rejected alternative, one tf.function per child:
     ``trace s`` + ``first s`` is what every new child would cost; ``s/step``
     repeats the same child.
+  switch_vs_child_darts: what switching costs. For each of ``--children``
+    drawn children, that child's whole step (weights and α) traced as one
+    graph, as child_traced_darts does, and the switched step
+    (dsnas_switch_darts) on the same child, ``--steps`` steps each; the
+    per-child times and ratios are printed below the table. ``s/step`` is
+    the switched step's mean over the children; ``trace s`` / ``first s``
+    sum the one-graph children's; ``peak GiB`` holds both forms.
   child_per_op_darts: the bound on any single-path DSNAS step in this space.
     For each candidate op k, the weight step (forward, backward, SGD update;
     no α update) of the child with op k on every edge is traced as one
@@ -65,6 +72,9 @@ Examples (run from the repository root; CPU only):
   # Forward / backward / optimizer times, as in the DSNAS paper's Table 4.
   python tools/bench_single_path.py --split --recompute \
       --only=snas_darts,dsnas_darts,child_per_op_darts
+  # What switching costs: the same children as one graph each / switched.
+  python tools/bench_single_path.py --only=switch_vs_child_darts \
+      --children=4 --steps=5
   # A smoke run on tiny networks (seconds).
   python tools/bench_single_path.py --quick
 """
@@ -79,7 +89,7 @@ import time
 import _bench_util as util
 
 MEASUREMENTS = ("snas_darts", "dsnas_darts", "dsnas_switch_darts",
-                "child_traced_darts",
+                "child_traced_darts", "switch_vs_child_darts",
                 "child_per_op_darts", "supernet_shufflenet",
                 "dsnas_shufflenet", "dsnas_switch_shufflenet")
 
@@ -99,6 +109,8 @@ def _parse_args(argv=None):
                  help="timed steps after warm-up (median reported)")
   p.add_argument("--warmup", type=int, default=10,
                  help="warm-up steps of the eager rows (new children)")
+  p.add_argument("--children", type=int, default=4,
+                 help="switch_vs_child_darts: children compared")
   p.add_argument("--recompute", action="store_true",
                  help="single-path DARTS rows (dsnas_darts, "
                       "dsnas_switch_darts, child_traced_darts, "
@@ -134,7 +146,7 @@ def _parse_args(argv=None):
   util.check_counts(
       p, args, positive=("batch_size", "channels", "cells", "nodes",
                          "image_size", "shufflenet_image_size", "steps",
-                         "rounds"),
+                         "rounds", "children"),
       non_negative=("warmup", "intra_op_threads", "inter_op_threads"))
   args.only = only
   return args
@@ -273,6 +285,26 @@ def _measure(args, which: str) -> dict:
       result["split"] = {key: statistics.mean(p[key] for p in parts)
                          for key in parts[0]}
     return result
+  if which == "switch_vs_child_darts":
+    est = DsnasEstimator()
+    fn = tf.function(lambda child: est.switch_step(ctx, batch, child),
+                     autograph=False)
+    first, per_child = 0.0, []
+    for s in range(1, 1 + args.children):
+      drawn = est.sample(ctx, s)
+      trace, _, first_s, whole = compiled(_fixed_child_step(
+          est, ctx, batch, drawn, update_arch=True))
+      trace_s, first = trace_s + trace, first + first_s
+      indices = {g: tf.constant(v, tf.int32) for g, v in drawn.items()}
+      fn(indices)  # Traces the switched step once, for every child.
+      fn(indices)
+      switched = timed(lambda _: fn(indices), range(args.steps))
+      per_child.append((statistics.median(whole),
+                        statistics.median(switched)))
+    return {"measurement": which, "trace_s": trace_s, "first_s": first,
+            "step_s": statistics.mean(b for _, b in per_child),
+            "peak_gib": util.peak_rss_gib(), "base_gib": base_gib,
+            "count": f"{len(per_child)} children", "per_child": per_child}
   if which in ("dsnas_switch_darts", "dsnas_switch_shufflenet"):
     est = DsnasEstimator()
     fn = tf.function(lambda child: est.switch_step(ctx, batch, child),
@@ -371,6 +403,13 @@ def _report(args, results: dict) -> None:
     per_op = results["child_per_op_darts"]["per_op"]
     print("\nchild_per_op_darts, s/step of the child with one op on every "
           "edge: " + ", ".join(f"{k} {v:.3f}" for k, v in per_op.items()))
+  if "switch_vs_child_darts" in results:
+    pairs = results["switch_vs_child_darts"]["per_child"]
+    mean = statistics.mean(b / a for a, b in pairs)
+    print("\nswitch_vs_child_darts, s/step of each child as one graph / "
+          "switched: " + ", ".join(f"{a:.3f} / {b:.3f} ({b / a:.2f})"
+                                   for a, b in pairs)
+          + f"; switched over one graph, mean {mean:.2f}")
   split = {k: r["split"] for k, r in results.items() if "split" in r}
   if split:
     print("\nParts of a step (s; the DSNAS paper's Table 4):\n\n"
