@@ -114,6 +114,7 @@ def _parse_args(argv=None):
   p.add_argument("--recompute", action="store_true",
                  help="single-path DARTS rows (dsnas_darts, "
                       "dsnas_switch_darts, child_traced_darts, "
+                      "switch_vs_child_darts, "
                       "child_per_op_darts): recompute each chosen edge's "
                       "activations in backprop (the snas_darts row is "
                       "unchanged)")
