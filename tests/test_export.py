@@ -270,3 +270,22 @@ for shape in ([1, 8, 8], [1, 192], [1, 16, 16, 3], [1, 8, 8, 1]):
   assert lines[0] == "ok (2, 4)"
   assert lines[1:] == [f"refused {s} True" for s in
                        ([1, 8, 8], [1, 192], [1, 16, 16, 3], [1, 8, 8, 1])]
+
+
+def test_fingerprint_leaves_derived_weights_out():
+  # A noise op's seed comes from the layer's path, not training: exports
+  # made before the seed existed keep their fingerprints.
+  genotype = Genotype(GENOTYPE.normal, CellGenotype(
+      ((("noise", 0), ("dil_conv_3x3", 1)), (("skip_connect", 2),))))
+  net = models.NetworkCIFAR(genotype, num_classes=10, num_cells=3,
+                            channels=4, auxiliary=False)
+  net(tf.zeros([1, 8, 8, 3]), training=False)
+  seeds = [w for w in net.weights if w.path.endswith("edge_seed")]
+  assert len(seeds) == 2  # Both reduction cells.
+  before = export.model_fingerprint(net, METADATA, genotype)
+  for seed in seeds:
+    seed.assign(seed.value + 1)
+  assert export.model_fingerprint(net, METADATA, genotype) == before
+  kernel = next(w for w in net.weights if w.path.endswith("kernel"))
+  kernel.assign(kernel.value + 1.0)
+  assert export.model_fingerprint(net, METADATA, genotype) != before

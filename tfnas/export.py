@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfnas import dataset_names
+from tfnas import ops
 from tfnas.errors import TfnasError
 from tfnas.genotype import RANDOM_OPS
 from tfnas.train import rundir
@@ -106,7 +107,9 @@ def _fingerprints(model, metadata: Mapping[str, Any],
   """`model_fingerprint` without and with ``located``, the weights hashed
   once for both."""
   digest = hashlib.sha256()
-  for v in model.weights:
+  # Derived weights (a noise op's seed, from its path) are no model state:
+  # exports from before they existed keep their fingerprints.
+  for v in (w for w in model.weights if not ops.is_derived(w)):
     value = np.asarray(v.numpy())
     digest.update(f"{v.path}:{value.dtype}:{value.shape}".encode())
     digest.update(np.ascontiguousarray(value).tobytes())

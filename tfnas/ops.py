@@ -477,20 +477,26 @@ class Noise(keras.layers.Layer):
   """RobustDARTS S4 ``noise`` op: Gaussian noise shaped like the strided input.
 
   The output does not depend on the input values (and passes no gradient to
-  it); it is drawn anew on every call, in training and inference alike.
+  it); every execution draws a sample, in training and inference alike.
 
   Every layer draws its own noise. Calls of layers of one structure may run
   one traced function (`tfnas.layers.shared_function`), where a plain
   stateful random op would give every layer the same op seeds, hence the
-  same sample in a seeded run. So each call draws a fresh base seed (a
-  stateful op: new values on every call) and folds in the layer's own
-  ``edge_seed``: a non-trainable int64 weight, passed into shared functions
-  like any variable, set at build from a hash of the layer's path (distinct
-  per layer of a network, the same for the same path in a new process) and
-  left out of checkpoints (`tfnas.train.checkpointing.ModelVariables` keys
-  its entries by variable position; older checkpoints lack it). Replicas of
-  a tf.distribute strategy run the same stateful op and so draw the same
-  noise.
+  same sample in a seeded run. So each call takes a base seed from a
+  stateful op (new values on each execution of that op) and folds in the
+  layer's own ``edge_seed``: a non-trainable int64 weight, passed into
+  shared functions like any variable, set at build from a hash of the
+  layer's path (distinct per layer of a network, the same for the same path
+  in a new process) and left out of checkpoints
+  (`tfnas.train.checkpointing.ModelVariables` keys its entries by variable
+  position; older checkpoints lack it) and export fingerprints.
+
+  Not independent under a global seed (every search sets one): separately
+  traced call sites of one layer hold base-seed ops with equal op seeds, so
+  their n-th executions draw the same sample (e.g. the α and weight phases
+  of one DARTS step, traced as two functions); and calls through shared
+  functions draw the same sample on every replica of a tf.distribute
+  strategy. Different layers never share a sample.
 
   Args:
     stride: Spatial stride.

@@ -72,7 +72,8 @@ def recompute(fn: Callable[..., Any], tensors: Sequence[tf.Tensor],
       inputs = [t + tf.cast(dep, t.dtype) for t in flat[:num]]
       inputs += [tf.identity(v) for v in flat[num:]]
       with tf.GradientTape() as tape:
-        tape.watch(inputs)
+        # Integer values (a noise op's seed) have no gradient to watch.
+        tape.watch([t for t in inputs if t.dtype.is_floating])
         recomputed, _, _ = forward(inputs)
       return tape.gradient(recomputed, inputs, output_gradients=d_output,
                            unconnected_gradients=tf.UnconnectedGradients.ZERO)

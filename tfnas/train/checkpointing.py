@@ -1,4 +1,5 @@
-"""What a search checkpoint holds of a Keras network: all of its variables.
+"""What a search checkpoint holds of a Keras network: all of its variables
+but derived ones (a noise op's seed, set from the layer's path).
 
 With Keras 3.15 on the TF backend, ``tf.train.Checkpoint(network=model)``
 reaches only the layers held in plain attributes of the model: layers kept
@@ -10,9 +11,9 @@ through the optimizer's variable list, but their non-trainable variables
 did not: BN moving statistics (what evaluation and an inherited-weight
 child use) and dropout RNG states restarted from scratch on resume.
 `ModelVariables` lists every variable of the model explicitly, keyed by its
-position in ``model.variables`` (deterministic for a given architecture;
-variable *paths* are not: Keras numbers random-generator states by a
-process-wide counter).
+position in ``model.variables`` without the derived ones (deterministic for
+a given architecture; variable *paths* are not: Keras numbers
+random-generator states by a process-wide counter).
 
 `restore_problem` restores objects from a checkpoint prefix given by a user,
 or says in one line why it does not fit (without TensorFlow's flood of
