@@ -16,6 +16,14 @@ def _run(script, *args):
                         timeout=600)
 
 
+def _note(stdout, start):
+  """The one line of ``stdout`` that starts with ``start`` (the notes a
+  measurement prints below the table)."""
+  lines = [l for l in stdout.splitlines() if l.startswith(start)]
+  assert len(lines) == 1, stdout
+  return lines[0]
+
+
 def _row(stdout, name):
   """The measurement's row of the main table (``--split`` prints a second
   table after it)."""
@@ -55,10 +63,8 @@ def test_per_op_children_bound_has_one_time_per_candidate():
   assert proc.returncode == 0, proc.stderr[-3000:]
   cells = _row(proc.stdout, "child_per_op_darts")
   assert cells[6] == "8 children"
-  line = [l for l in proc.stdout.splitlines()
-          if l.startswith("child_per_op_darts, s/step")]
-  assert len(line) == 1, proc.stdout
-  times = dict(re.findall(r"(\w+) (\d+\.\d+)", line[0].split(": ", 1)[1]))
+  line = _note(proc.stdout, "child_per_op_darts, s/step")
+  times = dict(re.findall(r"(\w+) (\d+\.\d+)", line.split(": ", 1)[1]))
   assert set(times) == {"none", "max_pool_3x3", "avg_pool_3x3",
                         "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
                         "dil_conv_3x3", "dil_conv_5x5"}
@@ -67,9 +73,7 @@ def test_per_op_children_bound_has_one_time_per_candidate():
   assert abs(float(cells[3]) - mean) < 2e-3
   # --split: the parts of the step (forward, backward, optimizer) of the
   # same children, timed as separately traced functions.
-  header = [l for l in proc.stdout.splitlines()
-            if l.startswith("| measurement | forward |")]
-  assert len(header) == 1, proc.stdout
+  _note(proc.stdout, "| measurement | forward |")
   parts = [l for l in proc.stdout.splitlines()
            if l.startswith("| child_per_op_darts |")][-1]
   forward, backward, opt, fwd_bwd, step = (
@@ -86,18 +90,16 @@ def test_switch_vs_child_compares_the_same_children_both_ways():
   assert proc.returncode == 0, proc.stderr[-3000:]
   cells = _row(proc.stdout, "switch_vs_child_darts")
   assert cells[6] == "3 children"
-  line = [l for l in proc.stdout.splitlines()
-          if l.startswith("switch_vs_child_darts, s/step")]
-  assert len(line) == 1, proc.stdout
-  pairs = re.findall(r"(\d+\.\d+) / (\d+\.\d+) \((\d+\.\d+)\)", line[0])
-  assert len(pairs) == 3, line[0]
+  line = _note(proc.stdout, "switch_vs_child_darts, s/step")
+  pairs = re.findall(r"(\d+\.\d+) / (\d+\.\d+) \((\d+\.\d+)\)", line)
+  assert len(pairs) == 3, line
   for whole, switched, ratio in pairs:
     assert float(whole) > 0 and float(switched) > 0
   # The row's s/step is the switched step's mean over the children.
   mean = sum(float(b) for _, b, _ in pairs) / 3
   assert abs(float(cells[3]) - mean) < 2e-3
   ratios = [float(r) for _, _, r in pairs]
-  assert abs(float(line[0].rsplit(" ", 1)[1]) - sum(ratios) / 3) < 0.011
+  assert abs(float(line.rsplit(" ", 1)[1]) - sum(ratios) / 3) < 0.011
 
 
 def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
@@ -122,13 +124,11 @@ def test_rounds_alternate_rows_and_report_each_ratio_and_the_median():
     # Both are printed to 3 decimals: the ratio lies within these bounds.
     speed.append(((step - 5e-4) / (mean + 5e-4),
                   (step + 5e-4) / max(mean - 5e-4, 1e-9)))
-  line = [l for l in proc.stdout.splitlines()
-          if l.startswith("dsnas_switch_darts vs snas_darts: faster by ")]
-  assert len(line) == 1, proc.stdout
-  reported = [float(x) for x in re.findall(r"(\d+\.\d+)x", line[0])]
+  line = _note(proc.stdout, "dsnas_switch_darts vs snas_darts: faster by ")
+  reported = [float(x) for x in re.findall(r"(\d+\.\d+)x", line)]
   # Two per-round speed-ups and their median, then the memory ratios
   # (printed values are rounded: compare loosely).
-  assert len(reported) == 6, line[0]
+  assert len(reported) == 6, line
   for got, (low, high) in zip(reported[:2], speed):
     assert low - 0.005 <= got <= high + 0.005, (got, low, high)
   assert abs(reported[2] - (reported[0] + reported[1]) / 2) < 0.011

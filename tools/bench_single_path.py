@@ -208,6 +208,20 @@ def _child_gradients(est, ctx, batch, indices):
   return est.gradients(ctx, batch, indices)[1]
 
 
+def _switched_step(est, ctx, batch):
+  """The switched DSNAS step as one tf.function for every child (traced as
+  the library's step loops trace: no autograph)."""
+  import tensorflow as tf
+  return tf.function(lambda child: est.switch_step(ctx, batch, child),
+                     autograph=False)
+
+
+def _index_tensors(drawn: dict) -> dict:
+  """A drawn child's choices as the switched step's int32 index tensors."""
+  import tensorflow as tf
+  return {g: tf.constant(v, tf.int32) for g, v in drawn.items()}
+
+
 def _split(forward_s: float, fwd_bwd_s: float, step_s: float) -> dict:
   return {"forward": forward_s, "backward": fwd_bwd_s - forward_s,
           "opt": step_s - fwd_bwd_s}
@@ -288,15 +302,14 @@ def _measure(args, which: str) -> dict:
     return result
   if which == "switch_vs_child_darts":
     est = DsnasEstimator()
-    fn = tf.function(lambda child: est.switch_step(ctx, batch, child),
-                     autograph=False)
+    fn = _switched_step(est, ctx, batch)
     first, per_child = 0.0, []
     for s in range(1, 1 + args.children):
       drawn = est.sample(ctx, s)
       trace, _, first_s, whole = compiled(_fixed_child_step(
           est, ctx, batch, drawn, update_arch=True))
       trace_s, first = trace_s + trace, first + first_s
-      indices = {g: tf.constant(v, tf.int32) for g, v in drawn.items()}
+      indices = _index_tensors(drawn)
       fn(indices)  # Traces the switched step once, for every child.
       fn(indices)
       switched = timed(lambda _: fn(indices), range(args.steps))
@@ -308,12 +321,10 @@ def _measure(args, which: str) -> dict:
             "count": f"{len(per_child)} children", "per_child": per_child}
   if which in ("dsnas_switch_darts", "dsnas_switch_shufflenet"):
     est = DsnasEstimator()
-    fn = tf.function(lambda child: est.switch_step(ctx, batch, child),
-                     autograph=False)
+    fn = _switched_step(est, ctx, batch)
 
     def child(s):  # A new child per step (the step seeds the draw).
-      return {g: tf.constant(v, tf.int32)
-              for g, v in est.sample(ctx, s).items()}
+      return _index_tensors(est.sample(ctx, s))
     start = time.perf_counter()
     count = len(fn.get_concrete_function(child(0)).graph.get_operations())
     trace_s = time.perf_counter() - start

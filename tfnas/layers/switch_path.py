@@ -21,7 +21,8 @@ costs no forward work again, or, with ``recompute`` (``--recompute``) and for
 ops `saved_backward` does not handle, recomputes the op's forward pass and
 keeps nothing. An op with a random output (``random_output``: `noise`) keeps
 it in both forms: run again, it would draw another sample. Either way the
-gate's gradient ``sum(dy * y)`` needs no copy of the edge's output: it comes from the recomputed ``y``, or from the last
+gate's gradient ``sum(dy * y)`` needs no copy of the edge's output: it comes
+from the recomputed ``y``, or from the last
 batch norm's scale and shift gradients (`saved_backward`). In the DARTS
 CIFAR configuration kept tensors make the step ~15% faster for ~0.7 GiB more
 peak memory (WORKSPACE_NOTES.md, "Kept tensors instead of recomputation").
